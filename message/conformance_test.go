@@ -227,7 +227,7 @@ func TestReferenceMutations(t *testing.T) {
 	boundary := func(name, path string, build func(n int) any, limit int, set func(doc map[string]any, v any)) {
 		cases = append(cases,
 			mutation{name + " at cap", "instance_machine", func(doc map[string]any) { set(doc, build(limit)) }, "", ""},
-			mutation{name + " above cap", "instance_machine", func(doc map[string]any) { set(doc, build(limit + 1)) }, path, ""},
+			mutation{name + " above cap", "instance_machine", func(doc map[string]any) { set(doc, build(limit+1)) }, path, ""},
 		)
 	}
 	setContent := func(key string) func(map[string]any, any) {
@@ -268,7 +268,9 @@ func TestReferenceMutations(t *testing.T) {
 			return []any{map[string]any{"ephemeral": true, "mount": "/tmp/a", "size_mib": 1, "comment": strings.Repeat("c", n)}}
 		}, MaxVolumeLabelLength, setContent("volumes"))
 	boundary("address_regex length", "content.requirements.node.address_regex",
-		func(n int) any { return map[string]any{"node": map[string]any{"address_regex": strings.Repeat("a", n)}} },
+		func(n int) any {
+			return map[string]any{"node": map[string]any{"address_regex": strings.Repeat("a", n)}}
+		},
 		MaxAddressRegexLength, setContent("requirements"))
 
 	for _, tc := range cases {

@@ -15,27 +15,27 @@ import (
 
 // Bounds of aleph-message 1.1.1.
 const (
-	MaxChannelLength        = 128
-	MaxContentTime          = 9_223_372_036.0
-	MaxMetadataEntries      = 256
-	MaxAuthorizedKeys       = 256
-	MaxAuthorizedKeyLength  = 8192
-	MaxVariableEntries      = 256
-	MaxVariableKeyLength    = 128
-	MaxVariableValueLength  = 4096
-	MaxVolumes              = 256
-	MaxReplacesLength       = 128
-	MaxVolumeLabelLength    = 256
-	MaxAddressRegexLength   = 256
-	MaxSubscriptionEntries  = 32
-	MaxForgetTargets        = 1000
-	MaxForgetReasonLength   = 1000
-	MaxVCPUs                = 256
-	MaxMemoryMiB            = 1024 * 1024
-	MaxSeconds              = 10 * 365 * 24 * 3600
-	MaxEphemeralVolumeMiB   = 1000
-	MaxPersistentVolumeMiB  = 1_953_125 // ceil(2048 GB / 1 MiB)
-	MaxInlineContentLength  = 200_000   // pyaleph's MAX_INLINE_SIZE, in code points
+	MaxChannelLength       = 128
+	MaxContentTime         = 9_223_372_036.0
+	MaxMetadataEntries     = 256
+	MaxAuthorizedKeys      = 256
+	MaxAuthorizedKeyLength = 8192
+	MaxVariableEntries     = 256
+	MaxVariableKeyLength   = 128
+	MaxVariableValueLength = 4096
+	MaxVolumes             = 256
+	MaxReplacesLength      = 128
+	MaxVolumeLabelLength   = 256
+	MaxAddressRegexLength  = 256
+	MaxSubscriptionEntries = 32
+	MaxForgetTargets       = 1000
+	MaxForgetReasonLength  = 1000
+	MaxVCPUs               = 256
+	MaxMemoryMiB           = 1024 * 1024
+	MaxSeconds             = 10 * 365 * 24 * 3600
+	MaxEphemeralVolumeMiB  = 1000
+	MaxPersistentVolumeMiB = 1_953_125 // ceil(2048 GB / 1 MiB)
+	MaxInlineContentLength = 200_000   // pyaleph's MAX_INLINE_SIZE, in code points
 )
 
 // Chains lists the 33 chains of aleph-message 1.1.1.
@@ -57,8 +57,8 @@ var (
 	defTrue      = true
 )
 
-func req(key string, t typ) field       { return field{key: key, t: t, required: true} }
-func opt(key string, t typ) field       { return field{key: key, t: t, nullable: true} }
+func req(key string, t typ) field        { return field{key: key, t: t, required: true} }
+func opt(key string, t typ) field        { return field{key: key, t: t, nullable: true} }
 func def(key string, t typ, d any) field { return field{key: key, t: t, def: d} }
 
 // baseContent holds BaseContent's fields, shared by every content model.
