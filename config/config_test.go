@@ -1,0 +1,113 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+func writeFile(t *testing.T, content string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestPrecedence(t *testing.T) {
+	file := writeFile(t, "supervisor_port: 5000\ndomain_name: file.example\nlog_level: debug\nreuse_timeout: 10m\n")
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	flags := BindFlags(fs)
+	if err := fs.Parse([]string{"--log-level", "warn"}); err != nil {
+		t.Fatal(err)
+	}
+	environ := []string{"ALEPH_VM_DOMAIN_NAME=env.example", "ALEPH_VM_LOG_LEVEL=error", "UNRELATED=1"}
+	l, err := Load(file, environ, flags)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]struct {
+		value  string
+		source Source
+	}{
+		"SUPERVISOR_PORT": {"5000", FromFile},
+		"DOMAIN_NAME":     {"env.example", FromEnv},
+		"LOG_LEVEL":       {"warn", FromFlag},
+		"REUSE_TIMEOUT":   {"600", FromFile},
+		"SUPERVISOR_HOST": {"127.0.0.1", FromDefault},
+	}
+	for _, s := range Settings() {
+		w, ok := want[s.Key]
+		if !ok {
+			continue
+		}
+		if got := s.Value(l.Config); got != w.value || l.Sources[s.Key] != w.source {
+			t.Errorf("%s = %q from %s, want %q from %s", s.Key, got, l.Sources[s.Key], w.value, w.source)
+		}
+	}
+	if l.ReuseTimeout.Duration() != 10*time.Minute {
+		t.Errorf("reuse timeout %v", l.ReuseTimeout.Duration())
+	}
+}
+
+func TestSeconds(t *testing.T) {
+	for in, want := range map[string]time.Duration{"3600": time.Hour, "0.5": 500 * time.Millisecond, "1h30m": 90 * time.Minute, "0": 0} {
+		var s Seconds
+		if err := s.UnmarshalText([]byte(in)); err != nil || s.Duration() != want {
+			t.Errorf("%q: %v %v", in, s.Duration(), err)
+		}
+	}
+	var s Seconds
+	if err := s.UnmarshalText([]byte("soon")); err == nil {
+		t.Error("accepted soon")
+	}
+}
+
+func TestErrors(t *testing.T) {
+	cases := []struct {
+		name    string
+		file    string
+		environ []string
+		want    string
+	}{
+		{"unknown file key", "supervisor_prot: 1\n", nil, "supervisor_prot"},
+		{"bad env int", "", []string{"ALEPH_VM_SUPERVISOR_PORT=http"}, "SUPERVISOR_PORT"},
+		{"port range", "", []string{"ALEPH_VM_SUPERVISOR_PORT=70000"}, "between 1 and 65535"},
+		{"log level", "", []string{"ALEPH_VM_LOG_LEVEL=loud"}, "LOG_LEVEL"},
+		{"log format", "log_format: xml\n", nil, "LOG_FORMAT"},
+		{"relative root", "", []string{"ALEPH_VM_EXECUTION_ROOT=var/lib"}, "absolute path"},
+		{"negative timeout", "", []string{"ALEPH_VM_REUSE_TIMEOUT=-1"}, "REUSE_TIMEOUT"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			file := ""
+			if tc.file != "" {
+				file = writeFile(t, tc.file)
+			}
+			_, err := Load(file, tc.environ)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("err = %v, want it to mention %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml"), nil); err == nil {
+		t.Error("a named config file that does not exist was accepted")
+	}
+}
+
+// TestDocsUpToDate keeps docs/configuration.md, the operators' reference,
+// in step with the settings.
+func TestDocsUpToDate(t *testing.T) {
+	data, err := os.ReadFile("../docs/configuration.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), Markdown()) {
+		t.Errorf("docs/configuration.md is out of date: paste the output of `alephvm config doc` into it")
+	}
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a Debian machine, installing what the
+# tests need first. Run as root: later tests boot VMs in network namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_go
+echo "== $(go version)"
+
+echo "== static checks"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+[ -z "$unformatted" ] || die "not gofmt'ed: $unformatted"
+go vet ./...
+
+echo "== tests"
+go test -count=1 ./...
