@@ -3,8 +3,12 @@
 package testenv
 
 import (
+	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -38,4 +42,80 @@ func FindSharedDir() (string, bool) {
 			return "", false
 		}
 	}
+}
+
+// isolatedEnv marks a test binary re-executed in a network namespace of its
+// own.
+const isolatedEnv = "ALEPHVM_TEST_NETNS"
+
+// RunIsolated runs the package's tests. As root it first re-executes the
+// test binary in a new network namespace that holds only a loopback
+// interface, so that every tap, bridge, nftables rule and VM the tests make
+// lives there and no packet can leave the machine. Call it from TestMain:
+//
+//	func TestMain(m *testing.M) { testenv.RunIsolated(m) }
+func RunIsolated(m *testing.M) {
+	if os.Geteuid() != 0 || os.Getenv(isolatedEnv) != "" {
+		if os.Getenv(isolatedEnv) != "" {
+			if err := exec.Command("ip", "link", "set", "lo", "up").Run(); err != nil {
+				fmt.Fprintln(os.Stderr, "testenv: bring up lo in the test namespace:", err)
+				os.Exit(1)
+			}
+		}
+		os.Exit(m.Run())
+	}
+	cmd := exec.Command("/proc/self/exe", os.Args[1:]...)
+	cmd.Env = append(os.Environ(), isolatedEnv+"=1")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		os.Exit(0)
+	case errors.As(err, &exit):
+		os.Exit(exit.ExitCode())
+	default:
+		fmt.Fprintln(os.Stderr, "testenv: re-run the tests in a new network namespace:", err)
+		os.Exit(1)
+	}
+}
+
+// Isolated reports whether the tests run in their own network namespace.
+func Isolated() bool { return os.Getenv(isolatedEnv) != "" }
+
+// RequireIsolatedRoot skips a test that needs root in its own network
+// namespace (see RunIsolated) when it does not have them.
+func RequireIsolatedRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (it makes network devices or boots VMs)")
+	}
+	if !Isolated() {
+		t.Skip("needs its own network namespace: call testenv.RunIsolated from TestMain")
+	}
+}
+
+// RequireTools skips a test when one of the named programs is not on PATH.
+func RequireTools(t testing.TB, names ...string) {
+	t.Helper()
+	for _, name := range names {
+		if _, err := exec.LookPath(name); err != nil {
+			t.Skipf("needs %s, which is not installed (see scripts/test.sh)", name)
+		}
+	}
+}
+
+// CacheDir returns a directory for assets that tests build once and reuse
+// across runs: $ALEPHVM_TEST_CACHE, else /var/tmp/alephvm-test-cache.
+func CacheDir(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("ALEPHVM_TEST_CACHE")
+	if dir == "" {
+		dir = "/var/tmp/alephvm-test-cache"
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatalf("test cache: %v", err)
+	}
+	return dir
 }
