@@ -1,0 +1,103 @@
+// Package hypervisor holds what every hypervisor backend is asked to run:
+// the description of one VM (Spec), independent of QEMU or Firecracker.
+// The backends live in the subpackages; the execution code consumes them
+// through the small interfaces it defines.
+package hypervisor
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+)
+
+// Spec describes one VM.
+type Spec struct {
+	// Name identifies the VM in logs and process listings.
+	Name string
+	// Dir is the VM's runtime directory, which must exist: the backend keeps
+	// its sockets, pidfile and console log there. Keep it short: unix socket
+	// paths are limited to 107 bytes.
+	Dir       string
+	VCPUs     int
+	MemoryMiB int
+	// Boot says how the guest starts: a kernel given directly, or the first
+	// drive's own bootloader when Kernel is empty.
+	Boot Boot
+	// Drives are attached in order: the guest sees them as vda, vdb, ...
+	Drives []Drive
+	NICs   []NIC
+	// Control attaches the guest control channel (a virtio-serial port
+	// named ControlPort under QEMU, vsock under Firecracker).
+	Control     bool
+	ControlPort string
+	// RebootExits makes a guest reboot end the VM, as programs want; an
+	// instance reboots inside the hypervisor.
+	RebootExits bool
+}
+
+// Boot is how a VM boots.
+type Boot struct {
+	Kernel  string // kernel image (bzImage for QEMU, vmlinux for Firecracker)
+	Initrd  string
+	Cmdline string
+}
+
+// Drive is a block device given to the guest.
+type Drive struct {
+	Path     string
+	Format   string // "raw" or "qcow2"; empty means raw
+	ReadOnly bool
+	// Serial is shown to the guest where the hypervisor supports it
+	// (/sys/block/vdX/serial under QEMU); at most 20 bytes.
+	Serial string
+}
+
+// NIC is a network interface backed by a tap device on the host.
+type NIC struct {
+	Tap string
+	MAC net.HardwareAddr
+}
+
+// Validate checks a spec before a backend turns it into a command line.
+func (s Spec) Validate() error {
+	var errs []error
+	if s.Name == "" || strings.ContainsAny(s.Name, ",= \n") {
+		errs = append(errs, fmt.Errorf("name %q: must be non-empty, without commas, equals signs or spaces", s.Name))
+	}
+	if !strings.HasPrefix(s.Dir, "/") {
+		errs = append(errs, fmt.Errorf("runtime directory %q: must be an absolute path", s.Dir))
+	}
+	if s.VCPUs < 1 {
+		errs = append(errs, fmt.Errorf("vcpus: must be at least 1, got %d", s.VCPUs))
+	}
+	if s.MemoryMiB < 16 {
+		errs = append(errs, fmt.Errorf("memory: must be at least 16 MiB, got %d", s.MemoryMiB))
+	}
+	if s.Boot.Kernel == "" && len(s.Drives) == 0 {
+		errs = append(errs, errors.New("boot: no kernel and no drive to boot from"))
+	}
+	for i, d := range s.Drives {
+		if d.Path == "" {
+			errs = append(errs, fmt.Errorf("drive %d: no path", i))
+		}
+		if d.Format != "" && d.Format != "raw" && d.Format != "qcow2" {
+			errs = append(errs, fmt.Errorf("drive %d: format must be raw or qcow2, got %q", i, d.Format))
+		}
+		if len(d.Serial) > 20 {
+			errs = append(errs, fmt.Errorf("drive %d: serial %q is longer than 20 bytes", i, d.Serial))
+		}
+	}
+	for i, n := range s.NICs {
+		if n.Tap == "" || len(n.Tap) > 15 {
+			errs = append(errs, fmt.Errorf("nic %d: tap name %q must have 1 to 15 bytes", i, n.Tap))
+		}
+		if len(n.MAC) != 6 {
+			errs = append(errs, fmt.Errorf("nic %d: MAC address %q is not a 6-byte address", i, n.MAC))
+		}
+	}
+	if s.Control && s.ControlPort == "" {
+		errs = append(errs, errors.New("control: the channel needs a port name"))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,103 @@
+package qemu
+
+import (
+	"flag"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/alephvm/alephvm/hypervisor"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+func mac(s string) net.HardwareAddr {
+	m, err := net.ParseMAC(s)
+	if err != nil {
+		panic(err)
+	}
+	return m
+}
+
+func programSpec() hypervisor.Spec {
+	return hypervisor.Spec{
+		Name: "prog-1f2e3d", Dir: "/run/alephvm/vms/1f2e3d", VCPUs: 1, MemoryMiB: 256,
+		Boot: hypervisor.Boot{Kernel: "/var/cache/alephvm/assets/bzImage", Initrd: "/var/cache/alephvm/assets/initramfs.cpio.gz",
+			Cmdline: "console=ttyS0 quiet panic=-1"},
+		Drives: []hypervisor.Drive{
+			{Path: "/run/alephvm/vms/1f2e3d/config.img", ReadOnly: true, Serial: "config"},
+			{Path: "/var/cache/alephvm/store/runtime,odd.squashfs", ReadOnly: true, Serial: "rootfs"},
+			{Path: "/var/lib/alephvm/volumes/1f2e3d/data.ext4", Serial: "vol0"},
+		},
+		NICs:        []hypervisor.NIC{{Tap: "avm1f2e3d", MAC: mac("06:00:ac:10:04:02")}},
+		Control:     true,
+		ControlPort: "org.alephvm.control",
+		RebootExits: true,
+	}
+}
+
+func instanceSpec() hypervisor.Spec {
+	return hypervisor.Spec{
+		Name: "inst-9a8b7c", Dir: "/run/alephvm/vms/9a8b7c", VCPUs: 2, MemoryMiB: 2048,
+		Drives: []hypervisor.Drive{
+			{Path: "/var/lib/alephvm/volumes/9a8b7c/rootfs.qcow2", Format: "qcow2"},
+			{Path: "/var/lib/alephvm/volumes/9a8b7c/cidata.iso", ReadOnly: true},
+		},
+		NICs: []hypervisor.NIC{{Tap: "avm9a8b7c", MAC: mac("06:00:ac:10:05:02")}},
+	}
+}
+
+func TestArgsGolden(t *testing.T) {
+	cases := []struct {
+		name  string
+		spec  hypervisor.Spec
+		accel string
+		runAs string
+	}{
+		{"program-tcg", programSpec(), "tcg", ""},
+		{"instance-kvm-runas", instanceSpec(), "kvm", "alephvm-qemu"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			args, err := Args(tc.spec, tc.accel, tc.runAs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := strings.Join(args, "\n") + "\n"
+			golden := filepath.Join("testdata", tc.name+".args")
+			if *update {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("command line differs from %s (run go test -update if intended):\n%s", golden, got)
+			}
+		})
+	}
+}
+
+func TestArgsRefusesBadSpecs(t *testing.T) {
+	long := programSpec()
+	long.Dir = "/" + strings.Repeat("d", 100)
+	noBoot := instanceSpec()
+	noBoot.Drives = nil
+	badTap := programSpec()
+	badTap.NICs[0].Tap = "a-name-longer-than-15"
+	badName := programSpec()
+	badName.Name = "a,b"
+	for name, spec := range map[string]hypervisor.Spec{"long dir": long, "no boot": noBoot, "tap": badTap, "name": badName} {
+		if _, err := Args(spec, "tcg", ""); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := Args(programSpec(), "hvf", ""); err == nil {
+		t.Error("unknown accelerator accepted")
+	}
+}

@@ -1,0 +1,313 @@
+// Package qemu runs VMs with QEMU. Each VM is its own daemonized QEMU
+// process, detached from the node, with a QMP socket and a pidfile in the
+// VM's runtime directory, so that it survives a node restart and is found
+// again with Attach. The command line is built by a pure function (Args)
+// and tested as text.
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/alephvm/alephvm/hypervisor"
+)
+
+// Names of the files a VM keeps in its runtime directory.
+const (
+	QMPSocket     = "qmp.sock"
+	PidFile       = "qemu.pid"
+	ConsoleLog    = "console.log"
+	ControlSocket = "control.sock"
+	ArgsFile      = "qemu.args"
+	QEMULog       = "qemu.log" // QEMU's own messages
+)
+
+// maxSocketPath is the longest unix socket path Linux accepts.
+const maxSocketPath = 107
+
+// Options are the node-wide settings of the QEMU backend.
+type Options struct {
+	Binary string // qemu-system-x86_64 by default
+	// Accel is "kvm", "tcg", or "auto" (kvm when a probe guest runs under
+	// it, tcg otherwise). Resolve "auto" with ResolveAccel before Args.
+	Accel string
+	// RunAs drops QEMU's privileges to this user once it has opened its
+	// devices (-runas); empty keeps root.
+	RunAs string
+}
+
+// Args returns QEMU's command line (without the binary) for spec. accel
+// must be "kvm" or "tcg".
+func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
+	if err := spec.Validate(); err != nil {
+		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
+	}
+	if accel != "kvm" && accel != "tcg" {
+		return nil, fmt.Errorf("accelerator must be kvm or tcg, got %q", accel)
+	}
+	for _, name := range []string{QMPSocket, ControlSocket} {
+		if p := filepath.Join(spec.Dir, name); len(p) > maxSocketPath {
+			return nil, fmt.Errorf("vm %s: socket path %s is longer than %d bytes: use a shorter runtime directory", spec.Name, p, maxSocketPath)
+		}
+	}
+	dir := func(name string) string { return opt(filepath.Join(spec.Dir, name)) }
+	elevate := "deny"
+	if runAs != "" {
+		elevate = "allow" // -runas changes uid after the filter is installed
+	}
+	a := []string{
+		"-name", "guest=" + spec.Name + ",debug-threads=on",
+		"-machine", "q35",
+		"-accel", accel,
+	}
+	if accel == "kvm" {
+		a = append(a, "-cpu", "host")
+	}
+	a = append(a,
+		"-smp", strconv.Itoa(spec.VCPUs),
+		"-m", strconv.Itoa(spec.MemoryMiB)+"M",
+		"-nodefaults", "-no-user-config", "-display", "none",
+		"-sandbox", "on,obsolete=deny,elevateprivileges="+elevate+",spawn=deny,resourcecontrol=deny",
+		"-msg", "timestamp=on",
+		"-pidfile", dir(PidFile),
+		"-qmp", "unix:"+dir(QMPSocket)+",server=on,wait=off",
+		"-chardev", "file,id=console,path="+dir(ConsoleLog)+",append=on",
+		"-serial", "chardev:console",
+		"-object", "rng-random,id=rng0,filename=/dev/urandom",
+		"-device", "virtio-rng-pci,rng=rng0",
+	)
+	if runAs != "" {
+		a = append(a, "-runas", runAs)
+	}
+	if spec.RebootExits {
+		a = append(a, "-no-reboot")
+	}
+	if spec.Boot.Kernel != "" {
+		a = append(a, "-kernel", spec.Boot.Kernel)
+		if spec.Boot.Initrd != "" {
+			a = append(a, "-initrd", spec.Boot.Initrd)
+		}
+		if spec.Boot.Cmdline != "" {
+			a = append(a, "-append", spec.Boot.Cmdline)
+		}
+	}
+	for i, d := range spec.Drives {
+		format := d.Format
+		if format == "" {
+			format = "raw"
+		}
+		readOnly := "off"
+		if d.ReadOnly {
+			readOnly = "on"
+		}
+		id := "drive" + strconv.Itoa(i)
+		a = append(a, "-drive", fmt.Sprintf("file=%s,if=none,id=%s,format=%s,readonly=%s,discard=unmap",
+			opt(d.Path), id, format, readOnly))
+		dev := "virtio-blk-pci,drive=" + id
+		if d.Serial != "" {
+			dev += ",serial=" + opt(d.Serial)
+		}
+		if i == 0 && spec.Boot.Kernel == "" {
+			dev += ",bootindex=0"
+		}
+		a = append(a, "-device", dev)
+	}
+	for i, n := range spec.NICs {
+		id := "net" + strconv.Itoa(i)
+		a = append(a,
+			"-netdev", fmt.Sprintf("tap,id=%s,ifname=%s,script=no,downscript=no", id, n.Tap),
+			"-device", fmt.Sprintf("virtio-net-pci,netdev=%s,mac=%s,romfile=", id, n.MAC),
+		)
+	}
+	if spec.Control {
+		a = append(a,
+			"-device", "virtio-serial-pci,id=vser0",
+			"-chardev", "socket,id=control,path="+dir(ControlSocket)+",server=on,wait=off",
+			"-device", "virtserialport,bus=vser0.0,chardev=control,name="+opt(spec.ControlPort),
+		)
+	}
+	return a, nil
+}
+
+// opt escapes a value for a QEMU option list, where a comma is doubled.
+func opt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// Driver starts and finds QEMU VMs.
+type Driver struct {
+	binary string
+	accel  string
+	runAs  string
+	log    *slog.Logger
+}
+
+// New returns a driver, resolving the accelerator now when it is "auto".
+func New(ctx context.Context, o Options, log *slog.Logger) (*Driver, error) {
+	if o.Binary == "" {
+		o.Binary = "qemu-system-x86_64"
+	}
+	bin, err := exec.LookPath(o.Binary)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %w (install Debian's qemu-system-x86)", err)
+	}
+	accel, err := ResolveAccel(ctx, bin, o.Accel)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("qemu backend ready", "binary", bin, "accel", accel)
+	return &Driver{binary: bin, accel: accel, runAs: o.RunAs, log: log}, nil
+}
+
+// Accel returns the accelerator the driver uses.
+func (d *Driver) Accel() string { return d.accel }
+
+// Start launches a VM. It returns once QEMU's QMP socket answers; an
+// early failure comes with QEMU's own message. QEMU runs in a session of
+// its own, so it outlives the node; while the node runs, the node reaps it.
+// (QEMU's -daemonize forks, which its seccomp sandbox forbids.)
+func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
+	args, err := Args(spec, d.accel, d.runAs)
+	if err != nil {
+		return nil, err
+	}
+	for _, name := range []string{QMPSocket, PidFile, ControlSocket} {
+		if err := os.Remove(filepath.Join(spec.Dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("vm %s: clear stale %s: %w", spec.Name, name, err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(spec.Dir, ArgsFile), []byte(strings.Join(args, "\n")+"\n"), 0o600); err != nil {
+		return nil, fmt.Errorf("vm %s: write command line: %w", spec.Name, err)
+	}
+	logPath := filepath.Join(spec.Dir, QEMULog)
+	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
+	}
+	defer logFile.Close()
+	// Not CommandContext: the VM must outlive the request that started it.
+	cmd := exec.Command(d.binary, args...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	started := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("vm %s: start qemu: %w", spec.Name, err)
+	}
+	exited := make(chan struct{})
+	var waitErr error
+	go func() {
+		waitErr = cmd.Wait()
+		close(exited)
+	}()
+	qmp, err := waitForQMP(ctx, filepath.Join(spec.Dir, QMPSocket), exited)
+	if err != nil {
+		// QEMU often exits with its reason just as the socket fails.
+		select {
+		case <-exited:
+			err = fmt.Errorf("qemu exited: %v", waitErr)
+		case <-time.After(time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		msg, _ := os.ReadFile(logPath)
+		return nil, fmt.Errorf("vm %s: %w: %s", spec.Name, err, strings.TrimSpace(string(msg)))
+	}
+	vm := newVM(spec.Dir, cmd.Process.Pid, qmp, exited, d.log)
+	d.log.Info("vm started", "vm", spec.Name, "pid", vm.pid, "accel", d.accel, "took", time.Since(started).Round(time.Millisecond))
+	return vm, nil
+}
+
+// waitForQMP connects to QEMU's QMP socket as soon as it listens.
+func waitForQMP(ctx context.Context, socket string, exited <-chan struct{}) (*QMP, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		if _, err := os.Stat(socket); err == nil {
+			return DialQMP(ctx, socket)
+		}
+		select {
+		case <-exited:
+			return nil, errors.New("qemu exited")
+		case <-ctx.Done():
+			return nil, fmt.Errorf("wait for QMP socket: %w", ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// Attach finds the VM whose runtime directory is dir, started by this or an
+// earlier node process, and connects to its QMP socket.
+func (d *Driver) Attach(ctx context.Context, dir string) (*VM, error) {
+	data, err := os.ReadFile(filepath.Join(dir, PidFile))
+	if err != nil {
+		return nil, fmt.Errorf("attach to vm in %s: %w", dir, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || pid <= 0 {
+		return nil, fmt.Errorf("attach to vm in %s: bad pidfile %q", dir, data)
+	}
+	// The pid may have been reused since: the process must be a QEMU
+	// started for this directory.
+	if !(&VM{dir: dir, pid: pid}).isOurs() {
+		return nil, fmt.Errorf("attach to vm in %s: %w: process %d is gone", dir, ErrVMGone, pid)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	qmp, err := DialQMP(ctx, filepath.Join(dir, QMPSocket))
+	if err != nil {
+		return nil, fmt.Errorf("attach to vm in %s: %w", dir, err)
+	}
+	return newVM(dir, pid, qmp, nil, d.log), nil
+}
+
+// ResolveAccel turns "auto" into "kvm" when KVM really runs a guest here,
+// else "tcg"; "kvm" and "tcg" are returned as they are.
+func ResolveAccel(ctx context.Context, binary, accel string) (string, error) {
+	switch accel {
+	case "kvm", "tcg":
+		return accel, nil
+	case "", "auto":
+		if probeKVM(ctx, binary) {
+			return "kvm", nil
+		}
+		return "tcg", nil
+	}
+	return "", fmt.Errorf("qemu accelerator must be auto, kvm or tcg, got %q", accel)
+}
+
+// probeKVM boots a 5-byte guest under KVM: its firmware writes 0x31 to
+// QEMU's isa-debug-exit port, which ends QEMU with status 0x31<<1|1. A
+// /dev/kvm that cannot run ordinary guests (as under nested
+// virtualization without the needed CPU features) fails or hangs instead.
+func probeKVM(ctx context.Context, binary string) bool {
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		return false
+	}
+	dir, err := os.MkdirTemp("", "alephvm-kvm-probe")
+	if err != nil {
+		return false
+	}
+	defer os.RemoveAll(dir)
+	bios := make([]byte, 64<<10)
+	// At the reset vector F000:FFF0: mov al, 0x31; out 0xf4, al; hlt.
+	copy(bios[0xfff0:], []byte{0xb0, 0x31, 0xe6, 0xf4, 0xf4})
+	biosPath := filepath.Join(dir, "probe.bin")
+	if err := os.WriteFile(biosPath, bios, 0o600); err != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults",
+		"-no-user-config", "-display", "none", "-bios", biosPath, "-no-reboot",
+		"-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
+	err = cmd.Run()
+	var exit *exec.ExitError
+	return errors.As(err, &exit) && exit.ExitCode() == 0x31<<1|1
+}

@@ -1,0 +1,185 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// VM is a running QEMU VM.
+type VM struct {
+	dir     string
+	pid     int
+	qmp     *QMP
+	exited  <-chan struct{} // closed when the node reaped QEMU, if it is its child
+	done    chan struct{}   // closed when QEMU has exited
+	closing chan struct{}   // closed by Close: stop watching, QEMU runs on
+	log     *slog.Logger
+}
+
+func newVM(dir string, pid int, qmp *QMP, exited <-chan struct{}, log *slog.Logger) *VM {
+	vm := &VM{dir: dir, pid: pid, qmp: qmp, exited: exited, done: make(chan struct{}), closing: make(chan struct{}), log: log}
+	go vm.watch()
+	return vm
+}
+
+// watch closes done once QEMU has exited. A child of this node is reaped
+// by Start's goroutine; a QEMU found again by Attach is watched through its
+// QMP connection, which ends when it does, then its pid.
+func (vm *VM) watch() {
+	if vm.exited != nil {
+		select {
+		case <-vm.exited:
+			close(vm.done)
+		case <-vm.closing:
+		}
+		return
+	}
+	<-vm.qmp.Done()
+	for processAlive(vm.pid) {
+		select {
+		case <-vm.closing:
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	close(vm.done)
+}
+
+// isOurs reports whether the pid is still this VM's QEMU: a child not yet
+// reaped cannot have been reused; another process is checked by its
+// command line.
+func (vm *VM) isOurs() bool {
+	if vm.exited != nil {
+		select {
+		case <-vm.exited:
+			return false
+		default:
+			return true
+		}
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", vm.pid))
+	return err == nil && bytes.Contains(cmdline, []byte(filepath.Join(vm.dir, QMPSocket)))
+}
+
+func processAlive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// Pid returns QEMU's process id.
+func (vm *VM) Pid() int { return vm.pid }
+
+// Dir returns the VM's runtime directory.
+func (vm *VM) Dir() string { return vm.dir }
+
+// Done is closed when QEMU has exited.
+func (vm *VM) Done() <-chan struct{} { return vm.done }
+
+// ControlSocket is the host end of the guest control channel.
+func (vm *VM) ControlSocket() string { return filepath.Join(vm.dir, ControlSocket) }
+
+// ConsoleLog is the file that receives the guest's serial console.
+func (vm *VM) ConsoleLog() string { return filepath.Join(vm.dir, ConsoleLog) }
+
+// QMP returns the VM's monitor connection.
+func (vm *VM) QMP() *QMP { return vm.qmp }
+
+// Reboot resets the VM as a hardware reset would.
+func (vm *VM) Reboot(ctx context.Context) error {
+	return vm.qmp.Execute(ctx, "system_reset", nil, nil)
+}
+
+// StopTimeouts bound each step of Stop.
+type StopTimeouts struct {
+	Halt      time.Duration // the guest's own clean shutdown, through its init
+	Powerdown time.Duration // ACPI power button
+	Quit      time.Duration // QMP quit: QEMU flushes its caches and exits
+	Kill      time.Duration // SIGKILL
+}
+
+// DefaultStopTimeouts suit an instance that shuts down through systemd.
+var DefaultStopTimeouts = StopTimeouts{Halt: 30 * time.Second, Powerdown: 30 * time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
+
+// Stop ends the VM, escalating: halt (when given: asks the guest's init to
+// unmount and power off), then ACPI power-off, then QMP quit, then
+// SIGKILL, each with its deadline. It returns nil once QEMU has exited.
+func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t StopTimeouts) error {
+	steps := []struct {
+		name    string
+		timeout time.Duration
+		act     func(context.Context) error
+	}{
+		{"halt", t.Halt, halt},
+		{"acpi powerdown", t.Powerdown, func(ctx context.Context) error {
+			return vm.qmp.Execute(ctx, "system_powerdown", nil, nil)
+		}},
+		{"qmp quit", t.Quit, func(ctx context.Context) error {
+			err := vm.qmp.Execute(ctx, "quit", nil, nil)
+			if errors.Is(err, ErrVMGone) {
+				return nil // QEMU may close the socket before answering
+			}
+			return err
+		}},
+		{"sigkill", t.Kill, func(context.Context) error {
+			if !vm.isOurs() {
+				return fmt.Errorf("process %d is no longer this VM's QEMU", vm.pid)
+			}
+			return syscall.Kill(vm.pid, syscall.SIGKILL)
+		}},
+	}
+	select {
+	case <-vm.closing:
+		return fmt.Errorf("stop vm in %s: the handle was closed", vm.dir)
+	default:
+	}
+	for _, step := range steps {
+		select {
+		case <-vm.done:
+			return nil
+		default:
+		}
+		if step.act == nil || step.timeout <= 0 {
+			continue
+		}
+		stepCtx, cancel := context.WithTimeout(ctx, step.timeout)
+		err := step.act(stepCtx)
+		if err == nil {
+			select {
+			case <-vm.done:
+			case <-stepCtx.Done():
+				err = fmt.Errorf("still running after %s", step.timeout)
+			}
+		}
+		cancel()
+		select {
+		case <-vm.done:
+			vm.log.Info("vm stopped", "dir", vm.dir, "by", step.name)
+			return nil
+		default:
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("stop vm in %s: %w", vm.dir, ctx.Err())
+		}
+		vm.log.Warn("vm stop step failed, escalating", "dir", vm.dir, "step", step.name, "err", err)
+	}
+	select {
+	case <-vm.done:
+		return nil
+	default:
+		return fmt.Errorf("stop vm in %s: process %d survived SIGKILL", vm.dir, vm.pid)
+	}
+}
+
+// Close drops the monitor connection without stopping the VM, as the node
+// does when it exits and leaves its VMs running.
+func (vm *VM) Close() error {
+	close(vm.closing)
+	return vm.qmp.Close()
+}
