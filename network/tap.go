@@ -1,0 +1,70 @@
+package network
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+)
+
+// CreateTap creates a persistent tap device named name with the host's
+// address hostAddr (with its prefix) and brings it up. A leftover tap of
+// the same name is replaced, so a repeated call converges.
+func CreateTap(name string, hostAddr netip.Prefix) error {
+	if err := DeleteTap(name); err != nil {
+		return err
+	}
+	tap := &netlink.Tuntap{
+		LinkAttrs: netlink.LinkAttrs{Name: name},
+		Mode:      netlink.TUNTAP_MODE_TAP,
+		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
+	}
+	if err := netlink.LinkAdd(tap); err != nil {
+		return fmt.Errorf("create tap %s: %w", name, err)
+	}
+	// The kernel keeps the device after the creating descriptors close,
+	// because it was created persistent; ours are not needed.
+	for _, f := range tap.Fds {
+		f.Close()
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = DeleteTap(name)
+		}
+	}()
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("find tap %s: %w", name, err)
+	}
+	addr, err := netlink.ParseAddr(hostAddr.String())
+	if err != nil {
+		return fmt.Errorf("tap %s address %s: %w", name, hostAddr, err)
+	}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		return fmt.Errorf("set address %s on tap %s: %w", hostAddr, name, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("bring up tap %s: %w", name, err)
+	}
+	ok = true
+	return nil
+}
+
+// DeleteTap removes the tap named name, and with it its addresses and
+// routes. A tap that does not exist is not an error.
+func DeleteTap(name string) error {
+	link, err := netlink.LinkByName(name)
+	var notFound netlink.LinkNotFoundError
+	if errors.As(err, &notFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("find tap %s: %w", name, err)
+	}
+	if err := netlink.LinkDel(link); err != nil {
+		return fmt.Errorf("delete tap %s: %w", name, err)
+	}
+	return nil
+}
