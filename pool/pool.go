@@ -1,0 +1,427 @@
+// Package pool owns the node's running program VMs: it boots a program on
+// its first request (concurrent first requests share one boot), keeps it
+// warm while requests come, stops it after the reuse timeout, restarts it
+// when its items change, and refuses work the node has no room for.
+package pool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/alephvm/alephvm/message"
+)
+
+// Plan is what the pool must know of a program before booting it.
+type Plan struct {
+	Ref message.ItemHash
+	// Revision identifies the resolved items (code, runtime, data, volumes
+	// after use_latest): a running program whose revision differs from the
+	// latest plan's is restarted.
+	Revision  string
+	VCPUs     int
+	MemoryMiB int
+	// Timeout bounds how long the program may take to answer a request
+	// (resources.seconds).
+	Timeout time.Duration
+	CodeRef message.ItemHash
+}
+
+// Program is a booted program VM.
+type Program interface {
+	// Target is where the program serves HTTP.
+	Target() *url.URL
+	// Done is closed when the VM has stopped, for whatever reason.
+	Done() <-chan struct{}
+	// Stop stops the VM and releases everything it held.
+	Stop(ctx context.Context) error
+	// Networking describes the VM's addresses, for the executions list.
+	Networking() Networking
+}
+
+// Networking is a VM's network as the executions list shows it.
+type Networking struct {
+	IPv4Network string `json:"ipv4_network,omitempty"`
+	HostIPv4    string `json:"host_ipv4,omitempty"`
+	IPv4        string `json:"ipv4_ip,omitempty"`
+	IPv6Network string `json:"ipv6_network,omitempty"`
+	IPv6        string `json:"ipv6_ip,omitempty"`
+	Tap         string `json:"tap,omitempty"`
+}
+
+// Launcher resolves and boots programs.
+type Launcher interface {
+	// Plan resolves a program's message and items; it is called on every
+	// request (the pool caches it briefly), so it must be cheap when nothing
+	// changed.
+	Plan(ctx context.Context, ref message.ItemHash) (*Plan, error)
+	// Boot starts the program and returns once it serves HTTP.
+	Boot(ctx context.Context, plan *Plan) (Program, error)
+}
+
+// Capacity is what the node may give to program VMs.
+type Capacity struct {
+	MemoryMiB int
+	VCPUs     int
+}
+
+// Options configure a pool.
+type Options struct {
+	Launcher Launcher
+	Capacity Capacity
+	// ReuseTimeout is how long a program stays warm after its last request;
+	// 0 stops it when its last request ends.
+	ReuseTimeout time.Duration
+	// PlanTTL is how long a resolved plan is trusted before Plan is asked
+	// again; it bounds how late an amend is noticed.
+	PlanTTL time.Duration
+	// BootTimeout bounds one boot.
+	BootTimeout time.Duration
+	// StopTimeout bounds one stop.
+	StopTimeout time.Duration
+	Log         *slog.Logger
+}
+
+// ErrInsufficientCapacity is returned when booting a program would
+// overcommit the node's memory or vCPUs.
+var ErrInsufficientCapacity = errors.New("insufficient capacity")
+
+// ErrDraining is returned once the pool is shutting down.
+var ErrDraining = errors.New("the node is shutting down")
+
+// Pool holds the running programs.
+type Pool struct {
+	opts Options
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	execs    map[message.ItemHash]*execution
+	plans    map[message.ItemHash]cachedPlan
+	draining bool
+	stopping sync.WaitGroup // stops in progress
+}
+
+type cachedPlan struct {
+	plan    *Plan
+	fetched time.Time
+}
+
+type state int
+
+const (
+	booting state = iota
+	running
+	stopping
+)
+
+// execution is one program VM's life in the pool.
+type execution struct {
+	plan     *Plan
+	state    state
+	ready    chan struct{} // closed when the boot ends, well or not
+	err      error         // why the boot failed
+	prog     Program
+	inflight int
+	timer    *time.Timer
+	since    time.Time
+}
+
+// New returns an empty pool.
+func New(opts Options) *Pool {
+	if opts.PlanTTL == 0 {
+		opts.PlanTTL = 2 * time.Second
+	}
+	if opts.BootTimeout == 0 {
+		opts.BootTimeout = 2 * time.Minute
+	}
+	if opts.StopTimeout == 0 {
+		opts.StopTimeout = time.Minute
+	}
+	return &Pool{opts: opts, log: opts.Log, execs: map[message.ItemHash]*execution{}, plans: map[message.ItemHash]cachedPlan{}}
+}
+
+// Lease is the use of a running program by one request. Release it when
+// the request ends.
+type Lease struct {
+	pool *Pool
+	exec *execution
+	once sync.Once
+}
+
+// Plan returns the plan the program was booted with.
+func (l *Lease) Plan() *Plan { return l.exec.plan }
+
+// Program returns the running program.
+func (l *Lease) Program() Program { return l.exec.prog }
+
+// Release ends the lease; the last one to end starts the reuse timer.
+func (l *Lease) Release() {
+	l.once.Do(func() { l.pool.release(l.exec) })
+}
+
+// plan returns the program's plan, from the cache while it is fresh.
+func (p *Pool) plan(ctx context.Context, ref message.ItemHash) (*Plan, error) {
+	p.mu.Lock()
+	c, ok := p.plans[ref]
+	p.mu.Unlock()
+	if ok && time.Since(c.fetched) < p.opts.PlanTTL {
+		return c.plan, nil
+	}
+	plan, err := p.opts.Launcher.Plan(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	p.plans[ref] = cachedPlan{plan: plan, fetched: time.Now()}
+	p.mu.Unlock()
+	return plan, nil
+}
+
+// Acquire returns a lease on the running program ref, booting it first if
+// needed. Concurrent callers share one boot.
+func (p *Pool) Acquire(ctx context.Context, ref message.ItemHash) (*Lease, error) {
+	plan, err := p.plan(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	if p.draining {
+		p.mu.Unlock()
+		return nil, ErrDraining
+	}
+	e := p.execs[ref]
+	if e != nil && e.state == running && e.plan.Revision != plan.Revision {
+		p.log.Info("program items changed, restarting", "ref", ref, "from", e.plan.Revision, "to", plan.Revision)
+		p.stopLocked(e, "items changed")
+		e = nil
+	}
+	if e == nil {
+		if err := p.admitLocked(plan); err != nil {
+			p.mu.Unlock()
+			return nil, err
+		}
+		e = &execution{plan: plan, state: booting, ready: make(chan struct{}), since: time.Now()}
+		p.execs[ref] = e
+		go p.boot(e)
+	}
+	e.inflight++
+	if e.timer != nil {
+		e.timer.Stop()
+		e.timer = nil
+	}
+	p.mu.Unlock()
+
+	select {
+	case <-e.ready:
+	case <-ctx.Done():
+		p.release(e)
+		return nil, ctx.Err()
+	}
+	if e.err != nil {
+		p.release(e)
+		return nil, e.err
+	}
+	return &Lease{pool: p, exec: e}, nil
+}
+
+// admitLocked refuses a boot that would overcommit the node.
+func (p *Pool) admitLocked(plan *Plan) error {
+	mem, cpus := plan.MemoryMiB, plan.VCPUs
+	for _, e := range p.execs {
+		mem += e.plan.MemoryMiB
+		cpus += e.plan.VCPUs
+	}
+	c := p.opts.Capacity
+	if (c.MemoryMiB > 0 && mem > c.MemoryMiB) || (c.VCPUs > 0 && cpus > c.VCPUs) {
+		return fmt.Errorf("%w: program %s needs %d MiB and %d vCPUs; the node has %d MiB and %d vCPUs for programs, %d MiB and %d in use",
+			ErrInsufficientCapacity, plan.Ref, plan.MemoryMiB, plan.VCPUs, c.MemoryMiB, c.VCPUs, mem-plan.MemoryMiB, cpus-plan.VCPUs)
+	}
+	return nil
+}
+
+func (p *Pool) boot(e *execution) {
+	// The boot is shared by every waiting request: none of them may cancel it.
+	ctx, cancel := context.WithTimeout(context.Background(), p.opts.BootTimeout)
+	defer cancel()
+	started := time.Now()
+	prog, err := p.opts.Launcher.Boot(ctx, e.plan)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err != nil {
+		p.log.Error("program boot failed", "ref", e.plan.Ref, "err", err)
+		e.err = err
+		if p.execs[e.plan.Ref] == e {
+			delete(p.execs, e.plan.Ref)
+		}
+		close(e.ready)
+		return
+	}
+	p.log.Info("program booted", "ref", e.plan.Ref, "took", time.Since(started).Round(time.Millisecond))
+	e.prog, e.state, e.since = prog, running, time.Now()
+	close(e.ready)
+	if e.inflight == 0 {
+		p.armLocked(e)
+	}
+	go p.watch(e)
+}
+
+// watch forgets a program whose VM stopped by itself, so that the next
+// request boots it again.
+func (p *Pool) watch(e *execution) {
+	<-e.prog.Done()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.execs[e.plan.Ref] == e {
+		p.log.Warn("program VM stopped on its own", "ref", e.plan.Ref)
+		p.stopLocked(e, "vm exited")
+	}
+}
+
+func (p *Pool) release(e *execution) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e.inflight--
+	if e.inflight == 0 && e.state == running {
+		p.armLocked(e)
+	}
+}
+
+// armLocked starts the reuse timer of an idle program.
+func (p *Pool) armLocked(e *execution) {
+	if p.opts.ReuseTimeout <= 0 {
+		p.stopLocked(e, "reuse timeout is 0")
+		return
+	}
+	e.timer = time.AfterFunc(p.opts.ReuseTimeout, func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if e.inflight == 0 && e.state == running && p.execs[e.plan.Ref] == e {
+			p.stopLocked(e, "idle")
+		}
+	})
+}
+
+// stopLocked removes e from the pool and stops its VM once its in-flight
+// requests are done.
+func (p *Pool) stopLocked(e *execution, why string) {
+	if e.state == stopping {
+		return
+	}
+	e.state = stopping
+	if e.timer != nil {
+		e.timer.Stop()
+	}
+	if p.execs[e.plan.Ref] == e {
+		delete(p.execs, e.plan.Ref)
+	}
+	p.stopping.Add(1)
+	go func() {
+		defer p.stopping.Done()
+		p.waitIdle(e)
+		ctx, cancel := context.WithTimeout(context.Background(), p.opts.StopTimeout)
+		defer cancel()
+		if err := e.prog.Stop(ctx); err != nil {
+			p.log.Error("stop program", "ref", e.plan.Ref, "err", err)
+			return
+		}
+		p.log.Info("program stopped", "ref", e.plan.Ref, "why", why)
+	}()
+}
+
+// waitIdle waits until e serves no request, or its VM is gone.
+func (p *Pool) waitIdle(e *execution) {
+	for {
+		p.mu.Lock()
+		idle := e.inflight == 0
+		p.mu.Unlock()
+		if idle {
+			return
+		}
+		select {
+		case <-e.prog.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Stop stops the program ref. It reports whether it was running.
+func (p *Pool) Stop(ref message.ItemHash) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e := p.execs[ref]
+	if e == nil || e.state != running {
+		return false
+	}
+	p.stopLocked(e, "asked")
+	return true
+}
+
+// Shutdown refuses new programs, lets in-flight requests finish and stops
+// every program VM, or gives up when ctx ends.
+func (p *Pool) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.draining = true
+	var booting []*execution
+	for _, e := range p.execs {
+		if e.state == running {
+			p.stopLocked(e, "node shutdown")
+		} else {
+			booting = append(booting, e)
+		}
+	}
+	p.mu.Unlock()
+	for _, e := range booting {
+		select {
+		case <-e.ready:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		p.mu.Lock()
+		if e.err == nil {
+			p.stopLocked(e, "node shutdown")
+		}
+		p.mu.Unlock()
+	}
+	done := make(chan struct{})
+	go func() { p.stopping.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("stop programs: %w", ctx.Err())
+	}
+}
+
+// ExecutionInfo describes one program in the pool.
+type ExecutionInfo struct {
+	Ref        message.ItemHash
+	Running    bool
+	Since      time.Time
+	VCPUs      int
+	MemoryMiB  int
+	Inflight   int
+	Networking Networking
+}
+
+// List describes the programs in the pool, by ref.
+func (p *Pool) List() []ExecutionInfo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]ExecutionInfo, 0, len(p.execs))
+	for ref, e := range p.execs {
+		info := ExecutionInfo{Ref: ref, Running: e.state == running, Since: e.since,
+			VCPUs: e.plan.VCPUs, MemoryMiB: e.plan.MemoryMiB, Inflight: e.inflight}
+		if e.prog != nil {
+			info.Networking = e.prog.Networking()
+		}
+		out = append(out, info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })
+	return out
+}

@@ -1,0 +1,207 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alephvm/alephvm/message"
+)
+
+type fakeProgram struct {
+	done    chan struct{}
+	once    sync.Once
+	stopped atomic.Bool
+}
+
+func (f *fakeProgram) Target() *url.URL       { return &url.URL{Scheme: "http", Host: "127.0.0.1:1"} }
+func (f *fakeProgram) Done() <-chan struct{}  { return f.done }
+func (f *fakeProgram) Networking() Networking { return Networking{IPv4: "172.16.4.2"} }
+func (f *fakeProgram) exit()                  { f.once.Do(func() { close(f.done) }) }
+func (f *fakeProgram) Stop(context.Context) error {
+	f.stopped.Store(true)
+	f.exit()
+	return nil
+}
+
+type fakeLauncher struct {
+	mu       sync.Mutex
+	revision string
+	memory   int
+	boots    atomic.Int32
+	bootWait time.Duration
+	fail     error
+	progs    []*fakeProgram
+}
+
+func (l *fakeLauncher) Plan(_ context.Context, ref message.ItemHash) (*Plan, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return &Plan{Ref: ref, Revision: l.revision, VCPUs: 1, MemoryMiB: l.memory, Timeout: time.Second}, nil
+}
+
+func (l *fakeLauncher) Boot(_ context.Context, _ *Plan) (Program, error) {
+	l.boots.Add(1)
+	time.Sleep(l.bootWait)
+	if l.fail != nil {
+		return nil, l.fail
+	}
+	p := &fakeProgram{done: make(chan struct{})}
+	l.mu.Lock()
+	l.progs = append(l.progs, p)
+	l.mu.Unlock()
+	return p, nil
+}
+
+func (l *fakeLauncher) last() *fakeProgram {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.progs[len(l.progs)-1]
+}
+
+const ref = message.ItemHash("7eb2eca2378ea8855336ed76c8b26219f1cb90234d04441de9cf8cb1c649d003")
+
+func newPool(l *fakeLauncher, reuse time.Duration) *Pool {
+	return New(Options{Launcher: l, Capacity: Capacity{MemoryMiB: 1024, VCPUs: 8}, ReuseTimeout: reuse,
+		PlanTTL: time.Nanosecond, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestConcurrentFirstRequestsShareOneBoot(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128, bootWait: 100 * time.Millisecond}
+	p := newPool(l, time.Hour)
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			lease, err := p.Acquire(context.Background(), ref)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			lease.Release()
+		}()
+	}
+	wg.Wait()
+	if n := l.boots.Load(); n != 1 {
+		t.Errorf("%d boots, want 1", n)
+	}
+	if list := p.List(); len(list) != 1 || !list[0].Running || list[0].Inflight != 0 {
+		t.Errorf("list %+v", list)
+	}
+}
+
+func TestIdleProgramStops(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newPool(l, 50*time.Millisecond)
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if l.last().stopped.Load() {
+		t.Fatal("stopped while a request was in flight")
+	}
+	lease.Release()
+	eventually(t, "idle stop", func() bool { return l.last().stopped.Load() && len(p.List()) == 0 })
+
+	// Reuse timeout 0: stopped as soon as the last request ends.
+	p = newPool(l, 0)
+	lease, _ = p.Acquire(context.Background(), ref)
+	lease.Release()
+	eventually(t, "stop after request", func() bool { return l.last().stopped.Load() })
+}
+
+func TestChangedItemsRestartTheProgram(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newPool(l, time.Hour)
+	lease, _ := p.Acquire(context.Background(), ref)
+	first := l.last()
+	lease.Release()
+	l.mu.Lock()
+	l.revision = "r2"
+	l.mu.Unlock()
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease.Release()
+	if l.boots.Load() != 2 || lease.Plan().Revision != "r2" {
+		t.Errorf("boots %d revision %s", l.boots.Load(), lease.Plan().Revision)
+	}
+	eventually(t, "old VM stopped", first.stopped.Load)
+}
+
+func TestAdmissionControl(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 2048}
+	p := newPool(l, time.Hour)
+	if _, err := p.Acquire(context.Background(), ref); !errors.Is(err, ErrInsufficientCapacity) {
+		t.Errorf("err = %v", err)
+	}
+	if l.boots.Load() != 0 {
+		t.Error("booted beyond capacity")
+	}
+}
+
+func TestFailedBootAndDeadVM(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128, fail: errors.New("no kernel")}
+	p := newPool(l, time.Hour)
+	if _, err := p.Acquire(context.Background(), ref); err == nil || err.Error() != "no kernel" {
+		t.Fatalf("err = %v", err)
+	}
+	if len(p.List()) != 0 {
+		t.Error("failed boot kept in the pool")
+	}
+	l.fail = nil
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease.Release()
+	l.last().exit() // the VM dies by itself
+	eventually(t, "dead VM forgotten", func() bool { return len(p.List()) == 0 })
+	lease, err = p.Acquire(context.Background(), ref)
+	if err != nil || l.boots.Load() != 3 {
+		t.Fatalf("err %v boots %d", err, l.boots.Load())
+	}
+	lease.Release()
+}
+
+func TestShutdownWaitsForRequests(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newPool(l, time.Hour)
+	lease, _ := p.Acquire(context.Background(), ref)
+	done := make(chan error)
+	go func() { done <- p.Shutdown(context.Background()) }()
+	time.Sleep(50 * time.Millisecond)
+	if l.last().stopped.Load() {
+		t.Fatal("stopped under a request")
+	}
+	if _, err := p.Acquire(context.Background(), ref); !errors.Is(err, ErrDraining) {
+		t.Errorf("acquire while draining: %v", err)
+	}
+	lease.Release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !l.last().stopped.Load() {
+		t.Error("not stopped")
+	}
+}
