@@ -1,0 +1,250 @@
+// Package api serves the node's HTTP API with the reference's routes and
+// shapes: program requests under /vm/{ref}/ (and on <base32 hash>.<domain>),
+// reverse-proxied to the program's VM, and the /about and /control routes.
+package api
+
+import (
+	"context"
+	"encoding/base32"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/pool"
+)
+
+// Programs is the pool of program VMs as the API uses it.
+type Programs interface {
+	Acquire(ctx context.Context, ref message.ItemHash) (*pool.Lease, error)
+	Stop(ref message.ItemHash) bool
+	List() []pool.ExecutionInfo
+}
+
+// Options configure the API.
+type Options struct {
+	Programs Programs
+	// Domain is the node's public name: GET / on it serves the index, and
+	// <base32 of a hash>.<Domain> serves that program.
+	Domain string
+	// MaxBodyBytes bounds a request body proxied to a program.
+	MaxBodyBytes int64
+	Version      string
+	Log          *slog.Logger
+}
+
+// Server is the HTTP API.
+type Server struct {
+	opts  Options
+	mux   *http.ServeMux
+	proxy *proxy
+	log   *slog.Logger
+}
+
+// New builds the API.
+func New(opts Options) *Server {
+	s := &Server{opts: opts, mux: http.NewServeMux(), log: opts.Log, proxy: newProxy(opts.Log)}
+	s.mux.HandleFunc("/vm/{ref}", s.handleProgram)
+	s.mux.HandleFunc("/vm/{ref}/{path...}", s.handleProgram)
+	s.mux.HandleFunc("GET /about/executions/list", s.handleExecutionsList)
+	s.mux.HandleFunc("GET /v2/about/executions/list", s.handleExecutionsListV2)
+	s.mux.HandleFunc("POST /control/machine/{ref}/stop", s.handleStop)
+	for _, prefix := range []string{"/about/", "/control/", "/status/", "/v2/"} {
+		s.mux.HandleFunc(prefix, func(w http.ResponseWriter, r *http.Request) {
+			writeError(w, http.StatusNotFound, "Not Found")
+		})
+	}
+	s.mux.HandleFunc("/", s.handleHost)
+	return s
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Server", "alephvm/"+s.opts.Version)
+	s.mux.ServeHTTP(w, r)
+}
+
+// apiError is the reference's error shape.
+type apiError struct {
+	Error string `json:"error"`
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, apiError{Error: msg})
+}
+
+// StatusError is implemented by errors that know the HTTP status they
+// deserve, such as a missing item (404).
+type StatusError interface {
+	error
+	HTTPStatus() int
+}
+
+func parseRef(s string) (message.ItemHash, bool) {
+	h, err := message.ParseItemHash(s)
+	return h, err == nil
+}
+
+func (s *Server) handleProgram(w http.ResponseWriter, r *http.Request) {
+	ref, ok := parseRef(r.PathValue("ref"))
+	if !ok {
+		writeError(w, http.StatusBadRequest, "Invalid message reference")
+		return
+	}
+	suffix := strings.TrimPrefix(r.URL.EscapedPath(), "/vm/"+string(ref))
+	s.runProgram(w, r, ref, suffix)
+}
+
+// handleHost serves the index on the node's own name, and a program on a
+// name whose first label is the base32 of its hash.
+func (s *Server) handleHost(w http.ResponseWriter, r *http.Request) {
+	host := r.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	if host == s.opts.Domain || net.ParseIP(host) != nil {
+		if r.URL.Path == "/" && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			_, _ = w.Write([]byte("alephvm " + s.opts.Version + ": an Aleph compute resource node.\nPrograms are served at /vm/<item_hash>/.\n"))
+			return
+		}
+		writeError(w, http.StatusNotFound, "Not Found")
+		return
+	}
+	label, _, _ := strings.Cut(host, ".")
+	ref, ok := refFromLabel(label)
+	if !ok {
+		writeError(w, http.StatusNotFound, "Invalid message reference")
+		return
+	}
+	s.runProgram(w, r, ref, r.URL.EscapedPath())
+}
+
+var b32 = base32.StdEncoding.WithPadding(base32.NoPadding)
+
+// refFromLabel decodes a DNS label holding the base32 (no padding) of a
+// sha256 item hash.
+func refFromLabel(label string) (message.ItemHash, bool) {
+	raw, err := b32.DecodeString(strings.ToUpper(label))
+	if err != nil || len(raw) != 32 {
+		return "", false
+	}
+	return message.ItemHash(hex.EncodeToString(raw)), true
+}
+
+// LabelFromRef is the DNS label under which a program is served.
+func LabelFromRef(ref message.ItemHash) (string, error) {
+	raw, err := hex.DecodeString(string(ref))
+	if err != nil || len(raw) != 32 {
+		return "", errors.New("only sha256 item hashes have a host name")
+	}
+	return strings.ToLower(b32.EncodeToString(raw)), nil
+}
+
+func (s *Server) runProgram(w http.ResponseWriter, r *http.Request, ref message.ItemHash, suffix string) {
+	if s.opts.MaxBodyBytes > 0 {
+		if r.ContentLength > s.opts.MaxBodyBytes {
+			writeError(w, http.StatusRequestEntityTooLarge, "Request body is larger than the node accepts")
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, s.opts.MaxBodyBytes)
+	}
+	lease, err := s.opts.Programs.Acquire(r.Context(), ref)
+	if err != nil {
+		s.writeStartError(w, ref, err)
+		return
+	}
+	defer lease.Release()
+	if !strings.HasPrefix(suffix, "/") {
+		suffix = "/" + suffix
+	}
+	s.proxy.serve(w, r, lease, suffix)
+}
+
+func (s *Server) writeStartError(w http.ResponseWriter, ref message.ItemHash, err error) {
+	var se StatusError
+	switch {
+	case errors.Is(err, pool.ErrInsufficientCapacity):
+		w.Header().Set("Retry-After", "10")
+		writeError(w, http.StatusServiceUnavailable, "Insufficient capacity")
+	case errors.Is(err, pool.ErrDraining):
+		writeError(w, http.StatusServiceUnavailable, "Server is draining, try another node")
+	case errors.Is(err, context.Canceled):
+		// The client went away; nobody reads this.
+	case errors.As(err, &se):
+		writeError(w, se.HTTPStatus(), se.Error())
+	default:
+		s.log.Error("program start failed", "ref", ref, "err", err)
+		writeError(w, http.StatusInternalServerError, "Error during vm/runtime initialisation: "+err.Error())
+	}
+}
+
+func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
+	ref, ok := parseRef(r.PathValue("ref"))
+	if !ok {
+		writeError(w, http.StatusBadRequest, "Invalid message reference")
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if s.opts.Programs.Stop(ref) {
+		_, _ = w.Write([]byte("Stopped VM with ref " + string(ref)))
+		return
+	}
+	_, _ = w.Write([]byte("Already stopped, nothing to do"))
+}
+
+func (s *Server) handleExecutionsList(w http.ResponseWriter, r *http.Request) {
+	type networking struct {
+		IPv4 string `json:"ipv4,omitempty"`
+		IPv6 string `json:"ipv6,omitempty"`
+	}
+	type entry struct {
+		Networking               networking `json:"networking"`
+		VMType                   string     `json:"vm_type"`
+		AwaitingConfidentialInit bool       `json:"awaiting_confidential_init"`
+	}
+	out := map[message.ItemHash]entry{}
+	for _, e := range s.opts.Programs.List() {
+		if !e.Running {
+			continue
+		}
+		out[e.Ref] = entry{Networking: networking{IPv4: e.Networking.IPv4Network, IPv6: e.Networking.IPv6Network}, VMType: "microvm"}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) {
+	type status struct {
+		StartedAt *string `json:"started_at"`
+	}
+	type entry struct {
+		Networking               pool.Networking `json:"networking"`
+		Status                   status          `json:"status"`
+		Running                  bool            `json:"running"`
+		AwaitingConfidentialInit bool            `json:"awaiting_confidential_init"`
+		VMType                   string          `json:"vm_type"`
+		VCPUs                    int             `json:"vcpus"`
+		MemoryMiB                int             `json:"memory"`
+	}
+	out := map[message.ItemHash]entry{}
+	for _, e := range s.opts.Programs.List() {
+		var started *string
+		if e.Running {
+			t := e.Since.UTC().Format("2006-01-02 15:04:05.000000+00:00")
+			started = &t
+		}
+		out[e.Ref] = entry{Networking: e.Networking, Status: status{StartedAt: started}, Running: e.Running,
+			VMType: "microvm", VCPUs: e.VCPUs, MemoryMiB: e.MemoryMiB}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
