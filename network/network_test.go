@@ -8,7 +8,10 @@ import (
 	"github.com/alephvm/alephvm/internal/testenv"
 )
 
-func TestMain(m *testing.M) { testenv.RunIsolated(m) }
+func TestMain(m *testing.M) {
+	testenv.MaybeRunHelper()
+	testenv.RunIsolated(m)
+}
 
 func TestPoolAddresses(t *testing.T) {
 	p, err := NewPool(netip.MustParsePrefix("172.16.0.0/12"), 24, 4)
