@@ -97,3 +97,30 @@ func TestTap(t *testing.T) {
 		t.Error("tap still there")
 	}
 }
+
+func TestStaticIPv6(t *testing.T) {
+	pool := netip.MustParsePrefix("fc00:1:2:3::/64")
+	network, host, guest, err := StaticIPv6(pool, 3, "decadecadecadecadecadecadecadecadecadecadecadecadecadecadecadeca")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if network.String() != "fc00:1:2:3:3:deca:deca:dec0/124" || host.String() != "fc00:1:2:3:3:deca:deca:dec0" || guest.String() != "fc00:1:2:3:3:deca:deca:dec1" {
+		t.Errorf("%s %s %s", network, host, guest)
+	}
+	for _, bad := range []struct {
+		pool string
+		typ  int
+		hash string
+	}{{"fc00::/96", 1, "decadecadeca"}, {"172.16.0.0/12", 1, "decadecadeca"}, {"fc00::/64", 7, "decadecadeca"}, {"fc00::/64", 1, "QmPxCe3eHVCdTG5u"}, {"fc00::/64", 1, "abc"}} {
+		if _, _, _, err := StaticIPv6(netip.MustParsePrefix(bad.pool), bad.typ, bad.hash); err == nil {
+			t.Errorf("%+v accepted", bad)
+		}
+	}
+}
+
+func TestUsableResolvers(t *testing.T) {
+	got := usable([]string{"127.0.0.53", "9.9.9.9", "Link", "2:", "[2620:fe::fe]", "9.9.9.9", "::1"})
+	if len(got) != 2 || got[0].String() != "9.9.9.9" || got[1].String() != "2620:fe::fe" {
+		t.Errorf("%v", got)
+	}
+}
