@@ -1,7 +1,6 @@
 package cloudinit
 
 import (
-	"flag"
 	"net"
 	"net/netip"
 	"os"
@@ -12,8 +11,6 @@ import (
 
 	"github.com/alephvm/alephvm/internal/testenv"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files")
 
 func sample() Config {
 	mac, _ := net.ParseMAC("06:00:ac:10:04:02")
@@ -35,14 +32,7 @@ func TestRenderGolden(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		golden := filepath.Join("testdata", name)
-		if *update {
-			os.WriteFile(golden, got, 0o644)
-		}
-		want, err := os.ReadFile(golden)
-		if err != nil || string(want) != string(got) {
-			t.Errorf("%s differs from %s (go test -update to rewrite):\n%s", name, golden, got)
-		}
+		testenv.Golden(t, filepath.Join("testdata", name), got)
 	}
 }
 

@@ -73,14 +73,10 @@ func (f *Firewall) Apply(vms []VMRules) error {
 			return err
 		}
 	}
-	conn, err := nftables.New()
+	conn, table, err := deleteTable()
 	if err != nil {
-		return fmt.Errorf("nftables: %w", err)
+		return err
 	}
-	table := &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
-	// Add-then-delete makes the delete valid whether or not the table exists.
-	conn.AddTable(table)
-	conn.DelTable(table)
 	conn.AddTable(table)
 	accept := nftables.ChainPolicyAccept
 	chain := func(name string, typ nftables.ChainType, hook *nftables.ChainHook, prio *nftables.ChainPriority) *nftables.Chain {
@@ -128,17 +124,27 @@ func (f *Firewall) Apply(vms []VMRules) error {
 func (f *Firewall) Remove() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	conn, err := nftables.New()
+	conn, _, err := deleteTable()
 	if err != nil {
-		return fmt.Errorf("nftables: %w", err)
+		return err
 	}
-	table := &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
-	conn.AddTable(table)
-	conn.DelTable(table)
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("delete nftables table %s: %w", TableName, err)
 	}
 	return nil
+}
+
+// deleteTable opens a batch that starts by deleting the node's table.
+// Adding it first makes the delete valid whether or not the table exists.
+func deleteTable() (*nftables.Conn, *nftables.Table, error) {
+	conn, err := nftables.New()
+	if err != nil {
+		return nil, nil, fmt.Errorf("nftables: %w", err)
+	}
+	table := &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
+	conn.AddTable(table)
+	conn.DelTable(table)
+	return conn, table, nil
 }
 
 func (vm VMRules) validate() error {

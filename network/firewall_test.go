@@ -40,14 +40,7 @@ func TestFirewallIsolation(t *testing.T) {
 		}
 	}
 	ruleset := testenv.Cmd(t, "nft", "list", "table", "inet", TableName)
-	golden := filepath.Join("testdata", "ruleset.nft")
-	if os.Getenv("UPDATE_GOLDEN") != "" {
-		os.MkdirAll("testdata", 0o755)
-		os.WriteFile(golden, []byte(ruleset), 0o644)
-	}
-	if want, err := os.ReadFile(golden); err != nil || string(want) != ruleset {
-		t.Errorf("ruleset differs from %s (UPDATE_GOLDEN=1 to rewrite):\n%s", golden, ruleset)
-	}
+	testenv.Golden(t, filepath.Join("testdata", "ruleset.nft"), []byte(ruleset))
 
 	testenv.Listen(t, internet, "10.99.0.2:80")
 	testenv.Listen(t, vm4, "172.16.4.2:8080")

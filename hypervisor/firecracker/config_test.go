@@ -2,17 +2,14 @@ package firecracker
 
 import (
 	"encoding/json"
-	"flag"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/internal/testenv"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files")
 
 func mac(s string) net.HardwareAddr { m, _ := net.ParseMAC(s); return m }
 
@@ -62,14 +59,7 @@ func TestConfigGolden(t *testing.T) {
 			got, _ := json.MarshalIndent(c, "", "  ")
 			got = append(got, '\n')
 			checkAgainstSpec(t, spec, got)
-			golden := filepath.Join("testdata", name+".json")
-			if *update {
-				os.MkdirAll("testdata", 0o755)
-				os.WriteFile(golden, got, 0o644)
-			}
-			if want, err := os.ReadFile(golden); err != nil || string(want) != string(got) {
-				t.Errorf("config differs from %s (go test -update to rewrite):\n%s", golden, got)
-			}
+			testenv.Golden(t, filepath.Join("testdata", name+".json"), got)
 		})
 	}
 }

@@ -1,17 +1,14 @@
 package qemu
 
 import (
-	"flag"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/internal/testenv"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files")
 
 func mac(s string) net.HardwareAddr {
 	m, err := net.ParseMAC(s)
@@ -65,20 +62,7 @@ func TestArgsGolden(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got := strings.Join(args, "\n") + "\n"
-			golden := filepath.Join("testdata", tc.name+".args")
-			if *update {
-				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want, err := os.ReadFile(golden)
-			if err != nil {
-				t.Fatalf("%v (run go test -update to create it)", err)
-			}
-			if got != string(want) {
-				t.Errorf("command line differs from %s (run go test -update if intended):\n%s", golden, got)
-			}
+			testenv.Golden(t, filepath.Join("testdata", tc.name+".args"), []byte(strings.Join(args, "\n")+"\n"))
 		})
 	}
 }

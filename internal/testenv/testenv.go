@@ -119,3 +119,26 @@ func CacheDir(t testing.TB) string {
 	}
 	return dir
 }
+
+// Golden compares got with the golden file path, failing the test where
+// they differ. With UPDATE_GOLDEN=1 in the environment it rewrites the file
+// instead.
+func Golden(t testing.TB, path string, got []byte) {
+	t.Helper()
+	if os.Getenv("UPDATE_GOLDEN") != "" {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (UPDATE_GOLDEN=1 creates it)", err)
+	}
+	if string(want) != string(got) {
+		t.Errorf("differs from %s (UPDATE_GOLDEN=1 rewrites it if the change is intended):\n%s", path, got)
+	}
+}
