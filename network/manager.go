@@ -1,0 +1,236 @@
+package network
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"sync"
+)
+
+// Manager gives each VM its network: an allocation from the pool, its tap,
+// its port forwards and its firewall rules, and takes them back. It keeps
+// the desired state of every VM and rewrites the firewall from it.
+type Manager struct {
+	pool     *Pool
+	fw       *Firewall
+	ports    PortRange
+	log      *slog.Logger
+	mu       sync.Mutex
+	vms      map[string]*vmNet // by owner
+	hostPort map[string]string // "tcp/24000" -> owner
+}
+
+type vmNet struct {
+	alloc    Allocation
+	internet bool
+	forwards []Forward
+}
+
+// PortRange is where host ports of forwards are taken from.
+type PortRange struct{ First, Last uint16 }
+
+// DefaultPorts stay below Linux's ephemeral ports (32768-60999), so a
+// forward never takes a port an outgoing connection of the host could use.
+var DefaultPorts = PortRange{First: 24000, Last: 32767}
+
+// NewManager returns a manager of pool's networks behind fw.
+func NewManager(pool *Pool, fw *Firewall, ports PortRange, log *slog.Logger) *Manager {
+	return &Manager{pool: pool, fw: fw, ports: ports, log: log, vms: map[string]*vmNet{}, hostPort: map[string]string{}}
+}
+
+// Attachment is a VM's network as the manager made it.
+type Attachment struct {
+	Allocation
+	Forwards []Forward
+}
+
+// PortRequest asks for a VM port to be forwarded from the host. HostPort 0
+// lets the manager choose one.
+type PortRequest struct {
+	Proto     string
+	GuestPort uint16
+	HostPort  uint16
+}
+
+// Attach gives owner a network: a fresh allocation and tap (index < 0), or
+// the allocation at index found again after a restart, whose tap is kept
+// as it is when it exists. Forwards keep the host ports asked for and get
+// free ones otherwise.
+func (m *Manager) Attach(owner string, index int, internet bool, ports []PortRequest) (Attachment, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if v, ok := m.vms[owner]; ok {
+		return Attachment{Allocation: v.alloc, Forwards: v.forwards}, nil
+	}
+	var alloc Allocation
+	var err error
+	if index < 0 {
+		alloc, err = m.pool.Allocate(owner)
+	} else {
+		alloc, err = m.pool.Reserve(index, owner)
+	}
+	if err != nil {
+		return Attachment{}, err
+	}
+	v := &vmNet{alloc: alloc, internet: internet}
+	undo := func() {
+		m.releasePortsLocked(owner)
+		delete(m.vms, owner)
+		m.pool.Release(alloc.Index)
+	}
+	for _, p := range ports {
+		fw, err := m.takePortLocked(owner, p)
+		if err != nil {
+			undo()
+			return Attachment{}, err
+		}
+		v.forwards = append(v.forwards, fw)
+	}
+	if index < 0 || !tapExists(alloc.Tap) {
+		if err := CreateTap(alloc.Tap, alloc.HostPrefix()); err != nil {
+			undo()
+			return Attachment{}, err
+		}
+	}
+	m.vms[owner] = v
+	if err := m.applyLocked(); err != nil {
+		delete(m.vms, owner)
+		_ = DeleteTap(alloc.Tap)
+		undo()
+		return Attachment{}, err
+	}
+	return Attachment{Allocation: alloc, Forwards: v.forwards}, nil
+}
+
+// Detach removes owner's rules, tap and allocation.
+func (m *Manager) Detach(owner string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vms[owner]
+	if !ok {
+		return nil
+	}
+	delete(m.vms, owner)
+	var errs []error
+	if err := m.applyLocked(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := DeleteTap(v.alloc.Tap); err != nil {
+		errs = append(errs, err)
+	}
+	m.releasePortsLocked(owner)
+	m.pool.Release(v.alloc.Index)
+	return errors.Join(errs...)
+}
+
+// Forwards returns owner's port forwards.
+func (m *Manager) Forwards(owner string) []Forward {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if v, ok := m.vms[owner]; ok {
+		return slices.Clone(v.forwards)
+	}
+	return nil
+}
+
+// RemoveOrphanTaps deletes the VM taps that belong to no attached VM, as
+// left by VMs that ended while the node was down.
+func (m *Manager) RemoveOrphanTaps() error {
+	taps, err := Taps()
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	live := map[string]bool{}
+	for _, v := range m.vms {
+		live[v.alloc.Tap] = true
+	}
+	var errs []error
+	for _, tap := range taps {
+		if !live[tap] {
+			m.log.Info("removing orphan tap", "tap", tap)
+			errs = append(errs, DeleteTap(tap))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Apply rewrites the firewall from the attached VMs, as at node start.
+func (m *Manager) Apply() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.applyLocked()
+}
+
+func (m *Manager) applyLocked() error {
+	rules := make([]VMRules, 0, len(m.vms))
+	for _, v := range m.vms {
+		rules = append(rules, VMRules{Tap: v.alloc.Tap, Guest: v.alloc.Guest, Internet: v.internet, Forwards: v.forwards})
+	}
+	slices.SortFunc(rules, func(a, b VMRules) int { return a.Guest.Compare(b.Guest) })
+	return m.fw.Apply(rules)
+}
+
+func portKey(proto string, port uint16) string { return proto + "/" + strconv.Itoa(int(port)) }
+
+// takePortLocked reserves the host port of one forward.
+func (m *Manager) takePortLocked(owner string, p PortRequest) (Forward, error) {
+	if p.Proto != "tcp" && p.Proto != "udp" {
+		return Forward{}, fmt.Errorf("port forward: protocol must be tcp or udp, got %q", p.Proto)
+	}
+	if p.HostPort != 0 {
+		key := portKey(p.Proto, p.HostPort)
+		if held, ok := m.hostPort[key]; ok && held != owner {
+			return Forward{}, fmt.Errorf("host port %s is forwarded to %s already", key, held)
+		}
+		m.hostPort[key] = owner
+		return Forward{Proto: p.Proto, HostPort: p.HostPort, GuestPort: p.GuestPort}, nil
+	}
+	for port := m.ports.First; port <= m.ports.Last && port != 0; port++ {
+		key := portKey(p.Proto, port)
+		if _, taken := m.hostPort[key]; taken || !portFree(p.Proto, port) {
+			continue
+		}
+		m.hostPort[key] = owner
+		return Forward{Proto: p.Proto, HostPort: port, GuestPort: p.GuestPort}, nil
+	}
+	return Forward{}, fmt.Errorf("no free host port for %s/%d between %d and %d", p.Proto, p.GuestPort, m.ports.First, m.ports.Last)
+}
+
+func (m *Manager) releasePortsLocked(owner string) {
+	for k, o := range m.hostPort {
+		if o == owner {
+			delete(m.hostPort, k)
+		}
+	}
+}
+
+// portFree reports whether no service of the host listens on port: a
+// forward there would hide it from outside clients.
+func portFree(proto string, port uint16) bool {
+	addr := netip.AddrPortFrom(netip.IPv4Unspecified(), port).String()
+	if proto == "udp" {
+		c, err := net.ListenPacket("udp4", addr)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	}
+	l, err := net.Listen("tcp4", addr)
+	if err != nil {
+		return false
+	}
+	l.Close()
+	return true
+}
+
+func tapExists(name string) bool {
+	_, err := net.InterfaceByName(name)
+	return err == nil
+}
