@@ -31,6 +31,8 @@ type Options struct {
 	// Domain is the node's public name: GET / on it serves the index, and
 	// <base32 of a hash>.<Domain> serves that program.
 	Domain string
+	// Logs gives VMs' output; nil answers 404 on the logs routes.
+	Logs Logs
 	// MaxBodyBytes bounds a request body proxied to a program.
 	MaxBodyBytes int64
 	Version      string
@@ -53,6 +55,7 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("GET /about/executions/list", s.handleExecutionsList)
 	s.mux.HandleFunc("GET /v2/about/executions/list", s.handleExecutionsListV2)
 	s.mux.HandleFunc("POST /control/machine/{ref}/stop", s.handleStop)
+	s.mux.HandleFunc("GET /control/machine/{ref}/logs", s.handleLogs)
 	for _, prefix := range []string{"/about/", "/control/", "/status/", "/v2/"} {
 		s.mux.HandleFunc(prefix, func(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusNotFound, "Not Found")

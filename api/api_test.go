@@ -277,3 +277,62 @@ func TestExecutionsListAndStop(t *testing.T) {
 		t.Errorf("second stop: %s", b)
 	}
 }
+
+// fakeLogs has two past lines, then one more after a while, then ends.
+type fakeLogs struct{}
+
+func (fakeLogs) Follow(ctx context.Context, r message.ItemHash, fn func(LogLine) error) (bool, bool, error) {
+	if r != ref {
+		return false, false, nil
+	}
+	for _, l := range []LogLine{{Stream: "stdout", Text: "listening on 8080"}, {Stream: "stderr", Text: "Traceback"}} {
+		if err := fn(l); err != nil {
+			return true, false, err
+		}
+	}
+	select {
+	case <-ctx.Done():
+		return true, false, ctx.Err()
+	case <-time.After(50 * time.Millisecond):
+	}
+	if err := fn(LogLine{Stream: "system", Text: "program ended: exited with code 1"}); err != nil {
+		return true, false, err
+	}
+	return true, true, nil
+}
+
+func TestLogs(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv := httptest.NewServer(New(Options{Programs: pool.New(pool.Options{Log: log}), Logs: fakeLogs{}, Version: "test", Log: log}))
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/control/machine/"+string(ref)+"/logs", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	var got []string
+	for {
+		_, data, err := c.Read(ctx)
+		if err != nil {
+			break
+		}
+		var m logMessage
+		json.Unmarshal(data, &m)
+		got = append(got, m.Type+": "+m.Message)
+	}
+	want := []string{"stdout: listening on 8080", "stderr: Traceback", "system: program ended: exited with code 1", "system: VM is not running, past logs sent"}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("got\n%s", strings.Join(got, "\n"))
+	}
+
+	resp, body := get(t, srv.URL+"/control/machine/"+string(ref)+"/logs", "")
+	if resp.StatusCode != 200 || !strings.Contains(body, `"MESSAGE":"Traceback"`) || strings.Contains(body, "program ended") {
+		t.Errorf("past logs: %d %s", resp.StatusCode, body)
+	}
+	other := "0000000000000000000000000000000000000000000000000000000000000000"
+	if resp, _ := get(t, srv.URL+"/control/machine/"+other+"/logs", ""); resp.StatusCode != 404 {
+		t.Errorf("unknown ref: %d", resp.StatusCode)
+	}
+}

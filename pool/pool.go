@@ -30,6 +30,8 @@ type Plan struct {
 	// (resources.seconds).
 	Timeout time.Duration
 	CodeRef message.ItemHash
+	// Payload is the launcher's own data, from Plan to Boot.
+	Payload any
 }
 
 // Program is a booted program VM.
