@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"reflect"
 	"slices"
@@ -39,6 +40,8 @@ type Config struct {
 	CacheRoot      string  `env:"CACHE_ROOT" yaml:"cache_root" help:"Directory of the content store: downloaded and built items, kept by hash."`
 	APIServer      string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
 	IPFSGateway    string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
+	CacheMaxSize   Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
+	StallTimeout   Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
 	ReuseTimeout   Seconds `env:"REUSE_TIMEOUT" yaml:"reuse_timeout" help:"How long a program VM stays warm after its last request (seconds, or a duration such as 10m); 0 stops it after each request."`
 	LogLevel       string  `env:"LOG_LEVEL" yaml:"log_level" help:"Least severe log level written: debug, info, warn or error."`
 	LogFormat      string  `env:"LOG_FORMAT" yaml:"log_format" help:"Log format: text (for a terminal) or json."`
@@ -52,6 +55,8 @@ func Default() Config {
 		DomainName:     "localhost",
 		ExecutionRoot:  "/var/lib/alephvm",
 		CacheRoot:      "/var/cache/alephvm",
+		CacheMaxSize:   50 << 30,
+		StallTimeout:   Seconds(2 * time.Minute),
 		ReuseTimeout:   Seconds(time.Hour),
 		LogLevel:       "info",
 		LogFormat:      "text",
@@ -252,6 +257,9 @@ func (c Config) Validate() error {
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		errs = append(errs, fmt.Errorf("%sLOG_FORMAT: must be text or json, got %q", EnvPrefix, c.LogFormat))
 	}
+	if c.StallTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("%sDOWNLOAD_STALL_TIMEOUT: must be positive", EnvPrefix))
+	}
 	if c.ReuseTimeout < 0 {
 		errs = append(errs, fmt.Errorf("%sREUSE_TIMEOUT: must not be negative", EnvPrefix))
 	}
@@ -301,6 +309,53 @@ func (s Seconds) String() string {
 
 // Duration returns the value as a time.Duration.
 func (s Seconds) Duration() time.Duration { return time.Duration(s) }
+
+// Bytes is a size written as a number of bytes or with a unit: "50GiB",
+// "500MB", "1.5G" (a bare K, M, G or T is binary, as in 1.5G = 1.5 GiB).
+type Bytes int64
+
+var byteUnits = []struct {
+	suffix string
+	factor float64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+	{"kB", 1e3}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1},
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (b *Bytes) UnmarshalText(text []byte) error {
+	s := strings.TrimSpace(string(text))
+	factor := 1.0
+	for _, u := range byteUnits {
+		if num, ok := strings.CutSuffix(s, u.suffix); ok {
+			s, factor = strings.TrimSpace(num), u.factor
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f < 0 || f*factor > math.MaxInt64 {
+		return fmt.Errorf("want a size such as 50GiB, 500MB or 1073741824, got %q", text)
+	}
+	*b = Bytes(f * factor)
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (b Bytes) MarshalText() ([]byte, error) { return []byte(b.String()), nil }
+
+// String formats the size in the largest binary unit that divides it.
+func (b Bytes) String() string {
+	for _, u := range []struct {
+		suffix string
+		factor int64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if b != 0 && int64(b)%u.factor == 0 {
+			return strconv.FormatInt(int64(b)/u.factor, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(int64(b), 10)
+}
 
 // Markdown documents every setting as a table.
 func Markdown() string {

@@ -68,6 +68,30 @@ func TestSeconds(t *testing.T) {
 	}
 }
 
+func TestBytes(t *testing.T) {
+	for in, want := range map[string]Bytes{"0": 0, "1073741824": 1 << 30, "50GiB": 50 << 30, "500MB": 500e6, "1.5G": 3 << 29, "2 KiB": 2048, "7B": 7} {
+		var b Bytes
+		if err := b.UnmarshalText([]byte(in)); err != nil || b != want {
+			t.Errorf("%q: %d %v, want %d", in, b, err, want)
+		}
+	}
+	for _, in := range []string{"", "lots", "-1GiB", "1e30TiB"} {
+		var b Bytes
+		if err := b.UnmarshalText([]byte(in)); err == nil {
+			t.Errorf("accepted %q as %d", in, b)
+		}
+	}
+	for b, want := range map[Bytes]string{0: "0", 50 << 30: "50GiB", 1536: "1536", 1 << 40: "1TiB", 1000: "1000"} {
+		if got := b.String(); got != want {
+			t.Errorf("%d formats as %q, want %q", b, got, want)
+		}
+	}
+	l, err := Load(writeFile(t, "cache_max_size: 2GiB\n"), []string{"ALEPH_VM_DOWNLOAD_STALL_TIMEOUT=30"})
+	if err != nil || l.CacheMaxSize != 2<<30 || l.StallTimeout.Duration() != 30*time.Second {
+		t.Errorf("loaded %v %v: %v", l.CacheMaxSize, l.StallTimeout, err)
+	}
+}
+
 func TestErrors(t *testing.T) {
 	cases := []struct {
 		name    string
@@ -82,6 +106,8 @@ func TestErrors(t *testing.T) {
 		{"log format", "log_format: xml\n", nil, "LOG_FORMAT"},
 		{"relative root", "", []string{"ALEPH_VM_EXECUTION_ROOT=var/lib"}, "absolute path"},
 		{"negative timeout", "", []string{"ALEPH_VM_REUSE_TIMEOUT=-1"}, "REUSE_TIMEOUT"},
+		{"zero stall timeout", "", []string{"ALEPH_VM_DOWNLOAD_STALL_TIMEOUT=0"}, "DOWNLOAD_STALL_TIMEOUT"},
+		{"bad size", "cache_max_size: huge\n", nil, "want a size such as 50GiB"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,0 +1,502 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/alephvm/alephvm/message"
+)
+
+// LocalSender is the sender and owner of the STORE messages AddFile
+// creates. They are unsigned and marked local in the index.
+const LocalSender = "alephvm-local"
+
+// Item is a verified local file, pinned: it is not evicted until Release.
+// Path must be treated as read-only (it is mode 0444): copy it for a
+// writable disk.
+type Item struct {
+	Ref      message.ItemHash // the STORE message the file was resolved from: the amend, when use_latest picked one
+	FileHash message.ItemHash // content.item_hash of that message: a sha256, or a CID for IPFS items
+	Path     string
+	SHA256   string
+	Size     int64
+	// Verified is false for an IPFS item, whose bytes were not checked
+	// against its CID (docs/store.md).
+	Verified bool
+
+	pin  *os.File // holds the shared lock
+	once sync.Once
+}
+
+// Release unpins the file. It may be called more than once.
+func (it *Item) Release() {
+	it.once.Do(func() { it.pin.Close() })
+}
+
+// Added describes a file added to the store.
+type Added struct {
+	Ref    message.ItemHash // the local STORE message naming the file: the ref to put in a message
+	SHA256 string
+	Size   int64
+}
+
+// errGone: the file is not (or no longer) in the store.
+var errGone = errors.New("not in the store")
+
+// record is a row of store_files.
+type record struct {
+	sha256   string
+	size     int64
+	verified bool
+}
+
+// Fetch returns the file named by the STORE message ref (with useLatest,
+// by its latest amend), downloading and verifying it first if needed. The
+// caller must Release the item.
+func (s *Store) Fetch(ctx context.Context, ref message.ItemHash, useLatest bool) (*Item, error) {
+	msg, _, err := s.Message(ctx, ref)
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", ref, err)
+	}
+	if msg.Type != message.TypeStore {
+		return nil, fmt.Errorf("fetch %s: it is a %s message: %w", ref, msg.Type, ErrNotStore)
+	}
+	if useLatest {
+		if msg, err = s.latest(ctx, msg); err != nil {
+			return nil, fmt.Errorf("fetch %s: %w", ref, err)
+		}
+	}
+	c := msg.Content.(*message.StoreContent)
+	item, err := s.file(ctx, c)
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", ref, err)
+	}
+	item.Ref = msg.ItemHash
+	return item, nil
+}
+
+// file pins the file c names, downloading it when it is missing.
+func (s *Store) file(ctx context.Context, c *message.StoreContent) (*Item, error) {
+	for tries := 0; ; tries++ {
+		item, err := s.pin(ctx, c.ItemHash)
+		if err == nil || !errors.Is(err, errGone) {
+			return item, err
+		}
+		if tries == 2 {
+			return nil, fmt.Errorf("file %s was evicted as soon as it was downloaded, twice: %w", c.ItemHash, err)
+		}
+		if s.remote == nil {
+			return nil, fmt.Errorf("file %s: %w (and no API server or IPFS gateway is configured)", c.ItemHash, ErrNotFound)
+		}
+		err = s.flights.do(ctx, string(c.ItemHash), func(ctx context.Context) error { return s.download(ctx, c) })
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// pin opens the file indexed under hash and takes its shared lock.
+func (s *Store) pin(ctx context.Context, hash message.ItemHash) (*Item, error) {
+	var rec record
+	err := s.db.QueryRowContext(ctx, `SELECT sha256, size, verified FROM store_files WHERE item_hash = ?`, hash).
+		Scan(&rec.sha256, &rec.size, &rec.verified)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, errGone
+	} else if err != nil {
+		return nil, fmt.Errorf("look up file %s: %w", hash, err)
+	}
+	path := s.blobPath(rec.sha256)
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		s.log.Warn("indexed file missing, forgetting it", "item", hash, "path", path)
+		return nil, errors.Join(errGone, s.forget(ctx, rec.sha256))
+	} else if err != nil {
+		return nil, fmt.Errorf("open file %s: %w", hash, err)
+	}
+	if err := lockShared(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("pin file %s: %w", hash, err)
+	}
+	if !stillAt(f) { // evicted while we waited for the lock
+		f.Close()
+		return nil, errGone
+	}
+	if st, err := f.Stat(); err != nil || st.Size() != rec.size {
+		// Only a crash or a hand on the disk truncates a file that was
+		// synced before it was renamed in; it cannot be used.
+		f.Close()
+		s.log.Error("stored file has the wrong size, dropping it", "item", hash, "path", path, "want", rec.size)
+		return nil, errors.Join(errGone, os.Remove(path), s.forget(ctx, rec.sha256))
+	}
+	if _, err := s.db.ExecContext(ctx, `UPDATE store_files SET last_used = ? WHERE item_hash = ?`, time.Now().UnixNano(), hash); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("record use of file %s: %w", hash, err)
+	}
+	return &Item{FileHash: hash, Path: path, SHA256: rec.sha256, Size: rec.size, Verified: rec.verified, pin: f}, nil
+}
+
+// forget drops the index rows of a blob.
+func (s *Store) forget(ctx context.Context, sha string) error {
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM store_files WHERE sha256 = ?`, sha); err != nil {
+		return fmt.Errorf("forget file %s: %w", sha, err)
+	}
+	return nil
+}
+
+// download fetches the file c names into tmp/<item hash>.part, resuming
+// what a previous run left there, verifies it and moves it into place.
+// Another process downloading the same item holds the .part lock: this
+// waits for it.
+func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
+	u, err := s.remote.fileURL(c)
+	if err != nil {
+		return err
+	}
+	partPath := filepath.Join(s.tmp, string(c.ItemHash)+".part")
+	var part *os.File
+	for {
+		if part, err = os.OpenFile(partPath, os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+			return fmt.Errorf("download %s: %w", c.ItemHash, err)
+		}
+		if err := lockExclusive(ctx, part); err != nil {
+			part.Close()
+			return fmt.Errorf("download %s: %w", c.ItemHash, err)
+		}
+		if stillAt(part) {
+			break
+		}
+		part.Close() // finished or discarded by the holder
+	}
+	defer part.Close()
+	if item, err := s.pin(ctx, c.ItemHash); err == nil { // another process finished it
+		item.Release()
+		return os.Remove(partPath)
+	}
+
+	for fresh := false; ; fresh = true {
+		h := sha256.New()
+		off, err := part.Seek(0, io.SeekEnd)
+		if err != nil {
+			return fmt.Errorf("download %s: %w", c.ItemHash, err)
+		}
+		if off > 0 {
+			s.log.Info("resuming download", "item", c.ItemHash, "from", off)
+			if _, err := io.Copy(h, io.NewSectionReader(part, 0, off)); err != nil {
+				return fmt.Errorf("download %s: read what was downloaded before: %w", c.ItemHash, err)
+			}
+		}
+		resumed := off > 0
+		started := time.Now()
+		err = s.retry(ctx, "download "+string(c.ItemHash), func(ctx context.Context) error {
+			off, err = s.get(ctx, u, c, part, off, h)
+			return err
+		})
+		if errors.Is(err, ErrHashMismatch) || errors.Is(err, ErrNotFound) {
+			return errors.Join(err, os.Remove(partPath)) // nothing worth resuming
+		} else if err != nil {
+			return err // the .part stays, to resume
+		}
+		sum := hex.EncodeToString(h.Sum(nil))
+		err = checkDownload(c, sum, off)
+		if err == nil {
+			s.log.Info("downloaded", "item", c.ItemHash, "size", off, "took", time.Since(started).Round(time.Millisecond), "verified", c.ItemType != message.ItemIPFS)
+			if c.ItemType == message.ItemIPFS {
+				s.log.Warn("IPFS item not verified against its CID", "item", c.ItemHash, "sha256", sum)
+			}
+			if err := s.commit(ctx, part, sum, off, c.ItemHash, c.ItemType != message.ItemIPFS, false); err != nil {
+				return err
+			}
+			s.evictAfterDownload(ctx, sum)
+			return nil
+		}
+		if err := part.Truncate(0); err != nil {
+			return errors.Join(err, os.Remove(partPath))
+		}
+		if !resumed || fresh {
+			return errors.Join(fmt.Errorf("download %s from %s: %w", c.ItemHash, u, err), os.Remove(partPath))
+		}
+		s.log.Warn("resumed download does not verify, starting again", "item", c.ItemHash, "err", err)
+	}
+}
+
+// checkDownload verifies a downloaded file against its STORE message.
+func checkDownload(c *message.StoreContent, sum string, size int64) error {
+	if c.Size != nil && *c.Size != size {
+		return &HashMismatchError{Item: c.ItemHash, Got: fmt.Sprintf("%s (%d bytes, the message says %d)", sum, size, *c.Size)}
+	}
+	if c.ItemType != message.ItemIPFS && sum != string(c.ItemHash) {
+		return &HashMismatchError{Item: c.ItemHash, Got: sum}
+	}
+	return nil
+}
+
+var errStalled = errors.New("stalled")
+
+// get makes one request for the file from byte off on and appends what
+// arrives to part and h. It returns the offset reached.
+func (s *Store) get(ctx context.Context, u string, c *message.StoreContent, part *os.File, off int64, h hash.Hash) (int64, error) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stall := time.AfterFunc(s.opts.StallTimeout, func() { cancel(errStalled) })
+	defer stall.Stop()
+
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return off, permanent(err)
+	}
+	if off > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", off))
+	}
+	resp, err := s.opts.Client.Do(req)
+	if err != nil {
+		return off, fmt.Errorf("%w: %w", ErrRemoteUnavailable, describeCause(ctx, err, s.opts.StallTimeout))
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && c.Size != nil && off == *c.Size:
+		return off, nil // it was all there
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable:
+		return 0, restart(part, h, "the server refused to resume")
+	}
+	if err := statusError(resp, u); err != nil {
+		return off, err
+	}
+	if off > 0 && (resp.StatusCode == http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Range"), "bytes "+strconv.FormatInt(off, 10)+"-")) {
+		// The server sent the whole file, or another range: start over.
+		if err := restart(part, h, ""); err != nil {
+			return 0, err
+		}
+		off = 0
+	}
+	total := int64(-1)
+	if c.Size != nil {
+		total = *c.Size
+	} else if resp.ContentLength >= 0 {
+		total = off + resp.ContentLength
+	}
+	buf := make([]byte, 1<<20)
+	for {
+		n, rerr := resp.Body.Read(buf)
+		if n > 0 {
+			stall.Reset(s.opts.StallTimeout)
+			if c.Size != nil && off+int64(n) > *c.Size {
+				return off, permanent(&HashMismatchError{Item: c.ItemHash, Got: fmt.Sprintf("more than the %d bytes the message says", *c.Size)})
+			}
+			if _, err := part.Write(buf[:n]); err != nil {
+				return off, permanent(fmt.Errorf("write %s: %w", part.Name(), err))
+			}
+			h.Write(buf[:n])
+			off += int64(n)
+			if s.opts.Progress != nil {
+				s.opts.Progress(Progress{Item: c.ItemHash, Done: off, Total: total})
+			}
+		}
+		switch {
+		case rerr == io.EOF:
+			return off, nil
+		case rerr != nil:
+			return off, fmt.Errorf("%w: %s: %w", ErrRemoteUnavailable, u, describeCause(ctx, rerr, s.opts.StallTimeout))
+		}
+	}
+}
+
+// restart empties a .part file whose content cannot be resumed.
+func restart(part *os.File, h hash.Hash, why string) error {
+	h.Reset()
+	if err := part.Truncate(0); err != nil {
+		return permanent(err)
+	}
+	if _, err := part.Seek(0, io.SeekStart); err != nil {
+		return permanent(err)
+	}
+	if why != "" {
+		return errors.New(why)
+	}
+	return nil
+}
+
+func describeCause(ctx context.Context, err error, stall time.Duration) error {
+	if errors.Is(context.Cause(ctx), errStalled) {
+		return fmt.Errorf("no data for %s", stall)
+	}
+	return err
+}
+
+// commit syncs a verified file, moves it to files/<sha256> and indexes it
+// under item. The caller holds f's exclusive lock, so that no eviction or
+// GC in another process can take the blob before it is indexed.
+func (s *Store) commit(ctx context.Context, f *os.File, sum string, size int64, item message.ItemHash, verified, local bool) error {
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", f.Name(), err)
+	}
+	if err := f.Chmod(0o444); err != nil {
+		return fmt.Errorf("store %s: %w", item, err)
+	}
+	blob := s.blobPath(sum)
+	if _, err := os.Stat(blob); err == nil {
+		// The same bytes are already there, under another item or from
+		// before a crash; they were verified when they were put there.
+		if err := os.Remove(f.Name()); err != nil {
+			return fmt.Errorf("store %s: %w", item, err)
+		}
+	} else {
+		if err := os.Rename(f.Name(), blob); err != nil {
+			return fmt.Errorf("store %s: %w", item, err)
+		}
+		if err := syncDir(s.files); err != nil {
+			return fmt.Errorf("store %s: %w", item, err)
+		}
+	}
+	now := time.Now().UnixNano()
+	_, err := s.db.ExecContext(ctx, `INSERT INTO store_files (item_hash, sha256, size, verified, local, last_used, added_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (item_hash) DO UPDATE SET local = max(local, excluded.local), last_used = excluded.last_used`,
+		item, sum, size, verified, local, now, now)
+	if err != nil {
+		return fmt.Errorf("index file %s: %w", item, err)
+	}
+	return nil
+}
+
+// AddFile copies a local file into the store, hashing it on the way, and
+// returns the local STORE message that names it (the same one each time
+// the same bytes are added). The file is never evicted.
+func (s *Store) AddFile(ctx context.Context, path string) (Added, error) {
+	src, err := os.Open(path)
+	if err != nil {
+		return Added{}, fmt.Errorf("add file: %w", err)
+	}
+	defer src.Close()
+	if st, err := src.Stat(); err != nil || !st.Mode().IsRegular() {
+		return Added{}, fmt.Errorf("add file %s: not a regular file", path)
+	}
+	tmp, err := os.CreateTemp(s.tmp, "add-*.part")
+	if err != nil {
+		return Added{}, fmt.Errorf("add file %s: %w", path, err)
+	}
+	defer tmp.Close()
+	committed := false
+	defer func() {
+		if !committed {
+			os.Remove(tmp.Name())
+		}
+	}()
+	if err := lockExclusive(ctx, tmp); err != nil {
+		return Added{}, fmt.Errorf("add file %s: %w", path, err)
+	}
+	started := time.Now()
+	sum, size, err := copyAndHash(ctx, tmp, src)
+	if err != nil {
+		return Added{}, fmt.Errorf("add file %s: %w", path, err)
+	}
+	if err := s.commit(ctx, tmp, sum, size, message.ItemHash(sum), true, true); err != nil {
+		return Added{}, fmt.Errorf("add file %s: %w", path, err)
+	}
+	committed = true
+	ref, err := s.localStoreMessage(ctx, sum, size, filepath.Base(path))
+	if err != nil {
+		return Added{}, fmt.Errorf("add file %s: %w", path, err)
+	}
+	s.log.Info("file added", "path", path, "ref", ref, "sha256", sum, "size", size, "took", time.Since(started).Round(time.Millisecond))
+	return Added{Ref: ref, SHA256: sum, Size: size}, nil
+}
+
+// copyAndHash copies src to dst in the kernel (copy_file_range, or a
+// reflink where the filesystem has them) while another goroutine hashes
+// what has landed in dst: the hash is of the bytes the store keeps, and on
+// two cores the copy and the hash overlap.
+func copyAndHash(ctx context.Context, dst, src *os.File) (string, int64, error) {
+	const chunk = 8 << 20
+	copied := make(chan int64, 16)
+	copyErr := make(chan error, 1)
+	go func() {
+		defer close(copied)
+		var off int64
+		for ctx.Err() == nil {
+			n, err := io.CopyN(dst, src, chunk)
+			if off += n; n > 0 {
+				copied <- off
+			}
+			if err != nil {
+				if err == io.EOF {
+					err = nil
+				}
+				copyErr <- err
+				return
+			}
+		}
+		copyErr <- ctx.Err()
+	}()
+	h := sha256.New()
+	buf := make([]byte, 1<<20)
+	var hashed int64
+	var hashErr error
+	for off := range copied {
+		if hashErr == nil {
+			_, hashErr = io.CopyBuffer(h, io.NewSectionReader(dst, hashed, off-hashed), buf)
+			hashed = off
+		}
+	}
+	if err := errors.Join(<-copyErr, hashErr); err != nil {
+		return "", 0, err
+	}
+	return hex.EncodeToString(h.Sum(nil)), hashed, nil
+}
+
+// localStoreMessage returns the local STORE message naming the file sum,
+// creating it when there is none.
+func (s *Store) localStoreMessage(ctx context.Context, sum string, size int64, name string) (message.ItemHash, error) {
+	var existing message.ItemHash
+	err := s.db.QueryRowContext(ctx, `SELECT item_hash FROM store_messages
+		WHERE local AND type = 'STORE' AND sender = ? AND file_hash = ? AND ref IS NULL LIMIT 1`, LocalSender, sum).Scan(&existing)
+	if err == nil {
+		return existing, nil
+	} else if !errors.Is(err, sql.ErrNoRows) {
+		return "", fmt.Errorf("look up the STORE message of %s: %w", sum, err)
+	}
+	now := float64(time.Now().UnixMicro()) / 1e6
+	itemContent, err := json.Marshal(struct {
+		Address  string           `json:"address"`
+		Time     float64          `json:"time"`
+		ItemType message.ItemType `json:"item_type"`
+		ItemHash string           `json:"item_hash"`
+		Size     int64            `json:"size"`
+		Metadata map[string]any   `json:"metadata"`
+	}{LocalSender, now, message.ItemStorage, sum, size, map[string]any{"name": name}})
+	if err != nil {
+		return "", err
+	}
+	raw, err := json.Marshal(map[string]any{
+		"chain":        "ETH",
+		"sender":       LocalSender,
+		"type":         message.TypeStore,
+		"signature":    nil,
+		"time":         now,
+		"item_type":    message.ItemInline,
+		"item_content": string(itemContent),
+		"item_hash":    message.SHA256Hex(itemContent),
+		"content":      json.RawMessage(itemContent),
+	})
+	if err != nil {
+		return "", err
+	}
+	msg, err := message.Parse(raw)
+	if err != nil {
+		return "", fmt.Errorf("build the STORE message of %s: %w", sum, err)
+	}
+	return msg.ItemHash, s.saveMessage(ctx, msg, raw, true)
+}
