@@ -31,9 +31,9 @@ type VMRules struct {
 
 // Forward maps a port of the host to a port of a VM.
 type Forward struct {
-	Proto     string // "tcp" or "udp"
-	HostPort  uint16
-	GuestPort uint16
+	Proto     string `json:"proto"` // "tcp" or "udp"
+	HostPort  uint16 `json:"host_port"`
+	GuestPort uint16 `json:"guest_port"`
 }
 
 // Firewall writes the node's nftables table.
