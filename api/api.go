@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/pool"
@@ -28,6 +29,11 @@ type Programs interface {
 // Options configure the API.
 type Options struct {
 	Programs Programs
+	// Instances runs the node's instances; nil for a node that runs
+	// programs only.
+	Instances Instances
+	// Auth checks the scheduler's and operator's calls.
+	Auth Authenticator
 	// Domain is the node's public name: GET / on it serves the index, and
 	// <base32 of a hash>.<Domain> serves that program.
 	Domain string
@@ -56,6 +62,14 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("GET /v2/about/executions/list", s.handleExecutionsListV2)
 	s.mux.HandleFunc("POST /control/machine/{ref}/stop", s.handleStop)
 	s.mux.HandleFunc("GET /control/machine/{ref}/logs", s.handleLogs)
+	if opts.Instances != nil {
+		s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
+		s.mux.HandleFunc("POST /control/allocation/notify", s.handleNotify)
+		s.mux.HandleFunc("POST /control/machine/{ref}/start", s.handleStart)
+		s.mux.HandleFunc("POST /control/machine/{ref}/reboot", s.handleReboot)
+		s.mux.HandleFunc("POST /control/machine/{ref}/erase", s.handleErase)
+		s.mux.HandleFunc("POST /control/machine/{ref}/expire", s.handleExpire)
+	}
 	for _, prefix := range []string{"/about/", "/control/", "/status/", "/v2/"} {
 		s.mux.HandleFunc(prefix, func(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusNotFound, "Not Found")
@@ -192,20 +206,40 @@ func (s *Server) writeStartError(w http.ResponseWriter, ref message.ItemHash, er
 	}
 }
 
-func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
-	ref, ok := parseRef(r.PathValue("ref"))
-	if !ok {
-		writeError(w, http.StatusBadRequest, "Invalid message reference")
-		return
-	}
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	if s.opts.Programs.Stop(ref) {
-		_, _ = w.Write([]byte("Stopped VM with ref " + string(ref)))
-		return
-	}
-	_, _ = w.Write([]byte("Already stopped, nothing to do"))
+// execution is one row of the executions lists, program or instance.
+type execution struct {
+	ref         message.ItemHash
+	vmType      string
+	running     bool
+	startedAt   time.Time
+	vcpus       int
+	memoryMiB   int
+	networking  pool.Networking
+	mappedPorts map[string]MappedPort
 }
 
+func (s *Server) executions(ctx context.Context) ([]execution, error) {
+	var out []execution
+	for _, e := range s.opts.Programs.List() {
+		out = append(out, execution{ref: e.Ref, vmType: "microvm", running: e.Running, startedAt: e.Since,
+			vcpus: e.VCPUs, memoryMiB: e.MemoryMiB, networking: e.Networking})
+	}
+	if s.opts.Instances != nil {
+		statuses, err := s.opts.Instances.Statuses(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, st := range statuses {
+			out = append(out, execution{ref: st.Ref, vmType: "instance", running: st.Running, startedAt: st.StartedAt,
+				vcpus: st.VCPUs, memoryMiB: st.MemoryMiB, mappedPorts: st.MappedPorts,
+				networking: pool.Networking{IPv4Network: st.IPv4Network, HostIPv4: st.HostIPv4, IPv4: st.IPv4}})
+		}
+	}
+	return out, nil
+}
+
+// handleExecutionsList answers the running executions in the reference's
+// first shape.
 func (s *Server) handleExecutionsList(w http.ResponseWriter, r *http.Request) {
 	type networking struct {
 		IPv4 string `json:"ipv4,omitempty"`
@@ -216,38 +250,53 @@ func (s *Server) handleExecutionsList(w http.ResponseWriter, r *http.Request) {
 		VMType                   string     `json:"vm_type"`
 		AwaitingConfidentialInit bool       `json:"awaiting_confidential_init"`
 	}
+	execs, err := s.executions(r.Context())
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, err.Error())
+		return
+	}
 	out := map[message.ItemHash]entry{}
-	for _, e := range s.opts.Programs.List() {
-		if !e.Running {
-			continue
+	for _, e := range execs {
+		if e.running {
+			out[e.ref] = entry{Networking: networking{IPv4: e.networking.IPv4Network, IPv6: e.networking.IPv6Network}, VMType: e.vmType}
 		}
-		out[e.Ref] = entry{Networking: networking{IPv4: e.Networking.IPv4Network, IPv6: e.Networking.IPv6Network}, VMType: "microvm"}
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
+// handleExecutionsListV2 answers every execution in the reference's second
+// shape, with the instances' port mappings.
 func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) {
+	type networking struct {
+		pool.Networking
+		MappedPorts map[string]MappedPort `json:"mapped_ports,omitempty"`
+	}
 	type status struct {
 		StartedAt *string `json:"started_at"`
 	}
 	type entry struct {
-		Networking               pool.Networking `json:"networking"`
-		Status                   status          `json:"status"`
-		Running                  bool            `json:"running"`
-		AwaitingConfidentialInit bool            `json:"awaiting_confidential_init"`
-		VMType                   string          `json:"vm_type"`
-		VCPUs                    int             `json:"vcpus"`
-		MemoryMiB                int             `json:"memory"`
+		Networking               networking `json:"networking"`
+		Status                   status     `json:"status"`
+		Running                  bool       `json:"running"`
+		AwaitingConfidentialInit bool       `json:"awaiting_confidential_init"`
+		VMType                   string     `json:"vm_type"`
+		VCPUs                    int        `json:"vcpus"`
+		MemoryMiB                int        `json:"memory"`
+	}
+	execs, err := s.executions(r.Context())
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, err.Error())
+		return
 	}
 	out := map[message.ItemHash]entry{}
-	for _, e := range s.opts.Programs.List() {
+	for _, e := range execs {
 		var started *string
-		if e.Running {
-			t := e.Since.UTC().Format("2006-01-02 15:04:05.000000+00:00")
+		if e.running && !e.startedAt.IsZero() {
+			t := e.startedAt.UTC().Format("2006-01-02 15:04:05.000000+00:00")
 			started = &t
 		}
-		out[e.Ref] = entry{Networking: e.Networking, Status: status{StartedAt: started}, Running: e.Running,
-			VMType: "microvm", VCPUs: e.VCPUs, MemoryMiB: e.MemoryMiB}
+		out[e.ref] = entry{Networking: networking{Networking: e.networking, MappedPorts: e.mappedPorts},
+			Status: status{StartedAt: started}, Running: e.running, VMType: e.vmType, VCPUs: e.vcpus, MemoryMiB: e.memoryMiB}
 	}
 	writeJSON(w, http.StatusOK, out)
 }

@@ -76,7 +76,7 @@ func newTestAPI(t *testing.T, l *launcher) *httptest.Server {
 	}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	p := pool.New(pool.Options{Launcher: l, Capacity: pool.Capacity{MemoryMiB: 1024, VCPUs: 4}, ReuseTimeout: time.Hour, Log: log})
-	srv := httptest.NewServer(New(Options{Programs: p, Domain: "node.example", MaxBodyBytes: 200 << 20, Version: "test", Log: log}))
+	srv := httptest.NewServer(New(Options{Programs: p, Auth: tokenAuth{}, Domain: "node.example", MaxBodyBytes: 200 << 20, Version: "test", Log: log}))
 	t.Cleanup(func() { srv.Close(); p.Shutdown(context.Background()) })
 	return srv
 }
@@ -261,19 +261,13 @@ func TestExecutionsListAndStop(t *testing.T) {
 	if !strings.Contains(body, `"ipv4_ip":"172.16.4.2"`) || !strings.Contains(body, `"running":true`) {
 		t.Errorf("v2 list %s", body)
 	}
-	resp, err := http.Post(srv.URL+"/control/machine/"+string(ref)+"/stop", "", nil)
-	if err != nil {
-		t.Fatal(err)
+	if status, b := post(t, srv.URL+"/control/machine/"+string(ref)+"/stop", "", ""); status != 401 {
+		t.Errorf("stop without credentials: %d %s", status, b)
 	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if !strings.HasPrefix(string(b), "Stopped VM with ref") {
+	if _, b := post(t, srv.URL+"/control/machine/"+string(ref)+"/stop", "good", ""); !strings.HasPrefix(b, "Stopped VM with ref") {
 		t.Errorf("stop: %s", b)
 	}
-	resp, _ = http.Post(srv.URL+"/control/machine/"+string(ref)+"/stop", "", nil)
-	b, _ = io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if string(b) != "Already stopped, nothing to do" {
+	if _, b := post(t, srv.URL+"/control/machine/"+string(ref)+"/stop", "good", ""); b != "Already stopped, nothing to do" {
 		t.Errorf("second stop: %s", b)
 	}
 }

@@ -1,0 +1,290 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/alephvm/alephvm/message"
+)
+
+// Instances is the node's instance manager as the API uses it.
+type Instances interface {
+	Start(ctx context.Context, ref message.ItemHash) error
+	Stop(ctx context.Context, ref message.ItemHash) (bool, error)
+	Reboot(ctx context.Context, ref message.ItemHash) error
+	Erase(ctx context.Context, ref message.ItemHash) error
+	Running(ref message.ItemHash) bool
+	Allocate(ctx context.Context, desired []message.ItemHash) AllocationResult
+	Statuses(ctx context.Context) ([]InstanceStatus, error)
+}
+
+// AllocationResult is the answer to an allocation, in the reference's
+// shape.
+type AllocationResult struct {
+	Success    bool              `json:"success"`
+	Successful []string          `json:"successful"`
+	Failing    []string          `json:"failing"`
+	Stopped    []string          `json:"stopped"`
+	Errors     map[string]string `json:"errors"`
+}
+
+// InstanceStatus describes one instance for the executions lists.
+type InstanceStatus struct {
+	Ref         message.ItemHash
+	Running     bool
+	StartedAt   time.Time
+	VCPUs       int
+	MemoryMiB   int
+	IPv4Network string
+	HostIPv4    string
+	IPv4        string
+	// MappedPorts maps a guest port to its host port per protocol.
+	MappedPorts map[string]MappedPort
+}
+
+// MappedPort is the reference's mapped_ports entry.
+type MappedPort struct {
+	Host int  `json:"host"`
+	TCP  bool `json:"tcp"`
+	UDP  bool `json:"udp"`
+}
+
+// Authenticator checks the scheduler's credentials and returns the body it
+// verified.
+type Authenticator interface {
+	Verify(r *http.Request) ([]byte, error)
+}
+
+// authed reads the verified body of a scheduler call, or answers the
+// failure; ok is false then.
+func (s *Server) authed(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	if s.opts.Auth == nil {
+		writeError(w, http.StatusForbidden, "This node accepts no scheduler calls: no allocation token or signer is configured")
+		return nil, false
+	}
+	body, err := s.opts.Auth.Verify(r)
+	if err != nil {
+		status := http.StatusUnauthorized
+		var se StatusError
+		if errors.As(err, &se) {
+			status = se.HTTPStatus()
+		}
+		writeError(w, status, err.Error())
+		return nil, false
+	}
+	return body, true
+}
+
+type allocation struct {
+	PersistentVMs []message.ItemHash `json:"persistent_vms"`
+	Instances     []message.ItemHash `json:"instances"`
+	OnDemandVMs   []message.ItemHash `json:"on_demand_vms"`
+	Jobs          []message.ItemHash `json:"jobs"`
+}
+
+// handleAllocations applies the scheduler's desired set of VMs.
+func (s *Server) handleAllocations(w http.ResponseWriter, r *http.Request) {
+	body, ok := s.authed(w, r)
+	if !ok {
+		return
+	}
+	var a allocation
+	if err := json.Unmarshal(body, &a); err != nil {
+		writeError(w, http.StatusBadRequest, "Invalid allocation: "+err.Error())
+		return
+	}
+	if len(a.OnDemandVMs) > 0 || len(a.Jobs) > 0 {
+		s.log.Warn("allocation lists on-demand VMs or jobs, which are not supported", "on_demand_vms", len(a.OnDemandVMs), "jobs", len(a.Jobs))
+	}
+	desired := append(append([]message.ItemHash{}, a.PersistentVMs...), a.Instances...)
+	for _, ref := range desired {
+		if _, ok := parseRef(string(ref)); !ok {
+			writeError(w, http.StatusBadRequest, "Invalid message reference "+string(ref))
+			return
+		}
+	}
+	// The scheduler may hang up; the allocation is carried out anyway.
+	res := s.opts.Instances.Allocate(context.WithoutCancel(r.Context()), desired)
+	writeJSON(w, allocationStatus(res, len(desired)), res)
+}
+
+func allocationStatus(res AllocationResult, desired int) int {
+	switch {
+	case len(res.Failing) == 0:
+		return http.StatusOK
+	case len(res.Failing) == desired:
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusMultiStatus
+}
+
+// handleNotify starts one instance on its owner's request.
+func (s *Server) handleNotify(w http.ResponseWriter, r *http.Request) {
+	body, ok := s.authed(w, r)
+	if !ok {
+		return
+	}
+	var n struct {
+		Instance message.ItemHash `json:"instance"`
+	}
+	if err := json.Unmarshal(body, &n); err != nil {
+		writeError(w, http.StatusBadRequest, "Invalid notification: "+err.Error())
+		return
+	}
+	if _, ok := parseRef(string(n.Instance)); !ok {
+		writeError(w, http.StatusBadRequest, "Invalid message reference")
+		return
+	}
+	res := AllocationResult{Success: true, Successful: []string{}, Failing: []string{}, Stopped: []string{}, Errors: map[string]string{}}
+	status := http.StatusOK
+	if err := s.opts.Instances.Start(context.WithoutCancel(r.Context()), n.Instance); err != nil {
+		res.Success = false
+		res.Failing = append(res.Failing, string(n.Instance))
+		res.Errors[string(n.Instance)] = err.Error()
+		status = http.StatusServiceUnavailable
+		var se StatusError
+		if errors.As(err, &se) {
+			status = se.HTTPStatus()
+		}
+	} else {
+		res.Successful = append(res.Successful, string(n.Instance))
+	}
+	writeJSON(w, status, res)
+}
+
+// machineRef reads the {ref} of an operator route after authenticating.
+func (s *Server) machineRef(w http.ResponseWriter, r *http.Request) (message.ItemHash, []byte, bool) {
+	body, ok := s.authed(w, r)
+	if !ok {
+		return "", nil, false
+	}
+	ref, ok := parseRef(r.PathValue("ref"))
+	if !ok {
+		writeError(w, http.StatusBadRequest, "Invalid message reference")
+		return "", nil, false
+	}
+	return ref, body, true
+}
+
+func writeText(w http.ResponseWriter, status int, text string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(text))
+}
+
+func (s *Server) writeOpError(w http.ResponseWriter, err error) {
+	var se StatusError
+	if errors.As(err, &se) {
+		writeError(w, se.HTTPStatus(), se.Error())
+		return
+	}
+	writeError(w, http.StatusInternalServerError, err.Error())
+}
+
+// handleStop stops a program or an instance; an instance's disks stay.
+func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
+	ref, _, ok := s.machineRef(w, r)
+	if !ok {
+		return
+	}
+	if s.opts.Instances != nil && s.opts.Instances.Running(ref) {
+		if _, err := s.opts.Instances.Stop(context.WithoutCancel(r.Context()), ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+		writeText(w, http.StatusOK, "Stopped VM with ref "+string(ref))
+		return
+	}
+	if s.opts.Programs.Stop(ref) {
+		writeText(w, http.StatusOK, "Stopped VM with ref "+string(ref))
+		return
+	}
+	writeText(w, http.StatusOK, "Already stopped, nothing to do")
+}
+
+func (s *Server) handleReboot(w http.ResponseWriter, r *http.Request) {
+	ref, _, ok := s.machineRef(w, r)
+	if !ok {
+		return
+	}
+	if err := s.opts.Instances.Reboot(context.WithoutCancel(r.Context()), ref); err != nil {
+		s.writeOpError(w, err)
+		return
+	}
+	writeText(w, http.StatusOK, "Rebooted VM with ref "+string(ref))
+}
+
+func (s *Server) handleErase(w http.ResponseWriter, r *http.Request) {
+	ref, _, ok := s.machineRef(w, r)
+	if !ok {
+		return
+	}
+	s.opts.Programs.Stop(ref)
+	if err := s.opts.Instances.Erase(context.WithoutCancel(r.Context()), ref); err != nil {
+		s.writeOpError(w, err)
+		return
+	}
+	writeText(w, http.StatusOK, "Erased VM with ref "+string(ref))
+}
+
+func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
+	ref, _, ok := s.machineRef(w, r)
+	if !ok {
+		return
+	}
+	if err := s.opts.Instances.Start(context.WithoutCancel(r.Context()), ref); err != nil {
+		s.writeOpError(w, err)
+		return
+	}
+	writeText(w, http.StatusOK, "Started VM with ref "+string(ref))
+}
+
+// handleExpire stops an instance after a timeout in seconds, given as the
+// JSON body {"timeout": 60} (signed calls carry no query string) or as
+// ?timeout=60; without one it stops it now. The reference's handler reads
+// a parameter its route does not define and always answers 400.
+func (s *Server) handleExpire(w http.ResponseWriter, r *http.Request) {
+	ref, body, ok := s.machineRef(w, r)
+	if !ok {
+		return
+	}
+	var req struct {
+		Timeout *float64 `json:"timeout"`
+	}
+	if len(body) > 0 {
+		if err := json.Unmarshal(body, &req); err != nil {
+			writeError(w, http.StatusBadRequest, "Invalid timeout duration")
+			return
+		}
+	}
+	if t := r.URL.Query().Get("timeout"); t != "" && req.Timeout == nil {
+		v, err := strconv.ParseFloat(t, 64)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "Invalid timeout duration")
+			return
+		}
+		req.Timeout = &v
+	}
+	timeout := 0.0
+	if req.Timeout != nil {
+		timeout = *req.Timeout
+	}
+	if timeout < 0 {
+		writeError(w, http.StatusBadRequest, "Invalid timeout duration")
+		return
+	}
+	if !s.opts.Instances.Running(ref) {
+		writeText(w, http.StatusOK, "Already stopped, nothing to do")
+		return
+	}
+	time.AfterFunc(time.Duration(timeout*float64(time.Second)), func() {
+		if _, err := s.opts.Instances.Stop(context.Background(), ref); err != nil {
+			s.log.Error("expire instance", "ref", ref, "err", err)
+		}
+	})
+	writeText(w, http.StatusOK, "Expiring VM with ref "+string(ref)+" in "+strconv.FormatFloat(timeout, 'f', -1, 64)+" seconds")
+}
