@@ -84,8 +84,14 @@ func (f *fakeInstances) Stop(_ context.Context, ref message.ItemHash) (bool, err
 	delete(f.running, ref)
 	return was, nil
 }
-func (f *fakeInstances) Reboot(_ context.Context, ref message.ItemHash) error { f.record("reboot", ref); return nil }
-func (f *fakeInstances) Erase(_ context.Context, ref message.ItemHash) error  { f.record("erase", ref); return nil }
+func (f *fakeInstances) Reboot(_ context.Context, ref message.ItemHash) error {
+	f.record("reboot", ref)
+	return nil
+}
+func (f *fakeInstances) Erase(_ context.Context, ref message.ItemHash) error {
+	f.record("erase", ref)
+	return nil
+}
 func (f *fakeInstances) Running(ref message.ItemHash) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
