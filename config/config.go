@@ -357,6 +357,19 @@ func (b Bytes) String() string {
 	return strconv.FormatInt(int64(b), 10)
 }
 
+// Human formats the size for people, rounded to one decimal: "1.5 GiB".
+func (b Bytes) Human() string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB"}
+	f, i := float64(b), 0
+	for ; f >= 1024 && i < len(units)-1; i++ {
+		f /= 1024
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d B", int64(b))
+	}
+	return fmt.Sprintf("%.1f %s", f, units[i])
+}
+
 // Markdown documents every setting as a table.
 func Markdown() string {
 	var b strings.Builder

@@ -86,6 +86,11 @@ func TestBytes(t *testing.T) {
 			t.Errorf("%d formats as %q, want %q", b, got, want)
 		}
 	}
+	for b, want := range map[Bytes]string{0: "0 B", 1023: "1023 B", 1536: "1.5 KiB", 5 << 30: "5.0 GiB"} {
+		if got := b.Human(); got != want {
+			t.Errorf("%d for people is %q, want %q", b, got, want)
+		}
+	}
 	l, err := Load(writeFile(t, "cache_max_size: 2GiB\n"), []string{"ALEPH_VM_DOWNLOAD_STALL_TIMEOUT=30"})
 	if err != nil || l.CacheMaxSize != 2<<30 || l.StallTimeout.Duration() != 30*time.Second {
 		t.Errorf("loaded %v %v: %v", l.CacheMaxSize, l.StallTimeout, err)

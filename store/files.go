@@ -18,6 +18,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/alephvm/alephvm/message"
 )
 
@@ -428,7 +430,11 @@ func copyAndHash(ctx context.Context, dst, src *os.File) (string, int64, error) 
 		var off int64
 		for ctx.Err() == nil {
 			n, err := io.CopyN(dst, src, chunk)
-			if off += n; n > 0 {
+			if n > 0 {
+				// Start writing the chunk to disk now, so that the sync
+				// before the rename has little left to wait for.
+				_ = unix.SyncFileRange(int(dst.Fd()), off, n, unix.SYNC_FILE_RANGE_WRITE)
+				off += n
 				copied <- off
 			}
 			if err != nil {

@@ -20,7 +20,7 @@ import (
 )
 
 // newTestStore opens a store and its database under dir with opts.
-func newTestStore(t *testing.T, dir string, opts Options) *Store {
+func newTestStore(t testing.TB, dir string, opts Options) *Store {
 	t.Helper()
 	ctx := context.Background()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -459,4 +459,3 @@ func TestGCRemovesLeftovers(t *testing.T) {
 		t.Errorf("a recent .part, still resumable, was removed")
 	}
 }
-

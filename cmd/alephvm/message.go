@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/store"
 )
 
 func newMessageCmd(a *app) *cobra.Command {
@@ -44,7 +45,52 @@ reference library's own tests do; use it for hand-written messages.`,
 		},
 	}
 	validate.Flags().BoolVar(&regenerate, "regenerate", false, "set item_content and item_hash from content before checking")
-	cmd.AddCommand(validate)
+	add := &cobra.Command{
+		Use:   "add FILE",
+		Short: "Validate a message and keep it in the node's store",
+		Long: `Validate FILE (a JSON message; - reads standard input) as "message validate"
+does, without --regenerate, and keep it in the node's database, marked local.
+Its signature is not checked. Prints "TYPE HASH". A PROGRAM or INSTANCE
+message kept this way can be run by its hash; a STORE message makes its file
+fetchable by "store get".`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			data, err := readMessageFile(args[0])
+			if err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			return a.withStore(cmd.Context(), func(s *store.Store) error {
+				msg, err := s.AddMessage(cmd.Context(), data)
+				if err != nil {
+					return fmt.Errorf("%s: %w", args[0], err)
+				}
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s %s\n", msg.Type, msg.ItemHash)
+				return err
+			})
+		},
+	}
+	get := &cobra.Command{
+		Use:   "get HASH",
+		Short: "Print a message as received",
+		Long: `Print the message whose item hash is HASH, as it was received: from the
+node's database, else from API_SERVER when it is set (the message is then
+validated and kept).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.withStore(cmd.Context(), func(s *store.Store) error {
+				_, raw, err := s.Message(cmd.Context(), message.ItemHash(args[0]))
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s\n", raw)
+				return err
+			})
+		},
+	}
+	for _, c := range []*cobra.Command{add, get} {
+		a.bindCommandSettings(c)
+	}
+	cmd.AddCommand(validate, add, get)
 	return cmd
 }
 
