@@ -5,11 +5,13 @@ package config
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math"
+	"net/netip"
 	"os"
 	"reflect"
 	"slices"
@@ -33,33 +35,59 @@ const DefaultFile = "/etc/alephvm/config.yaml"
 // one), its yaml tag its key in the config file, and its help tag what it
 // does. The flag of a setting is its env name in lower case with dashes.
 type Config struct {
-	SupervisorHost string  `env:"SUPERVISOR_HOST" yaml:"supervisor_host" help:"Address the node's HTTP API listens on."`
-	SupervisorPort int     `env:"SUPERVISOR_PORT" yaml:"supervisor_port" help:"Port the node's HTTP API listens on."`
-	DomainName     string  `env:"DOMAIN_NAME" yaml:"domain_name" help:"Public domain name of the node; programs are also served at <base32 of hash>.<domain>."`
-	ExecutionRoot  string  `env:"EXECUTION_ROOT" yaml:"execution_root" help:"Directory of the node's state: its database, VM runtime files and persistent volumes."`
-	CacheRoot      string  `env:"CACHE_ROOT" yaml:"cache_root" help:"Directory of the content store: downloaded and built items, kept by hash."`
-	APIServer      string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
-	IPFSGateway    string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
-	CacheMaxSize   Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
-	StallTimeout   Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
-	ReuseTimeout   Seconds `env:"REUSE_TIMEOUT" yaml:"reuse_timeout" help:"How long a program VM stays warm after its last request (seconds, or a duration such as 10m); 0 stops it after each request."`
-	LogLevel       string  `env:"LOG_LEVEL" yaml:"log_level" help:"Least severe log level written: debug, info, warn or error."`
-	LogFormat      string  `env:"LOG_FORMAT" yaml:"log_format" help:"Log format: text (for a terminal) or json."`
+	SupervisorHost      string  `env:"SUPERVISOR_HOST" yaml:"supervisor_host" help:"Address the node's HTTP API listens on."`
+	SupervisorPort      int     `env:"SUPERVISOR_PORT" yaml:"supervisor_port" help:"Port the node's HTTP API listens on."`
+	DomainName          string  `env:"DOMAIN_NAME" yaml:"domain_name" help:"Public domain name of the node; programs are also served at <base32 of hash>.<domain>."`
+	ExecutionRoot       string  `env:"EXECUTION_ROOT" yaml:"execution_root" help:"Directory of the node's state: its database, VM runtime files and persistent volumes."`
+	CacheRoot           string  `env:"CACHE_ROOT" yaml:"cache_root" help:"Directory of the content store: downloaded and built items, kept by hash."`
+	APIServer           string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
+	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
+	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
+	StallTimeout        Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
+	ReuseTimeout        Seconds `env:"REUSE_TIMEOUT" yaml:"reuse_timeout" help:"How long a program VM stays warm after its last request (seconds, or a duration such as 10m); 0 stops it after each request."`
+	NetworkInterface    string  `env:"NETWORK_INTERFACE" yaml:"network_interface" help:"Interface towards the outside world, where VM traffic is masqueraded and port forwards arrive; empty means the interface of the default route."`
+	IPv4AddressPool     string  `env:"IPV4_ADDRESS_POOL" yaml:"ipv4_address_pool" help:"IPv4 range the VMs' networks are taken from."`
+	IPv4PrefixLength    int     `env:"IPV4_NETWORK_PREFIX_LENGTH" yaml:"ipv4_network_prefix_length" help:"Prefix length of each VM's network; the host is .1 and the guest .2 of it."`
+	IPv6AddressPool     string  `env:"IPV6_ADDRESS_POOL" yaml:"ipv6_address_pool" help:"IPv6 /64 (or larger) from which each VM gets a /124 derived from its hash; empty means no IPv6."`
+	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
+	QEMUAccel           string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
+	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"User QEMU drops its privileges to once its devices are open; empty keeps root."`
+	InstanceHypervisor  string  `env:"INSTANCE_DEFAULT_HYPERVISOR" yaml:"instance_default_hypervisor" help:"Hypervisor of instances whose message names none: qemu or firecracker."`
+	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest."`
+	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
+	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
+	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
+	AllocationTokenHash string  `env:"ALLOCATION_TOKEN_HASH" yaml:"allocation_token_hash" help:"Hex sha256 of the token the scheduler may send as X-Auth-Signature (deprecated scheme); empty disables it."`
+	AllocationSigners   List    `env:"AUTHORIZED_ALLOCATION_SIGNERS" yaml:"authorized_allocation_signers" help:"Ethereum addresses allowed to sign scheduler calls (Aleph-EIP191-V1); empty means the reference's default signer."`
+	AllocationMaxAge    Seconds `env:"ALLOCATION_SIGNATURE_MAX_AGE_SECONDS" yaml:"allocation_signature_max_age_seconds" help:"How far a signed call's iat may be from now."`
+	AllocationToken     string  `env:"ALLOCATION_TOKEN" yaml:"allocation_token" help:"Token the CLI sends to the node as X-Auth-Signature (client side)."`
+	DeveloperSSHKeys    List    `env:"DEVELOPER_SSH_KEYS" yaml:"developer_ssh_keys" help:"SSH public keys added to every instance (a JSON list)."`
+	LogLevel            string  `env:"LOG_LEVEL" yaml:"log_level" help:"Least severe log level written: debug, info, warn or error."`
+	LogFormat           string  `env:"LOG_FORMAT" yaml:"log_format" help:"Log format: text (for a terminal) or json."`
 }
 
 // Default returns the settings used where nothing else is given.
 func Default() Config {
 	return Config{
-		SupervisorHost: "127.0.0.1",
-		SupervisorPort: 4020,
-		DomainName:     "localhost",
-		ExecutionRoot:  "/var/lib/alephvm",
-		CacheRoot:      "/var/cache/alephvm",
-		CacheMaxSize:   50 << 30,
-		StallTimeout:   Seconds(2 * time.Minute),
-		ReuseTimeout:   Seconds(time.Hour),
-		LogLevel:       "info",
-		LogFormat:      "text",
+		SupervisorHost:     "127.0.0.1",
+		SupervisorPort:     4020,
+		DomainName:         "localhost",
+		ExecutionRoot:      "/var/lib/alephvm",
+		CacheRoot:          "/var/cache/alephvm",
+		CacheMaxSize:       50 << 30,
+		StallTimeout:       Seconds(2 * time.Minute),
+		ReuseTimeout:       Seconds(time.Hour),
+		IPv4AddressPool:    "172.16.0.0/12",
+		IPv4PrefixLength:   24,
+		QEMUAccel:          "auto",
+		InstanceHypervisor: "qemu",
+		HostMemoryReserved: 2048,
+		VCPUOvercommit:     4,
+		InitTimeout:        Seconds(2 * time.Minute),
+		MaxRequestBody:     1 << 30,
+		AllocationMaxAge:   Seconds(300 * time.Second),
+		LogLevel:           "info",
+		LogFormat:          "text",
 	}
 }
 
@@ -260,6 +288,32 @@ func (c Config) Validate() error {
 	if c.StallTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("%sDOWNLOAD_STALL_TIMEOUT: must be positive", EnvPrefix))
 	}
+	if p, err := netip.ParsePrefix(c.IPv4AddressPool); err != nil || !p.Addr().Is4() {
+		errs = append(errs, fmt.Errorf("%sIPV4_ADDRESS_POOL: want an IPv4 prefix such as 172.16.0.0/12, got %q", EnvPrefix, c.IPv4AddressPool))
+	} else if c.IPv4PrefixLength < p.Bits() || c.IPv4PrefixLength > 30 {
+		errs = append(errs, fmt.Errorf("%sIPV4_NETWORK_PREFIX_LENGTH: must be between %d and 30, got %d", EnvPrefix, p.Bits(), c.IPv4PrefixLength))
+	}
+	if c.IPv6AddressPool != "" {
+		if p, err := netip.ParsePrefix(c.IPv6AddressPool); err != nil || !p.Addr().Is6() || p.Bits() > 64 {
+			errs = append(errs, fmt.Errorf("%sIPV6_ADDRESS_POOL: want an IPv6 prefix of /64 or larger, got %q", EnvPrefix, c.IPv6AddressPool))
+		}
+	}
+	for _, a := range c.DNSNameservers {
+		if _, err := netip.ParseAddr(a); err != nil {
+			errs = append(errs, fmt.Errorf("%sDNS_NAMESERVERS: %q is not an IP address", EnvPrefix, a))
+		}
+	}
+	switch c.QEMUAccel {
+	case "auto", "kvm", "tcg":
+	default:
+		errs = append(errs, fmt.Errorf("%sQEMU_ACCEL: must be auto, kvm or tcg, got %q", EnvPrefix, c.QEMUAccel))
+	}
+	if c.InstanceHypervisor != "qemu" && c.InstanceHypervisor != "firecracker" {
+		errs = append(errs, fmt.Errorf("%sINSTANCE_DEFAULT_HYPERVISOR: must be qemu or firecracker, got %q", EnvPrefix, c.InstanceHypervisor))
+	}
+	if c.VCPUOvercommit <= 0 {
+		errs = append(errs, fmt.Errorf("%sVCPU_OVERCOMMIT_FACTOR: must be positive", EnvPrefix))
+	}
 	if c.ReuseTimeout < 0 {
 		errs = append(errs, fmt.Errorf("%sREUSE_TIMEOUT: must not be negative", EnvPrefix))
 	}
@@ -368,6 +422,52 @@ func (b Bytes) Human() string {
 		return fmt.Sprintf("%d B", int64(b))
 	}
 	return fmt.Sprintf("%.1f %s", f, units[i])
+}
+
+// List is a list of strings, written as a JSON list (as the reference
+// writes them: '["a", "b"]') or separated by commas.
+type List []string
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (l *List) UnmarshalText(b []byte) error {
+	text := strings.TrimSpace(string(b))
+	if strings.HasPrefix(text, "[") {
+		var out []string
+		if err := json.Unmarshal([]byte(text), &out); err != nil {
+			return fmt.Errorf("want a JSON list of strings: %w", err)
+		}
+		*l = out
+		return nil
+	}
+	*l = nil
+	for _, part := range strings.Split(text, ",") {
+		if part = strings.TrimSpace(part); part != "" {
+			*l = append(*l, part)
+		}
+	}
+	return nil
+}
+
+// UnmarshalYAML takes a YAML sequence or a string.
+func (l *List) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.SequenceNode {
+		var out []string
+		if err := n.Decode(&out); err != nil {
+			return err
+		}
+		*l = out
+		return nil
+	}
+	return l.UnmarshalText([]byte(n.Value))
+}
+
+// String formats the list as JSON.
+func (l List) String() string {
+	if len(l) == 0 {
+		return ""
+	}
+	b, _ := json.Marshal([]string(l))
+	return string(b)
 }
 
 // Markdown documents every setting as a table.

@@ -142,3 +142,20 @@ func TestDocsUpToDate(t *testing.T) {
 		t.Errorf("docs/configuration.md is out of date: paste the output of `alephvm config doc` into it")
 	}
 }
+
+func TestList(t *testing.T) {
+	for in, want := range map[string]string{`["a b", "c"]`: `["a b","c"]`, "a, b ,": `["a","b"]`, "": ""} {
+		var l List
+		if err := l.UnmarshalText([]byte(in)); err != nil || l.String() != want {
+			t.Errorf("%q: %s %v", in, l, err)
+		}
+	}
+	file := writeFile(t, "developer_ssh_keys:\n  - ssh-ed25519 AAAA one\n  - ssh-ed25519 BBBB two\ndns_nameservers: 9.9.9.9\n")
+	l, err := Load(file, nil)
+	if err != nil || len(l.DeveloperSSHKeys) != 2 || l.DNSNameservers[0] != "9.9.9.9" {
+		t.Errorf("%+v %v", l, err)
+	}
+	if _, err := Load("", []string{"ALEPH_VM_DNS_NAMESERVERS=not-an-ip"}); err == nil {
+		t.Error("bad resolver accepted")
+	}
+}
