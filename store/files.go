@@ -203,7 +203,7 @@ func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
 		}
 		resumed := off > 0
 		started := time.Now()
-		err = s.retry(ctx, "download "+string(c.ItemHash), func(ctx context.Context) error {
+		err = s.retry(ctx, "download "+string(c.ItemHash), s.opts.Attempts, func(ctx context.Context) error {
 			off, err = s.get(ctx, u, c, part, off, h)
 			return err
 		})

@@ -48,7 +48,7 @@ func (s *Store) Message(ctx context.Context, hash message.ItemHash) (*message.Me
 	// Callers asking at once share one request; the message is then local.
 	err = s.flights.do(ctx, "message "+string(hash), func(ctx context.Context) error {
 		var raw []byte
-		err := s.retry(ctx, "fetch message "+string(hash), func(ctx context.Context) error {
+		err := s.retry(ctx, "ask the API for the message", s.messageAttempts(), func(ctx context.Context) error {
 			var err error
 			raw, err = s.remote.message(ctx, hash)
 			return err
@@ -93,7 +93,7 @@ func (s *Store) latest(ctx context.Context, orig *message.Message) (*message.Mes
 		return best, nil
 	}
 	raw = nil
-	err = s.retry(ctx, "look up amends of "+string(orig.ItemHash), func(ctx context.Context) error {
+	err = s.retry(ctx, "ask the API for amends of "+string(orig.ItemHash), s.messageAttempts(), func(ctx context.Context) error {
 		var err error
 		raw, err = s.remote.latestAmend(ctx, orig.ItemHash, owner)
 		return err
@@ -149,3 +149,8 @@ func (s *Store) saveMessage(ctx context.Context, msg *message.Message, raw []byt
 	}
 	return nil
 }
+
+// messageAttempts bounds the tries of a message request: a caller is
+// waiting for the answer, and a message is no large transfer that a flaky
+// link needs many tries for.
+func (s *Store) messageAttempts() int { return min(s.opts.Attempts, 3) }

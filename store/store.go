@@ -92,8 +92,9 @@ type Options struct {
 	// StallTimeout drops and retries a download that receives nothing for
 	// that long (default 2 minutes).
 	StallTimeout time.Duration
-	// Attempts bounds the tries of one request (default 10), Backoff is the
-	// first wait between two (default 500 ms; it doubles up to 30 s).
+	// Attempts bounds the tries of one download (default 10; a message
+	// request gets at most 3), Backoff is the first wait between two
+	// (default 500 ms; it doubles up to 30 s).
 	Attempts int
 	Backoff  time.Duration
 	// Client makes the HTTP requests (default: one with a 30 s connect

@@ -459,3 +459,34 @@ func TestGCRemovesLeftovers(t *testing.T) {
 		t.Errorf("a recent .part, still resumable, was removed")
 	}
 }
+
+func TestRemoteMessageChecks(t *testing.T) {
+	ctx := context.Background()
+	core := newFakeCore(t)
+	s := newTestStore(t, t.TempDir(), Options{APIServer: core.URL})
+	good, raw := newMessage(t, "POST", map[string]any{"address": "0xa", "time": 1.5, "type": "note"})
+	other, otherRaw := newMessage(t, "POST", map[string]any{"address": "0xb", "time": 2.5, "type": "note"})
+	core.addMessage(good, raw)
+	wrong := message.ItemHash(message.SHA256Hex([]byte("wrong")))
+	core.addMessage(wrong, otherRaw) // the API answers another message
+	invalid := message.ItemHash(message.SHA256Hex([]byte("invalid")))
+	core.addMessage(invalid, []byte(`{"chain":"ETH"}`))
+
+	if _, got, err := s.Message(ctx, good); err != nil || !bytes.Equal(got, raw) {
+		t.Errorf("good: %v", err)
+	}
+	for hash, want := range map[message.ItemHash]error{
+		wrong:   ErrHashMismatch,
+		invalid: ErrInvalidMessage,
+		message.ItemHash(message.SHA256Hex([]byte("absent"))): ErrNotFound,
+	} {
+		if _, _, err := s.Message(ctx, hash); !errors.Is(err, want) {
+			t.Errorf("%s: %v, want %v", hash, err, want)
+		}
+	}
+	var n int
+	s.db.QueryRow(`SELECT COUNT(*) FROM store_messages WHERE item_hash = ?`, other).Scan(&n)
+	if n != 0 {
+		t.Error("a message that answered for another hash was kept")
+	}
+}
