@@ -12,7 +12,7 @@
 //
 //	s, err := store.Open(ctx, store.Options{Root: cacheRoot, DB: db, ...})
 //	added, err := s.AddFile(ctx, path)          // a local file; added.Ref is its STORE message
-//	msg, raw, err := s.AddMessage(ctx, raw)     // validate and keep a message
+//	msg, err := s.AddMessage(ctx, raw)          // validate and keep a message
 //	msg, raw, err := s.Message(ctx, hash)       // local, then remote
 //	item, err := s.Fetch(ctx, ref, useLatest)   // a verified local file for a STORE ref
 //	defer item.Release()                        // until then item.Path is never evicted
@@ -20,6 +20,10 @@
 //
 // Errors can be tested with errors.Is against ErrNotFound, ErrNotStore,
 // ErrHashMismatch, ErrInvalidMessage and ErrRemoteUnavailable.
+//
+// Storage files are checked against their sha256; IPFS files block by
+// block against their CID, from the gateway's CAR stream (recorded
+// unverified when a gateway only sends the raw file).
 //
 // On disk, under Root: files/<sha256> holds each file (read-only), tmp/
 // the downloads and additions under way (<item hash>.part, kept to resume
