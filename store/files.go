@@ -36,8 +36,8 @@ type Item struct {
 	Path     string
 	SHA256   string
 	Size     int64
-	// Verified is false for an IPFS item, whose bytes were not checked
-	// against its CID (docs/store.md).
+	// Verified is false for an IPFS item a gateway sent as the raw file
+	// rather than as blocks to check against its CID (docs/store.md).
 	Verified bool
 
 	pin  *os.File // holds the shared lock
