@@ -12,7 +12,7 @@ import (
 
 // AddMessage validates a message and keeps it, marked local: created or
 // handed to this node rather than fetched from the network. Its signature
-// is not checked. Adding a message already kept returns the kept one.
+// is not checked. Adding a message already kept changes nothing.
 func (s *Store) AddMessage(ctx context.Context, raw []byte) (*message.Message, error) {
 	msg, err := message.Parse(raw)
 	if err != nil {
@@ -48,7 +48,7 @@ func (s *Store) Message(ctx context.Context, hash message.ItemHash) (*message.Me
 	// Callers asking at once share one request; the message is then local.
 	err = s.flights.do(ctx, "message "+string(hash), func(ctx context.Context) error {
 		var raw []byte
-		err := s.retry(ctx, "ask the API for the message", s.messageAttempts(), func(ctx context.Context) error {
+		err := s.retry(ctx, "ask the API", s.messageAttempts(), func(ctx context.Context) error {
 			var err error
 			raw, err = s.remote.message(ctx, hash)
 			return err
@@ -58,15 +58,15 @@ func (s *Store) Message(ctx context.Context, hash message.ItemHash) (*message.Me
 		}
 		msg, err := message.Parse(raw)
 		if err != nil {
-			return fmt.Errorf("message %s from %s: %w: %w", hash, s.remote.api, ErrInvalidMessage, err)
+			return fmt.Errorf("from %s: %w: %w", s.remote.api, ErrInvalidMessage, err)
 		}
 		if msg.ItemHash != hash {
-			return fmt.Errorf("message %s from %s: %w: the API answered with message %s", hash, s.remote.api, ErrHashMismatch, msg.ItemHash)
+			return fmt.Errorf("from %s: %w: the API answered with message %s", s.remote.api, ErrHashMismatch, msg.ItemHash)
 		}
 		return s.saveMessage(ctx, msg, raw, false)
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("message %s: %w", hash, err)
 	}
 	return s.Message(ctx, hash)
 }
