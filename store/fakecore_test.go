@@ -33,6 +33,7 @@ type fakeCore struct {
 	stall     bool
 	status    int           // if set, every file request answers it
 	gate      chan struct{} // if set, file requests wait for it to close
+	gated     string        // if set, only requests for this item wait
 }
 
 func newFakeCore(t *testing.T) *fakeCore {
@@ -136,8 +137,9 @@ func (f *fakeCore) file(w http.ResponseWriter, r *http.Request) {
 		f.sabotaged--
 	}
 	corrupt, cutAt, stall, status, gate := f.corrupt, f.cutAt, f.stall, f.status, f.gate
+	gated := f.gated == "" || f.gated == hash
 	f.mu.Unlock()
-	if gate != nil {
+	if gate != nil && gated {
 		<-gate
 	}
 	if isCAR && r.URL.Query().Get("format") == "car" {

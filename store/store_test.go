@@ -233,6 +233,40 @@ func TestFetchRemote(t *testing.T) {
 	item.Release()
 }
 
+func TestSlowDownloadBlocksNoOtherItem(t *testing.T) {
+	core := newFakeCore(t)
+	s := newTestStore(t, t.TempDir(), Options{APIServer: core.URL})
+	slowData, fastData := randomBytes(t, 1000), randomBytes(t, 1000)
+	slow, fast := remoteFile(t, core, slowData), remoteFile(t, core, fastData)
+	core.gate, core.gated = make(chan struct{}), message.SHA256Hex(slowData)
+	slowDone := make(chan error, 1)
+	go func() {
+		item, err := s.Fetch(context.Background(), slow, false)
+		if err == nil {
+			item.Release()
+		}
+		slowDone <- err
+	}()
+	for core.fileHits(core.gated) == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	item, err := s.Fetch(context.Background(), fast, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkItem(t, item, fastData)
+	item.Release()
+	select {
+	case err := <-slowDone:
+		t.Fatalf("the slow download ended first: %v", err)
+	default:
+	}
+	close(core.gate)
+	if err := <-slowDone; err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestFetchRemoteFailures(t *testing.T) {
 	data := make([]byte, 4<<20)
 	rand.Read(data)
