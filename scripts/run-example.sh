@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds alephvm and shows what it does so far: its version, and the
-# validation of the reference's example messages.
+# Builds alephvm and shows what it does so far: its version, the
+# validation of the reference's example messages, and a round trip through
+# the content store (in a temporary directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -12,3 +13,13 @@ go build -o bin/alephvm ./cmd/alephvm
 if [ -d ../shared/fixtures/aleph-message ]; then
 	./bin/alephvm message validate --regenerate ../shared/fixtures/aleph-message/*.json
 fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export ALEPH_VM_CACHE_ROOT="$work/cache" ALEPH_VM_EXECUTION_ROOT="$work/state" ALEPH_VM_LOG_LEVEL=warn
+head -c 1048576 /dev/urandom >"$work/volume.squashfs"
+./bin/alephvm store add "$work/volume.squashfs" | tee "$work/added"
+ref=$(awk '$1 == "ref" {print $2}' "$work/added")
+./bin/alephvm store get "$ref" -o "$work/back"
+cmp "$work/volume.squashfs" "$work/back" && echo "store get $ref: same bytes back"
+./bin/alephvm message get "$ref"

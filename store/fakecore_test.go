@@ -21,6 +21,7 @@ type fakeCore struct {
 	mu       sync.Mutex
 	messages map[message.ItemHash][]byte
 	files    map[string][]byte // by item hash: sha256 or CID
+	cars     map[string]car    // CAR streams of IPFS items, by CID
 	hits     map[string]int    // file GETs by item hash
 	ranges   []string          // Range headers received
 	// The first sabotaged requests for a file misbehave: they corrupt a
@@ -32,10 +33,11 @@ type fakeCore struct {
 	stall     bool
 	status    int           // if set, every file request answers it
 	gate      chan struct{} // if set, file requests wait for it to close
+	gated     string        // if set, only requests for this item wait
 }
 
 func newFakeCore(t *testing.T) *fakeCore {
-	f := &fakeCore{messages: map[message.ItemHash][]byte{}, files: map[string][]byte{}, hits: map[string]int{}}
+	f := &fakeCore{messages: map[message.ItemHash][]byte{}, files: map[string][]byte{}, cars: map[string]car{}, hits: map[string]int{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/v0/messages/{hash}", f.message)
 	mux.HandleFunc("GET /api/v0/messages.json", f.listMessages)
@@ -56,6 +58,18 @@ func (f *fakeCore) addFile(hash string, data []byte) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.files[hash] = data
+}
+
+// car is a CAR stream as a trustless gateway serves it.
+type car struct {
+	body []byte
+	dups bool // every block in traversal order, duplicates included
+}
+
+func (f *fakeCore) addCAR(cid string, c car) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cars[cid] = c
 }
 
 func (f *fakeCore) fileHits(hash string) int {
@@ -113,6 +127,7 @@ func (f *fakeCore) file(w http.ResponseWriter, r *http.Request) {
 	hash := r.PathValue("hash")
 	f.mu.Lock()
 	data, ok := f.files[hash]
+	car, isCAR := f.cars[hash]
 	f.hits[hash]++
 	if rng := r.Header.Get("Range"); rng != "" {
 		f.ranges = append(f.ranges, rng)
@@ -122,9 +137,15 @@ func (f *fakeCore) file(w http.ResponseWriter, r *http.Request) {
 		f.sabotaged--
 	}
 	corrupt, cutAt, stall, status, gate := f.corrupt, f.cutAt, f.stall, f.status, f.gate
+	gated := f.gated == "" || f.gated == hash
 	f.mu.Unlock()
-	if gate != nil {
+	if gate != nil && gated {
 		<-gate
+	}
+	if isCAR && r.URL.Query().Get("format") == "car" {
+		data, ok = car.body, true
+		dups := map[bool]string{true: "y", false: "n"}[car.dups]
+		w.Header().Set("Content-Type", "application/vnd.ipld.car; version=1; order=dfs; dups="+dups)
 	}
 	switch {
 	case status != 0:

@@ -36,8 +36,8 @@ type Item struct {
 	Path     string
 	SHA256   string
 	Size     int64
-	// Verified is false for an IPFS item, whose bytes were not checked
-	// against its CID (docs/store.md).
+	// Verified is false for an IPFS item a gateway sent as the raw file
+	// rather than as blocks to check against its CID (docs/store.md).
 	Verified bool
 
 	pin  *os.File // holds the shared lock
@@ -189,43 +189,45 @@ func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
 		return os.Remove(partPath)
 	}
 
+	p := &partFile{f: part, h: sha256.New(), item: c.ItemHash, limit: -1, progress: s.opts.Progress}
+	if c.Size != nil {
+		p.limit = *c.Size
+	}
 	for fresh := false; ; fresh = true {
-		h := sha256.New()
-		off, err := part.Seek(0, io.SeekEnd)
-		if err != nil {
-			return fmt.Errorf("download %s: %w", c.ItemHash, err)
-		}
-		if off > 0 {
-			s.log.Info("resuming download", "item", c.ItemHash, "from", off)
-			if _, err := io.Copy(h, io.NewSectionReader(part, 0, off)); err != nil {
-				return fmt.Errorf("download %s: read what was downloaded before: %w", c.ItemHash, err)
+		if c.ItemType == message.ItemIPFS {
+			if err := p.restart(); err != nil { // a CAR stream cannot be resumed
+				return err
 			}
+		} else if err := p.resume(); err != nil {
+			return fmt.Errorf("download %s: read what was downloaded before: %w", c.ItemHash, err)
 		}
-		resumed := off > 0
+		resumed := p.off > 0
+		if resumed {
+			s.log.Info("resuming download", "item", c.ItemHash, "from", p.off)
+		}
 		started := time.Now()
-		err = s.retry(ctx, "download "+string(c.ItemHash), func(ctx context.Context) error {
-			off, err = s.get(ctx, u, c, part, off, h)
-			return err
+		err = s.retry(ctx, "download "+string(c.ItemHash), s.opts.Attempts, func(ctx context.Context) error {
+			return s.get(ctx, u, c, p)
 		})
 		if errors.Is(err, ErrHashMismatch) || errors.Is(err, ErrNotFound) {
 			return errors.Join(err, os.Remove(partPath)) // nothing worth resuming
 		} else if err != nil {
 			return err // the .part stays, to resume
 		}
-		sum := hex.EncodeToString(h.Sum(nil))
-		err = checkDownload(c, sum, off)
+		sum := hex.EncodeToString(p.h.Sum(nil))
+		err = checkDownload(c, sum, p.off)
 		if err == nil {
-			s.log.Info("downloaded", "item", c.ItemHash, "size", off, "took", time.Since(started).Round(time.Millisecond), "verified", c.ItemType != message.ItemIPFS)
-			if c.ItemType == message.ItemIPFS {
-				s.log.Warn("IPFS item not verified against its CID", "item", c.ItemHash, "sha256", sum)
+			s.log.Info("downloaded", "item", c.ItemHash, "size", p.off, "took", time.Since(started).Round(time.Millisecond), "verified", p.verified)
+			if !p.verified {
+				s.log.Warn("the gateway sent the raw file, not a CAR: IPFS item not verified against its CID", "item", c.ItemHash, "sha256", sum)
 			}
-			if err := s.commit(ctx, part, sum, off, c.ItemHash, c.ItemType != message.ItemIPFS, false); err != nil {
+			if err := s.commit(ctx, part, sum, p.off, c.ItemHash, p.verified, false); err != nil {
 				return err
 			}
 			s.evictAfterDownload(ctx, sum)
 			return nil
 		}
-		if err := part.Truncate(0); err != nil {
+		if err := p.restart(); err != nil {
 			return errors.Join(err, os.Remove(partPath))
 		}
 		if !resumed || fresh {
@@ -235,7 +237,8 @@ func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
 	}
 }
 
-// checkDownload verifies a downloaded file against its STORE message.
+// checkDownload verifies a downloaded file against its STORE message. An
+// IPFS item's blocks were checked as they arrived, if they could be.
 func checkDownload(c *message.StoreContent, sum string, size int64) error {
 	if c.Size != nil && *c.Size != size {
 		return &HashMismatchError{Item: c.ItemHash, Got: fmt.Sprintf("%s (%d bytes, the message says %d)", sum, size, *c.Size)}
@@ -246,89 +249,156 @@ func checkDownload(c *message.StoreContent, sum string, size int64) error {
 	return nil
 }
 
+// partFile is a download under way: the .part file, the sha256 of what it
+// holds and how much that is.
+type partFile struct {
+	f        *os.File
+	h        hash.Hash
+	off      int64
+	limit    int64 // the size the STORE message gives, or -1
+	total    int64 // for progress: the expected size, or -1
+	verified bool  // what was written came out of the CAR verifier, or is a storage item
+	item     message.ItemHash
+	progress func(Progress)
+}
+
+// Write appends to the file, refusing to go past the expected size.
+func (p *partFile) Write(b []byte) (int, error) {
+	if p.limit >= 0 && p.off+int64(len(b)) > p.limit {
+		return 0, &HashMismatchError{Item: p.item, Got: fmt.Sprintf("more than the %d bytes the message says", p.limit)}
+	}
+	n, err := p.f.Write(b)
+	p.h.Write(b[:n])
+	p.off += int64(n)
+	if p.progress != nil {
+		p.progress(Progress{Item: p.item, Done: p.off, Total: p.total})
+	}
+	if err != nil {
+		return n, fmt.Errorf("write %s: %w", p.f.Name(), err)
+	}
+	return n, nil
+}
+
+// resume continues after what the file already holds.
+func (p *partFile) resume() error {
+	p.h.Reset()
+	off, err := p.f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return err
+	}
+	p.off = off
+	_, err = io.Copy(p.h, io.NewSectionReader(p.f, 0, off))
+	return err
+}
+
+// restart empties the file.
+func (p *partFile) restart() error {
+	p.h.Reset()
+	p.off = 0
+	if err := p.f.Truncate(0); err != nil {
+		return err
+	}
+	_, err := p.f.Seek(0, io.SeekStart)
+	return err
+}
+
 var errStalled = errors.New("stalled")
 
-// get makes one request for the file from byte off on and appends what
-// arrives to part and h. It returns the offset reached.
-func (s *Store) get(ctx context.Context, u string, c *message.StoreContent, part *os.File, off int64, h hash.Hash) (int64, error) {
+// get makes one request for the file, from where p stands for a storage
+// item, and appends what arrives to p: the bytes themselves, or for an IPFS
+// item served as a CAR stream the file reassembled from verified blocks.
+func (s *Store) get(ctx context.Context, u string, c *message.StoreContent, p *partFile) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	stall := time.AfterFunc(s.opts.StallTimeout, func() { cancel(errStalled) })
 	defer stall.Stop()
 
+	ipfs := c.ItemType == message.ItemIPFS
+	if ipfs {
+		if err := p.restart(); err != nil {
+			return permanent(err)
+		}
+		u += "?format=car"
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
-		return off, permanent(err)
+		return permanent(err)
 	}
-	if off > 0 {
-		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", off))
+	if ipfs {
+		req.Header.Set("Accept", carAccept)
+	} else if p.off > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", p.off))
 	}
 	resp, err := s.opts.Client.Do(req)
 	if err != nil {
-		return off, fmt.Errorf("%w: %w", ErrRemoteUnavailable, describeCause(ctx, err, s.opts.StallTimeout))
+		return fmt.Errorf("%w: %w", ErrRemoteUnavailable, describeCause(ctx, err, s.opts.StallTimeout))
 	}
 	defer resp.Body.Close()
-	switch {
-	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && c.Size != nil && off == *c.Size:
-		return off, nil // it was all there
-	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable:
-		return 0, restart(part, h, "the server refused to resume")
+	if resp.StatusCode == http.StatusRequestedRangeNotSatisfiable {
+		if p.limit >= 0 && p.off == p.limit {
+			return nil // it was all there
+		}
+		return errors.Join(errors.New("the server refused to resume"), p.restart())
 	}
 	if err := statusError(resp, u); err != nil {
-		return off, err
+		return err
 	}
-	if off > 0 && (resp.StatusCode == http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Range"), "bytes "+strconv.FormatInt(off, 10)+"-")) {
+	if p.off > 0 && (resp.StatusCode == http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Range"), "bytes "+strconv.FormatInt(p.off, 10)+"-")) {
 		// The server sent the whole file, or another range: start over.
-		if err := restart(part, h, ""); err != nil {
-			return 0, err
+		if err := p.restart(); err != nil {
+			return permanent(err)
 		}
-		off = 0
 	}
-	total := int64(-1)
-	if c.Size != nil {
-		total = *c.Size
-	} else if resp.ContentLength >= 0 {
-		total = off + resp.ContentLength
+	p.total = p.limit
+	if p.total < 0 && resp.ContentLength >= 0 && !ipfs {
+		p.total = p.off + resp.ContentLength
 	}
-	buf := make([]byte, 1<<20)
-	for {
-		n, rerr := resp.Body.Read(buf)
-		if n > 0 {
-			stall.Reset(s.opts.StallTimeout)
-			if c.Size != nil && off+int64(n) > *c.Size {
-				return off, permanent(&HashMismatchError{Item: c.ItemHash, Got: fmt.Sprintf("more than the %d bytes the message says", *c.Size)})
-			}
-			if _, err := part.Write(buf[:n]); err != nil {
-				return off, permanent(fmt.Errorf("write %s: %w", part.Name(), err))
-			}
-			h.Write(buf[:n])
-			off += int64(n)
-			if s.opts.Progress != nil {
-				s.opts.Progress(Progress{Item: c.ItemHash, Done: off, Total: total})
-			}
+	body := &stallReader{r: resp.Body, timer: stall, timeout: s.opts.StallTimeout}
+	contentType := resp.Header.Get("Content-Type")
+	if p.verified = !ipfs; ipfs && isCAR(contentType) {
+		root, rerr := ipfsRoot(string(c.ItemHash))
+		if rerr != nil {
+			return permanent(rerr)
 		}
-		switch {
-		case rerr == io.EOF:
-			return off, nil
-		case rerr != nil:
-			return off, fmt.Errorf("%w: %s: %w", ErrRemoteUnavailable, u, describeCause(ctx, rerr, s.opts.StallTimeout))
+		err = writeVerifiedCAR(body, root, carSendsDups(contentType), p)
+		p.verified = true
+	} else {
+		_, err = io.CopyBuffer(p, body, make([]byte, 1<<20))
+	}
+	switch {
+	case err == nil:
+		return nil
+	case body.err != nil || errors.Is(err, io.ErrUnexpectedEOF):
+		cause := err
+		if body.err != nil {
+			cause = describeCause(ctx, body.err, s.opts.StallTimeout)
 		}
+		return fmt.Errorf("%w: %s: %w", ErrRemoteUnavailable, u, cause)
+	case errors.Is(err, ErrHashMismatch):
+		return permanent(err)
+	default:
+		return permanent(fmt.Errorf("%s: %w", u, err))
 	}
 }
 
-// restart empties a .part file whose content cannot be resumed.
-func restart(part *os.File, h hash.Hash, why string) error {
-	h.Reset()
-	if err := part.Truncate(0); err != nil {
-		return permanent(err)
+// stallReader notes each read that brings data, so that a transfer is
+// dropped only when it stalls, however long it takes in all.
+type stallReader struct {
+	r       io.Reader
+	timer   *time.Timer
+	timeout time.Duration
+	err     error // the last read error other than io.EOF
+}
+
+func (r *stallReader) Read(b []byte) (int, error) {
+	n, err := r.r.Read(b)
+	if n > 0 {
+		r.timer.Reset(r.timeout)
 	}
-	if _, err := part.Seek(0, io.SeekStart); err != nil {
-		return permanent(err)
+	if err != nil && err != io.EOF {
+		r.err = err
 	}
-	if why != "" {
-		return errors.New(why)
-	}
-	return nil
+	return n, err
 }
 
 func describeCause(ctx context.Context, err error, stall time.Duration) error {

@@ -41,7 +41,7 @@ func (s *Store) GC(ctx context.Context, maxSize int64) (GCResult, error) {
 		}
 		// An interrupted addition cannot be resumed; a download can, for a while.
 		abandoned := strings.HasPrefix(e.Name(), "add-") || time.Since(info.ModTime()) > PartMaxAge
-		if abandoned && s.removeUnlocked(filepath.Join(s.tmp, e.Name())) {
+		if abandoned && s.removeUnlocked(filepath.Join(s.tmp, e.Name()), nil) {
 			res.Parts++
 			res.Freed += info.Size()
 		}
@@ -74,8 +74,14 @@ func (s *Store) GC(ctx context.Context, maxSize int64) (GCResult, error) {
 			continue
 		}
 		info, err := e.Info()
-		// A blob being committed is locked by its writer until indexed.
-		if err == nil && s.removeUnlocked(filepath.Join(s.files, e.Name())) {
+		// A blob being committed is locked by its writer until indexed; one
+		// committed since the index was read is indexed by now.
+		unindexed := func() bool {
+			var n int
+			err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM store_files WHERE sha256 = ?`, e.Name()).Scan(&n)
+			return err == nil && n == 0
+		}
+		if err == nil && s.removeUnlocked(filepath.Join(s.files, e.Name()), unindexed) {
 			res.Orphans++
 			res.Freed += info.Size()
 		}
@@ -95,14 +101,15 @@ func (s *Store) GC(ctx context.Context, maxSize int64) (GCResult, error) {
 	return res, err
 }
 
-// removeUnlocked removes path unless someone holds a lock on it.
-func (s *Store) removeUnlocked(path string) bool {
+// removeUnlocked removes path unless someone holds a lock on it or, once
+// the lock is taken, removable (if set) returns false.
+func (s *Store) removeUnlocked(path string, removable func() bool) bool {
 	f, err := os.Open(path)
 	if err != nil {
 		return false
 	}
 	defer f.Close()
-	if ok, _ := tryLockExclusive(f); !ok || !stillAt(f) {
+	if ok, _ := tryLockExclusive(f); !ok || !stillAt(f) || (removable != nil && !removable()) {
 		return false
 	}
 	if err := os.Remove(path); err != nil {

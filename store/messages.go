@@ -12,7 +12,7 @@ import (
 
 // AddMessage validates a message and keeps it, marked local: created or
 // handed to this node rather than fetched from the network. Its signature
-// is not checked. Adding a message already kept returns the kept one.
+// is not checked. Adding a message already kept changes nothing.
 func (s *Store) AddMessage(ctx context.Context, raw []byte) (*message.Message, error) {
 	msg, err := message.Parse(raw)
 	if err != nil {
@@ -48,7 +48,7 @@ func (s *Store) Message(ctx context.Context, hash message.ItemHash) (*message.Me
 	// Callers asking at once share one request; the message is then local.
 	err = s.flights.do(ctx, "message "+string(hash), func(ctx context.Context) error {
 		var raw []byte
-		err := s.retry(ctx, "fetch message "+string(hash), func(ctx context.Context) error {
+		err := s.retry(ctx, "ask the API", s.messageAttempts(), func(ctx context.Context) error {
 			var err error
 			raw, err = s.remote.message(ctx, hash)
 			return err
@@ -58,15 +58,15 @@ func (s *Store) Message(ctx context.Context, hash message.ItemHash) (*message.Me
 		}
 		msg, err := message.Parse(raw)
 		if err != nil {
-			return fmt.Errorf("message %s from %s: %w: %w", hash, s.remote.api, ErrInvalidMessage, err)
+			return fmt.Errorf("from %s: %w: %w", s.remote.api, ErrInvalidMessage, err)
 		}
 		if msg.ItemHash != hash {
-			return fmt.Errorf("message %s from %s: %w: the API answered with message %s", hash, s.remote.api, ErrHashMismatch, msg.ItemHash)
+			return fmt.Errorf("from %s: %w: the API answered with message %s", s.remote.api, ErrHashMismatch, msg.ItemHash)
 		}
 		return s.saveMessage(ctx, msg, raw, false)
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("message %s: %w", hash, err)
 	}
 	return s.Message(ctx, hash)
 }
@@ -93,7 +93,7 @@ func (s *Store) latest(ctx context.Context, orig *message.Message) (*message.Mes
 		return best, nil
 	}
 	raw = nil
-	err = s.retry(ctx, "look up amends of "+string(orig.ItemHash), func(ctx context.Context) error {
+	err = s.retry(ctx, "ask the API for amends of "+string(orig.ItemHash), s.messageAttempts(), func(ctx context.Context) error {
 		var err error
 		raw, err = s.remote.latestAmend(ctx, orig.ItemHash, owner)
 		return err
@@ -149,3 +149,8 @@ func (s *Store) saveMessage(ctx context.Context, msg *message.Message, raw []byt
 	}
 	return nil
 }
+
+// messageAttempts bounds the tries of a message request: a caller is
+// waiting for the answer, and a message is no large transfer that a flaky
+// link needs many tries for.
+func (s *Store) messageAttempts() int { return min(s.opts.Attempts, 3) }

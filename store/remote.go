@@ -125,10 +125,10 @@ func (r *remote) fileURL(c *message.StoreContent) (string, error) {
 	return r.api + "/api/v0/storage/raw/" + string(c.ItemHash), nil
 }
 
-// retry runs fn until it succeeds, fails permanently, ctx ends or the
+// retry runs fn until it succeeds, fails permanently, ctx ends or
 // attempts are spent, waiting longer between tries (Options.Backoff
 // doubling up to 30 s, with jitter).
-func (s *Store) retry(ctx context.Context, what string, fn func(context.Context) error) error {
+func (s *Store) retry(ctx context.Context, what string, attempts int, fn func(context.Context) error) error {
 	for attempt := 1; ; attempt++ {
 		err := fn(ctx)
 		var perm permanentError
@@ -139,7 +139,7 @@ func (s *Store) retry(ctx context.Context, what string, fn func(context.Context)
 			return fmt.Errorf("%s: %w", what, context.Cause(ctx))
 		case errors.As(err, &perm):
 			return fmt.Errorf("%s: %w", what, perm.err)
-		case attempt >= s.opts.Attempts:
+		case attempt >= attempts:
 			return fmt.Errorf("%s: gave up after %d attempts: %w", what, attempt, err)
 		}
 		wait := min(s.opts.Backoff<<min(attempt-1, 6), 30*time.Second)

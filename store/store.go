@@ -12,7 +12,7 @@
 //
 //	s, err := store.Open(ctx, store.Options{Root: cacheRoot, DB: db, ...})
 //	added, err := s.AddFile(ctx, path)          // a local file; added.Ref is its STORE message
-//	msg, raw, err := s.AddMessage(ctx, raw)     // validate and keep a message
+//	msg, err := s.AddMessage(ctx, raw)          // validate and keep a message
 //	msg, raw, err := s.Message(ctx, hash)       // local, then remote
 //	item, err := s.Fetch(ctx, ref, useLatest)   // a verified local file for a STORE ref
 //	defer item.Release()                        // until then item.Path is never evicted
@@ -20,6 +20,10 @@
 //
 // Errors can be tested with errors.Is against ErrNotFound, ErrNotStore,
 // ErrHashMismatch, ErrInvalidMessage and ErrRemoteUnavailable.
+//
+// Storage files are checked against their sha256; IPFS files block by
+// block against their CID, from the gateway's CAR stream (recorded
+// unverified when a gateway only sends the raw file).
 //
 // On disk, under Root: files/<sha256> holds each file (read-only), tmp/
 // the downloads and additions under way (<item hash>.part, kept to resume
@@ -92,8 +96,9 @@ type Options struct {
 	// StallTimeout drops and retries a download that receives nothing for
 	// that long (default 2 minutes).
 	StallTimeout time.Duration
-	// Attempts bounds the tries of one request (default 10), Backoff is the
-	// first wait between two (default 500 ms; it doubles up to 30 s).
+	// Attempts bounds the tries of one download (default 10; a message
+	// request gets at most 3), Backoff is the first wait between two
+	// (default 500 ms; it doubles up to 30 s).
 	Attempts int
 	Backoff  time.Duration
 	// Client makes the HTTP requests (default: one with a 30 s connect

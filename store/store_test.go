@@ -233,6 +233,40 @@ func TestFetchRemote(t *testing.T) {
 	item.Release()
 }
 
+func TestSlowDownloadBlocksNoOtherItem(t *testing.T) {
+	core := newFakeCore(t)
+	s := newTestStore(t, t.TempDir(), Options{APIServer: core.URL})
+	slowData, fastData := randomBytes(t, 1000), randomBytes(t, 1000)
+	slow, fast := remoteFile(t, core, slowData), remoteFile(t, core, fastData)
+	core.gate, core.gated = make(chan struct{}), message.SHA256Hex(slowData)
+	slowDone := make(chan error, 1)
+	go func() {
+		item, err := s.Fetch(context.Background(), slow, false)
+		if err == nil {
+			item.Release()
+		}
+		slowDone <- err
+	}()
+	for core.fileHits(core.gated) == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	item, err := s.Fetch(context.Background(), fast, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkItem(t, item, fastData)
+	item.Release()
+	select {
+	case err := <-slowDone:
+		t.Fatalf("the slow download ended first: %v", err)
+	default:
+	}
+	close(core.gate)
+	if err := <-slowDone; err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestFetchRemoteFailures(t *testing.T) {
 	data := make([]byte, 4<<20)
 	rand.Read(data)
@@ -457,5 +491,36 @@ func TestGCRemovesLeftovers(t *testing.T) {
 	}
 	if _, err := os.Stat(recent); err != nil {
 		t.Errorf("a recent .part, still resumable, was removed")
+	}
+}
+
+func TestRemoteMessageChecks(t *testing.T) {
+	ctx := context.Background()
+	core := newFakeCore(t)
+	s := newTestStore(t, t.TempDir(), Options{APIServer: core.URL})
+	good, raw := newMessage(t, "POST", map[string]any{"address": "0xa", "time": 1.5, "type": "note"})
+	other, otherRaw := newMessage(t, "POST", map[string]any{"address": "0xb", "time": 2.5, "type": "note"})
+	core.addMessage(good, raw)
+	wrong := message.ItemHash(message.SHA256Hex([]byte("wrong")))
+	core.addMessage(wrong, otherRaw) // the API answers another message
+	invalid := message.ItemHash(message.SHA256Hex([]byte("invalid")))
+	core.addMessage(invalid, []byte(`{"chain":"ETH"}`))
+
+	if _, got, err := s.Message(ctx, good); err != nil || !bytes.Equal(got, raw) {
+		t.Errorf("good: %v", err)
+	}
+	for hash, want := range map[message.ItemHash]error{
+		wrong:   ErrHashMismatch,
+		invalid: ErrInvalidMessage,
+		message.ItemHash(message.SHA256Hex([]byte("absent"))): ErrNotFound,
+	} {
+		if _, _, err := s.Message(ctx, hash); !errors.Is(err, want) {
+			t.Errorf("%s: %v, want %v", hash, err, want)
+		}
+	}
+	var n int
+	s.db.QueryRow(`SELECT COUNT(*) FROM store_messages WHERE item_hash = ?`, other).Scan(&n)
+	if n != 0 {
+		t.Error("a message that answered for another hash was kept")
 	}
 }
