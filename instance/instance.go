@@ -1,0 +1,537 @@
+// Package instance runs the node's instances: persistent VMs with a
+// copy-on-write root disk over their base image, a NoCloud seed, their
+// network and port forwards, started and stopped by the scheduler and the
+// operator, and found again after a node restart.
+package instance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/alephvm/alephvm/cloudinit"
+	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/network"
+	"github.com/alephvm/alephvm/storage"
+	"github.com/alephvm/alephvm/store"
+)
+
+// Hypervisor starts QEMU VMs and finds them again.
+type Hypervisor interface {
+	execution.Hypervisor
+	Attach(ctx context.Context, dir string) (*qemu.VM, error)
+}
+
+// Options configure the instance manager.
+type Options struct {
+	Store      execution.Store
+	Hypervisor Hypervisor
+	Networks   execution.Networks
+	Records    *execution.Records
+	// Kernel boots instances whose base image is a plain ext4 filesystem
+	// (the form Firecracker boots); a partitioned base boots with its own
+	// bootloader.
+	Kernel execution.Kernel
+	// VolumesDir keeps each instance's disks (VolumesDir/<hash>/), RunDir
+	// its runtime files (sockets, console).
+	VolumesDir string
+	RunDir     string
+	DNS        []netip.Addr
+	// DeveloperKeys are added to every instance's authorized keys.
+	DeveloperKeys []string
+	StopTimeouts  qemu.StopTimeouts
+	Log           *slog.Logger
+}
+
+// Manager runs the node's instances: persistent VMs with their own root
+// disk, started and stopped by the scheduler and the operator. Calls for
+// one instance are serialized; calls for different instances are not.
+type Manager struct {
+	opts Options
+
+	mu      sync.Mutex
+	locks   map[message.ItemHash]*sync.Mutex
+	running map[message.ItemHash]*instanceVM
+}
+
+// New returns the instance manager.
+func New(opts Options) *Manager {
+	if opts.StopTimeouts == (qemu.StopTimeouts{}) {
+		opts.StopTimeouts = qemu.DefaultStopTimeouts
+	}
+	return &Manager{opts: opts, locks: map[message.ItemHash]*sync.Mutex{}, running: map[message.ItemHash]*instanceVM{}}
+}
+
+// lock serializes the calls about one instance.
+func (m *Manager) lock(ref message.ItemHash) func() {
+	m.mu.Lock()
+	l, ok := m.locks[ref]
+	if !ok {
+		l = &sync.Mutex{}
+		m.locks[ref] = l
+	}
+	m.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+func (m *Manager) get(ref message.ItemHash) *instanceVM {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.running[ref]
+}
+
+// instanceVM is one running instance.
+type instanceVM struct {
+	ref    message.ItemHash
+	rec    execution.Record
+	vm     *qemu.VM
+	parent *store.Item
+	done   chan struct{} // closed once the VM is gone and cleaned up
+}
+
+// Running reports whether the instance runs.
+func (m *Manager) Running(ref message.ItemHash) bool { return m.get(ref) != nil }
+
+// Start starts the instance ref; it does nothing if it runs.
+func (m *Manager) Start(ctx context.Context, ref message.ItemHash) error {
+	defer m.lock(ref)()
+	if m.get(ref) != nil {
+		return nil
+	}
+	return m.start(ctx, ref, -1)
+}
+
+func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int) (err error) {
+	log := m.opts.Log.With("ref", ref)
+	msg, _, err := m.opts.Store.Message(ctx, ref)
+	if err != nil {
+		return execution.StoreError("Message", ref, err)
+	}
+	c, ok := msg.Content.(*message.InstanceContent)
+	if !ok {
+		return &execution.Error{Status: 400, Msg: fmt.Sprintf("Message %s is a %s, not an INSTANCE", ref, msg.Type)}
+	}
+	if hv := c.Environment.Hypervisor; hv != nil && *hv != message.HypervisorQEMU {
+		return &execution.Error{Status: 400, Msg: fmt.Sprintf("instance %s asks for %s, which this node cannot run (see alephvm doctor)", ref, *hv)}
+	}
+	if c.Rootfs.Persistence != message.PersistenceHost {
+		return &execution.Error{Status: 400, Msg: "root filesystems kept on the network (persistence: store) are not supported"}
+	}
+
+	var cleanups []func()
+	defer func() {
+		if err != nil {
+			for i := len(cleanups) - 1; i >= 0; i-- {
+				cleanups[i]()
+			}
+		}
+	}()
+	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
+	if err != nil {
+		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
+	}
+	cleanups = append(cleanups, parent.Release)
+
+	disks := filepath.Join(m.opts.VolumesDir, string(ref))
+	if err := os.MkdirAll(disks, 0o700); err != nil {
+		return err
+	}
+	base, form, err := m.base(ctx, parent.Path, disks, log)
+	if err != nil {
+		return err
+	}
+	rootfs := filepath.Join(disks, "rootfs.qcow2")
+	if err := storage.CreateOverlay(ctx, base, rootfs, c.Rootfs.SizeMiB); err != nil {
+		if errors.Is(err, storage.ErrTooSmall) {
+			return &execution.Error{Status: 400, Msg: err.Error()}
+		}
+		return err
+	}
+
+	ports := []network.PortRequest{{Proto: "tcp", GuestPort: 22}}
+	for _, p := range c.Resources.PublishedPorts {
+		if p.Port != 22 || p.Protocol != "tcp" {
+			ports = append(ports, network.PortRequest{Proto: p.Protocol, GuestPort: uint16(p.Port)})
+		}
+	}
+	if rec, err := m.opts.Records.Get(ctx, ref); err == nil && len(rec.Forwards) > 0 {
+		// The instance keeps its host ports from one start to the next.
+		ports = forwardsAsRequests(rec.Forwards)
+	}
+	att, err := m.opts.Networks.Attach(string(ref), netIndex, c.Environment.Internet, ports)
+	if err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
+	cleanups = append(cleanups, func() { _ = m.opts.Networks.Detach(string(ref)) })
+
+	runDir := filepath.Join(m.opts.RunDir, "i-"+string(ref)[:16])
+	if err := os.MkdirAll(runDir, 0o700); err != nil {
+		return err
+	}
+	seed := filepath.Join(disks, "cidata.iso")
+	keys := append(append([]string{}, c.AuthorizedKeys...), m.opts.DeveloperKeys...)
+	err = cloudinit.WriteSeed(seed, cloudinit.Config{
+		InstanceID:     "iid-alephvm-" + string(ref)[:16],
+		Hostname:       "vm-" + string(ref)[:8],
+		AuthorizedKeys: keys,
+		Internet:       c.Environment.Internet,
+		Network:        cloudinit.Network{MAC: att.MAC(), Address: att.GuestPrefix(), Gateway: att.Host, DNS: m.opts.DNS},
+	})
+	if err != nil {
+		return err
+	}
+	drives := []hypervisor.Drive{
+		{Path: rootfs, Format: "qcow2", Serial: "rootfs"},
+		{Path: seed, ReadOnly: true, Serial: "cidata"},
+	}
+	for i, vol := range c.Volumes {
+		d, release, err := m.volume(ctx, ref, disks, runDir, i, vol)
+		if err != nil {
+			return fmt.Errorf("volume %d: %w", i, err)
+		}
+		if release != nil {
+			cleanups = append(cleanups, release)
+		}
+		drives = append(drives, d)
+	}
+	spec := hypervisor.Spec{
+		Name: "inst-" + string(ref)[:12], Dir: runDir,
+		VCPUs: int(c.Resources.VCPUs), MemoryMiB: int(c.Resources.MemoryMiB),
+		Drives: drives,
+		NICs:   []hypervisor.NIC{{Tap: att.Tap, MAC: att.MAC()}},
+	}
+	if form == formExt4 {
+		spec.Boot = hypervisor.Boot{Kernel: m.opts.Kernel.Kernel, Initrd: m.opts.Kernel.Initrd,
+			Cmdline: m.opts.Kernel.Cmdline + " alephvm.root=/dev/vda"}
+	}
+	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: "qemu",
+		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap,
+		IPv4Network: att.Network.String(), IPv4: att.Guest.String(), VMDir: runDir, Forwards: att.Forwards}
+	if old, err := m.opts.Records.Get(ctx, ref); err == nil {
+		rec.CreatedAt = old.CreatedAt
+	}
+	if err := m.opts.Records.Put(ctx, rec); err != nil {
+		return err
+	}
+	vm, err := m.opts.Hypervisor.Start(ctx, spec)
+	if err != nil {
+		_ = m.opts.Records.SetState(context.WithoutCancel(ctx), ref, execution.StateStopped)
+		return err
+	}
+	if err := m.opts.Records.SetState(ctx, ref, execution.StateRunning); err != nil {
+		_ = vm.Stop(context.WithoutCancel(ctx), nil, qemu.StopTimeouts{Quit: 5 * time.Second, Kill: 5 * time.Second})
+		return err
+	}
+	log.Info("instance started", "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form)
+	m.track(&instanceVM{ref: ref, rec: rec, vm: vm, parent: parent, done: make(chan struct{})})
+	return nil
+}
+
+func forwardsAsRequests(fws []network.Forward) []network.PortRequest {
+	out := make([]network.PortRequest, len(fws))
+	for i, f := range fws {
+		out[i] = network.PortRequest{Proto: f.Proto, GuestPort: f.GuestPort, HostPort: f.HostPort}
+	}
+	return out
+}
+
+// track registers a running instance and watches for its VM to end: a
+// guest that powers itself off stays off until it is started again.
+func (m *Manager) track(iv *instanceVM) {
+	m.mu.Lock()
+	m.running[iv.ref] = iv
+	m.mu.Unlock()
+	go func() {
+		<-iv.vm.Done()
+		unlock := m.lock(iv.ref)
+		defer unlock()
+		m.release(iv, "vm exited")
+	}()
+}
+
+// release frees what a stopped instance held; its disks stay.
+func (m *Manager) release(iv *instanceVM, why string) {
+	m.mu.Lock()
+	if m.running[iv.ref] != iv {
+		m.mu.Unlock()
+		return
+	}
+	delete(m.running, iv.ref)
+	m.mu.Unlock()
+	ctx := context.Background()
+	if err := m.opts.Networks.Detach(string(iv.ref)); err != nil {
+		m.opts.Log.Error("release instance network", "ref", iv.ref, "err", err)
+	}
+	iv.parent.Release()
+	if err := m.opts.Records.SetState(ctx, iv.ref, execution.StateStopped); err != nil {
+		m.opts.Log.Error("record instance stop", "ref", iv.ref, "err", err)
+	}
+	m.opts.Log.Info("instance stopped", "ref", iv.ref, "why", why)
+	close(iv.done)
+}
+
+// Stop stops the instance, through an ACPI power-off first; its disks
+// stay. It reports whether it was running.
+func (m *Manager) Stop(ctx context.Context, ref message.ItemHash) (bool, error) {
+	defer m.lock(ref)()
+	return m.stop(ctx, ref)
+}
+
+func (m *Manager) stop(ctx context.Context, ref message.ItemHash) (bool, error) {
+	iv := m.get(ref)
+	if iv == nil {
+		return false, nil
+	}
+	if err := iv.vm.Stop(ctx, nil, m.opts.StopTimeouts); err != nil {
+		return true, err
+	}
+	m.release(iv, "asked")
+	return true, nil
+}
+
+// Reboot stops the instance cleanly and starts it again.
+func (m *Manager) Reboot(ctx context.Context, ref message.ItemHash) error {
+	defer m.lock(ref)()
+	if _, err := m.stop(ctx, ref); err != nil {
+		return err
+	}
+	return m.start(ctx, ref, -1)
+}
+
+// Erase stops the instance and deletes its disks and its record.
+func (m *Manager) Erase(ctx context.Context, ref message.ItemHash) error {
+	defer m.lock(ref)()
+	if _, err := m.stop(ctx, ref); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(filepath.Join(m.opts.VolumesDir, string(ref))); err != nil {
+		return fmt.Errorf("erase disks of %s: %w", ref, err)
+	}
+	if err := os.RemoveAll(filepath.Join(m.opts.RunDir, "i-"+string(ref)[:16])); err != nil {
+		return fmt.Errorf("erase runtime files of %s: %w", ref, err)
+	}
+	return m.opts.Records.Delete(ctx, ref)
+}
+
+// Restore finds the instances the records say are running, as after a
+// node restart: a VM still running is taken back as it is (its tap and
+// forwards kept); one that died meanwhile, or whose host rebooted, is
+// started again.
+func (m *Manager) Restore(ctx context.Context) error {
+	recs, err := m.opts.Records.List(ctx, execution.KindInstance)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, rec := range recs {
+		if rec.State == execution.StateStopped {
+			continue
+		}
+		if err := m.restore(ctx, rec); err != nil {
+			errs = append(errs, fmt.Errorf("instance %s: %w", rec.Ref, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
+	defer m.lock(rec.Ref)()
+	log := m.opts.Log.With("ref", rec.Ref)
+	vm, err := m.opts.Hypervisor.Attach(ctx, rec.VMDir)
+	if err != nil {
+		log.Warn("instance not running any more, starting it again", "err", err)
+		return m.start(ctx, rec.Ref, rec.NetIndex)
+	}
+	msg, _, err := m.opts.Store.Message(ctx, rec.Ref)
+	if err != nil {
+		return execution.StoreError("Message", rec.Ref, err)
+	}
+	c := msg.Content.(*message.InstanceContent)
+	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
+	if err != nil {
+		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
+	}
+	if _, err := m.opts.Networks.Attach(string(rec.Ref), rec.NetIndex, c.Environment.Internet, forwardsAsRequests(rec.Forwards)); err != nil {
+		parent.Release()
+		return fmt.Errorf("network: %w", err)
+	}
+	log.Info("instance found running", "pid", vm.Pid(), "tap", rec.Tap)
+	m.track(&instanceVM{ref: rec.Ref, rec: rec, vm: vm, parent: parent, done: make(chan struct{})})
+	return nil
+}
+
+// Shutdown lets instances run on without the node: it only drops the
+// monitor connections.
+func (m *Manager) Shutdown() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for ref, iv := range m.running {
+		_ = iv.vm.Close()
+		delete(m.running, ref)
+	}
+}
+
+// List returns the records of the node's instances.
+func (m *Manager) List(ctx context.Context) ([]execution.Record, error) {
+	return m.opts.Records.List(ctx, execution.KindInstance)
+}
+
+type baseForm string
+
+const (
+	formDisk baseForm = "disk" // partitioned, with its own bootloader
+	formExt4 baseForm = "ext4" // a bare filesystem, booted with the node's kernel
+)
+
+// base links the parent image into the instance's directory, so that the
+// root disk's backing file stays even if the store evicts the parent, and
+// says which boot form it has. An existing link is kept: the instance's
+// data was written over it.
+func (m *Manager) base(ctx context.Context, parent, disks string, log *slog.Logger) (string, baseForm, error) {
+	base := filepath.Join(disks, "base")
+	if _, err := os.Stat(base); errors.Is(err, os.ErrNotExist) {
+		if err := os.Link(parent, base); err != nil {
+			method, cerr := storage.CloneFile(parent, base)
+			if cerr != nil {
+				return "", "", fmt.Errorf("keep base image: %w", errors.Join(err, cerr))
+			}
+			if method == storage.FullCopy {
+				log.Warn("base image copied whole: the store and the volumes are on different filesystems without reflinks", "base", base)
+			}
+		}
+	}
+	info, err := storage.Inspect(ctx, base)
+	if err != nil {
+		return "", "", err
+	}
+	if info.Format == "qcow2" {
+		return base, formDisk, nil
+	}
+	form, err := rawForm(base)
+	return base, form, err
+}
+
+// rawForm tells a partitioned disk (an MBR or GPT signature) from a bare
+// ext4 filesystem (its superblock magic).
+func rawForm(path string) (baseForm, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	buf := make([]byte, 2048)
+	if _, err := io.ReadFull(f, buf); err != nil {
+		return "", fmt.Errorf("read base image: %w", err)
+	}
+	switch {
+	case buf[1080] == 0x53 && buf[1081] == 0xef:
+		return formExt4, nil
+	case buf[510] == 0x55 && buf[511] == 0xaa, string(buf[512:520]) == "EFI PART":
+		return formDisk, nil
+	}
+	return "", fmt.Errorf("base image %s is neither a partitioned disk nor an ext4 filesystem", path)
+}
+
+// volume prepares one volume of an instance.
+func (m *Manager) volume(ctx context.Context, ref message.ItemHash, disks, runDir string, i int, vol message.MachineVolume) (hypervisor.Drive, func(), error) {
+	serial := fmt.Sprintf("vol%d", i)
+	switch vol.Kind() {
+	case message.VolumeImmutable:
+		item, err := m.opts.Store.Fetch(ctx, vol.Ref, vol.UseLatest)
+		if err != nil {
+			return hypervisor.Drive{}, nil, execution.StoreError("Volume", vol.Ref, err)
+		}
+		return hypervisor.Drive{Path: item.Path, ReadOnly: true, Serial: serial}, item.Release, nil
+	case message.VolumeEphemeral:
+		path := filepath.Join(runDir, serial+".ext4")
+		_ = os.Remove(path)
+		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, serial); err != nil {
+			return hypervisor.Drive{}, nil, err
+		}
+		return hypervisor.Drive{Path: path, Serial: serial}, func() { _ = os.Remove(path) }, nil
+	default:
+		if vol.Persistence != nil && *vol.Persistence == message.PersistenceStore {
+			return hypervisor.Drive{}, nil, &execution.Error{Status: 400, Msg: "volumes kept on the network (persistence: store) are not supported"}
+		}
+		name := serial
+		if vol.Name != nil && *vol.Name != "" {
+			name = execution.SafeName.ReplaceAllString(*vol.Name, "_")
+		}
+		path := filepath.Join(disks, "volume-"+strings.TrimPrefix(name, "volume-")+".ext4")
+		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, name); err != nil {
+			return hypervisor.Drive{}, nil, err
+		}
+		return hypervisor.Drive{Path: path, Serial: serial}, nil, nil
+	}
+}
+
+// AllocationResult is the reference's answer to an allocation.
+type AllocationResult struct {
+	Success    bool              `json:"success"`
+	Successful []string          `json:"successful"`
+	Failing    []string          `json:"failing"`
+	Stopped    []string          `json:"stopped"`
+	Errors     map[string]string `json:"errors"`
+}
+
+// Allocate makes the running instances the desired ones: those running and
+// not listed are stopped, except those paid by stream or credit, which
+// their owners start and stop themselves; those listed and not running are
+// started, one after the other.
+func (m *Manager) Allocate(ctx context.Context, desired []message.ItemHash) AllocationResult {
+	res := AllocationResult{Success: true, Successful: []string{}, Failing: []string{}, Stopped: []string{}, Errors: map[string]string{}}
+	want := map[message.ItemHash]bool{}
+	for _, ref := range desired {
+		want[ref] = true
+	}
+	m.mu.Lock()
+	var unlisted []message.ItemHash
+	for ref := range m.running {
+		if !want[ref] {
+			unlisted = append(unlisted, ref)
+		}
+	}
+	m.mu.Unlock()
+	for _, ref := range unlisted {
+		if m.paidByUse(ctx, ref) {
+			continue
+		}
+		if _, err := m.Stop(ctx, ref); err != nil {
+			res.Errors[string(ref)] = err.Error()
+			continue
+		}
+		res.Stopped = append(res.Stopped, string(ref))
+	}
+	for _, ref := range desired {
+		if err := m.Start(ctx, ref); err != nil {
+			res.Success = false
+			res.Failing = append(res.Failing, string(ref))
+			res.Errors[string(ref)] = err.Error()
+			continue
+		}
+		res.Successful = append(res.Successful, string(ref))
+	}
+	return res
+}
+
+// paidByUse reports whether an instance is paid by stream or credit.
+func (m *Manager) paidByUse(ctx context.Context, ref message.ItemHash) bool {
+	msg, _, err := m.opts.Store.Message(ctx, ref)
+	if err != nil {
+		return false
+	}
+	c, ok := msg.Content.(*message.InstanceContent)
+	return ok && c.Payment != nil && (c.Payment.Type == message.PaymentSuperfluid || c.Payment.Type == message.PaymentCredit)
+}

@@ -1,0 +1,253 @@
+package instance
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/alephvm/alephvm/db"
+	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/internal/testenv"
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/network"
+	"github.com/alephvm/alephvm/storage"
+	"github.com/alephvm/alephvm/store"
+)
+
+func TestMain(m *testing.M) { testenv.RunIsolated(m) }
+
+// rig is a node without its API: the store, the database, the network
+// and QEMU, as buildNode wires them.
+type rig struct {
+	t       *testing.T
+	dir     string
+	st      *store.Store
+	records *execution.Records
+	driver  *qemu.Driver
+	fw      *network.Firewall
+	log     *slog.Logger
+}
+
+func newRig(t *testing.T) *rig {
+	testenv.RequireIsolatedRoot(t)
+	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img", "nft", "mkfs.ext4")
+	ctx := context.Background()
+	dir := t.TempDir()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	database, err := db.Open(ctx, filepath.Join(dir, "node.sqlite3"), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { database.Close() })
+	st, err := store.Open(ctx, store.Options{Root: filepath.Join(dir, "cache"), DB: database, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	driver, err := qemu.New(ctx, qemu.Options{Accel: "tcg"}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw := network.NewFirewall("lo", netip.MustParsePrefix("172.16.0.0/12"))
+	t.Cleanup(func() { fw.Remove() })
+	return &rig{t: t, dir: dir, st: st, records: execution.NewRecords(database), driver: driver, fw: fw, log: log}
+}
+
+// manager is one node process's instance manager; a second one over the
+// same rig is the node after a restart.
+func (r *rig) manager() *Manager {
+	pool, _ := network.NewPool(netip.MustParsePrefix("172.16.0.0/12"), 24, 4)
+	nets := network.NewManager(pool, r.fw, network.DefaultPorts, r.log)
+	return New(Options{
+		Store: r.st, Hypervisor: r.driver, Networks: nets, Records: r.records,
+		VolumesDir: filepath.Join(r.dir, "volumes"), RunDir: filepath.Join(r.dir, "vms"),
+		DNS: []netip.Addr{netip.MustParseAddr("10.0.0.53")}, DeveloperKeys: []string{"ssh-ed25519 AAAA dev"},
+		StopTimeouts: qemu.StopTimeouts{Powerdown: 500 * time.Millisecond, Quit: 5 * time.Second, Kill: 5 * time.Second},
+		Log:          r.log,
+	})
+}
+
+// instanceMessage stores a base image (a blank disk with an MBR, which
+// SeaBIOS finds nothing to boot on) and an INSTANCE message over it.
+func (r *rig) instanceMessage(sizeMiB int) message.ItemHash {
+	ctx := context.Background()
+	base := filepath.Join(r.dir, "base.img")
+	img := make([]byte, 32<<20)
+	img[510], img[511] = 0x55, 0xaa
+	if err := os.WriteFile(base, img, 0o644); err != nil {
+		r.t.Fatal(err)
+	}
+	added, err := r.st.AddFile(ctx, base)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	content := map[string]any{
+		"address": "0x1", "time": 1700000000, "allow_amend": false,
+		"authorized_keys": []string{"ssh-ed25519 AAAA owner"},
+		"environment":     map[string]any{"internet": false, "hypervisor": "qemu"},
+		"resources":       map[string]any{"vcpus": 1, "memory": 128, "seconds": 30, "published_ports": []any{map[string]any{"port": 80}}},
+		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
+		"volumes":         []any{map[string]any{"name": "data", "persistence": "host", "size_mib": 16, "mount": "/data"}},
+	}
+	env := map[string]any{"chain": "ETH", "sender": "0x1", "type": "INSTANCE", "time": 1700000000, "item_type": "inline", "signature": nil, "content": content}
+	raw, _ := json.Marshal(env)
+	raw, err = message.Regenerate(raw)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	msg, err := r.st.AddMessage(ctx, raw)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return msg.ItemHash
+}
+
+func tapIndex(t *testing.T, name string) int {
+	t.Helper()
+	iface, err := net.InterfaceByName(name)
+	if err != nil {
+		t.Fatalf("tap %s: %v", name, err)
+	}
+	return iface.Index
+}
+
+func TestInstanceLifecycle(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	ref := r.instanceMessage(2048)
+	m := r.manager()
+	if err := m.Start(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Start(ctx, ref); err != nil {
+		t.Fatalf("second start: %v", err)
+	}
+	rec, err := r.records.Get(ctx, ref)
+	if err != nil || rec.State != execution.StateRunning || rec.Tap != "avm4" || len(rec.Forwards) != 2 {
+		t.Fatalf("%+v %v", rec, err)
+	}
+	disks := filepath.Join(r.dir, "volumes", string(ref))
+	info, err := storage.Inspect(ctx, filepath.Join(disks, "rootfs.qcow2"))
+	if err != nil || info.VirtualSize != 2048<<20 || info.BackingFilename != filepath.Join(disks, "base") {
+		t.Errorf("root disk %+v %v", info, err)
+	}
+	for _, f := range []string{"cidata.iso", "volume-data.ext4"} {
+		if _, err := os.Stat(filepath.Join(disks, f)); err != nil {
+			t.Error(err)
+		}
+	}
+	ruleset := testenv.Cmd(t, "nft", "list", "table", "inet", network.TableName)
+	if !strings.Contains(ruleset, "tcp dport 24000 dnat ip to 172.16.4.2:22") || !strings.Contains(ruleset, "dnat ip to 172.16.4.2:80") {
+		t.Errorf("forwards missing:\n%s", ruleset)
+	}
+	pid := m.get(ref).vm.Pid()
+	tap := tapIndex(t, "avm4")
+
+	// The node stops (leaving the instance running) and starts again.
+	m.Shutdown()
+	m2 := r.manager()
+	if err := m2.Restore(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if iv := m2.get(ref); iv == nil || iv.vm.Pid() != pid {
+		t.Fatalf("instance not found again with pid %d", pid)
+	}
+	if tapIndex(t, "avm4") != tap {
+		t.Error("the running instance's tap was recreated")
+	}
+
+	// It dies while the node is down: the next node starts it again, on the
+	// same network and host ports.
+	m2.Shutdown()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for processAlive(pid) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	m3 := r.manager()
+	if err := m3.Restore(ctx); err != nil {
+		t.Fatal(err)
+	}
+	iv := m3.get(ref)
+	if iv == nil || iv.vm.Pid() == pid {
+		t.Fatal("dead instance not restarted")
+	}
+	if rec, _ := r.records.Get(ctx, ref); rec.Tap != "avm4" || rec.Forwards[0].HostPort != 24000 {
+		t.Errorf("restarted on another network or port: %+v", rec)
+	}
+
+	// Unlisted by the scheduler: stopped, disks kept.
+	res := m3.Allocate(ctx, nil)
+	if len(res.Stopped) != 1 || m3.Running(ref) {
+		t.Fatalf("allocate: %+v", res)
+	}
+	if _, err := os.Stat(filepath.Join(disks, "rootfs.qcow2")); err != nil {
+		t.Error("stop removed the disk")
+	}
+	if _, err := net.InterfaceByName("avm4"); err == nil {
+		t.Error("tap kept after stop")
+	}
+	res = m3.Allocate(ctx, []message.ItemHash{ref})
+	if len(res.Successful) != 1 || !m3.Running(ref) {
+		t.Fatalf("allocate: %+v", res)
+	}
+	if err := m3.Reboot(ctx, ref); err != nil || !m3.Running(ref) {
+		t.Fatalf("reboot: %v", err)
+	}
+	if err := m3.Erase(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(disks); !os.IsNotExist(err) {
+		t.Errorf("disks left after erase: %v", err)
+	}
+	if _, err := r.records.Get(ctx, ref); err == nil {
+		t.Error("record left after erase")
+	}
+	if ruleset := testenv.Cmd(t, "nft", "list", "table", "inet", network.TableName); strings.Contains(ruleset, "dnat") {
+		t.Errorf("forwards left after erase:\n%s", ruleset)
+	}
+}
+
+func TestInstanceRefusals(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	m := r.manager()
+	small := r.instanceMessage(16) // below the 32 MiB base
+	err := m.Start(ctx, small)
+	var e *execution.Error
+	if err == nil || !strings.Contains(err.Error(), "smaller than its base") {
+		t.Errorf("smaller than base: %v", err)
+	} else if !asError(err, &e) || e.Status != 400 {
+		t.Errorf("status: %v", err)
+	}
+	if _, err := net.InterfaceByName("avm4"); err == nil {
+		t.Error("failed start left its tap")
+	}
+	missing := message.ItemHash(strings.Repeat("ab", 32))
+	if err := m.Start(ctx, missing); !asError(err, &e) || e.Status != 404 {
+		t.Errorf("missing message: %v", err)
+	}
+}
+
+func asError(err error, target **execution.Error) bool {
+	e, ok := err.(*execution.Error)
+	if ok {
+		*target = e
+	}
+	return ok
+}
+
+func processAlive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || err == syscall.EPERM
+}
