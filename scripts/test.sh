@@ -8,6 +8,14 @@ cd "$(dirname "$0")/.."
 ensure_go
 echo "== $(go version)"
 
+# The tools the VM, network and disk tests drive. Without root they are
+# not installed and those tests skip, saying why.
+if [ "$(id -u)" -eq 0 ]; then
+	echo "== system packages"
+	apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs xfsprogs \
+		squashfs-tools genisoimage util-linux
+fi
+
 echo "== static checks"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 [ -z "$unformatted" ] || die "not gofmt'ed: $unformatted"
