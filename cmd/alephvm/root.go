@@ -57,6 +57,9 @@ prints the effective settings and where each came from.`,
 		newVersionCmd(),
 		newConfigCmd(a),
 		newMessageCmd(a),
+		newInstanceCmd(a),
+		newProgramCmd(a),
+		newVMCmd(a),
 		newStoreCmd(a),
 	)
 	return root

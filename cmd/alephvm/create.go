@@ -1,0 +1,334 @@
+package main
+
+import (
+	"archive/zip"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/store"
+)
+
+// localAddress is the owner of messages made on this node: they are
+// unsigned and never leave it.
+const localAddress = store.LocalSender
+
+// newMessage wraps content into an inline message of type t, regenerated
+// as the reference's create_new_message does.
+func newMessage(t message.Type, content map[string]any) ([]byte, error) {
+	env := map[string]any{
+		"chain": "ETH", "sender": localAddress, "type": string(t), "time": float64(time.Now().UnixMilli()) / 1000,
+		"item_type": "inline", "signature": nil, "channel": "alephvm-local", "content": content,
+	}
+	raw, err := json.Marshal(env)
+	if err != nil {
+		return nil, err
+	}
+	return message.Regenerate(raw)
+}
+
+// itemRef returns the store ref of arg: a ref as it is, or a local file,
+// added to the store first.
+func itemRef(ctx context.Context, s *store.Store, arg string) (message.ItemHash, error) {
+	if ref, err := message.ParseItemHash(arg); err == nil {
+		return ref, nil
+	}
+	if _, err := os.Stat(arg); err != nil {
+		return "", fmt.Errorf("%q is neither an item hash nor a file: %w", arg, err)
+	}
+	added, err := s.AddFile(ctx, arg)
+	if err != nil {
+		return "", err
+	}
+	return added.Ref, nil
+}
+
+func newInstanceCmd(a *app) *cobra.Command {
+	cmd := &cobra.Command{Use: "instance", Short: "Make INSTANCE messages"}
+	var image, size, name string
+	var keys []string
+	var vcpus, memory int
+	var internet bool
+	var ports []int
+	create := &cobra.Command{
+		Use:   "create",
+		Short: "Write and store an INSTANCE message; print its hash",
+		Long: `Write an INSTANCE message for a VM of --vcpus, --memory MiB and a root disk of
+--size over the base image --image (an item hash, or an image file added to the
+store first), with the SSH keys of the --ssh-key files, and store it on this
+node. Start it with "alephvm vm start HASH" against a running node, or list it
+in an allocation.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			sizeMiB, err := parseMiB(size)
+			if err != nil {
+				return fmt.Errorf("--size: %w", err)
+			}
+			var authorized []string
+			for _, f := range keys {
+				data, err := os.ReadFile(f)
+				if err != nil {
+					return fmt.Errorf("--ssh-key: %w", err)
+				}
+				for _, line := range strings.Split(string(data), "\n") {
+					if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+						authorized = append(authorized, line)
+					}
+				}
+			}
+			return a.withStore(cmd.Context(), func(s *store.Store) error {
+				parent, err := itemRef(cmd.Context(), s, image)
+				if err != nil {
+					return fmt.Errorf("--image: %w", err)
+				}
+				published := []any{}
+				for _, p := range ports {
+					published = append(published, map[string]any{"protocol": "tcp", "port": p})
+				}
+				content := map[string]any{
+					"address": localAddress, "time": float64(time.Now().Unix()), "allow_amend": false,
+					"metadata":        map[string]any{"name": name},
+					"authorized_keys": authorized,
+					"environment":     map[string]any{"internet": internet, "aleph_api": false, "hypervisor": "qemu"},
+					"resources":       map[string]any{"vcpus": vcpus, "memory": memory, "seconds": 30, "published_ports": published},
+					"rootfs":          map[string]any{"parent": map[string]any{"ref": string(parent), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
+					"volumes":         []any{},
+				}
+				raw, err := newMessage(message.TypeInstance, content)
+				if err != nil {
+					return err
+				}
+				msg, err := s.AddMessage(cmd.Context(), raw)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), msg.ItemHash)
+				return nil
+			})
+		},
+	}
+	create.Flags().StringVar(&image, "image", "", "base image: an item hash, or an image file to add to the store (required)")
+	create.Flags().StringVar(&size, "size", "4GiB", "root disk size (MiB, or with a unit: 8GiB, 10G)")
+	create.Flags().StringArrayVar(&keys, "ssh-key", nil, "file of SSH public keys to authorize (repeatable)")
+	create.Flags().IntVar(&vcpus, "vcpus", 1, "vCPUs")
+	create.Flags().IntVar(&memory, "memory", 1024, "memory in MiB")
+	create.Flags().BoolVar(&internet, "internet", false, "let the VM open connections to the outside world")
+	create.Flags().IntSliceVar(&ports, "publish", nil, "guest TCP ports to forward from the host, besides 22 (repeatable)")
+	create.Flags().StringVar(&name, "name", "", "a name for the instance, kept in its metadata")
+	_ = create.MarkFlagRequired("image")
+	cmd.AddCommand(create)
+	return cmd
+}
+
+// parseMiB reads a size in MiB, or with a unit (MiB, GiB, TiB, M, G, T).
+func parseMiB(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mib    float64
+	}{{"TiB", 1 << 20}, {"GiB", 1 << 10}, {"MiB", 1}, {"T", 1e12 / (1 << 20)}, {"G", 1e9 / (1 << 20)}, {"M", 1e6 / (1 << 20)}}
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(strings.TrimSpace(s), u.suffix); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
+			if err != nil || f <= 0 {
+				return 0, fmt.Errorf("invalid size %q", s)
+			}
+			return int64(f*u.mib + 0.999999), nil
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("invalid size %q: want MiB or a size with a unit such as 8GiB", s)
+	}
+	return n, nil
+}
+
+// packCode packs dir as the code of a program: a zip, or a squashfs
+// (mksquashfs), written to a temporary file the caller removes.
+func packCode(ctx context.Context, dir string, enc message.Encoding) (string, error) {
+	tmp, err := os.CreateTemp("", "alephvm-code-*")
+	if err != nil {
+		return "", err
+	}
+	path := tmp.Name()
+	switch enc {
+	case message.EncodingZip:
+		err = zipDir(tmp, dir)
+		if cerr := tmp.Close(); err == nil {
+			err = cerr
+		}
+	case message.EncodingSquashfs:
+		tmp.Close()
+		os.Remove(path)
+		out, cerr := exec.CommandContext(ctx, "mksquashfs", dir, path, "-noappend", "-quiet", "-no-progress", "-all-root").CombinedOutput()
+		if cerr != nil {
+			err = fmt.Errorf("mksquashfs: %w: %s", cerr, strings.TrimSpace(string(out)))
+		}
+	default:
+		tmp.Close()
+		err = fmt.Errorf("encoding must be zip or squashfs, got %q", enc)
+	}
+	if err != nil {
+		os.Remove(path)
+		return "", err
+	}
+	return path, nil
+}
+
+func zipDir(w io.Writer, dir string) error {
+	zw := zip.NewWriter(w)
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || path == dir {
+			return err
+		}
+		rel, err := filepath.Rel(dir, path)
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if !info.Mode().IsRegular() && !info.IsDir() {
+			return fmt.Errorf("%s: only files and directories can be packed", path)
+		}
+		h, err := zip.FileInfoHeader(info)
+		if err != nil {
+			return err
+		}
+		h.Name = filepath.ToSlash(rel)
+		if info.IsDir() {
+			h.Name += "/"
+			_, err = zw.CreateHeader(h)
+			return err
+		}
+		h.Method = zip.Deflate
+		fw, err := zw.CreateHeader(h)
+		if err != nil {
+			return err
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		_, err = io.Copy(fw, f)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return zw.Close()
+}
+
+func newProgramCmd(a *app) *cobra.Command {
+	cmd := &cobra.Command{Use: "program", Short: "Make PROGRAM messages"}
+	var entrypoint, iface, encoding, runtimeRef string
+	var vcpus, memory, seconds int
+	var internet bool
+	var env []string
+	create := &cobra.Command{
+		Use:   "create DIR",
+		Short: "Pack DIR as a program's code, store it with its PROGRAM message; print its hash and URL",
+		Long: `Pack DIR (zip, or squashfs with --encoding squashfs) as the code of a program,
+add it to the store, write the PROGRAM message with --entrypoint and the
+runtime (--runtime: an item hash or a squashfs file; by default the runtime
+built by "alephvm assets build"), store it, and print its hash and the URL a
+running node serves it at. The interface is --interface, else asgi when the
+entrypoint has a colon (module:app), else binary (a file of DIR that listens on
+port 8080).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if entrypoint == "" {
+				return errors.New("--entrypoint is required")
+			}
+			if st, err := os.Stat(args[0]); err != nil || !st.IsDir() {
+				return fmt.Errorf("%s is not a directory", args[0])
+			}
+			code, err := packCode(ctx, args[0], message.Encoding(encoding))
+			if err != nil {
+				return err
+			}
+			defer os.Remove(code)
+			variables := map[string]any{}
+			for _, kv := range env {
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok {
+					return fmt.Errorf("--env %q: want NAME=VALUE", kv)
+				}
+				variables[k] = v
+			}
+			return a.withStore(ctx, func(s *store.Store) error {
+				codeAdded, err := s.AddFile(ctx, code)
+				if err != nil {
+					return err
+				}
+				rt := runtimeRef
+				if rt == "" {
+					if rt, err = a.defaultRuntime(ctx); err != nil {
+						return err
+					}
+				}
+				runtime, err := itemRef(ctx, s, rt)
+				if err != nil {
+					return fmt.Errorf("--runtime: %w", err)
+				}
+				codeContent := map[string]any{"encoding": encoding, "entrypoint": entrypoint, "ref": string(codeAdded.Ref), "use_latest": false}
+				if iface != "" {
+					codeContent["interface"] = iface
+				}
+				content := map[string]any{
+					"address": localAddress, "time": float64(time.Now().Unix()), "type": "vm-function", "allow_amend": false,
+					"code":        codeContent,
+					"runtime":     map[string]any{"ref": string(runtime), "use_latest": false, "comment": "alephvm runtime"},
+					"on":          map[string]any{"http": true},
+					"environment": map[string]any{"reproducible": false, "internet": internet, "aleph_api": false, "shared_cache": false},
+					"resources":   map[string]any{"vcpus": vcpus, "memory": memory, "seconds": seconds},
+					"volumes":     []any{},
+				}
+				if len(variables) > 0 {
+					content["variables"] = variables
+				}
+				raw, err := newMessage(message.TypeProgram, content)
+				if err != nil {
+					return err
+				}
+				msg, err := s.AddMessage(ctx, raw)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), msg.ItemHash)
+				fmt.Fprintf(cmd.OutOrStdout(), "%s/vm/%s/\n", a.nodeClient().base, msg.ItemHash)
+				return nil
+			})
+		},
+	}
+	create.Flags().StringVar(&entrypoint, "entrypoint", "", "module:app for an ASGI app, or the file to run for a binary (required)")
+	create.Flags().StringVar(&iface, "interface", "", "asgi or binary (default: inferred from the entrypoint)")
+	create.Flags().StringVar(&encoding, "encoding", "zip", "how the code is packed: zip or squashfs")
+	create.Flags().StringVar(&runtimeRef, "runtime", "", "runtime: an item hash or a squashfs file (default: the one built by alephvm assets build)")
+	create.Flags().IntVar(&vcpus, "vcpus", 1, "vCPUs")
+	create.Flags().IntVar(&memory, "memory", 256, "memory in MiB")
+	create.Flags().IntVar(&seconds, "seconds", 30, "how long the program may take to answer a request")
+	create.Flags().BoolVar(&internet, "internet", false, "let the program open connections to the outside world")
+	create.Flags().StringArrayVar(&env, "env", nil, "NAME=VALUE variable for the program (repeatable)")
+	cmd.AddCommand(create)
+	return cmd
+}
+
+// defaultRuntime is the runtime a program gets when none is named.
+func (a *app) defaultRuntime(context.Context) (string, error) {
+	return "", errors.New("no runtime named: pass --runtime (an item hash or a squashfs file)")
+}
