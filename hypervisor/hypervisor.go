@@ -41,6 +41,10 @@ type Boot struct {
 	Kernel  string // kernel image (bzImage for QEMU, vmlinux for Firecracker)
 	Initrd  string
 	Cmdline string
+	// UEFI firmware for a disk that boots by itself: the code (read-only)
+	// and the VM's own copy of the variable store. Empty means BIOS.
+	FirmwareCode string
+	FirmwareVars string
 }
 
 // Drive is a block device given to the guest.
@@ -95,6 +99,9 @@ func (s Spec) Validate() error {
 		if len(n.MAC) != 6 {
 			errs = append(errs, fmt.Errorf("nic %d: MAC address %q is not a 6-byte address", i, n.MAC))
 		}
+	}
+	if (s.Boot.FirmwareCode == "") != (s.Boot.FirmwareVars == "") {
+		errs = append(errs, errors.New("boot: UEFI firmware needs both its code and its variable store"))
 	}
 	if s.Control && s.ControlPort == "" {
 		errs = append(errs, errors.New("control: the channel needs a port name"))

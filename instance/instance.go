@@ -39,10 +39,15 @@ type Options struct {
 	Hypervisor Hypervisor
 	Networks   execution.Networks
 	Records    *execution.Records
-	// Kernel boots instances whose base image is a plain ext4 filesystem
-	// (the form Firecracker boots); a partitioned base boots with its own
-	// bootloader.
-	Kernel execution.Kernel
+	// DirectBoot boots instances whose base image is a bare ext4
+	// filesystem (the form Firecracker boots): a kernel, an initramfs that
+	// mounts /dev/vda, and their command line.
+	DirectBoot execution.Kernel
+	// UEFICode and UEFIVars are the firmware of instances whose base image is
+	// a partitioned disk: the code, and the template of the variable store
+	// each instance gets a copy of.
+	UEFICode string
+	UEFIVars string
 	// VolumesDir keeps each instance's disks (VolumesDir/<hash>/), RunDir
 	// its runtime files (sockets, console).
 	VolumesDir string
@@ -212,9 +217,22 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		Drives: drives,
 		NICs:   []hypervisor.NIC{{Tap: att.Tap, MAC: att.MAC()}},
 	}
-	if form == formExt4 {
-		spec.Boot = hypervisor.Boot{Kernel: m.opts.Kernel.Kernel, Initrd: m.opts.Kernel.Initrd,
-			Cmdline: m.opts.Kernel.Cmdline + " alephvm.root=/dev/vda"}
+	switch form {
+	case formExt4:
+		if m.opts.DirectBoot.Kernel == "" {
+			return &execution.Error{Status: 503, Msg: "this node has no kernel to boot a bare ext4 base image"}
+		}
+		spec.Boot = hypervisor.Boot{Kernel: m.opts.DirectBoot.Kernel, Initrd: m.opts.DirectBoot.Initrd, Cmdline: m.opts.DirectBoot.Cmdline}
+	case formDisk:
+		if m.opts.UEFICode != "" {
+			vars := filepath.Join(disks, "efivars.fd")
+			if _, err := os.Stat(vars); errors.Is(err, os.ErrNotExist) {
+				if _, err := storage.CloneFile(m.opts.UEFIVars, vars); err != nil {
+					return fmt.Errorf("UEFI variable store: %w", err)
+				}
+			}
+			spec.Boot = hypervisor.Boot{FirmwareCode: m.opts.UEFICode, FirmwareVars: vars}
+		}
 	}
 	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: "qemu",
 		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap,

@@ -90,26 +90,33 @@ func (r *rig) instanceMessage(sizeMiB int) message.ItemHash {
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	content := map[string]any{
+	return r.storeInstance(map[string]any{
 		"address": "0x1", "time": 1700000000, "allow_amend": false,
 		"authorized_keys": []string{"ssh-ed25519 AAAA owner"},
 		"environment":     map[string]any{"internet": false, "hypervisor": "qemu"},
 		"resources":       map[string]any{"vcpus": 1, "memory": 128, "seconds": 30, "published_ports": []any{map[string]any{"port": 80}}},
 		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
 		"volumes":         []any{map[string]any{"name": "data", "persistence": "host", "size_mib": 16, "mount": "/data"}},
-	}
+	})
+}
+
+// storeInstance stores an INSTANCE message of content, regenerated.
+func (r *rig) storeInstance(content map[string]any) message.ItemHash {
+	r.t.Helper()
 	env := map[string]any{"chain": "ETH", "sender": "0x1", "type": "INSTANCE", "time": 1700000000, "item_type": "inline", "signature": nil, "content": content}
 	raw, _ := json.Marshal(env)
-	raw, err = message.Regenerate(raw)
+	raw, err := message.Regenerate(raw)
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	msg, err := r.st.AddMessage(ctx, raw)
+	msg, err := r.st.AddMessage(context.Background(), raw)
 	if err != nil {
 		r.t.Fatal(err)
 	}
 	return msg.ItemHash
 }
+
+func testLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 func tapIndex(t *testing.T, name string) int {
 	t.Helper()

@@ -38,6 +38,7 @@ func programSpec() hypervisor.Spec {
 func instanceSpec() hypervisor.Spec {
 	return hypervisor.Spec{
 		Name: "inst-9a8b7c", Dir: "/run/alephvm/vms/9a8b7c", VCPUs: 2, MemoryMiB: 2048,
+		Boot: hypervisor.Boot{FirmwareCode: "/usr/share/OVMF/OVMF_CODE_4M.fd", FirmwareVars: "/var/lib/alephvm/volumes/9a8b7c/efivars.fd"},
 		Drives: []hypervisor.Drive{
 			{Path: "/var/lib/alephvm/volumes/9a8b7c/rootfs.qcow2", Format: "qcow2"},
 			{Path: "/var/lib/alephvm/volumes/9a8b7c/cidata.iso", ReadOnly: true},

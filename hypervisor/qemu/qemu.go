@@ -91,6 +91,12 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 	if spec.RebootExits {
 		a = append(a, "-no-reboot")
 	}
+	if spec.Boot.FirmwareCode != "" {
+		a = append(a,
+			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+opt(spec.Boot.FirmwareCode),
+			"-drive", "if=pflash,format=raw,unit=1,file="+opt(spec.Boot.FirmwareVars),
+		)
+	}
 	if spec.Boot.Kernel != "" {
 		a = append(a, "-kernel", spec.Boot.Kernel)
 		if spec.Boot.Initrd != "" {

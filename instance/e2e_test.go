@@ -1,0 +1,195 @@
+package instance
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/alephvm/alephvm/baseimage"
+	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/internal/testenv"
+	"github.com/alephvm/alephvm/message"
+)
+
+// The default UEFI firmware of Debian's ovmf package.
+const (
+	ovmfCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	ovmfVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+)
+
+var (
+	baseOnce sync.Once
+	baseImg  baseimage.Image
+	baseErr  error
+)
+
+// builtBase builds the base image once per test cache.
+func builtBase(t *testing.T) baseimage.Image {
+	t.Helper()
+	testenv.RequireTools(t, "mmdebstrap", "mkfs.ext4")
+	dir := filepath.Join(testenv.CacheDir(t), "base-image")
+	baseOnce.Do(func() {
+		var log bytes.Buffer
+		baseImg, baseErr = baseimage.Build(context.Background(), dir, &log, testLog())
+		if baseErr != nil {
+			baseErr = fmt.Errorf("%w\n%s", baseErr, log.String())
+		}
+	})
+	if baseErr != nil {
+		t.Fatal(baseErr)
+	}
+	return baseImg
+}
+
+// sshKey makes a key pair for the test.
+func sshKey(t *testing.T) (private, public string) {
+	t.Helper()
+	testenv.RequireTools(t, "ssh-keygen", "ssh")
+	private = filepath.Join(t.TempDir(), "id_ed25519")
+	testenv.Cmd(t, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", private)
+	pub, err := os.ReadFile(private + ".pub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return private, strings.TrimSpace(string(pub))
+}
+
+func ssh(key, host string, command string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+		"-o", "ConnectTimeout=5", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@"+host, command)
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+// waitSSH waits until the instance answers over SSH and cloud-init is done.
+func waitSSH(t *testing.T, key, host string, timeout time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		if _, err := ssh(key, host, "cloud-init status --wait >/dev/null; true"); err == nil {
+			return time.Since(start)
+		}
+		if time.Since(start) > timeout {
+			t.Fatalf("no SSH on %s after %s", host, timeout)
+		}
+		time.Sleep(2 * time.Second)
+	}
+}
+
+// TestInstanceEndToEnd boots the default base image in both forms, with
+// cloud-init, logs in over SSH with the message's key, checks the disk's
+// size, writes a file, restarts the node under the running instance,
+// stops and starts the instance and reads the file back, then erases it.
+func TestInstanceEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots two Debian VMs under emulation: minutes")
+	}
+	r := newRig(t)
+	base := builtBase(t)
+	key, pub := sshKey(t)
+	testenv.RequireTools(t, "ssh")
+	if _, err := os.Stat(ovmfCode); err != nil {
+		t.Skipf("no UEFI firmware (install Debian's ovmf): %v", err)
+	}
+	forms := []struct {
+		name  string
+		image string
+	}{{"disk", base.Disk}, {"ext4", base.Ext4}}
+	// One manager per node process, shared by both forms as on a node.
+	opts := func(m *Manager) *Manager {
+		m.opts.DirectBoot = execution.Kernel{Kernel: base.Kernel, Initrd: base.Initrd, Cmdline: base.Cmdline}
+		m.opts.UEFICode, m.opts.UEFIVars = ovmfCode, ovmfVars
+		m.opts.StopTimeouts = qemu.StopTimeouts{Powerdown: 90 * time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
+		return m
+	}
+	m := opts(r.manager())
+	var mu sync.Mutex
+	restart := func() *Manager { // the node restarts under running instances
+		mu.Lock()
+		defer mu.Unlock()
+		m.Shutdown()
+		m = opts(r.manager())
+		if err := m.Restore(context.Background()); err != nil {
+			t.Errorf("restore: %v", err)
+		}
+		return m
+	}
+	current := func() *Manager { mu.Lock(); defer mu.Unlock(); return m }
+
+	for _, form := range forms {
+		t.Run(form.name, func(t *testing.T) {
+			ctx := context.Background()
+			ref := r.messageFor(form.image, 3072, pub)
+			start := time.Now()
+			if err := current().Start(ctx, ref); err != nil {
+				t.Fatal(err)
+			}
+			rec, _ := r.records.Get(ctx, ref)
+			ready := waitSSH(t, key, rec.IPv4, 6*time.Minute)
+			t.Logf("%s: allocation to SSH and cloud-init done: %s", form.name, time.Since(start).Round(time.Second))
+			_ = ready
+			out, err := ssh(key, rec.IPv4, "lsblk -bdno SIZE /dev/vda; df -B1 --output=size / | tail -1; echo kept > /root/data; sync")
+			if err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			fields := strings.Fields(out)
+			if len(fields) != 2 {
+				t.Fatalf("output %q", out)
+			}
+			disk, _ := strconv.ParseInt(fields[0], 10, 64)
+			fs, _ := strconv.ParseInt(fields[1], 10, 64)
+			if disk != 3072<<20 || fs < 2800<<20 {
+				t.Errorf("disk %d bytes and root filesystem %d bytes, want 3 GiB both", disk, fs)
+			}
+
+			restart()
+			if out, err := ssh(key, rec.IPv4, "cat /root/data"); err != nil || out != "kept" {
+				t.Fatalf("after the node restart: %q %v", out, err)
+			}
+			if _, err := current().Stop(ctx, ref); err != nil {
+				t.Fatal(err)
+			}
+			if err := current().Start(ctx, ref); err != nil {
+				t.Fatal(err)
+			}
+			waitSSH(t, key, rec.IPv4, 6*time.Minute)
+			if out, err := ssh(key, rec.IPv4, "cat /root/data"); err != nil || out != "kept" {
+				t.Fatalf("after stop and start: %q %v", out, err)
+			}
+			if err := current().Erase(ctx, ref); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(filepath.Join(r.dir, "volumes", string(ref))); !os.IsNotExist(err) {
+				t.Errorf("disks left: %v", err)
+			}
+		})
+	}
+}
+
+// messageFor stores an image and an INSTANCE message over it, with pub as
+// its SSH key.
+func (r *rig) messageFor(image string, sizeMiB int, pub string) message.ItemHash {
+	r.t.Helper()
+	added, err := r.st.AddFile(context.Background(), image)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return r.storeInstance(map[string]any{
+		"address": "0x1", "time": 1700000000, "allow_amend": false,
+		"authorized_keys": []string{pub},
+		"environment":     map[string]any{"internet": false, "hypervisor": "qemu"},
+		"resources":       map[string]any{"vcpus": 1, "memory": 1024, "seconds": 30},
+		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
+	})
+}
