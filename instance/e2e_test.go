@@ -33,7 +33,7 @@ var (
 )
 
 // builtBase builds the base image once per test cache.
-func builtBase(t *testing.T) baseimage.Image {
+func builtBase(t testing.TB) baseimage.Image {
 	t.Helper()
 	testenv.RequireTools(t, "mmdebstrap", "mkfs.ext4")
 	dir := filepath.Join(testenv.CacheDir(t), "base-image")
@@ -51,7 +51,7 @@ func builtBase(t *testing.T) baseimage.Image {
 }
 
 // sshKey makes a key pair for the test.
-func sshKey(t *testing.T) (private, public string) {
+func sshKey(t testing.TB) (private, public string) {
 	t.Helper()
 	testenv.RequireTools(t, "ssh-keygen", "ssh")
 	private = filepath.Join(t.TempDir(), "id_ed25519")
@@ -73,7 +73,7 @@ func ssh(key, host string, command string) (string, error) {
 }
 
 // waitSSH waits until the instance answers over SSH and cloud-init is done.
-func waitSSH(t *testing.T, key, host string, timeout time.Duration) time.Duration {
+func waitSSH(t testing.TB, key, host string, timeout time.Duration) time.Duration {
 	t.Helper()
 	start := time.Now()
 	for {
@@ -192,4 +192,32 @@ func (r *rig) messageFor(image string, sizeMiB int, pub string) message.ItemHash
 		"resources":       map[string]any{"vcpus": 1, "memory": 1024, "seconds": 30},
 		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
 	})
+}
+
+// BenchmarkAllocationToSSH times, for the UEFI disk form of the base image,
+// a start of a new instance until SSH answers and cloud-init is done (the
+// disk is made, the seed written, the VM booted). Under emulation (TCG)
+// this is minutes; run it with -benchtime 1x.
+func BenchmarkAllocationToSSH(b *testing.B) {
+	r := newRig(b)
+	base := builtBase(b)
+	key, pub := sshKey(b)
+	m := r.manager()
+	m.opts.UEFICode, m.opts.UEFIVars = ovmfCode, ovmfVars
+	ctx := context.Background()
+	var total time.Duration
+	for i := range b.N {
+		ref := r.messageFor(base.Disk, 2048+i, pub)
+		start := time.Now()
+		if err := m.Start(ctx, ref); err != nil {
+			b.Fatal(err)
+		}
+		rec, _ := r.records.Get(ctx, ref)
+		waitSSH(b, key, rec.IPv4, 6*time.Minute)
+		total += time.Since(start)
+		if err := m.Erase(ctx, ref); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(total.Seconds()/float64(b.N), "s/allocation-to-ssh")
 }

@@ -29,7 +29,7 @@ func TestMain(m *testing.M) { testenv.RunIsolated(m) }
 // rig is a node without its API: the store, the database, the network
 // and QEMU, as buildNode wires them.
 type rig struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	st      *store.Store
 	records *execution.Records
@@ -38,7 +38,7 @@ type rig struct {
 	log     *slog.Logger
 }
 
-func newRig(t *testing.T) *rig {
+func newRig(t testing.TB) *rig {
 	testenv.RequireIsolatedRoot(t)
 	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img", "nft", "mkfs.ext4")
 	ctx := context.Background()
