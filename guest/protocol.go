@@ -1,0 +1,198 @@
+package guest
+
+import (
+	"time"
+)
+
+// ProtocolVersion is the version of the control protocol; the guest
+// reports it in its hello.
+const ProtocolVersion = 1
+
+// The control channel: a virtio-serial port of this name under QEMU
+// (exposed on the host as a unix socket chardev), or this vsock port under
+// Firecracker (reached on the host through Firecracker's vsock unix socket
+// with "CONNECT <port>\n").
+const (
+	ControlPortName  = "org.alephvm.control"
+	ControlVsockPort = 52
+)
+
+// KernelCmdline is the kernel command line the init expects: the console
+// on the first serial port, quiet (console output is slow under emulation),
+// and a reboot instead of a hang if the init dies. Hypervisor backends
+// append their own arguments (Firecracker: pci=off).
+const KernelCmdline = "console=ttyS0 quiet panic=1 reboot=k"
+
+// State is where the workload is in its life.
+type State string
+
+// The workload states.
+const (
+	StateStarting State = "starting" // the init is setting up; no workload yet
+	StateRunning  State = "running"  // started, port 8080 not accepting yet
+	StateReady    State = "ready"    // port 8080 accepts connections
+	StateExited   State = "exited"   // the workload ended; ExitCode says how
+	StateFailed   State = "failed"   // the init could not start the workload; Error says why
+	StateHalting  State = "halting"  // a halt is under way
+)
+
+// Status is the init's view of the workload.
+type Status struct {
+	State State `json:"state"`
+	PID   int   `json:"pid,omitempty"`
+	// ExitCode is set once the workload has exited: its exit status, or
+	// 128 + the signal that killed it.
+	ExitCode  *int   `json:"exit_code,omitempty"`
+	Signal    int    `json:"signal,omitempty"`     // the signal that killed it, if any
+	OOMKilled bool   `json:"oom_killed,omitempty"` // the kernel's OOM killer killed a workload process
+	Error     string `json:"error,omitempty"`
+	Boot      Boot   `json:"boot"`
+}
+
+// Boot records when each step of the boot ended, as time since the kernel
+// started (the guest's CLOCK_BOOTTIME, which does not include firmware and
+// kernel decompression). Zero means not reached.
+type Boot struct {
+	InitStart  time.Duration `json:"init_start"`  // the init's first instruction
+	Modules    time.Duration `json:"modules"`     // kernel modules loaded, devices present
+	Config     time.Duration `json:"config"`      // config drive read
+	Mounts     time.Duration `json:"mounts"`      // root switched, every drive mounted
+	Network    time.Duration `json:"network"`     // hostname and eth0 configured
+	Control    time.Duration `json:"control"`     // control channel open
+	Started    time.Duration `json:"started"`     // workload process started
+	Ready      time.Duration `json:"ready"`       // port 8080 accepting
+	ModuleTime time.Duration `json:"module_time"` // time spent inside finit_module
+}
+
+// EventType names an asynchronous event from the guest.
+type EventType string
+
+// The events.
+const (
+	EventReady  EventType = "ready"  // the workload accepts connections on port 8080
+	EventExited EventType = "exited" // the workload ended (Status.ExitCode, Status.OOMKilled)
+	EventOOM    EventType = "oom"    // the OOM killer killed a process of the workload
+	EventFailed EventType = "failed" // the workload could not be started (Status.Error)
+)
+
+// Event is an asynchronous notice from the guest, with the status at that
+// moment.
+type Event struct {
+	Type   EventType `json:"type"`
+	Status Status    `json:"status"`
+}
+
+// Stream names where a log line was written.
+type Stream string
+
+// The workload's output streams.
+const (
+	Stdout Stream = "stdout"
+	Stderr Stream = "stderr"
+)
+
+// LogLine is one line of the workload's output.
+type LogLine struct {
+	Seq    uint64    `json:"seq"` // increasing from 1 over the VM's life
+	Time   time.Time `json:"time"`
+	Stream Stream    `json:"stream"`
+	Text   string    `json:"text"` // without the newline
+}
+
+// ExecRequest runs a command in the guest.
+type ExecRequest struct {
+	Argv []string          `json:"argv"`
+	Env  map[string]string `json:"env,omitempty"` // added to the workload's environment
+	// User runs the command: empty for the workload's user, or a name or
+	// uid[:gid] ("root" included).
+	User    string        `json:"user,omitempty"`
+	Dir     string        `json:"dir,omitempty"` // default /opt/code
+	Stdin   []byte        `json:"stdin,omitempty"`
+	Timeout time.Duration `json:"timeout,omitempty"` // default 60 s; the command is killed after it
+}
+
+// MaxExecOutput caps each of an exec's stdout and stderr.
+const MaxExecOutput = 1 << 20
+
+// ExecResult is how an exec'd command ended.
+type ExecResult struct {
+	ExitCode  int    `json:"exit_code"`        // exit status, or 128 + signal
+	Signal    int    `json:"signal,omitempty"` // the signal that killed it, if any
+	Stdout    []byte `json:"stdout"`
+	Stderr    []byte `json:"stderr"`
+	Truncated bool   `json:"truncated,omitempty"` // an output exceeded MaxExecOutput
+	TimedOut  bool   `json:"timed_out,omitempty"`
+}
+
+// Sysinfo is a snapshot of the guest's resources.
+type Sysinfo struct {
+	Uptime       time.Duration `json:"uptime"`
+	Load         [3]float64    `json:"load"`
+	CPUs         int           `json:"cpus"`
+	MemTotal     uint64        `json:"mem_total"` // bytes
+	MemAvailable uint64        `json:"mem_available"`
+	Processes    int           `json:"processes"`
+	Zombies      int           `json:"zombies"`
+	Mounts       []MountUsage  `json:"mounts"`
+	Network      []NetCounters `json:"network,omitempty"`
+}
+
+// MountUsage is the use of one mounted filesystem.
+type MountUsage struct {
+	Path      string `json:"path"`
+	Total     uint64 `json:"total"` // bytes
+	Available uint64 `json:"available"`
+}
+
+// NetCounters are an interface's traffic counters.
+type NetCounters struct {
+	Interface string `json:"interface"`
+	RxBytes   uint64 `json:"rx_bytes"`
+	TxBytes   uint64 `json:"tx_bytes"`
+}
+
+// Hello is the guest's answer to the hello that opens a session.
+type Hello struct {
+	Protocol    int    `json:"protocol"`
+	InitVersion string `json:"init_version"`
+	Status      Status `json:"status"`
+}
+
+// The operations of the protocol.
+const (
+	opHello   = "hello"
+	opStatus  = "status"
+	opLogs    = "logs"
+	opSignal  = "signal"
+	opExec    = "exec"
+	opSysinfo = "sysinfo"
+	opHalt    = "halt"
+	opCancel  = "cancel"
+)
+
+// request is one line from the host.
+type request struct {
+	ID     uint64       `json:"id"`
+	Op     string       `json:"op"`
+	Follow bool         `json:"follow,omitempty"` // logs
+	Signal int          `json:"signal,omitempty"` // signal
+	Exec   *ExecRequest `json:"exec,omitempty"`   // exec
+	Target uint64       `json:"target,omitempty"` // cancel
+}
+
+// reply is one line from the guest: a reply to request ID (the last one
+// has Done set), or an event when ID is 0.
+type reply struct {
+	ID      uint64      `json:"id,omitempty"`
+	Done    bool        `json:"done,omitempty"`
+	Error   string      `json:"error,omitempty"`
+	Hello   *Hello      `json:"hello,omitempty"`
+	Status  *Status     `json:"status,omitempty"`
+	Log     *LogLine    `json:"log,omitempty"`
+	Exec    *ExecResult `json:"exec,omitempty"`
+	Sysinfo *Sysinfo    `json:"sysinfo,omitempty"`
+	Event   *Event      `json:"event,omitempty"`
+}
+
+// maxLine bounds one line of the protocol in either direction.
+const maxLine = 8 << 20
