@@ -1,0 +1,508 @@
+// Package program launches program VMs: it turns a PROGRAM message into
+// drives, a config drive for the guest init, a network and a QEMU spec,
+// boots the VM, waits for the workload to listen, collects its output, and
+// releases everything it took when it stops, on every path. It implements
+// pool.Launcher.
+package program
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/network"
+	"github.com/alephvm/alephvm/pool"
+	"github.com/alephvm/alephvm/storage"
+	"github.com/alephvm/alephvm/store"
+)
+
+// Options configure the program launcher.
+type Options struct {
+	Store      execution.Store
+	Hypervisor execution.Hypervisor
+	Networks   execution.Networks
+	Records    *execution.Records
+	Kernel     execution.Kernel
+	// RunDir holds each running VM's directory (sockets, config drive,
+	// ephemeral volumes); VolumesDir the persistent volumes, by program.
+	RunDir     string
+	VolumesDir string
+	DNS        []netip.Addr
+	// ReadyTimeout bounds the wait for the workload to accept connections.
+	ReadyTimeout time.Duration
+	Logs         *LogArchive
+	Log          *slog.Logger
+}
+
+// Launcher launches program VMs; it implements pool.Launcher.
+type Launcher struct {
+	opts Options
+}
+
+// New returns a program launcher.
+func New(opts Options) *Launcher {
+	if opts.ReadyTimeout == 0 {
+		opts.ReadyTimeout = 2 * time.Minute
+	}
+	return &Launcher{opts: opts}
+}
+
+// programPlan is what Plan resolved and Boot uses.
+type programPlan struct {
+	msg     *message.Message
+	content *message.ProgramContent
+}
+
+// items are the refs a program is made of, with their use_latest flags.
+func programItems(c *message.ProgramContent) []itemRef {
+	items := []itemRef{
+		{"runtime", c.Runtime.Ref, c.Runtime.UseLatest},
+		{"code", c.Code.Ref, c.Code.UseLatest},
+	}
+	if c.Data != nil {
+		items = append(items, itemRef{"data", c.Data.Ref, c.Data.UseLatest != nil && *c.Data.UseLatest})
+	}
+	for i, v := range c.Volumes {
+		if v.Kind() == message.VolumeImmutable {
+			items = append(items, itemRef{"volume " + strconv.Itoa(i), v.Ref, v.UseLatest})
+		}
+	}
+	return items
+}
+
+type itemRef struct {
+	what      string
+	ref       message.ItemHash
+	useLatest bool
+}
+
+// Plan implements pool.Launcher: it reads the program's message and
+// resolves its items (downloading what is missing), so that the plan's
+// revision changes when an amend replaces one of them.
+func (p *Launcher) Plan(ctx context.Context, ref message.ItemHash) (*pool.Plan, error) {
+	msg, _, err := p.opts.Store.Message(ctx, ref)
+	if err != nil {
+		return nil, execution.StoreError("Message", ref, err)
+	}
+	content, ok := msg.Content.(*message.ProgramContent)
+	if !ok {
+		return nil, &execution.Error{Status: 400, Msg: fmt.Sprintf("Message %s is a %s, not a PROGRAM", ref, msg.Type)}
+	}
+	h := sha256.New()
+	for _, it := range programItems(content) {
+		item, err := p.opts.Store.Fetch(ctx, it.ref, it.useLatest)
+		if err != nil {
+			return nil, execution.StoreError("Item", it.ref, err)
+		}
+		fmt.Fprintf(h, "%s=%s;", it.what, item.Ref)
+		item.Release()
+	}
+	res := content.Resources
+	return &pool.Plan{
+		Ref:       ref,
+		Revision:  hex.EncodeToString(h.Sum(nil))[:16],
+		VCPUs:     int(res.VCPUs),
+		MemoryMiB: int(res.MemoryMiB),
+		Timeout:   time.Duration(res.Seconds) * time.Second,
+		CodeRef:   content.Code.Ref,
+		Payload:   &programPlan{msg: msg, content: content},
+	}, nil
+}
+
+// Boot implements pool.Launcher.
+func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, error) {
+	pp, ok := plan.Payload.(*programPlan)
+	if !ok {
+		return nil, errors.New("plan was not made by this launcher")
+	}
+	vm := &programVM{opts: &p.opts, ref: plan.Ref, done: make(chan struct{}), log: p.opts.Log.With("ref", plan.Ref)}
+	if err := vm.start(ctx, pp.content); err != nil {
+		vm.cleanup()
+		return nil, err
+	}
+	return vm, nil
+}
+
+// programVM is one running program.
+type programVM struct {
+	opts     *Options
+	ref      message.ItemHash
+	log      *slog.Logger
+	dir      string
+	att      network.Attachment
+	attached bool
+	items    []*store.Item
+	vm       *qemu.VM
+	client   *guest.Client
+	logs     *LogBuffer
+	recorded bool
+
+	stopOnce sync.Once
+	stopErr  error
+	done     chan struct{}
+}
+
+func (v *programVM) start(ctx context.Context, c *message.ProgramContent) error {
+	att, err := v.opts.Networks.Attach(string(v.ref), -1, c.Environment.Internet, nil)
+	if err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
+	v.att, v.attached = att, true
+	v.dir = filepath.Join(v.opts.RunDir, att.Tap)
+	if err := os.RemoveAll(v.dir); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(v.dir, 0o700); err != nil {
+		return fmt.Errorf("runtime directory: %w", err)
+	}
+
+	cfg := guest.Config{
+		Version:  guest.ConfigVersion,
+		Hostname: "vm-" + string(v.ref)[:8],
+		Network: &guest.Network{
+			Address: att.GuestPrefix(), Gateway: att.Host, DNS: v.opts.DNS,
+		},
+		Workload: guest.Workload{
+			Interface:  guest.Interface(c.Code.InferredInterface()),
+			Entrypoint: c.Code.Entrypoint,
+			Args:       c.Code.Args,
+			Variables:  c.Variables,
+		},
+	}
+	var drives []hypervisor.Drive
+	addDrive := func(path string, gd guest.Drive) {
+		drives = append(drives, hypervisor.Drive{Path: path, ReadOnly: gd.ReadOnly, Serial: string(gd.Role) + strconv.Itoa(len(drives))})
+		cfg.Drives = append(cfg.Drives, gd)
+	}
+
+	runtime, err := v.fetch(ctx, "runtime", c.Runtime.Ref, c.Runtime.UseLatest)
+	if err != nil {
+		return err
+	}
+	addDrive(runtime.Path, guest.Drive{Role: guest.RoleRuntime, Format: guest.FormatSquashfs, Mount: "/", ReadOnly: true})
+
+	code, err := v.fetch(ctx, "code", c.Code.Ref, c.Code.UseLatest)
+	if err != nil {
+		return err
+	}
+	addDrive(code.Path, codeDrive(c.Code, code.Size))
+
+	if c.Data != nil {
+		data, err := v.fetch(ctx, "data", c.Data.Ref, c.Data.UseLatest != nil && *c.Data.UseLatest)
+		if err != nil {
+			return err
+		}
+		// The reference unpacks the data at /data whatever data.mount says.
+		addDrive(data.Path, guest.Drive{Role: guest.RoleData, Format: encodingFormat(c.Data.Encoding), Mount: "/data", Size: data.Size})
+	}
+
+	for i, vol := range c.Volumes {
+		path, gd, err := v.volume(ctx, i, vol)
+		if err != nil {
+			return fmt.Errorf("volume %d: %w", i, err)
+		}
+		addDrive(path, gd)
+	}
+
+	cfgPath := filepath.Join(v.dir, "config.img")
+	if err := guest.WriteConfigDrive(cfgPath, cfg); err != nil {
+		return err
+	}
+	spec := hypervisor.Spec{
+		Name:      "prog-" + string(v.ref)[:12],
+		Dir:       v.dir,
+		VCPUs:     int(c.Resources.VCPUs),
+		MemoryMiB: int(c.Resources.MemoryMiB),
+		Boot:      hypervisor.Boot{Kernel: v.opts.Kernel.Kernel, Initrd: v.opts.Kernel.Initrd, Cmdline: v.opts.Kernel.Cmdline},
+		Drives:    append([]hypervisor.Drive{{Path: cfgPath, ReadOnly: true, Serial: "config"}}, drives...),
+		NICs:      []hypervisor.NIC{{Tap: att.Tap, MAC: att.MAC()}},
+		Control:   true, ControlPort: guest.ControlPortName,
+		RebootExits: true,
+	}
+	started := time.Now()
+	vm, err := v.opts.Hypervisor.Start(ctx, spec)
+	if err != nil {
+		return err
+	}
+	v.vm = vm
+	if err := v.connect(ctx); err != nil {
+		return err
+	}
+	readyCtx, cancel := context.WithTimeout(ctx, v.opts.ReadyTimeout)
+	defer cancel()
+	st, err := v.client.WaitFor(readyCtx, func(s guest.Status) bool { return s.State != guest.StateStarting && s.State != guest.StateRunning })
+	if err != nil {
+		return fmt.Errorf("wait for the program to listen on port %d: %w (console: %s)", guest.Port, err, vm.ConsoleLog())
+	}
+	if st.State != guest.StateReady {
+		return &execution.Error{Status: 502, Msg: "program did not start: " + describeStatus(st) + lastLines(v.logs)}
+	}
+	v.log.Info("program ready", "took", time.Since(started).Round(time.Millisecond), "kernel_to_ready", st.Boot.Ready, "ip", v.att.Guest)
+	if v.opts.Records != nil {
+		err := v.opts.Records.Put(ctx, execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateRunning, Hypervisor: "qemu",
+			VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap, IPv4Network: att.Network.String(),
+			IPv4: att.Guest.String(), VMDir: v.dir, StartedAt: time.Now()})
+		if err != nil {
+			return err
+		}
+		v.recorded = true
+	}
+	go v.watch()
+	return nil
+}
+
+// connect opens the control channel and starts collecting the program's
+// output.
+func (v *programVM) connect(ctx context.Context) error {
+	conn, err := (&net.Dialer{}).DialContext(ctx, "unix", v.vm.ControlSocket())
+	if err != nil {
+		return fmt.Errorf("control channel: %w", err)
+	}
+	helloCtx, cancel := context.WithTimeout(ctx, v.opts.ReadyTimeout)
+	defer cancel()
+	client, err := guest.NewClient(helloCtx, conn)
+	if err != nil {
+		conn.Close()
+		return fmt.Errorf("control channel: %w (console: %s)", err, v.vm.ConsoleLog())
+	}
+	v.client = client
+	v.logs = v.opts.Logs.Start(v.ref)
+	go func() {
+		_ = client.Logs(context.Background(), true, v.logs.Add)
+	}()
+	return nil
+}
+
+// watch stops the VM when its workload ends or the VM dies: the pool then
+// boots a fresh one for the next request.
+func (v *programVM) watch() {
+	for {
+		select {
+		case ev, ok := <-v.client.Events():
+			if !ok {
+				continue
+			}
+			if ev.Type == guest.EventExited || ev.Type == guest.EventFailed {
+				v.log.Warn("program workload ended", "status", describeStatus(ev.Status))
+				v.logs.System("program ended: " + describeStatus(ev.Status))
+				go v.Stop(context.Background())
+				return
+			}
+			if ev.Type == guest.EventOOM {
+				v.logs.System("the out-of-memory killer killed a process of the program")
+			}
+		case <-v.vm.Done():
+			go v.Stop(context.Background())
+			return
+		}
+	}
+}
+
+func describeStatus(s guest.Status) string {
+	switch {
+	case s.Error != "":
+		return string(s.State) + ": " + s.Error
+	case s.OOMKilled && s.ExitCode != nil:
+		return fmt.Sprintf("%s with code %d (killed by the out-of-memory killer)", s.State, *s.ExitCode)
+	case s.ExitCode != nil:
+		return fmt.Sprintf("%s with code %d", s.State, *s.ExitCode)
+	}
+	return string(s.State)
+}
+
+// lastLines appends the program's last output to an error message.
+func lastLines(b *LogBuffer) string {
+	if b == nil {
+		return ""
+	}
+	lines := b.Tail(20)
+	if len(lines) == 0 {
+		return ""
+	}
+	var sb strings.Builder
+	sb.WriteString("; last output:")
+	for _, l := range lines {
+		sb.WriteString("\n" + l.Text)
+	}
+	return sb.String()
+}
+
+func encodingFormat(e message.Encoding) guest.Format {
+	switch e {
+	case message.EncodingZip:
+		return guest.FormatZip
+	case message.EncodingPlain:
+		return guest.FormatFile
+	}
+	return guest.FormatSquashfs
+}
+
+func codeDrive(c message.CodeContent, size int64) guest.Drive {
+	return guest.Drive{Role: guest.RoleCode, Format: encodingFormat(c.Encoding), Mount: "/opt/code", ReadOnly: true, Size: size}
+}
+
+func (v *programVM) fetch(ctx context.Context, what string, ref message.ItemHash, useLatest bool) (*store.Item, error) {
+	item, err := v.opts.Store.Fetch(ctx, ref, useLatest)
+	if err != nil {
+		return nil, execution.StoreError(strings.ToUpper(what[:1])+what[1:], ref, err)
+	}
+	v.items = append(v.items, item)
+	return item, nil
+}
+
+// volume prepares one volume of the message: an immutable one is fetched,
+// an ephemeral one made fresh in the VM's directory, a persistent one kept
+// under VolumesDir for the program. A volume without a mount point is
+// mounted at /mnt/<name>, as the reference does.
+func (v *programVM) volume(ctx context.Context, i int, vol message.MachineVolume) (string, guest.Drive, error) {
+	name := fmt.Sprintf("volume-%d", i)
+	if vol.Name != nil && *vol.Name != "" {
+		name = execution.SafeName.ReplaceAllString(*vol.Name, "_")
+	}
+	mount := "/mnt/" + name
+	if vol.Mount != nil && *vol.Mount != "" {
+		mount = *vol.Mount
+	}
+	switch vol.Kind() {
+	case message.VolumeImmutable:
+		item, err := v.fetch(ctx, "volume", vol.Ref, vol.UseLatest)
+		if err != nil {
+			return "", guest.Drive{}, err
+		}
+		return item.Path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatSquashfs, Mount: mount, ReadOnly: true}, nil
+	case message.VolumeEphemeral:
+		path := filepath.Join(v.dir, fmt.Sprintf("ephemeral-%d.ext4", i))
+		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, ""); err != nil {
+			return "", guest.Drive{}, err
+		}
+		return path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount}, nil
+	default:
+		if vol.Persistence != nil && *vol.Persistence == message.PersistenceStore {
+			return "", guest.Drive{}, &execution.Error{Status: 400, Msg: "persistent volumes kept on the network (persistence: store) are not supported"}
+		}
+		if vol.Parent != nil {
+			return "", guest.Drive{}, &execution.Error{Status: 400, Msg: "persistent volumes with a parent are not supported for programs"}
+		}
+		dir := filepath.Join(v.opts.VolumesDir, string(v.ref))
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return "", guest.Drive{}, err
+		}
+		path := filepath.Join(dir, name+".ext4")
+		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, name); err != nil {
+			return "", guest.Drive{}, err
+		}
+		return path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount, Persistent: true, Name: name}, nil
+	}
+}
+
+// Target implements pool.Program.
+func (v *programVM) Target() *url.URL {
+	return &url.URL{Scheme: "http", Host: net.JoinHostPort(v.att.Guest.String(), strconv.Itoa(guest.Port))}
+}
+
+// Done implements pool.Program.
+func (v *programVM) Done() <-chan struct{} { return v.done }
+
+// Networking implements pool.Program.
+func (v *programVM) Networking() pool.Networking {
+	return pool.Networking{IPv4Network: v.att.Network.String(), HostIPv4: v.att.Host.String(), IPv4: v.att.Guest.String(), Tap: v.att.Tap}
+}
+
+// stopTimeouts suit a program: its init halts in about a second, and has
+// nothing to do with the ACPI power button.
+var stopTimeouts = qemu.StopTimeouts{Halt: 15 * time.Second, Powerdown: time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
+
+// Stop implements pool.Program: the init unmounts everything and powers
+// off (QEMU escalates if it does not), then everything the VM held is
+// released.
+func (v *programVM) Stop(ctx context.Context) error {
+	v.stopOnce.Do(func() {
+		if v.vm != nil {
+			var halt func(context.Context) error
+			if v.client != nil {
+				halt = v.client.Halt
+			}
+			v.stopErr = v.vm.Stop(ctx, halt, stopTimeouts)
+		}
+		v.cleanup()
+		close(v.done)
+	})
+	return v.stopErr
+}
+
+// cleanup releases what start took, in reverse order; it is safe after a
+// partial start.
+func (v *programVM) cleanup() {
+	if v.client != nil {
+		v.client.Close()
+	}
+	if v.logs != nil {
+		v.opts.Logs.Finish(v.ref, v.logs)
+	}
+	for _, it := range v.items {
+		it.Release()
+	}
+	v.items = nil
+	if v.dir != "" {
+		if err := os.RemoveAll(v.dir); err != nil {
+			v.log.Error("remove VM directory", "dir", v.dir, "err", err)
+		}
+	}
+	if v.attached {
+		if err := v.opts.Networks.Detach(string(v.ref)); err != nil {
+			v.log.Error("release network", "err", err)
+		}
+		v.attached = false
+	}
+	if v.recorded {
+		if err := v.opts.Records.SetState(context.Background(), v.ref, execution.StateStopped); err != nil {
+			v.log.Error("record program stop", "err", err)
+		}
+	}
+}
+
+// StopOrphans stops the program VMs an earlier node process left running
+// (programs do not survive the node) and records them stopped.
+func (p *Launcher) StopOrphans(ctx context.Context, attach func(ctx context.Context, dir string) (*qemu.VM, error)) error {
+	recs, err := p.opts.Records.List(ctx, execution.KindProgram)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, rec := range recs {
+		if rec.State == execution.StateStopped {
+			continue
+		}
+		if vm, err := attach(ctx, rec.VMDir); err == nil {
+			p.opts.Log.Info("stopping a program left running by an earlier node", "ref", rec.Ref)
+			if err := vm.Stop(ctx, nil, qemu.StopTimeouts{Quit: 10 * time.Second, Kill: 5 * time.Second}); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		}
+		if rec.VMDir != "" {
+			_ = os.RemoveAll(rec.VMDir)
+		}
+		if err := p.opts.Records.SetState(ctx, rec.Ref, execution.StateStopped); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
