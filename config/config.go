@@ -52,6 +52,12 @@ type Config struct {
 	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
 	QEMUAccel           string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
 	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"User QEMU drops its privileges to once its devices are open; empty keeps root."`
+	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
+	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
+	ProgramKernel       string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
+	ProgramInitrd       string  `env:"INITRD_PATH" yaml:"initrd_path" help:"Initramfs of program VMs, holding the guest init."`
+	FakeInstanceBase    string  `env:"FAKE_INSTANCE_BASE" yaml:"fake_instance_base" help:"Developer mode (serve --run-fake-instance): the base image file of the fake instance; empty means the built base image's UEFI disk."`
+	FakeInstanceMessage string  `env:"FAKE_INSTANCE_MESSAGE" yaml:"fake_instance_message" help:"Developer mode: the INSTANCE message file of the fake instance; its rootfs parent is replaced by the fake base image."`
 	InstanceHypervisor  string  `env:"INSTANCE_DEFAULT_HYPERVISOR" yaml:"instance_default_hypervisor" help:"Hypervisor of instances whose message names none: qemu or firecracker."`
 	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest."`
 	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
@@ -81,6 +87,8 @@ func Default() Config {
 		IPv4PrefixLength:   24,
 		QEMUAccel:          "auto",
 		InstanceHypervisor: "qemu",
+		UEFICode:           "/usr/share/OVMF/OVMF_CODE_4M.fd",
+		UEFIVars:           "/usr/share/OVMF/OVMF_VARS_4M.fd",
 		HostMemoryReserved: 2048,
 		VCPUOvercommit:     4,
 		InitTimeout:        Seconds(2 * time.Minute),

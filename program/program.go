@@ -132,6 +132,9 @@ func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, err
 	if !ok {
 		return nil, errors.New("plan was not made by this launcher")
 	}
+	if p.opts.Kernel.Kernel == "" || p.opts.Kernel.Initrd == "" {
+		return nil, &execution.Error{Status: 503, Msg: "this node cannot run programs: it has no guest kernel and initramfs (LINUX_PATH, INITRD_PATH)"}
+	}
 	vm := &programVM{opts: &p.opts, ref: plan.Ref, done: make(chan struct{}), log: p.opts.Log.With("ref", plan.Ref)}
 	if err := vm.start(ctx, pp.content); err != nil {
 		vm.cleanup()

@@ -88,6 +88,11 @@ in an allocation.`,
 					}
 				}
 			}
+			if path, named, err := a.baseImagePath(image); err != nil {
+				return err
+			} else if named {
+				image = path
+			}
 			return a.withStore(cmd.Context(), func(s *store.Store) error {
 				parent, err := itemRef(cmd.Context(), s, image)
 				if err != nil {
@@ -119,7 +124,7 @@ in an allocation.`,
 			})
 		},
 	}
-	create.Flags().StringVar(&image, "image", "", "base image: an item hash, or an image file to add to the store (required)")
+	create.Flags().StringVar(&image, "image", "", "base image: debian-12 (the built UEFI disk), debian-12-ext4, an item hash, or an image file to add to the store (required)")
 	create.Flags().StringVar(&size, "size", "4GiB", "root disk size (MiB, or with a unit: 8GiB, 10G)")
 	create.Flags().StringArrayVar(&keys, "ssh-key", nil, "file of SSH public keys to authorize (repeatable)")
 	create.Flags().IntVar(&vcpus, "vcpus", 1, "vCPUs")

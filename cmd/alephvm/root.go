@@ -60,6 +60,8 @@ prints the effective settings and where each came from.`,
 		newInstanceCmd(a),
 		newProgramCmd(a),
 		newVMCmd(a),
+		newServeCmd(a),
+		newBaseImageCmd(a),
 		newStoreCmd(a),
 	)
 	return root

@@ -1,0 +1,317 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/alephvm/alephvm/api"
+	"github.com/alephvm/alephvm/auth"
+	"github.com/alephvm/alephvm/baseimage"
+	"github.com/alephvm/alephvm/config"
+	"github.com/alephvm/alephvm/db"
+	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/instance"
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/network"
+	"github.com/alephvm/alephvm/pool"
+	"github.com/alephvm/alephvm/program"
+	"github.com/alephvm/alephvm/store"
+)
+
+func newServeCmd(a *app) *cobra.Command {
+	var fakeInstance bool
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the node: its HTTP API, its programs and its instances",
+		Long: `Run the compute node. It serves the HTTP API on SUPERVISOR_HOST:SUPERVISOR_PORT:
+programs at /vm/<item_hash>/ (booted on their first request), the executions
+lists under /about, and the scheduler's and operator's routes under /control.
+Instances that were running are found again (or restarted) at start.
+
+On SIGTERM or SIGINT it stops accepting requests, lets those in flight finish,
+stops the program VMs and leaves the instances running for the next start.
+
+It needs root: it creates taps, nftables rules and VMs.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return serve(cmd.Context(), a, fakeInstance)
+		},
+	}
+	cmd.Flags().BoolVar(&fakeInstance, "run-fake-instance", false,
+		"developer mode: store FAKE_INSTANCE_MESSAGE over FAKE_INSTANCE_BASE (default: the built base image's UEFI disk) and start it")
+	a.bindCommandSettings(cmd)
+	return cmd
+}
+
+// node is everything serve wires together.
+type node struct {
+	cfg       config.Config
+	log       *slog.Logger
+	store     *store.Store
+	records   *execution.Records
+	networks  *network.Manager
+	programs  *pool.Pool
+	instances *instance.Manager
+	logs      *program.LogArchive
+	driver    *qemu.Driver
+}
+
+func serve(ctx context.Context, a *app, fakeInstance bool) error {
+	cfg, log := a.cfg.Config, a.log
+	n, cleanup, err := buildNode(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	if fakeInstance {
+		ref, err := startFakeInstance(ctx, n)
+		if err != nil {
+			return fmt.Errorf("fake instance: %w", err)
+		}
+		log.Info("fake instance started", "ref", ref)
+		fmt.Fprintln(a.stdout, ref)
+	}
+
+	authn, err := auth.NewAllocation(auth.AllocationOptions{
+		TokenHash: cfg.AllocationTokenHash, Signers: cfg.AllocationSigners, MaxAge: cfg.AllocationMaxAge.Duration(),
+	})
+	if err != nil {
+		return err
+	}
+	handler := api.New(api.Options{
+		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
+		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody), Version: buildVersion(), Log: log,
+	})
+	addr := net.JoinHostPort(cfg.SupervisorHost, strconv.Itoa(cfg.SupervisorPort))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 30 * time.Second}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	log.Info("node serving", "addr", ln.Addr().String(), "version", buildVersion())
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: finishing requests in flight")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		log.Warn("requests still in flight at shutdown", "err", err)
+	}
+	if err := n.programs.Shutdown(shutdownCtx); err != nil {
+		log.Error("stop programs", "err", err)
+	}
+	n.instances.Shutdown()
+	log.Info("node stopped; instances keep running")
+	return nil
+}
+
+// buildNode opens the node's state and starts its managers, finding the
+// VMs left by an earlier run.
+func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node, func(), error) {
+	if os.Geteuid() != 0 {
+		return nil, nil, errors.New("the node needs root: it creates taps, nftables rules and VMs")
+	}
+	runDir := filepath.Join(cfg.ExecutionRoot, "vms")
+	volumesDir := filepath.Join(cfg.ExecutionRoot, "volumes")
+	for _, d := range []string{cfg.ExecutionRoot, cfg.CacheRoot, runDir, volumesDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, nil, err
+		}
+	}
+	database, err := db.Open(ctx, db.Path(cfg.ExecutionRoot), log)
+	if err != nil {
+		return nil, nil, err
+	}
+	cleanup := func() { database.Close() }
+	fail := func(err error) (*node, func(), error) {
+		cleanup()
+		return nil, nil, err
+	}
+	st, err := store.Open(ctx, store.Options{Root: cfg.CacheRoot, DB: database, APIServer: cfg.APIServer,
+		IPFSGateway: cfg.IPFSGateway, MaxSize: int64(cfg.CacheMaxSize), StallTimeout: cfg.StallTimeout.Duration(), Log: log})
+	if err != nil {
+		return fail(err)
+	}
+	networks, dns, err := buildNetwork(cfg, log)
+	if err != nil {
+		return fail(err)
+	}
+	driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs}, log)
+	if err != nil {
+		return fail(err)
+	}
+	kernel := programKernel(cfg, log)
+	base, baseErr := baseimage.Load(baseImageDir(cfg))
+	if baseErr != nil {
+		log.Warn("no base image built: instances of bare ext4 images cannot boot (alephvm base-image build)", "err", baseErr)
+	}
+	n := &node{cfg: cfg, log: log, store: st, records: execution.NewRecords(database), networks: networks,
+		logs: program.NewLogArchive(1000), driver: driver}
+	launcher := program.New(program.Options{
+		Store: st, Hypervisor: driver, Networks: networks, Kernel: kernel, Records: n.records,
+		RunDir: runDir, VolumesDir: volumesDir, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
+	})
+	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: capacity(cfg, log),
+		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
+	n.instances = instance.New(instance.Options{
+		Store: st, Hypervisor: driver, Networks: networks, Records: n.records,
+		DirectBoot: execution.Kernel{Kernel: base.Kernel, Initrd: base.Initrd, Cmdline: base.Cmdline},
+		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
+		VolumesDir: volumesDir, RunDir: runDir, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, Log: log,
+	})
+
+	// Programs do not outlive the node: any left by a crash are stopped.
+	if err := launcher.StopOrphans(ctx, driver.Attach); err != nil {
+		log.Error("stop programs left by an earlier run", "err", err)
+	}
+	if err := n.instances.Restore(ctx); err != nil {
+		log.Error("find instances again", "err", err)
+	}
+	if err := networks.RemoveOrphanTaps(); err != nil {
+		log.Error("remove orphan taps", "err", err)
+	}
+	if err := networks.Apply(); err != nil {
+		return fail(err)
+	}
+	return n, cleanup, nil
+}
+
+func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []netip.Addr, error) {
+	poolPrefix, err := netip.ParsePrefix(cfg.IPv4AddressPool)
+	if err != nil {
+		return nil, nil, err
+	}
+	netPool, err := network.NewPool(poolPrefix, cfg.IPv4PrefixLength, 4)
+	if err != nil {
+		return nil, nil, err
+	}
+	uplink := cfg.NetworkInterface
+	if uplink == "" {
+		if uplink, err = network.Uplink(); err != nil {
+			log.Warn("no uplink: VMs will reach nothing beyond the node", "err", err)
+		}
+	}
+	if err := network.EnableForwarding(); err != nil {
+		return nil, nil, err
+	}
+	var dns []netip.Addr
+	for _, s := range cfg.DNSNameservers {
+		dns = append(dns, netip.MustParseAddr(s)) // checked by config.Validate
+	}
+	if len(dns) == 0 {
+		if dns, err = network.HostResolvers(); err != nil {
+			log.Warn("guests get no DNS server", "err", err)
+		}
+	}
+	log.Info("network", "uplink", uplink, "pool", poolPrefix, "dns", dns)
+	return network.NewManager(netPool, network.NewFirewall(uplink, poolPrefix), network.DefaultPorts, log), dns, nil
+}
+
+// capacity is what the node may give to program VMs: its memory less what
+// the host keeps, and its CPUs times the overcommit factor.
+func capacity(cfg config.Config, log *slog.Logger) pool.Capacity {
+	c := pool.Capacity{VCPUs: int(float64(runtime.NumCPU()) * cfg.VCPUOvercommit)}
+	if total, err := memTotalMiB(); err == nil {
+		c.MemoryMiB = total - cfg.HostMemoryReserved
+	} else {
+		log.Warn("memory of the host unknown: no memory admission control", "err", err)
+	}
+	log.Info("capacity for VMs", "memory_mib", c.MemoryMiB, "vcpus", c.VCPUs)
+	return c
+}
+
+func memTotalMiB() (int, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if fields := strings.Fields(sc.Text()); len(fields) >= 2 && fields[0] == "MemTotal:" {
+			kb, err := strconv.Atoi(fields[1])
+			return kb / 1024, err
+		}
+	}
+	return 0, errors.New("no MemTotal in /proc/meminfo")
+}
+
+// baseImageDir is where the default base image is built.
+func baseImageDir(cfg config.Config) string { return filepath.Join(cfg.CacheRoot, "base-image") }
+
+// programKernel is what program VMs boot: the kernel and initramfs named
+// by the settings. Without them the node serves no program, and says why.
+func programKernel(cfg config.Config, log *slog.Logger) execution.Kernel {
+	if cfg.ProgramKernel == "" || cfg.ProgramInitrd == "" {
+		log.Warn("no guest kernel and initramfs: programs cannot run on this node (set LINUX_PATH and INITRD_PATH)")
+		return execution.Kernel{}
+	}
+	return execution.Kernel{Kernel: cfg.ProgramKernel, Initrd: cfg.ProgramInitrd, Cmdline: guest.KernelCmdline}
+}
+
+// startFakeInstance is the reference's developer mode: a local base image
+// and a local INSTANCE message, whose rootfs parent is made the image's
+// ref, are stored and the instance started.
+func startFakeInstance(ctx context.Context, n *node) (message.ItemHash, error) {
+	base := n.cfg.FakeInstanceBase
+	if base == "" {
+		img, err := baseimage.Load(baseImageDir(n.cfg))
+		if err != nil {
+			return "", fmt.Errorf("no FAKE_INSTANCE_BASE and no built base image (alephvm base-image build): %w", err)
+		}
+		base = img.Disk
+	}
+	if n.cfg.FakeInstanceMessage == "" {
+		return "", errors.New("FAKE_INSTANCE_MESSAGE is not set")
+	}
+	added, err := n.store.AddFile(ctx, base)
+	if err != nil {
+		return "", err
+	}
+	raw, err := os.ReadFile(n.cfg.FakeInstanceMessage)
+	if err != nil {
+		return "", err
+	}
+	var env map[string]any
+	if err := json.Unmarshal(raw, &env); err != nil {
+		return "", fmt.Errorf("%s: %w", n.cfg.FakeInstanceMessage, err)
+	}
+	content, _ := env["content"].(map[string]any)
+	rootfs, _ := content["rootfs"].(map[string]any)
+	if rootfs == nil {
+		return "", fmt.Errorf("%s is not an INSTANCE message with a rootfs", n.cfg.FakeInstanceMessage)
+	}
+	rootfs["parent"] = map[string]any{"ref": string(added.Ref), "use_latest": false}
+	raw, _ = json.Marshal(env)
+	if raw, err = message.Regenerate(raw); err != nil {
+		return "", err
+	}
+	msg, err := n.store.AddMessage(ctx, raw)
+	if err != nil {
+		return "", err
+	}
+	return msg.ItemHash, n.instances.Start(ctx, msg.ItemHash)
+}

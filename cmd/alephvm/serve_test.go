@@ -1,0 +1,123 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/alephvm/alephvm/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.RunIsolated(m) }
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// syncBuffer is a bytes.Buffer safe for the serving goroutine to write.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestServe runs the node and drives an instance through its API with the
+// CLI: create, start, list, refused without the token, stop, erase; then
+// the node shuts down on its context.
+func TestServe(t *testing.T) {
+	testenv.RequireIsolatedRoot(t)
+	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img", "nft", "mkfs.ext4")
+	dir := t.TempDir()
+	sum := sha256.Sum256([]byte("test"))
+	port := freePort(t)
+	env := []string{
+		"ALEPH_VM_EXECUTION_ROOT=" + filepath.Join(dir, "state"), "ALEPH_VM_CACHE_ROOT=" + filepath.Join(dir, "cache"),
+		"ALEPH_VM_SUPERVISOR_PORT=" + strconv.Itoa(port), "ALEPH_VM_ALLOCATION_TOKEN_HASH=" + hex.EncodeToString(sum[:]),
+		"ALEPH_VM_NETWORK_INTERFACE=lo", "ALEPH_VM_DNS_NAMESERVERS=10.0.0.53", "ALEPH_VM_QEMU_ACCEL=tcg",
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var serveErr syncBuffer
+	served := make(chan int, 1)
+	go func() {
+		var out syncBuffer
+		served <- run(ctx, []string{"serve"}, &out, &serveErr, env)
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node did not listen:\n%s", serveErr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	base := filepath.Join(dir, "base.img")
+	img := make([]byte, 16<<20)
+	img[510], img[511] = 0x55, 0xaa
+	os.WriteFile(base, img, 0o644)
+	code, out, errOut := runCLI(t, env, "instance", "create", "--image", base, "--size", "64", "--memory", "128", "--publish", "80")
+	if code != 0 {
+		t.Fatalf("create: %s %s", out, errOut)
+	}
+	ref := strings.TrimSpace(out)
+	withToken := append(env, "ALEPH_VM_ALLOCATION_TOKEN=test")
+	if code, _, errOut := runCLI(t, append(env, "ALEPH_VM_ALLOCATION_TOKEN=wrong"), "vm", "start", ref); code == 0 || !strings.Contains(errOut, "401") {
+		t.Errorf("start with a wrong token: %d %s", code, errOut)
+	}
+	if code, out, errOut := runCLI(t, withToken, "vm", "start", ref); code != 0 {
+		t.Fatalf("start: %s %s\n%s", out, errOut, serveErr.String())
+	}
+	code, out, _ = runCLI(t, env, "vm", "list")
+	if code != 0 || !strings.Contains(out, ref) || !strings.Contains(out, "running") || !strings.Contains(out, "24000->22") || !strings.Contains(out, "->80") {
+		t.Errorf("list:\n%s", out)
+	}
+	if code, out, _ := runCLI(t, withToken, "vm", "stop", ref); code != 0 || !strings.Contains(out, "Stopped") {
+		t.Errorf("stop: %s", out)
+	}
+	if code, out, _ := runCLI(t, withToken, "vm", "erase", ref); code != 0 || !strings.Contains(out, "Erased") {
+		t.Errorf("erase: %s", out)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state", "volumes", ref)); !os.IsNotExist(err) {
+		t.Errorf("disks left after erase: %v", err)
+	}
+	cancel()
+	select {
+	case code := <-served:
+		if code != 0 {
+			t.Errorf("serve exited %d:\n%s", code, serveErr.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("serve did not stop")
+	}
+	if !strings.Contains(serveErr.String(), "node stopped") {
+		t.Errorf("no clean shutdown in the log:\n%s", serveErr.String())
+	}
+}
