@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -50,43 +49,6 @@ func builtBase(t testing.TB) baseimage.Image {
 	return baseImg
 }
 
-// sshKey makes a key pair for the test.
-func sshKey(t testing.TB) (private, public string) {
-	t.Helper()
-	testenv.RequireTools(t, "ssh-keygen", "ssh")
-	private = filepath.Join(t.TempDir(), "id_ed25519")
-	testenv.Cmd(t, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", private)
-	pub, err := os.ReadFile(private + ".pub")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return private, strings.TrimSpace(string(pub))
-}
-
-func ssh(key, host string, command string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-		"-o", "ConnectTimeout=5", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@"+host, command)
-	out, err := cmd.CombinedOutput()
-	return strings.TrimSpace(string(out)), err
-}
-
-// waitSSH waits until the instance answers over SSH and cloud-init is done.
-func waitSSH(t testing.TB, key, host string, timeout time.Duration) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for {
-		if _, err := ssh(key, host, "cloud-init status --wait >/dev/null; true"); err == nil {
-			return time.Since(start)
-		}
-		if time.Since(start) > timeout {
-			t.Fatalf("no SSH on %s after %s", host, timeout)
-		}
-		time.Sleep(2 * time.Second)
-	}
-}
-
 // TestInstanceEndToEnd boots the default base image in both forms, with
 // cloud-init, logs in over SSH with the message's key, checks the disk's
 // size, writes a file, restarts the node under the running instance,
@@ -97,7 +59,7 @@ func TestInstanceEndToEnd(t *testing.T) {
 	}
 	r := newRig(t)
 	base := builtBase(t)
-	key, pub := sshKey(t)
+	key, pub := testenv.SSHKey(t)
 	testenv.RequireTools(t, "ssh")
 	if _, err := os.Stat(ovmfCode); err != nil {
 		t.Skipf("no UEFI firmware (install Debian's ovmf): %v", err)
@@ -136,10 +98,9 @@ func TestInstanceEndToEnd(t *testing.T) {
 				t.Fatal(err)
 			}
 			rec, _ := r.records.Get(ctx, ref)
-			ready := waitSSH(t, key, rec.IPv4, 6*time.Minute)
+			testenv.WaitSSH(t, key, rec.IPv4, 6*time.Minute)
 			t.Logf("%s: allocation to SSH and cloud-init done: %s", form.name, time.Since(start).Round(time.Second))
-			_ = ready
-			out, err := ssh(key, rec.IPv4, "lsblk -bdno SIZE /dev/vda; df -B1 --output=size / | tail -1; echo kept > /root/data; sync")
+			out, err := testenv.SSH(key, rec.IPv4, "lsblk -bdno SIZE /dev/vda; df -B1 --output=size / | tail -1; echo kept > /root/data; sync")
 			if err != nil {
 				t.Fatalf("%v: %s", err, out)
 			}
@@ -154,7 +115,7 @@ func TestInstanceEndToEnd(t *testing.T) {
 			}
 
 			restart()
-			if out, err := ssh(key, rec.IPv4, "cat /root/data"); err != nil || out != "kept" {
+			if out, err := testenv.SSH(key, rec.IPv4, "cat /root/data"); err != nil || out != "kept" {
 				t.Fatalf("after the node restart: %q %v", out, err)
 			}
 			if _, err := current().Stop(ctx, ref); err != nil {
@@ -163,8 +124,8 @@ func TestInstanceEndToEnd(t *testing.T) {
 			if err := current().Start(ctx, ref); err != nil {
 				t.Fatal(err)
 			}
-			waitSSH(t, key, rec.IPv4, 6*time.Minute)
-			if out, err := ssh(key, rec.IPv4, "cat /root/data"); err != nil || out != "kept" {
+			testenv.WaitSSH(t, key, rec.IPv4, 6*time.Minute)
+			if out, err := testenv.SSH(key, rec.IPv4, "cat /root/data"); err != nil || out != "kept" {
 				t.Fatalf("after stop and start: %q %v", out, err)
 			}
 			if err := current().Erase(ctx, ref); err != nil {
@@ -201,7 +162,7 @@ func (r *rig) messageFor(image string, sizeMiB int, pub string) message.ItemHash
 func BenchmarkAllocationToSSH(b *testing.B) {
 	r := newRig(b)
 	base := builtBase(b)
-	key, pub := sshKey(b)
+	key, pub := testenv.SSHKey(b)
 	m := r.manager()
 	m.opts.UEFICode, m.opts.UEFIVars = ovmfCode, ovmfVars
 	ctx := context.Background()
@@ -213,7 +174,7 @@ func BenchmarkAllocationToSSH(b *testing.B) {
 			b.Fatal(err)
 		}
 		rec, _ := r.records.Get(ctx, ref)
-		waitSSH(b, key, rec.IPv4, 6*time.Minute)
+		testenv.WaitSSH(b, key, rec.IPv4, 6*time.Minute)
 		total += time.Since(start)
 		if err := m.Erase(ctx, ref); err != nil {
 			b.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -81,6 +82,26 @@ func MaybeRunHelper() {
 			fmt.Fprintln(c, c.RemoteAddr())
 			c.Close()
 		}
+	case "send":
+		// Send _BYTES bytes and report the seconds it took, for throughput.
+		n, _ := strconv.ParseInt(os.Getenv(helperEnv+"_BYTES"), 10, 64)
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		buf := make([]byte, 1<<20)
+		start := time.Now()
+		for sent := int64(0); sent < n; sent += int64(len(buf)) {
+			if _, err := c.Write(buf); err != nil {
+				fmt.Println("error:", err)
+				os.Exit(1)
+			}
+		}
+		c.(*net.TCPConn).CloseWrite()
+		io.Copy(io.Discard, c) // the sink closes once it has read everything
+		fmt.Println(time.Since(start).Seconds())
+		os.Exit(0)
 	case "dial":
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err != nil {
@@ -127,6 +148,30 @@ func Listen(t testing.TB, ns, addr string) {
 		t.Fatalf("listen on %s in %s: %s", addr, ns, line)
 	}
 	go io.Copy(io.Discard, out)
+}
+
+// Send writes n bytes to addr from inside ns (empty: the test's own
+// namespace) and returns how long it took, the receiver having read
+// everything.
+func Send(ns, addr string, n int64) (time.Duration, error) {
+	var cmd *exec.Cmd
+	if ns == "" {
+		self, _ := os.Executable()
+		cmd = exec.Command(self)
+		cmd.Env = append(os.Environ(), helperEnv+"=send", helperEnv+"_ADDR="+addr)
+	} else {
+		cmd = helper(ns, "send", addr)
+	}
+	cmd.Env = append(cmd.Env, helperEnv+"_BYTES="+strconv.FormatInt(n, 10))
+	out, err := cmd.Output()
+	if err != nil {
+		return 0, fmt.Errorf("send to %s from %q: %v: %s", addr, ns, err, out)
+	}
+	secs, err := strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+	if err != nil {
+		return 0, fmt.Errorf("send to %s: %s", addr, out)
+	}
+	return time.Duration(secs * float64(time.Second)), nil
 }
 
 // Dial connects to addr from inside ns and returns the source address the
