@@ -56,6 +56,8 @@ func NewFirewall(uplink string, pool netip.Prefix) *Firewall {
 // The table holds:
 //   - prerouting (nat): each port forward, from any interface but a VM's,
 //     DNATed to its VM;
+//   - output (nat): the same forwards for connections the node itself
+//     opens to one of its own addresses;
 //   - postrouting (nat): masquerade of VM traffic leaving by the uplink;
 //   - forward (filter): established traffic, each VM's egress to the uplink
 //     when it has internet, and forwarded ports into each VM; every other
@@ -83,6 +85,7 @@ func (f *Firewall) Apply(vms []VMRules) error {
 		return conn.AddChain(&nftables.Chain{Name: name, Table: table, Type: typ, Hooknum: hook, Priority: prio, Policy: &accept})
 	}
 	pre := chain("prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
+	out := chain("output", nftables.ChainTypeNAT, nftables.ChainHookOutput, nftables.ChainPriorityNATDest)
 	post := chain("postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
 	fwd := chain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
 	in := chain("input", nftables.ChainTypeFilter, nftables.ChainHookInput, nftables.ChainPriorityFilter)
@@ -93,6 +96,7 @@ func (f *Firewall) Apply(vms []VMRules) error {
 	for _, vm := range vms {
 		for _, fw := range vm.Forwards {
 			rule(pre, ifname(expr.MetaKeyIIFNAME, expr.CmpOpNeq, tapPrefix), ipv4(), l4(fw.Proto), dport(fw.HostPort), dnat(vm.Guest, fw.GuestPort))
+			rule(out, ipv4(), localDestination(), l4(fw.Proto), dport(fw.HostPort), dnat(vm.Guest, fw.GuestPort))
 		}
 	}
 	if f.uplink != "" {
@@ -225,6 +229,15 @@ func dnat(to netip.Addr, port uint16) []expr.Any {
 }
 
 func masquerade() []expr.Any { return []expr.Any{&expr.Masq{}} }
+
+// localDestination matches packets to one of the host's own addresses.
+func localDestination() []expr.Any {
+	const rtnLocal = 2
+	return []expr.Any{
+		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(rtnLocal)},
+	}
+}
 
 func ctState(bits uint32) []expr.Any {
 	return []expr.Any{

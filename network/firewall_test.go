@@ -59,6 +59,7 @@ func TestFirewallIsolation(t *testing.T) {
 		{"vm to host service on its gateway", vm4, "172.16.4.1:9999", false, ""},
 		{"vm to host service on the uplink", vm4, "10.99.0.1:9999", false, ""},
 		{"port forward from outside", internet, "10.99.0.1:24000", true, "10.99.0.2"},
+		{"port forward from the node itself", "", "10.99.0.1:24000", true, "10.99.0.1"},
 		{"unforwarded port from outside", internet, "172.16.4.2:8080", false, ""},
 	}
 	for _, r := range reach {

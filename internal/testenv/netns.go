@@ -115,9 +115,14 @@ func MaybeRunHelper() {
 	os.Exit(2)
 }
 
+// helper runs this test binary as a helper in ns, or in the test's own
+// namespace when ns is empty.
 func helper(ns, mode, addr string) *exec.Cmd {
 	self, _ := os.Executable()
-	cmd := exec.Command("ip", "netns", "exec", ns, self)
+	cmd := exec.Command(self)
+	if ns != "" {
+		cmd = exec.Command("ip", "netns", "exec", ns, self)
+	}
 	cmd.Env = append(os.Environ(), helperEnv+"="+mode, helperEnv+"_ADDR="+addr, helperEnv+"_NET=tcp")
 	return cmd
 }
@@ -127,14 +132,7 @@ func helper(ns, mode, addr string) *exec.Cmd {
 // address.
 func Listen(t testing.TB, ns, addr string) {
 	t.Helper()
-	var cmd *exec.Cmd
-	if ns == "" {
-		self, _ := os.Executable()
-		cmd = exec.Command(self)
-		cmd.Env = append(os.Environ(), helperEnv+"=listen", helperEnv+"_ADDR="+addr, helperEnv+"_NET=tcp")
-	} else {
-		cmd = helper(ns, "listen", addr)
-	}
+	cmd := helper(ns, "listen", addr)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -154,14 +152,7 @@ func Listen(t testing.TB, ns, addr string) {
 // namespace) and returns how long it took, the receiver having read
 // everything.
 func Send(ns, addr string, n int64) (time.Duration, error) {
-	var cmd *exec.Cmd
-	if ns == "" {
-		self, _ := os.Executable()
-		cmd = exec.Command(self)
-		cmd.Env = append(os.Environ(), helperEnv+"=send", helperEnv+"_ADDR="+addr)
-	} else {
-		cmd = helper(ns, "send", addr)
-	}
+	cmd := helper(ns, "send", addr)
 	cmd.Env = append(cmd.Env, helperEnv+"_BYTES="+strconv.FormatInt(n, 10))
 	out, err := cmd.Output()
 	if err != nil {
@@ -174,7 +165,8 @@ func Send(ns, addr string, n int64) (time.Duration, error) {
 	return time.Duration(secs * float64(time.Second)), nil
 }
 
-// Dial connects to addr from inside ns and returns the source address the
+// Dial connects to addr from inside ns (empty: the test's own namespace)
+// and returns the source address the
 // listener saw, or an error if no connection could be made within a
 // second.
 func Dial(ns, addr string) (string, error) {
