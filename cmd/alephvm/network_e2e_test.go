@@ -209,19 +209,27 @@ while True:
 	}
 	time.Sleep(time.Second)
 	// From the node itself the two paths differ only by the forward's DNAT;
-	// from outside the forward also crosses the uplink's veth pair.
+	// from outside the forward also crosses the uplink's veth pair. Under
+	// emulation the guest's CPU sets the pace and varies: the paths take
+	// turns, after a warm-up, and each keeps its best of three.
 	const size = 64 << 20
 	fwd := fmt.Sprintf("10.99.0.1:%d", vms[a].Networking.MappedPorts["5001"].Host)
-	mbps := func(d time.Duration) float64 { return float64(size) / d.Seconds() / 1e6 }
-	direct, err1 := testenv.Send("", ipA+":5001", size)
-	viaForward, err2 := testenv.Send("", fwd, size)
-	fromOutside, err3 := testenv.Send(internet, fwd, size)
-	if err1 != nil || err2 != nil || err3 != nil {
-		t.Errorf("throughput: %v %v %v", err1, err2, err3)
-	} else {
-		t.Logf("TCP into a VM under TCG: %.1f MB/s to its address, %.1f MB/s through the port forward (ratio %.2f), %.1f MB/s through it from outside",
-			mbps(direct), mbps(viaForward), direct.Seconds()/viaForward.Seconds(), mbps(fromOutside))
+	testenv.Send("", ipA+":5001", size/4)
+	best := map[string]time.Duration{}
+	for range 3 {
+		for _, p := range []struct{ name, ns, addr string }{{"direct", "", ipA + ":5001"}, {"forward", "", fwd}, {"outside", internet, fwd}} {
+			d, err := testenv.Send(p.ns, p.addr, size)
+			if err != nil {
+				t.Fatalf("throughput %s: %v", p.name, err)
+			}
+			if best[p.name] == 0 || d < best[p.name] {
+				best[p.name] = d
+			}
+		}
 	}
+	mbps := func(d time.Duration) float64 { return float64(size) / d.Seconds() / 1e6 }
+	t.Logf("TCP into a VM under TCG: %.1f MB/s to its address, %.1f MB/s through the port forward: ratio %.2f; %.1f MB/s through it from outside",
+		mbps(best["direct"]), mbps(best["forward"]), best["direct"].Seconds()/best["forward"].Seconds(), mbps(best["outside"]))
 
 	// The node is killed: the VMs run on; a new node finds them with their
 	// addresses and forwards.
