@@ -224,22 +224,16 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 	return vm, nil
 }
 
-// waitForQMP connects to QEMU's QMP socket as soon as it listens.
+// waitForQMP connects to QEMU's QMP socket as soon as it accepts.
 func waitForQMP(ctx context.Context, socket string, exited <-chan struct{}) (*QMP, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	for {
-		if _, err := os.Stat(socket); err == nil {
-			return DialQMP(ctx, socket)
-		}
-		select {
-		case <-exited:
-			return nil, errors.New("qemu exited")
-		case <-ctx.Done():
-			return nil, fmt.Errorf("wait for QMP socket: %w", ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
+	var qmp *QMP
+	err := hypervisor.WaitFor(ctx, "QMP socket", exited, func(ctx context.Context) (err error) {
+		qmp, err = DialQMP(ctx, socket)
+		return err
+	})
+	return qmp, err
 }
 
 // Attach finds the VM whose runtime directory is dir, started by this or an
