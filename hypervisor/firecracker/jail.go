@@ -40,7 +40,7 @@ const (
 	ConfigFile    = "firecracker.json"
 	LogFile       = "firecracker.log"
 	MetricsFile   = "metrics.json"
-	ConsoleLog    = "console.log" // Firecracker's stdout: the guest's serial console
+	ConsoleLog    = "console.log"      // Firecracker's stdout: the guest's serial console
 	ArgsFile      = "firecracker.args" // the command line, for whoever debugs
 	StateFile     = "vm.json"
 	APISocket     = "firecracker.sock" // without the jailer
