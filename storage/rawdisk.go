@@ -53,6 +53,19 @@ func HasDeviceMapper() (bool, string) {
 	return true, deviceMapperControl + " exists"
 }
 
+// ChooseRawDiskMethod is the rule: a device-mapper snapshot where the
+// host has device-mapper, else a reflink where the filesystem has them,
+// else a copy.
+func ChooseRawDiskMethod(deviceMapper, reflink bool) RawDiskMethod {
+	switch {
+	case deviceMapper:
+		return DeviceMapper
+	case reflink:
+		return ReflinkCopy
+	}
+	return PlainCopy
+}
+
 // RawDiskMethodFor says how raw disks in dir will be made, and why.
 func RawDiskMethodFor(dir string) (RawDiskMethod, string) {
 	dm, why := HasDeviceMapper()
@@ -62,11 +75,13 @@ func RawDiskMethodFor(dir string) (RawDiskMethod, string) {
 	reflink, err := SupportsReflink(dir)
 	switch {
 	case err != nil:
-		return PlainCopy, fmt.Sprintf("%s; and reflinks in %s cannot be probed: %v", why, dir, err)
+		why = fmt.Sprintf("%s; and reflinks in %s cannot be probed: %v", why, dir, err)
 	case reflink:
-		return ReflinkCopy, fmt.Sprintf("%s; %s supports reflinks", why, dir)
+		why = fmt.Sprintf("%s; %s supports reflinks", why, dir)
+	default:
+		why = fmt.Sprintf("%s; %s does not support reflinks (xfs and btrfs do)", why, dir)
 	}
-	return PlainCopy, fmt.Sprintf("%s; %s does not support reflinks (xfs and btrfs do)", why, dir)
+	return ChooseRawDiskMethod(false, reflink), why
 }
 
 // RawDisk is a raw root disk made by CreateRawDisk.

@@ -61,6 +61,7 @@ prints the effective settings and where each came from.`,
 		newProgramCmd(a),
 		newVMCmd(a),
 		newStoreCmd(a),
+		newDoctorCmd(a),
 	)
 	return root
 }

@@ -268,7 +268,7 @@ func ResolveAccel(ctx context.Context, binary, accel string) (string, error) {
 	case "kvm", "tcg":
 		return accel, nil
 	case "", "auto":
-		if probeKVM(ctx, binary) {
+		if KVMUsable(ctx, binary) {
 			return "kvm", nil
 		}
 		return "tcg", nil
@@ -276,11 +276,12 @@ func ResolveAccel(ctx context.Context, binary, accel string) (string, error) {
 	return "", fmt.Errorf("qemu accelerator must be auto, kvm or tcg, got %q", accel)
 }
 
-// probeKVM boots a 5-byte guest under KVM: its firmware writes 0x31 to
-// QEMU's isa-debug-exit port, which ends QEMU with status 0x31<<1|1. A
-// /dev/kvm that cannot run ordinary guests (as under nested
+// KVMUsable reports whether KVM runs ordinary guests here, by booting a
+// 5-byte guest under it with binary (a qemu-system-x86_64): its firmware
+// writes 0x31 to QEMU's isa-debug-exit port, which ends QEMU with status
+// 0x31<<1|1. A /dev/kvm that cannot run ordinary guests (as under nested
 // virtualization without the needed CPU features) fails or hangs instead.
-func probeKVM(ctx context.Context, binary string) bool {
+func KVMUsable(ctx context.Context, binary string) bool {
 	if _, err := os.Stat("/dev/kvm"); err != nil {
 		return false
 	}
