@@ -1,7 +1,10 @@
 // Package firecracker runs VMs with Firecracker: the VM's whole
 // configuration is generated as a Firecracker config file (checked against
-// the v1.16.1 API spec in the tests), and a thin client of the API socket
-// does what the file cannot (start, ctrl-alt-del, pause, resume).
+// the v1.16.1 API spec in the tests), which boots the VM by itself; a thin
+// client of the API socket does what the file cannot (ctrl-alt-del, pause,
+// resume). Each Firecracker runs through the jailer in a jail laid out by
+// PlanJail, and is held by a pidfd so that it is found again after a node
+// restart. DialVsock is the host end of the guest's vsock.
 package firecracker
 
 import (
