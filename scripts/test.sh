@@ -13,7 +13,7 @@ echo "== $(go version)"
 if [ "$(id -u)" -eq 0 ]; then
 	echo "== system packages"
 	apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs xfsprogs \
-		squashfs-tools genisoimage util-linux
+		squashfs-tools genisoimage util-linux cpio dmsetup
 fi
 
 echo "== static checks"
