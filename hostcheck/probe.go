@@ -6,9 +6,7 @@
 package hostcheck
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -184,8 +182,7 @@ func probeTun() Probe {
 }
 
 func probeCgroups() Probe {
-	v := firecracker.CgroupVersion()
-	have, err := cgroupControllers(v)
+	v, have, err := firecracker.CgroupControllers()
 	if err != nil {
 		return Probe{Found: fmt.Sprintf("cgroup v%d: %v", v, err)}
 	}
@@ -199,29 +196,4 @@ func probeCgroups() Probe {
 		return Probe{Found: fmt.Sprintf("cgroup v%d without the %s controller: the jailer cannot limit VMs", v, strings.Join(missing, " and "))}
 	}
 	return Probe{OK: true, Found: fmt.Sprintf("cgroup v%d with the cpu and memory controllers", v)}
-}
-
-// cgroupControllers lists the controllers of cgroup version v: those of
-// the v2 root, or those mounted as v1 hierarchies.
-func cgroupControllers(v int) ([]string, error) {
-	if v == 2 {
-		data, err := os.ReadFile("/sys/fs/cgroup/cgroup.controllers")
-		return strings.Fields(string(data)), err
-	}
-	f, err := os.Open("/proc/self/mounts")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if fields := strings.Fields(sc.Text()); len(fields) >= 4 && fields[2] == "cgroup" {
-			out = append(out, strings.Split(fields[3], ",")...)
-		}
-	}
-	if len(out) == 0 && sc.Err() == nil {
-		return nil, errors.New("no cgroup hierarchy is mounted")
-	}
-	return out, sc.Err()
 }

@@ -282,25 +282,32 @@ func (j *Jail) Remove() error {
 
 // mountsUnder lists the mount points under dir, deepest first.
 func mountsUnder(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
 	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
+	err := readMounts("/proc/self/mountinfo", func(fields []string) {
 		if len(fields) < 5 {
-			continue
+			return
 		}
-		mp := unescapeMount(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+		if mp := unescapeMount(fields[4]); mp == dir || strings.HasPrefix(mp, dir+"/") {
 			out = append(out, mp)
 		}
-	}
+	})
 	slices.SortFunc(out, func(a, b string) int { return len(b) - len(a) })
-	return out, sc.Err()
+	return out, err
+}
+
+// readMounts calls fn with the fields of each line of a /proc mounts file
+// (mounts or mountinfo).
+func readMounts(path string, fn func(fields []string)) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fn(strings.Fields(sc.Text()))
+	}
+	return sc.Err()
 }
 
 // unescapeMount undoes the octal escapes of /proc mount files (\040 for a
@@ -327,29 +334,12 @@ func unescapeMount(s string) string {
 // <mount>/<parent>/<id> in each v1 hierarchy whose controller it sets, or
 // in the v2 hierarchy; the parent is the binary's name by default.
 func jailCgroups(execName, id string) ([]string, error) {
-	f, err := os.Open("/proc/self/mounts")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
+	mounts, err := cgroupMounts()
 	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 4 {
-			continue
+	for _, m := range mounts {
+		if m.v2 || slices.Contains(m.controllers, "cpu") || slices.Contains(m.controllers, "memory") {
+			out = append(out, filepath.Join(m.dir, execName, id))
 		}
-		switch fields[2] {
-		case "cgroup2":
-		case "cgroup":
-			opts := strings.Split(fields[3], ",")
-			if !slices.Contains(opts, "cpu") && !slices.Contains(opts, "memory") {
-				continue
-			}
-		default:
-			continue
-		}
-		out = append(out, filepath.Join(unescapeMount(fields[1]), execName, id))
 	}
-	return out, sc.Err()
+	return out, err
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -66,6 +67,55 @@ func CgroupVersion() int {
 		return 2
 	}
 	return 1
+}
+
+// cgroupMount is a mounted cgroup hierarchy.
+type cgroupMount struct {
+	dir         string
+	v2          bool
+	controllers []string // of a v1 hierarchy
+}
+
+// mountFlags are the options of a v1 cgroup mount that name no controller.
+var mountFlags = map[string]bool{"rw": true, "ro": true, "nosuid": true, "nodev": true, "noexec": true,
+	"relatime": true, "noatime": true, "strictatime": true, "xattr": true, "clone_children": true, "noprefix": true}
+
+func cgroupMounts() ([]cgroupMount, error) {
+	var out []cgroupMount
+	err := readMounts("/proc/self/mounts", func(fields []string) {
+		if len(fields) < 4 {
+			return
+		}
+		switch fields[2] {
+		case "cgroup2":
+			out = append(out, cgroupMount{dir: unescapeMount(fields[1]), v2: true})
+		case "cgroup":
+			m := cgroupMount{dir: unescapeMount(fields[1])}
+			for _, opt := range strings.Split(fields[3], ",") {
+				if !mountFlags[opt] && !strings.Contains(opt, "=") {
+					m.controllers = append(m.controllers, opt)
+				}
+			}
+			out = append(out, m)
+		}
+	})
+	return out, err
+}
+
+// CgroupControllers returns the cgroup version jails use (CgroupVersion)
+// and the controllers it offers: the v2 root's, or those mounted as v1
+// hierarchies.
+func CgroupControllers() (version int, controllers []string, err error) {
+	version = CgroupVersion()
+	if version == 2 {
+		data, err := os.ReadFile("/sys/fs/cgroup/cgroup.controllers")
+		return version, strings.Fields(string(data)), err
+	}
+	mounts, err := cgroupMounts()
+	for _, m := range mounts {
+		controllers = append(controllers, m.controllers...)
+	}
+	return version, controllers, err
 }
 
 // freeUID returns the first of JailUIDs uids from first that no jail under
