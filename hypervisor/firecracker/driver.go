@@ -148,6 +148,9 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 	if err != nil {
 		return nil, err
 	}
+	if pid, ok := stillRunning(spec.Dir, st); ok {
+		return nil, fmt.Errorf("vm %s: firecracker %d still runs for it", spec.Name, pid)
+	}
 	removeRuntimeFiles(spec.Dir)
 	if err := writeRuntimeFiles(spec.Dir, cfg); err != nil {
 		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
@@ -248,6 +251,29 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 	}
 	d.log.Info("vm started", "vm", spec.Name, "pid", st.PID, "jailed", st.Jail != nil, "took", time.Since(started).Round(time.Millisecond))
 	return vm, nil
+}
+
+// stillRunning returns the pid of a Firecracker already running for the
+// VM, as recorded in its runtime directory or, jailed, in its jail: a
+// start would clear the files it runs on.
+func stillRunning(dir string, st vmState) (int, bool) {
+	var pids []int
+	var recorded vmState
+	if data, err := os.ReadFile(filepath.Join(dir, StateFile)); err == nil && json.Unmarshal(data, &recorded) == nil {
+		pids = append(pids, recorded.PID)
+	}
+	if st.Jail != nil {
+		if data, err := os.ReadFile(st.Jail.HostPath(jailerPidFile)); err == nil {
+			pid, _ := strconv.Atoi(strings.TrimSpace(string(data)))
+			pids = append(pids, pid)
+		}
+	}
+	for _, pid := range pids {
+		if pid > 0 && st.isProcess(pid) {
+			return pid, true
+		}
+	}
+	return 0, false
 }
 
 // makeJail gives j a free uid (and the same gid) and makes it.

@@ -109,6 +109,10 @@ func TestDriverJailed(t *testing.T) {
 	}
 	checkControl(t, vm)
 	checkPauseResume(t, vm)
+	if _, err := d.Start(ctx, fx.spec); err == nil || !strings.Contains(err.Error(), "still runs") {
+		t.Errorf("started a VM twice: %v", err)
+	}
+	checkControl(t, vm) // its jail untouched
 
 	// A second VM gets the next uid.
 	second := fx.spec
@@ -182,6 +186,9 @@ func TestDriverUnjailed(t *testing.T) {
 		}
 		checkControl(t, vm)
 		checkPauseResume(t, vm)
+		if _, err := d.Start(ctx, spec); err == nil || !strings.Contains(err.Error(), "still runs") {
+			t.Errorf("started a VM twice: %v", err)
+		}
 		if err := vm.Stop(ctx, nil, StopTimeouts{CtrlAltDel: 5 * time.Second}); err != nil {
 			t.Fatal(err)
 		}
