@@ -68,7 +68,7 @@ func TestCloneFallsBackToSparseCopy(t *testing.T) {
 
 // mountXFS loop-mounts a fresh 512 MiB xfs with reflinks for the test
 // and returns its mount point.
-func mountXFS(t *testing.T) string {
+func mountXFS(t testing.TB) string {
 	t.Helper()
 	testenv.RequireIsolatedRoot(t)
 	testenv.RequireTools(t, "mkfs.xfs", "losetup")

@@ -16,7 +16,7 @@ import (
 
 // baseImage makes a 64 MiB ext4 image holding /hello, as an instance's
 // base image is.
-func baseImage(t *testing.T, dir string) string {
+func baseImage(t testing.TB, dir string) string {
 	t.Helper()
 	testenv.RequireTools(t, "mkfs.ext4", "e2fsck", "resize2fs", "debugfs", "dumpe2fs")
 	content := filepath.Join(dir, "content")
