@@ -61,11 +61,13 @@ func (vm *VM) watch() {
 		return
 	}
 	vm.api.Close()
-	_ = vm.proc.Close()
 	if err := cleanUp(vm.dir, vm.st); err != nil {
 		vm.log.Error("clean up after vm", "vm", vm.st.ID, "err", err)
 	}
 	close(vm.done)
+	// Only now: a Stop under way may still signal the (exited) process
+	// until done is closed, and gets ESRCH rather than a closed file.
+	_ = vm.proc.Close()
 }
 
 // waitExit blocks until the process of pidfd f has exited: a pidfd polls
