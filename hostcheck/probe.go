@@ -2,7 +2,7 @@
 // its jailer, QEMU, device-mapper, reflinks, nftables, tun, cgroups) and
 // decides from that and the node's settings which hypervisor runs each
 // message and how Firecracker root disks are made. `alephvm doctor` prints
-// it; the program launcher and the instance manager ask it.
+// it; the program launcher and the instance manager are to ask it too.
 package hostcheck
 
 import (
