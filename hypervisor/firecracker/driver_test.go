@@ -95,8 +95,13 @@ func TestDriverJailed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = syscall.Kill(vm.Pid(), syscall.SIGKILL) })
 	j := vm.Jail()
+	// Should the test stop half-way: no VM, no bind mount left behind.
+	t.Cleanup(func() {
+		_ = syscall.Kill(vm.Pid(), syscall.SIGKILL)
+		waitGone(t, vm.Pid())
+		_ = j.Remove()
+	})
 	if j == nil || j.UID != 1000100 {
 		t.Fatalf("jail %+v", j)
 	}
