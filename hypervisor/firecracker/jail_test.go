@@ -119,7 +119,15 @@ func newJailFixture(t *testing.T) jailFixture {
 	if err := writeRuntimeFiles(vmDir, cfg); err != nil {
 		t.Fatal(err)
 	}
-	return jailFixture{spec: spec, base: filepath.Join(dir, "jail"), loop: loop}
+	base := filepath.Join(dir, "jail")
+	// Whatever happens to the test, no bind mount outlives it.
+	t.Cleanup(func() {
+		mounts, _ := mountsUnder(base)
+		for _, m := range mounts {
+			_ = syscall.Unmount(m, syscall.MNT_DETACH)
+		}
+	})
+	return jailFixture{spec: spec, base: base, loop: loop}
 }
 
 func stat(t *testing.T, path string) *syscall.Stat_t {
