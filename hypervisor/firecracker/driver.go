@@ -190,17 +190,22 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("vm %s: start %s: %w", spec.Name, filepath.Base(bin), err)
 	}
+	fail := func(err error) error {
+		return fmt.Errorf("vm %s: %w%s", spec.Name, err, logTails(spec.Dir))
+	}
+	// Unjailed, Firecracker is this child: its pidfd is opened before
+	// anything reaps it, so its pid cannot have been reused.
+	st.PID = cmd.Process.Pid
+	var proc *os.File
+	if st.Jail == nil {
+		proc, err = openProcess(st.PID)
+	}
 	exited := make(chan struct{})
 	var waitErr error
 	go func() {
 		waitErr = cmd.Wait()
 		close(exited)
 	}()
-	fail := func(err error) error {
-		return fmt.Errorf("vm %s: %w%s", spec.Name, err, logTails(spec.Dir))
-	}
-
-	st.PID = cmd.Process.Pid
 	if st.Jail != nil {
 		// With --new-pid-ns the jailer clones Firecracker, writes its pid
 		// in the jail and exits.
@@ -214,21 +219,11 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 		if waitErr != nil {
 			return nil, fail(fmt.Errorf("jailer: %w", waitErr))
 		}
-		data, err := os.ReadFile(st.Jail.HostPath(jailerPidFile))
-		if err != nil {
-			return nil, fail(fmt.Errorf("jailer's pidfile: %w", err))
-		}
-		if st.PID, err = strconv.Atoi(strings.TrimSpace(string(data))); err != nil {
-			return nil, fail(fmt.Errorf("jailer's pidfile %q: %w", data, err))
-		}
-	}
-	proc, err := openProcess(st.PID)
-	if err == nil && !st.isProcess(st.PID) {
-		proc.Close()
-		err = errors.New("it is not the firecracker started for this VM")
+		st.PID, proc, err = jailedFirecracker(st)
 	}
 	if err != nil {
-		return nil, fail(fmt.Errorf("firecracker process %d: %w", st.PID, err))
+		_ = cmd.Process.Kill()
+		return nil, fail(err)
 	}
 	vm := newVM(spec.Dir, st, proc, d.log)
 	waitCtx, cancel := context.WithTimeout(ctx, apiTimeout)
@@ -274,6 +269,28 @@ func stillRunning(dir string, st vmState) (int, bool) {
 		}
 	}
 	return 0, false
+}
+
+// jailedFirecracker finds the Firecracker the jailer started, by the pid
+// it wrote in the jail.
+func jailedFirecracker(st vmState) (int, *os.File, error) {
+	data, err := os.ReadFile(st.Jail.HostPath(jailerPidFile))
+	if err != nil {
+		return 0, nil, fmt.Errorf("jailer's pidfile: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		return 0, nil, fmt.Errorf("jailer's pidfile %q: %w", data, err)
+	}
+	proc, err := openProcess(pid)
+	if err == nil && !st.isProcess(pid) {
+		proc.Close()
+		err = errors.New("it exited as soon as it started")
+	}
+	if err != nil {
+		return pid, nil, fmt.Errorf("firecracker process %d: %w", pid, err)
+	}
+	return pid, proc, nil
 }
 
 // makeJail gives j a free uid (and the same gid) and makes it.

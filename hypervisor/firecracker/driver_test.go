@@ -134,6 +134,19 @@ func TestDriverJailed(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// A Firecracker that fails at once: the error says why, no jail stays.
+	failing := second
+	failing.Name, failing.Dir = "inst-3", t.TempDir()
+	failing.Boot.Cmdline = "fake.fail"
+	_, err = d.Start(ctx, failing)
+	t.Logf("a failing start: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "fake.fail in the boot arguments") {
+		t.Errorf("start of a failing firecracker: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(fx.base, "firecracker", "inst-3")); !os.IsNotExist(err) {
+		t.Errorf("jail of a failed start: %v", err)
+	}
+
 	// The node exits and comes back.
 	vm.Close()
 	again, err := d.Attach(ctx, fx.spec.Dir)

@@ -13,7 +13,7 @@
 //     API on --api-sock (GET /, PATCH /vm, PUT /actions) and the host end
 //     of the vsock device, where guest port 52 echoes lines. Ctrl-alt-del
 //     ends it as a guest reboot does, unless the boot arguments hold
-//     fake.ignore-cad.
+//     fake.ignore-cad. With fake.fail in them, it fails at once.
 //
 // Built static, so that it runs in an empty chroot.
 package main
@@ -21,6 +21,7 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -174,6 +175,9 @@ func vmm(flags map[string]string) error {
 			return fmt.Errorf("logger: %w", err)
 		}
 		log = f
+	}
+	if strings.Contains(cfg.BootSource.BootArgs, "fake.fail") {
+		return errors.New("fake.fail in the boot arguments")
 	}
 	if err := open(cfg.BootSource.KernelImagePath, true); err != nil {
 		return fmt.Errorf("boot source: %w", err)
