@@ -13,6 +13,7 @@ import (
 	"math"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strconv"
@@ -59,6 +60,13 @@ type Config struct {
 	FakeInstanceBase    string  `env:"FAKE_INSTANCE_BASE" yaml:"fake_instance_base" help:"Developer mode (serve --run-fake-instance): the base image file of the fake instance; empty means the built base image's UEFI disk."`
 	FakeInstanceMessage string  `env:"FAKE_INSTANCE_MESSAGE" yaml:"fake_instance_message" help:"Developer mode: the INSTANCE message file of the fake instance; its rootfs parent is replaced by the fake base image."`
 	InstanceHypervisor  string  `env:"INSTANCE_DEFAULT_HYPERVISOR" yaml:"instance_default_hypervisor" help:"Hypervisor of instances whose message names none: qemu or firecracker."`
+	ProgramHypervisor   string  `env:"PROGRAM_HYPERVISOR" yaml:"program_hypervisor" help:"Hypervisor of programs: auto (firecracker where this host runs it, else qemu), firecracker or qemu."`
+	Hypervisors         List    `env:"HYPERVISORS" yaml:"hypervisors" help:"Hypervisors this node may use (qemu, firecracker); a message that asks for another is refused."`
+	FirecrackerPath     string  `env:"FIRECRACKER_PATH" yaml:"firecracker_path" help:"Firecracker binary (v1.16.1): a path, or a name looked up in PATH."`
+	JailerPath          string  `env:"JAILER_PATH" yaml:"jailer_path" help:"Firecracker's jailer binary: a path, or a name looked up in PATH."`
+	UseJailer           bool    `env:"USE_JAILER" yaml:"use_jailer" help:"Run each Firecracker through the jailer (chroot, a uid of its own, PID namespace, cgroup limits); turn off for development only."`
+	JailerBaseDirectory string  `env:"JAILER_BASE_DIRECTORY" yaml:"jailer_base_directory" help:"Where the jailer makes each VM's chroot; empty means <EXECUTION_ROOT>/jail. Keep it on the filesystem of CACHE_ROOT and EXECUTION_ROOT, so that files are hard-linked into jails, not bind-mounted."`
+	JailerFirstUID      int     `env:"JAILER_FIRST_UID" yaml:"jailer_first_uid" help:"First of the 65536 uids (and gids) given to jailed VMs, one per VM."`
 	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest."`
 	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
 	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
@@ -89,6 +97,12 @@ func Default() Config {
 		InstanceHypervisor: "qemu",
 		UEFICode:           "/usr/share/OVMF/OVMF_CODE_4M.fd",
 		UEFIVars:           "/usr/share/OVMF/OVMF_VARS_4M.fd",
+		ProgramHypervisor:  "auto",
+		Hypervisors:        List{"qemu", "firecracker"},
+		FirecrackerPath:    "firecracker",
+		JailerPath:         "jailer",
+		UseJailer:          true,
+		JailerFirstUID:     1000000,
 		HostMemoryReserved: 2048,
 		VCPUOvercommit:     4,
 		InitTimeout:        Seconds(2 * time.Minute),
@@ -319,6 +333,22 @@ func (c Config) Validate() error {
 	if c.InstanceHypervisor != "qemu" && c.InstanceHypervisor != "firecracker" {
 		errs = append(errs, fmt.Errorf("%sINSTANCE_DEFAULT_HYPERVISOR: must be qemu or firecracker, got %q", EnvPrefix, c.InstanceHypervisor))
 	}
+	switch c.ProgramHypervisor {
+	case "auto", "qemu", "firecracker":
+	default:
+		errs = append(errs, fmt.Errorf("%sPROGRAM_HYPERVISOR: must be auto, qemu or firecracker, got %q", EnvPrefix, c.ProgramHypervisor))
+	}
+	for _, h := range c.Hypervisors {
+		if h != "qemu" && h != "firecracker" {
+			errs = append(errs, fmt.Errorf("%sHYPERVISORS: %q is neither qemu nor firecracker", EnvPrefix, h))
+		}
+	}
+	if c.JailerFirstUID < 1 || c.JailerFirstUID > math.MaxUint32-65536 {
+		errs = append(errs, fmt.Errorf("%sJAILER_FIRST_UID: must be between 1 and %d, got %d", EnvPrefix, math.MaxUint32-65536, c.JailerFirstUID))
+	}
+	if c.JailerBaseDirectory != "" && !strings.HasPrefix(c.JailerBaseDirectory, "/") {
+		errs = append(errs, fmt.Errorf("%sJAILER_BASE_DIRECTORY: must be an absolute path, got %q", EnvPrefix, c.JailerBaseDirectory))
+	}
 	if c.VCPUOvercommit <= 0 {
 		errs = append(errs, fmt.Errorf("%sVCPU_OVERCOMMIT_FACTOR: must be positive", EnvPrefix))
 	}
@@ -331,6 +361,14 @@ func (c Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// JailerBase returns the jailer's chroot base directory.
+func (c Config) JailerBase() string {
+	if c.JailerBaseDirectory != "" {
+		return c.JailerBaseDirectory
+	}
+	return filepath.Join(c.ExecutionRoot, "jail")
 }
 
 // ParseLevel reads a log level name.

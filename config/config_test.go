@@ -113,6 +113,10 @@ func TestErrors(t *testing.T) {
 		{"negative timeout", "", []string{"ALEPH_VM_REUSE_TIMEOUT=-1"}, "REUSE_TIMEOUT"},
 		{"zero stall timeout", "", []string{"ALEPH_VM_DOWNLOAD_STALL_TIMEOUT=0"}, "DOWNLOAD_STALL_TIMEOUT"},
 		{"bad size", "cache_max_size: huge\n", nil, "want a size such as 50GiB"},
+		{"program hypervisor", "", []string{"ALEPH_VM_PROGRAM_HYPERVISOR=kvm"}, "PROGRAM_HYPERVISOR"},
+		{"unknown hypervisor", "hypervisors: [qemu, xen]\n", nil, `"xen" is neither`},
+		{"jail uid 0", "", []string{"ALEPH_VM_JAILER_FIRST_UID=0"}, "JAILER_FIRST_UID"},
+		{"use jailer", "", []string{"ALEPH_VM_USE_JAILER=maybe"}, "USE_JAILER"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -66,11 +66,12 @@ func TestCloneFallsBackToSparseCopy(t *testing.T) {
 	checkClone(t, filepath.Join(dir, "src"), filepath.Join(dir, "dst"), FullCopy)
 }
 
-// TestReflinkOnXFS clones on a loop-mounted xfs image and checks that the
-// copy shares the source's extents.
-func TestReflinkOnXFS(t *testing.T) {
+// mountXFS loop-mounts a fresh 512 MiB xfs with reflinks for the test
+// and returns its mount point.
+func mountXFS(t testing.TB) string {
+	t.Helper()
 	testenv.RequireIsolatedRoot(t)
-	testenv.RequireTools(t, "mkfs.xfs", "filefrag", "losetup")
+	testenv.RequireTools(t, "mkfs.xfs", "losetup")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "xfs.img")
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
@@ -87,6 +88,14 @@ func TestReflinkOnXFS(t *testing.T) {
 	if ok, err := SupportsReflink(mnt); !ok || err != nil {
 		t.Fatalf("xfs with reflink=1 does not reflink: %v", err)
 	}
+	return mnt
+}
+
+// TestReflinkOnXFS clones on a loop-mounted xfs image and checks that the
+// copy shares the source's extents.
+func TestReflinkOnXFS(t *testing.T) {
+	mnt := mountXFS(t)
+	testenv.RequireTools(t, "filefrag")
 	src, dst := filepath.Join(mnt, "src"), filepath.Join(mnt, "dst")
 	checkClone(t, src, dst, Reflink)
 	if out := testenv.Cmd(t, "filefrag", "-v", dst); !strings.Contains(out, "shared") {

@@ -1,6 +1,7 @@
-// Package storage makes the disks VMs write to: an instance's root disk as
-// a copy-on-write layer over its base image (never a full copy), and the
-// raw ext4 volumes of programs and instances.
+// Package storage makes the disks VMs write to: an instance's root disk
+// over its base image (a qcow2 layer for QEMU; for Firecracker, which reads
+// raw disks only, a device-mapper snapshot or a reflink, a full copy only
+// as the last resort), and the raw ext4 volumes of programs and instances.
 package storage
 
 import (

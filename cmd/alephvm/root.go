@@ -63,6 +63,7 @@ prints the effective settings and where each came from.`,
 		newServeCmd(a),
 		newBaseImageCmd(a),
 		newStoreCmd(a),
+		newDoctorCmd(a),
 	)
 	return root
 }

@@ -13,12 +13,14 @@ import (
 
 func mac(s string) net.HardwareAddr { m, _ := net.ParseMAC(s); return m }
 
-// jailed maps host paths to their place in the jail, by base name.
-func jailed() Paths {
-	return Paths{
-		Path:        func(p string) string { return "/" + filepath.Base(p) },
-		VsockSocket: "/v.sock", LogFile: "/firecracker.log", MetricsFile: "/metrics.json",
+// jailed returns the paths of spec's config in its jail, as the driver
+// writes them.
+func jailed(t *testing.T, spec hypervisor.Spec) Paths {
+	_, paths, err := PlanJail(spec, "/var/lib/alephvm/jail", "firecracker", 1000000, 1000000)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return paths
 }
 
 func TestConfigGolden(t *testing.T) {
@@ -52,7 +54,7 @@ func TestConfigGolden(t *testing.T) {
 	}
 	for name, s := range map[string]hypervisor.Spec{"program": program, "program-volumes": withVolumes, "instance": instance} {
 		t.Run(name, func(t *testing.T) {
-			c, err := BuildConfig(s, jailed())
+			c, err := BuildConfig(s, jailed(t, s))
 			if err != nil {
 				t.Fatal(err)
 			}

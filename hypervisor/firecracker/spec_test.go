@@ -28,7 +28,20 @@ type schema struct {
 }
 
 type apiSpec struct {
-	Definitions map[string]*schema `yaml:"definitions"`
+	Definitions map[string]*schema                   `yaml:"definitions"`
+	Paths       map[string]map[string]*specOperation `yaml:"paths"` // by path, then lower-case method
+}
+
+// specOperation is one method of one path.
+type specOperation struct {
+	Parameters []struct {
+		In       string  `yaml:"in"`
+		Required bool    `yaml:"required"`
+		Schema   *schema `yaml:"schema"`
+	} `yaml:"parameters"`
+	Responses map[string]struct {
+		Schema *schema `yaml:"schema"`
+	} `yaml:"responses"`
 }
 
 func loadSpec(t *testing.T) *apiSpec {

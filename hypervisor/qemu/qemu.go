@@ -230,22 +230,16 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 	return vm, nil
 }
 
-// waitForQMP connects to QEMU's QMP socket as soon as it listens.
+// waitForQMP connects to QEMU's QMP socket as soon as it accepts.
 func waitForQMP(ctx context.Context, socket string, exited <-chan struct{}) (*QMP, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	for {
-		if _, err := os.Stat(socket); err == nil {
-			return DialQMP(ctx, socket)
-		}
-		select {
-		case <-exited:
-			return nil, errors.New("qemu exited")
-		case <-ctx.Done():
-			return nil, fmt.Errorf("wait for QMP socket: %w", ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
+	var qmp *QMP
+	err := hypervisor.WaitFor(ctx, "QMP socket", exited, func(ctx context.Context) (err error) {
+		qmp, err = DialQMP(ctx, socket)
+		return err
+	})
+	return qmp, err
 }
 
 // Attach finds the VM whose runtime directory is dir, started by this or an
@@ -280,7 +274,7 @@ func ResolveAccel(ctx context.Context, binary, accel string) (string, error) {
 	case "kvm", "tcg":
 		return accel, nil
 	case "", "auto":
-		if probeKVM(ctx, binary) {
+		if KVMUsable(ctx, binary) {
 			return "kvm", nil
 		}
 		return "tcg", nil
@@ -288,11 +282,12 @@ func ResolveAccel(ctx context.Context, binary, accel string) (string, error) {
 	return "", fmt.Errorf("qemu accelerator must be auto, kvm or tcg, got %q", accel)
 }
 
-// probeKVM boots a 5-byte guest under KVM: its firmware writes 0x31 to
-// QEMU's isa-debug-exit port, which ends QEMU with status 0x31<<1|1. A
-// /dev/kvm that cannot run ordinary guests (as under nested
+// KVMUsable reports whether KVM runs ordinary guests here, by booting a
+// 5-byte guest under it with binary (a qemu-system-x86_64): its firmware
+// writes 0x31 to QEMU's isa-debug-exit port, which ends QEMU with status
+// 0x31<<1|1. A /dev/kvm that cannot run ordinary guests (as under nested
 // virtualization without the needed CPU features) fails or hangs instead.
-func probeKVM(ctx context.Context, binary string) bool {
+func KVMUsable(ctx context.Context, binary string) bool {
 	if _, err := os.Stat("/dev/kvm"); err != nil {
 		return false
 	}

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/alephvm/alephvm/hypervisor"
 )
 
 // VM is a running QEMU VM.
@@ -111,70 +113,30 @@ var DefaultStopTimeouts = StopTimeouts{Halt: 30 * time.Second, Powerdown: 30 * t
 // unmount and power off), then ACPI power-off, then QMP quit, then
 // SIGKILL, each with its deadline. It returns nil once QEMU has exited.
 func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t StopTimeouts) error {
-	steps := []struct {
-		name    string
-		timeout time.Duration
-		act     func(context.Context) error
-	}{
-		{"halt", t.Halt, halt},
-		{"acpi powerdown", t.Powerdown, func(ctx context.Context) error {
+	select {
+	case <-vm.closing:
+		return fmt.Errorf("stop vm in %s: the handle was closed", vm.dir)
+	default:
+	}
+	return hypervisor.Escalate(ctx, vm.dir, vm.done, []hypervisor.StopStep{
+		{Name: "halt", Timeout: t.Halt, Act: halt},
+		{Name: "acpi powerdown", Timeout: t.Powerdown, Act: func(ctx context.Context) error {
 			return vm.qmp.Execute(ctx, "system_powerdown", nil, nil)
 		}},
-		{"qmp quit", t.Quit, func(ctx context.Context) error {
+		{Name: "qmp quit", Timeout: t.Quit, Act: func(ctx context.Context) error {
 			err := vm.qmp.Execute(ctx, "quit", nil, nil)
 			if errors.Is(err, ErrVMGone) {
 				return nil // QEMU may close the socket before answering
 			}
 			return err
 		}},
-		{"sigkill", t.Kill, func(context.Context) error {
+		{Name: "sigkill", Timeout: t.Kill, Act: func(context.Context) error {
 			if !vm.isOurs() {
 				return fmt.Errorf("process %d is no longer this VM's QEMU", vm.pid)
 			}
 			return syscall.Kill(vm.pid, syscall.SIGKILL)
 		}},
-	}
-	select {
-	case <-vm.closing:
-		return fmt.Errorf("stop vm in %s: the handle was closed", vm.dir)
-	default:
-	}
-	for _, step := range steps {
-		select {
-		case <-vm.done:
-			return nil
-		default:
-		}
-		if step.act == nil || step.timeout <= 0 {
-			continue
-		}
-		stepCtx, cancel := context.WithTimeout(ctx, step.timeout)
-		err := step.act(stepCtx)
-		if err == nil {
-			select {
-			case <-vm.done:
-			case <-stepCtx.Done():
-				err = fmt.Errorf("still running after %s", step.timeout)
-			}
-		}
-		cancel()
-		select {
-		case <-vm.done:
-			vm.log.Info("vm stopped", "dir", vm.dir, "by", step.name)
-			return nil
-		default:
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("stop vm in %s: %w", vm.dir, ctx.Err())
-		}
-		vm.log.Warn("vm stop step failed, escalating", "dir", vm.dir, "step", step.name, "err", err)
-	}
-	select {
-	case <-vm.done:
-		return nil
-	default:
-		return fmt.Errorf("stop vm in %s: process %d survived SIGKILL", vm.dir, vm.pid)
-	}
+	}, vm.log)
 }
 
 // Close drops the monitor connection without stopping the VM, as the node

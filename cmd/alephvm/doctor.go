@@ -1,0 +1,102 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/alephvm/alephvm/config"
+	"github.com/alephvm/alephvm/hostcheck"
+)
+
+func newDoctorCmd(a *app) *cobra.Command {
+	return &cobra.Command{
+		Use:   "doctor",
+		Short: "Check what this host can run, and say which hypervisors and disk methods the node will use",
+		Long: `Probe this host (KVM usable for ordinary guests, the firecracker and jailer
+binaries and their versions, QEMU, device-mapper, reflinks where the VMs'
+disks go, nftables, tun, cgroups), then say which hypervisor programs and
+instances will run under, how Firecracker root disks will be made, and why.
+The exit status is 1 when something stops VMs from running.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.cfg.Config
+			host := hostcheck.ProbeHost(cmd.Context(), hostcheck.Paths{
+				Firecracker: c.FirecrackerPath, Jailer: c.JailerPath,
+				QEMU: "qemu-system-x86_64", DataDir: c.ExecutionRoot,
+			})
+			plan := hostcheck.Decide(host, doctorSettings(c))
+			return writeDoctor(cmd.OutOrStdout(), host, plan)
+		},
+	}
+}
+
+func doctorSettings(c config.Config) hostcheck.Settings {
+	return hostcheck.Settings{Hypervisors: c.Hypervisors, ProgramHypervisor: c.ProgramHypervisor,
+		InstanceDefault: c.InstanceHypervisor, UseJailer: c.UseJailer}
+}
+
+// writeDoctor prints the probes and the plan, and returns an error when
+// VMs cannot run.
+func writeDoctor(out io.Writer, h hostcheck.Host, p hostcheck.Plan) error {
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "This host:")
+	for _, probe := range []struct {
+		name string
+		hostcheck.Probe
+	}{
+		{"kvm", h.KVM}, {"firecracker", h.Firecracker}, {"jailer", h.Jailer}, {"qemu", h.QEMU},
+		{"device-mapper", h.DeviceMapper}, {"reflink", h.Reflink}, {"nftables", h.NFTables},
+		{"tun", h.Tun}, {"cgroups", h.Cgroups},
+	} {
+		mark := "ok"
+		if !probe.OK {
+			mark = "no"
+		}
+		fmt.Fprintf(w, "  %s\t%s\t%s\n", probe.name, mark, probe.Found)
+	}
+	w.Flush()
+
+	fmt.Fprintln(out, "\nSo:")
+	fmt.Fprintf(out, "  firecracker: %s\n", usable(p.Firecracker))
+	fmt.Fprintf(out, "  qemu:        %s\n", usable(p.QEMU))
+	fmt.Fprintf(out, "  programs run under %s\n", choice(p.Programs))
+	fmt.Fprintf(out, "  instances that name no hypervisor run under %s\n", choice(p.Instances))
+	for _, hv := range []string{hostcheck.Firecracker, hostcheck.QEMU} {
+		if _, err := p.ForInstance(hv); err != nil {
+			fmt.Fprintf(out, "  instances that ask for %s are refused\n", hv)
+		}
+	}
+	fmt.Fprintf(out, "  Firecracker instances' root disks are %s\n", p.RawDisksWhy)
+	fmt.Fprintln(out, "  QEMU instances' root disks are qcow2 layers over their base image")
+	var errs []string
+	for _, problem := range p.Problems {
+		fmt.Fprintf(out, "  problem: %s\n", problem)
+		errs = append(errs, problem)
+	}
+	if p.Programs.Err != nil && p.Instances.Err != nil {
+		errs = append(errs, "no hypervisor runs here")
+	}
+	if len(errs) > 0 {
+		return errors.New("this host cannot run VMs: " + strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func usable(b hostcheck.Backend) string {
+	if b.Usable {
+		return "usable, " + b.Why
+	}
+	return "not usable: " + b.Why
+}
+
+func choice(c hostcheck.Choice) string {
+	if c.Err != nil {
+		return "nothing: " + c.Err.Error()
+	}
+	return c.Hypervisor + " (" + c.Why + ")"
+}
