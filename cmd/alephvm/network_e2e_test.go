@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -13,7 +11,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -54,18 +51,9 @@ func startNode(t *testing.T, env []string, port int) *nodeProcess {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))); err == nil {
-			c.Close()
-			return &nodeProcess{cmd: cmd, logs: logs}
-		}
-		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			t.Fatalf("node did not listen:\n%s", logs.String())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	waitListening(t, port, logs.String)
+	return &nodeProcess{cmd: cmd, logs: logs}
 }
 
 // vmStatus is one row of /v2/about/executions/list.
@@ -130,15 +118,7 @@ func TestNetworkWithVMs(t *testing.T) {
 	testenv.Listen(t, internet, "10.99.0.2:80")
 	testenv.Listen(t, "", "0.0.0.0:9999") // a service of the node's host
 
-	dir := t.TempDir()
-	sum := sha256.Sum256([]byte("test"))
-	port := freePort(t)
-	env := []string{
-		"ALEPH_VM_EXECUTION_ROOT=" + filepath.Join(dir, "state"), "ALEPH_VM_CACHE_ROOT=" + filepath.Join(dir, "cache"),
-		"ALEPH_VM_SUPERVISOR_PORT=" + strconv.Itoa(port), "ALEPH_VM_ALLOCATION_TOKEN_HASH=" + hex.EncodeToString(sum[:]),
-		"ALEPH_VM_ALLOCATION_TOKEN=test", "ALEPH_VM_NETWORK_INTERFACE=up0", "ALEPH_VM_DNS_NAMESERVERS=10.99.0.2",
-		"ALEPH_VM_QEMU_ACCEL=tcg",
-	}
+	dir, port, env := nodeEnv(t, "up0", "10.99.0.2")
 	// The node boots bare ext4 images with the base image's kernel, from
 	// its cache: give it the one built for the tests.
 	os.MkdirAll(filepath.Join(dir, "cache"), 0o755)

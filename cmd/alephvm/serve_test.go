@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -66,20 +67,46 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// nodeEnv returns a node's settings for a test: its directories, a free
+// port, the token "test" (sent by the CLI and accepted by the node), the
+// uplink and the guests' resolver.
+func nodeEnv(t *testing.T, uplink, dns string) (dir string, port int, env []string) {
+	dir = t.TempDir()
+	sum := sha256.Sum256([]byte("test"))
+	port = freePort(t)
+	env = []string{
+		"ALEPH_VM_EXECUTION_ROOT=" + filepath.Join(dir, "state"), "ALEPH_VM_CACHE_ROOT=" + filepath.Join(dir, "cache"),
+		"ALEPH_VM_SUPERVISOR_PORT=" + strconv.Itoa(port), "ALEPH_VM_ALLOCATION_TOKEN_HASH=" + hex.EncodeToString(sum[:]),
+		"ALEPH_VM_ALLOCATION_TOKEN=test", "ALEPH_VM_NETWORK_INTERFACE=" + uplink, "ALEPH_VM_DNS_NAMESERVERS=" + dns,
+		"ALEPH_VM_QEMU_ACCEL=tcg",
+	}
+	return dir, port, env
+}
+
+// waitListening waits until the node listens on port, showing its logs
+// if it does not.
+func waitListening(t *testing.T, port int, logs func() string) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))); err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node did not listen:\n%s", logs())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // TestServe runs the node and drives an instance through its API with the
 // CLI: create, start, list, refused without the token, stop, erase; then
 // the node shuts down on its context.
 func TestServe(t *testing.T) {
 	testenv.RequireIsolatedRoot(t)
 	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img", "nft", "mkfs.ext4")
-	dir := t.TempDir()
-	sum := sha256.Sum256([]byte("test"))
-	port := freePort(t)
-	env := []string{
-		"ALEPH_VM_EXECUTION_ROOT=" + filepath.Join(dir, "state"), "ALEPH_VM_CACHE_ROOT=" + filepath.Join(dir, "cache"),
-		"ALEPH_VM_SUPERVISOR_PORT=" + strconv.Itoa(port), "ALEPH_VM_ALLOCATION_TOKEN_HASH=" + hex.EncodeToString(sum[:]),
-		"ALEPH_VM_NETWORK_INTERFACE=lo", "ALEPH_VM_DNS_NAMESERVERS=10.0.0.53", "ALEPH_VM_QEMU_ACCEL=tcg",
-	}
+	dir, port, env := nodeEnv(t, "lo", "10.0.0.53")
 	ctx, cancel := context.WithCancel(context.Background())
 	var serveErr syncBuffer
 	served := make(chan int, 1)
@@ -87,17 +114,7 @@ func TestServe(t *testing.T) {
 		var out syncBuffer
 		served <- run(ctx, []string{"serve"}, &out, &serveErr, env)
 	}()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))); err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node did not listen:\n%s", serveErr.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitListening(t, port, serveErr.String)
 
 	base := filepath.Join(dir, "base.img")
 	img := make([]byte, 16<<20)
@@ -108,8 +125,8 @@ func TestServe(t *testing.T) {
 		t.Fatalf("create: %s %s", out, errOut)
 	}
 	ref := strings.TrimSpace(out)
-	withToken := append(env, "ALEPH_VM_ALLOCATION_TOKEN=test")
-	if code, _, errOut := runCLI(t, append(env, "ALEPH_VM_ALLOCATION_TOKEN=wrong"), "vm", "start", ref); code == 0 || !strings.Contains(errOut, "401") {
+	withToken := env
+	if code, _, errOut := runCLI(t, append(slices.Clone(env), "ALEPH_VM_ALLOCATION_TOKEN=wrong"), "vm", "start", ref); code == 0 || !strings.Contains(errOut, "401") {
 		t.Errorf("start with a wrong token: %d %s", code, errOut)
 	}
 	if code, out, errOut := runCLI(t, withToken, "vm", "start", ref); code != 0 {
