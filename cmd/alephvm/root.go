@@ -57,6 +57,7 @@ prints the effective settings and where each came from.`,
 		newVersionCmd(),
 		newConfigCmd(a),
 		newMessageCmd(a),
+		newAssetsCmd(a),
 	)
 	return root
 }

@@ -110,12 +110,18 @@ func RequireTools(t testing.TB, names ...string) {
 // across runs: $ALEPHVM_TEST_CACHE, else /var/tmp/alephvm-test-cache.
 func CacheDir(t testing.TB) string {
 	t.Helper()
-	dir := os.Getenv("ALEPHVM_TEST_CACHE")
-	if dir == "" {
-		dir = "/var/tmp/alephvm-test-cache"
-	}
+	dir := CachePath()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatalf("test cache: %v", err)
 	}
 	return dir
+}
+
+// CachePath is the directory CacheDir returns, for code that runs outside
+// a test (TestMain).
+func CachePath() string {
+	if dir := os.Getenv("ALEPHVM_TEST_CACHE"); dir != "" {
+		return dir
+	}
+	return "/var/tmp/alephvm-test-cache"
 }
