@@ -45,7 +45,7 @@ const (
 	manifestFile       = "manifest.json"    // in the cache directory
 	lockFile           = ".lock"            // held while building or fetching
 	sha256HexLen       = sha256.Size * 2    //
-	recipeVersion      = "alephvm-assets-1" // part of every key: bump it when a recipe changes
+	recipeVersion      = "alephvm-assets-1" // part of every key: bump it when a build step's code changes
 )
 
 // Asset is one file of the cache.

@@ -26,6 +26,8 @@ var baseHooks = []string{
 	`ln -sf /run/systemd/resolve/stub-resolv.conf "$1/etc/resolv.conf"`,
 	`echo 'LABEL=` + rootLabel + ` / ext4 defaults,errors=remount-ro 0 1' > "$1/etc/fstab"`,
 	`rm -f "$1"/etc/ssh/ssh_host_* "$1/etc/hostname" && : > "$1/etc/machine-id"`,
+	// Boot does not wait two minutes for a network that is not configured.
+	`mkdir -p "$1/etc/systemd/system/systemd-networkd-wait-online.service.d" && printf '[Service]\nExecStart=\nExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=20\n' > "$1/etc/systemd/system/systemd-networkd-wait-online.service.d/alephvm.conf"`,
 	`mkdir -p "$1/boot/grub" && cp -a "$1/usr/lib/grub/i386-pc" "$1/boot/grub/"`,
 	`chroot "$1" grub-mkimage -O i386-pc -o /boot/grub/i386-pc/core.img -p '(,msdos1)/boot/grub' biosdisk part_msdos ext2`,
 }
@@ -39,7 +41,7 @@ func (b *builder) baseImage(ctx context.Context) error {
 		return err
 	}
 	pkgs := slices.Sorted(slices.Values(b.opts.BaseImagePackages))
-	key := inputKey("base-image", b.opts.Suite, sources, strings.Join(pkgs, ","))
+	key := inputKey("base-image", b.opts.Suite, sources, strings.Join(pkgs, ","), strings.Join(baseHooks, "\n"))
 	if !b.upToDate(key, BaseExt4, BaseDisk) {
 		ext4File := filepath.Join("base-image", key+".ext4")
 		diskFile := filepath.Join("base-image", key+".disk")

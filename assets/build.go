@@ -225,7 +225,7 @@ func (b *builder) runtime(ctx context.Context) error {
 		return err
 	}
 	pkgs := slices.Sorted(slices.Values(b.opts.RuntimePackages))
-	key := inputKey("runtime", b.opts.Suite, sources, strings.Join(pkgs, ","))
+	key := inputKey("runtime", b.opts.Suite, sources, strings.Join(pkgs, ","), strings.Join(runtimeHooks, "\n"))
 	if b.upToDate(key, Runtime) {
 		b.p.printf("runtime", "up to date")
 		return b.m.register(ctx, b.opts.Registry, b.m.Assets[Runtime])

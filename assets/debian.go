@@ -46,7 +46,12 @@ func sourcesFor(targets, suite string) (string, error) {
 	if len(order) == 0 {
 		return "", fmt.Errorf("the machine's apt sources have no %s repository (add one and run apt-get update)", suite)
 	}
-	slices.SortFunc(order, func(a, b repo) int { return strings.Compare(a.release+a.uri, b.release+b.uri) })
+	slices.SortFunc(order, func(a, b repo) int {
+		if c := strings.Compare(a.release, b.release); c != 0 {
+			return c
+		}
+		return strings.Compare(a.uri, b.uri)
+	})
 	var b strings.Builder
 	for _, r := range order {
 		c := comps[r]

@@ -70,6 +70,7 @@ func boot() {
 	}
 	in.cfg = cfg
 	in.milestone(func(b *guest.Boot) { b.Config = uptime() })
+	in.trace("started at %v, modules loaded at %v, config read", ms(start), ms(in.Status().Boot.Modules))
 	go in.serveControl(have)
 
 	waitStart := uptime()

@@ -53,6 +53,13 @@ func newInit() *Init {
 	}
 }
 
+// trace logs a step of the boot with the time, in debug mode.
+func (in *Init) trace(format string, args ...any) {
+	if in.cfg.Debug {
+		logf("%v %s", ms(uptime()), fmt.Sprintf(format, args...))
+	}
+}
+
 // milestone records a step of the boot.
 func (in *Init) milestone(set func(*guest.Boot)) {
 	in.mu.Lock()

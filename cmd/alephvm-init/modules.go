@@ -17,8 +17,9 @@ import (
 // moduleLoader loads kernel modules from the initramfs's module index,
 // dependencies first. It is safe for concurrent use.
 type moduleLoader struct {
-	index map[string]guest.Module
-	root  string // prefix of the index's file paths
+	index  map[string]guest.Module
+	root   string                   // prefix of the index's file paths
+	insert func(guest.Module) error // loads one module; finitModule but in tests
 
 	mu     sync.Mutex
 	loaded map[string]*moduleLoad
@@ -39,7 +40,9 @@ func openModules(indexPath string) (*moduleLoader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &moduleLoader{index: index, root: "/", loaded: map[string]*moduleLoad{}}, nil
+	l := &moduleLoader{index: index, root: "/", loaded: map[string]*moduleLoad{}}
+	l.insert = l.finitModule
+	return l, nil
 }
 
 // load loads the named module after its dependencies. Loading a module
@@ -74,7 +77,7 @@ func (l *moduleLoader) load(name string) error {
 	return ld.err
 }
 
-func (l *moduleLoader) insert(m guest.Module) error {
+func (l *moduleLoader) finitModule(m guest.Module) error {
 	f, err := os.Open(filepath.Join(l.root, m.File))
 	if err != nil {
 		return fmt.Errorf("kernel module %s: %w", m.Name, err)

@@ -57,6 +57,7 @@ func (in *Init) mountAll() error {
 	if err := mount("overlay", newRoot, "overlay", 0, opts); err != nil {
 		return fmt.Errorf("root overlay: %w", err)
 	}
+	in.trace("root overlay mounted")
 
 	u, err := lookupUser(newRoot, in.cfg.Workload.User)
 	if err != nil {
@@ -68,10 +69,12 @@ func (in *Init) mountAll() error {
 		if err := in.mountOne(m); err != nil {
 			return err
 		}
+		in.trace("%s ready", m.path)
 	}
 	if err := switchRoot(newRoot); err != nil {
 		return err
 	}
+	in.trace("root switched")
 	return mountAPI()
 }
 

@@ -25,6 +25,7 @@ func (in *Init) configureNetwork() error {
 			return err
 		}
 	}
+	in.trace("hostname and /etc files written")
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("lo: %w", err)
@@ -32,6 +33,7 @@ func (in *Init) configureNetwork() error {
 	if err := netlink.LinkSetUp(lo); err != nil {
 		return fmt.Errorf("lo up: %w", err)
 	}
+	in.trace("lo up")
 	if cfg.Network == nil {
 		return nil
 	}

@@ -34,7 +34,7 @@ const (
 	assetsErrEnv = "ALEPHVM_TEST_ASSETS_ERROR"
 )
 
-var vmTools = []string{"qemu-system-x86_64", "mksquashfs", "mkfs.ext4", "e2fsck", "mmdebstrap", "apt-get", "dpkg-deb", "go"}
+var vmTools = []string{"qemu-system-x86_64", "qemu-img", "mksquashfs", "mkfs.ext4", "e2fsck", "mmdebstrap", "apt-get", "dpkg-deb", "go"}
 
 func TestMain(m *testing.M) {
 	flag.Parse()
@@ -57,7 +57,7 @@ func prepareAssets() (string, error) {
 			return "", fmt.Errorf("needs %s, which is not installed (see scripts/test.sh)", tool)
 		}
 	}
-	dir := testenv.CachePath()
+	dir := filepath.Join(testenv.CachePath(), "assets")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
@@ -67,9 +67,9 @@ func prepareAssets() (string, error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("build alephvm-init: %v\n%s", err, out)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
-	_, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, Progress: prefixWriter{os.Stderr}})
+	_, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, BaseImage: true, Progress: prefixWriter{os.Stderr}})
 	return dir, err
 }
 
@@ -114,13 +114,14 @@ func assetPath(t *testing.T, m assets.Manifest, name assets.Name) string {
 
 // vmSpec describes a VM to boot.
 type vmSpec struct {
-	kernel    string   // bzImage or vmlinux
-	initramfs string   // path
+	kernel    string // bzImage or vmlinux
+	initramfs string // path
 	cfg       guest.Config
 	drives    []string // files of cfg.Drives, in order
 	tap       string   // host tap device, made by startVM
 	host      netip.Prefix
 	memMiB    int
+	icount    bool // count guest time in emulated instructions
 }
 
 // testVM is a running QEMU.
@@ -180,8 +181,13 @@ func qemuArgs(spec vmSpec, configDrive, controlSocket string) []string {
 		"-device", "virtserialport,chardev=control,name="+guest.ControlPortName,
 	)
 	if spec.tap != "" {
+		// No option ROM: the kernel is loaded directly, iPXE would only cost
+		// firmware time.
 		args = append(args, "-netdev", "tap,id=net0,ifname="+spec.tap+",script=no,downscript=no",
-			"-device", "virtio-net-pci,netdev=net0")
+			"-device", "virtio-net-pci,netdev=net0,romfile=")
+	}
+	if spec.icount {
+		args = append(args, "-icount", "shift=0")
 	}
 	return args
 }
@@ -403,12 +409,13 @@ func ext4Of(t *testing.T, dir string, sizeMiB int) string {
 	return img
 }
 
-// fileSize returns a file's size.
-func fileSize(t *testing.T, path string) int64 {
+// payloadDrive makes the drive image of a zip or file payload.
+func payloadDrive(t *testing.T, payload string) (drive string, size int64) {
 	t.Helper()
-	st, err := os.Stat(path)
+	drive = filepath.Join(t.TempDir(), "payload.img")
+	size, err := guest.PayloadDrive(payload, drive)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return st.Size()
+	return drive, size
 }

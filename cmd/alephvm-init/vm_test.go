@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -35,8 +38,8 @@ func TestBinaryProgram(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	code := zipOf(t, map[string]string{"bin/server*": string(bin), "README": "code"})
-	data := zipOf(t, map[string]string{"input.txt": "some input\n"})
+	code, codeSize := payloadDrive(t, zipOf(t, map[string]string{"bin/server*": string(bin), "README": "code"}))
+	data, dataSize := payloadDrive(t, zipOf(t, map[string]string{"input.txt": "some input\n"}))
 	immutable := squashfsOf(t, treeOf(t, map[string]string{"model.bin": "weights\n"}))
 	persistent := ext4Of(t, treeOf(t, map[string]string{"kept.txt": "from before\n"}), 64)
 
@@ -56,8 +59,8 @@ func TestBinaryProgram(t *testing.T) {
 		},
 		Drives: []guest.Drive{
 			{Role: guest.RoleRuntime, Format: guest.FormatSquashfs, Mount: "/", ReadOnly: true},
-			{Role: guest.RoleCode, Format: guest.FormatZip, Mount: "/opt/code", ReadOnly: true, Size: fileSize(t, code)},
-			{Role: guest.RoleData, Format: guest.FormatZip, Mount: "/data", Size: fileSize(t, data)},
+			{Role: guest.RoleCode, Format: guest.FormatZip, Mount: "/opt/code", ReadOnly: true, Size: codeSize},
+			{Role: guest.RoleData, Format: guest.FormatZip, Mount: "/data", Size: dataSize},
 			{Role: guest.RoleVolume, Format: guest.FormatSquashfs, Mount: "/mnt/model", ReadOnly: true},
 			{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: "/var/lib/store", Persistent: true, Name: "store"},
 		},
@@ -271,4 +274,155 @@ func keys[V any](m map[string]V) []string {
 		out = append(out, k)
 	}
 	return out
+}
+
+// TestBaseImageBoots boots the instance base image in its two forms until
+// systemd starts: the partitioned disk through SeaBIOS and its own GRUB,
+// and the bare ext4 root with our kernel and initramfs (root=/dev/vda,
+// the init's instance mode), each behind a throw-away qcow2 overlay.
+func TestBaseImageBoots(t *testing.T) {
+	m := vmAssets(t)
+	t.Parallel()
+	base := []string{"-accel", "tcg", "-M", "q35", "-cpu", "max", "-m", "768", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"}
+	t.Run("disk with GRUB", func(t *testing.T) {
+		disk := overlay(t, assetPath(t, m, assets.BaseDisk))
+		bootUntil(t, append(base, "-drive", "file="+disk+",if=virtio,format=qcow2"), "Welcome to", 4*time.Minute)
+	})
+	t.Run("ext4 with our kernel", func(t *testing.T) {
+		root := overlay(t, assetPath(t, m, assets.BaseExt4))
+		bootUntil(t, append(base,
+			"-kernel", assetPath(t, m, assets.KernelBzImage), "-initrd", assetPath(t, m, assets.Initramfs),
+			"-append", guest.KernelCmdline+" root=/dev/vda systemd.show_status=1",
+			"-drive", "file="+root+",if=virtio,format=qcow2"), "Welcome to", 4*time.Minute)
+	})
+}
+
+// overlay returns a qcow2 overlay of a raw image, so that a boot leaves
+// the image as it was.
+func overlay(t *testing.T, image string) string {
+	t.Helper()
+	ov := filepath.Join(t.TempDir(), "overlay.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, ov)
+	return ov
+}
+
+// bootUntil runs QEMU until its console shows want, then stops it.
+func bootUntil(t *testing.T, args []string, want string, timeout time.Duration) {
+	t.Helper()
+	console := &lockedBuffer{}
+	cmd := exec.Command("qemu-system-x86_64", args...)
+	cmd.Stdout, cmd.Stderr = console, console
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+		<-exited
+	}()
+	for !strings.Contains(console.String(), want) {
+		select {
+		case err := <-exited:
+			exited <- err
+			t.Fatalf("QEMU exited (%v) before %q:\n%s", err, want, console.String())
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Since(start) > timeout {
+			t.Fatalf("no %q on the console after %v:\n%s", want, timeout, console.String())
+		}
+	}
+	t.Logf("%q after %v", want, time.Since(start).Round(100*time.Millisecond))
+}
+
+// TestBootTime measures boots of a small binary program (squashfs code,
+// network, the control port), ALEPHVM_BOOT_RUNS times in a row, and logs
+// the median of each step. With ALEPHVM_QEMU_ICOUNT=1, QEMU counts guest
+// time in emulated instructions (-icount shift=0). Run it alone on the
+// machine; docs/guest-init.md has the numbers.
+func TestBootTime(t *testing.T) {
+	runs, _ := strconv.Atoi(os.Getenv("ALEPHVM_BOOT_RUNS"))
+	if runs <= 0 {
+		t.Skip("set ALEPHVM_BOOT_RUNS to measure boots")
+	}
+	m := vmAssets(t)
+	workload := filepath.Join(t.TempDir(), "code", "server")
+	build := exec.Command("go", "build", "-o", workload, "./testdata/workload")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the workload: %v\n%s", err, out)
+	}
+	code := squashfsOf(t, filepath.Dir(workload))
+	icount := os.Getenv("ALEPHVM_QEMU_ICOUNT") != ""
+	steps := map[string][]time.Duration{}
+	var order []string
+	add := func(name string, d time.Duration) {
+		if _, ok := steps[name]; !ok {
+			order = append(order, name)
+		}
+		steps[name] = append(steps[name], d)
+	}
+	for i := range runs {
+		t.Run(fmt.Sprint(i), func(t *testing.T) { // its cleanup removes the tap before the next
+			vm := startVM(t, vmSpec{
+				kernel:    assetPath(t, m, assets.KernelBzImage),
+				initramfs: assetPath(t, m, assets.Initramfs),
+				cfg: guest.Config{
+					Version: guest.ConfigVersion, Hostname: "bench",
+					Network:  &guest.Network{Address: netip.MustParsePrefix("10.0.5.2/24"), Gateway: netip.MustParseAddr("10.0.5.1")},
+					Workload: guest.Workload{Interface: guest.InterfaceBinary, Entrypoint: "server"},
+					Drives: []guest.Drive{
+						{Role: guest.RoleRuntime, Format: guest.FormatSquashfs, Mount: "/", ReadOnly: true},
+						{Role: guest.RoleCode, Format: guest.FormatSquashfs, Mount: "/opt/code", ReadOnly: true},
+					},
+				},
+				drives: []string{assetPath(t, m, assets.Runtime), code},
+				tap:    "tapb",
+				host:   netip.MustParsePrefix("10.0.5.1/24"),
+				memMiB: 384,
+				icount: icount,
+			})
+			st := vm.waitSettled()
+			if st.State != guest.StateReady {
+				t.Fatalf("run %d: %+v", i, st)
+			}
+			b := st.Boot
+			if !icount {
+				total := vm.ready.Sub(vm.started)
+				add("QEMU start to ready (host)", total)
+				add("  firmware, kernel load and decompression", total-b.Ready)
+			}
+			add("  kernel, to /init", b.Kernel)
+			add("  init: Go runtime start", b.InitStart-b.Kernel)
+			add("  init: device modules", b.Modules-b.InitStart)
+			add("  init: config drive", b.Config-b.Modules)
+			add("  init: mounts and root switch", b.Mounts-b.Config)
+			add("  init: hostname, /etc, network", b.Network-b.Mounts)
+			add("  init: workload exec", b.Started-b.Network)
+			add("  workload start to port 8080 accepting", b.Ready-b.Started)
+			add("guest clock at ready", b.Ready)
+			add("init's own time (started - kernel - module wait)", b.Started-b.Kernel-b.ModuleWait)
+			add("module wait", b.ModuleWait)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			if err := vm.client.Halt(ctx); err != nil {
+				t.Fatal(err)
+			}
+			cancel()
+			if err := vm.waitExit(30 * time.Second); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	if t.Failed() {
+		return
+	}
+	var report strings.Builder
+	fmt.Fprintf(&report, "median of %d boots (icount %v):\n", runs, icount)
+	for _, name := range order {
+		d := slices.Clone(steps[name])
+		slices.Sort(d)
+		fmt.Fprintf(&report, "%-50s %8v  (min %v, max %v)\n", name, ms(d[len(d)/2]), ms(d[0]), ms(d[len(d)-1]))
+	}
+	t.Log(report.String())
 }
