@@ -216,7 +216,10 @@ func TestASGIProgram(t *testing.T) {
 	cfg := guest.Config{
 		Version:  guest.ConfigVersion,
 		Hostname: "asgi-vm",
-		Network:  &guest.Network{Address: netip.MustParsePrefix("10.0.3.2/24"), Gateway: netip.MustParseAddr("10.0.3.1")},
+		Network: &guest.Network{
+			Address: netip.MustParsePrefix("10.0.3.2/24"), Gateway: netip.MustParseAddr("10.0.3.1"),
+			Address6: netip.MustParsePrefix("fc00:3::2/64"), Gateway6: netip.MustParseAddr("fc00:3::1"),
+		},
 		Workload: guest.Workload{Interface: guest.InterfaceASGI, Entrypoint: "main:app", Variables: map[string]string{"NAME": "asgi"}},
 		Drives: []guest.Drive{
 			{Role: guest.RoleRuntime, Format: guest.FormatSquashfs, Mount: "/", ReadOnly: true},
@@ -239,6 +242,13 @@ func TestASGIProgram(t *testing.T) {
 	vm.reportBoot(st)
 	if code, body := vm.get("/"); code != 200 || body != "hello from asgi as uid 1000" {
 		t.Errorf("GET / = %d %q", code, body)
+	}
+	// IPv6: the address on eth0 (index 2, /64, global scope) and the
+	// default route.
+	res := vm.exec(guest.ExecRequest{Argv: []string{"cat", "/proc/net/if_inet6", "/proc/net/ipv6_route"}})
+	if out := string(res.Stdout); !strings.Contains(out, "fc000003000000000000000000000002 02 40 00 ") ||
+		!strings.Contains(out, "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fc000003000000000000000000000001") {
+		t.Errorf("IPv6 address or route missing:\n%s", out)
 	}
 	vm.fire("/crash")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

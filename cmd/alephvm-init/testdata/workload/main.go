@@ -66,8 +66,8 @@ func main() {
 		var hog [][]byte
 		for {
 			b := make([]byte, 16<<20)
-			for i := range b {
-				b[i] = 1
+			for i := 0; i < len(b); i += 4096 {
+				b[i] = 1 // a byte per page makes it resident
 			}
 			hog = append(hog, b)
 		}
