@@ -118,3 +118,27 @@ func TestDeviceName(t *testing.T) {
 		}
 	}
 }
+
+func TestPayloadDrive(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "code.zip")
+	os.WriteFile(src, []byte("PK\x05\x06 not quite a zip"), 0o644)
+	size, err := PayloadDrive(src, filepath.Join(dir, "drive"))
+	if err != nil || size != 20 {
+		t.Fatalf("size %d, %v", size, err)
+	}
+	b, _ := os.ReadFile(filepath.Join(dir, "drive"))
+	if len(b) != SectorSize || string(b[:20]) != "PK\x05\x06 not quite a zip" || b[20] != 0 {
+		t.Errorf("drive of %d bytes", len(b))
+	}
+	aligned := filepath.Join(dir, "aligned")
+	os.WriteFile(aligned, make([]byte, 2*SectorSize), 0o644)
+	if size, err := PayloadDrive(aligned, filepath.Join(dir, "linked")); err != nil || size != 2*SectorSize {
+		t.Errorf("aligned: %d %v", size, err)
+	}
+	a, _ := os.Stat(aligned)
+	l, _ := os.Stat(filepath.Join(dir, "linked"))
+	if !os.SameFile(a, l) {
+		t.Error("an aligned payload was copied, not linked")
+	}
+}

@@ -112,3 +112,46 @@ func ReadConfigDrive(r io.ReaderAt) (Config, error) {
 	}
 	return cfg, nil
 }
+
+// SectorSize is the unit of a drive's size.
+const SectorSize = 512
+
+// PayloadDrive makes dst a drive image for a zip or file drive: the bytes
+// of src, zero-padded to a whole number of sectors (Firecracker does not
+// show a partial last sector to the guest). It returns the payload's
+// size, for Drive.Size. When src needs no padding, dst is a hard link to
+// it if they are on one filesystem.
+func PayloadDrive(src, dst string) (int64, error) {
+	st, err := os.Stat(src)
+	if err != nil {
+		return 0, fmt.Errorf("payload drive: %w", err)
+	}
+	size := st.Size()
+	if size == 0 {
+		return 0, fmt.Errorf("payload drive: %s is empty", src)
+	}
+	if size%SectorSize == 0 && os.Link(src, dst) == nil {
+		return size, nil
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return 0, fmt.Errorf("payload drive: %w", err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return 0, fmt.Errorf("payload drive: %w", err)
+	}
+	_, err = io.Copy(out, in)
+	if err == nil {
+		err = out.Truncate((size + SectorSize - 1) / SectorSize * SectorSize)
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+		return 0, fmt.Errorf("payload drive %s: %w", dst, err)
+	}
+	return size, nil
+}

@@ -51,17 +51,21 @@ type Status struct {
 
 // Boot records when each step of the boot ended, as time since the kernel
 // started (the guest's CLOCK_BOOTTIME, which does not include firmware and
-// kernel decompression). Zero means not reached.
+// kernel decompression). Zero means not reached. The init's own share of a
+// boot is Started - Kernel - ModuleWait.
 type Boot struct {
-	InitStart  time.Duration `json:"init_start"`  // the init's first instruction
-	Modules    time.Duration `json:"modules"`     // kernel modules loaded, devices present
-	Config     time.Duration `json:"config"`      // config drive read
-	Mounts     time.Duration `json:"mounts"`      // root switched, every drive mounted
-	Network    time.Duration `json:"network"`     // hostname and eth0 configured
-	Control    time.Duration `json:"control"`     // control channel open
-	Started    time.Duration `json:"started"`     // workload process started
-	Ready      time.Duration `json:"ready"`       // port 8080 accepting
-	ModuleTime time.Duration `json:"module_time"` // time spent inside finit_module
+	Kernel    time.Duration `json:"kernel"`     // the kernel ran /init (from the kernel log)
+	InitStart time.Duration `json:"init_start"` // the init's main function began
+	Modules   time.Duration `json:"modules"`    // device drivers loaded, devices present
+	Config    time.Duration `json:"config"`     // config drive read
+	Mounts    time.Duration `json:"mounts"`     // root switched, every drive mounted
+	Network   time.Duration `json:"network"`    // hostname and eth0 configured
+	Started   time.Duration `json:"started"`    // workload process started
+	Ready     time.Duration `json:"ready"`      // port 8080 accepting
+	Control   time.Duration `json:"control"`    // control channel open (concurrent with the rest)
+	// ModuleWait is the time the boot spent waiting for kernel modules to
+	// load (finit_module, which includes the drivers probing devices).
+	ModuleWait time.Duration `json:"module_wait"`
 }
 
 // EventType names an asynchronous event from the guest.

@@ -64,6 +64,7 @@ prints the effective settings and where each came from.`,
 		newBaseImageCmd(a),
 		newStoreCmd(a),
 		newDoctorCmd(a),
+		newAssetsCmd(a),
 	)
 	return root
 }

@@ -110,10 +110,7 @@ func RequireTools(t testing.TB, names ...string) {
 // across runs: $ALEPHVM_TEST_CACHE, else /var/tmp/alephvm-test-cache.
 func CacheDir(t testing.TB) string {
 	t.Helper()
-	dir := os.Getenv("ALEPHVM_TEST_CACHE")
-	if dir == "" {
-		dir = "/var/tmp/alephvm-test-cache"
-	}
+	dir := CachePath()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatalf("test cache: %v", err)
 	}
@@ -141,4 +138,13 @@ func Golden(t testing.TB, path string, got []byte) {
 	if string(want) != string(got) {
 		t.Errorf("differs from %s (UPDATE_GOLDEN=1 rewrites it if the change is intended):\n%s", path, got)
 	}
+}
+
+// CachePath is the directory CacheDir returns, for code that runs outside
+// a test (TestMain).
+func CachePath() string {
+	if dir := os.Getenv("ALEPHVM_TEST_CACHE"); dir != "" {
+		return dir
+	}
+	return "/var/tmp/alephvm-test-cache"
 }

@@ -1,0 +1,373 @@
+package assets
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/alephvm/alephvm/guest"
+)
+
+// lz4Literals encodes data as one LZ4 block made of a single literal run,
+// which is valid LZ4 that any decoder must read.
+func lz4Literals(data []byte) []byte {
+	n := len(data)
+	var b []byte
+	if n < 15 {
+		b = append(b, byte(n<<4))
+	} else {
+		b = append(b, 0xf0)
+		rest := n - 15
+		for ; rest >= 255; rest -= 255 {
+			b = append(b, 255)
+		}
+		b = append(b, byte(rest))
+	}
+	return append(b, data...)
+}
+
+func TestDecodeLZ4Block(t *testing.T) {
+	long := bytes.Repeat([]byte("0123456789"), 100)
+	if got, err := decodeLZ4Block(lz4Literals(long), nil, 1<<20); err != nil || !bytes.Equal(got, long) {
+		t.Errorf("literals: %v", err)
+	}
+	// "abc" then a match of 9 at offset 3 (overlapping its own output),
+	// then the last literals "!".
+	block := []byte{0x35, 'a', 'b', 'c', 3, 0, 0x10, '!'}
+	if got, err := decodeLZ4Block(block, nil, 100); err != nil || string(got) != "abcabcabcabc!" {
+		t.Errorf("overlapping match: %q %v", got, err)
+	}
+	for name, bad := range map[string][]byte{
+		"offset past start": {0x10, 'a', 9, 0, 0x00},
+		"truncated":         {0x50, 'a'},
+		"zero offset":       {0x10, 'a', 0, 0, 0x00},
+	} {
+		if _, err := decodeLZ4Block(bad, nil, 100); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := decodeLZ4Block(block, nil, 5); err == nil {
+		t.Error("block over its limit accepted")
+	}
+}
+
+// fakeBzImage builds a bzImage-shaped file whose payload is compressed
+// kernel (an "ELF" here) as Linux's build does.
+func fakeBzImage(payload []byte) []byte {
+	const setupSects = 3
+	img := make([]byte, (setupSects+1)*512)
+	img[setupSectsOffset] = setupSects
+	copy(img[headerMagicOffset:], "HdrS")
+	binary.LittleEndian.PutUint16(img[bootVersionOffset:], 0x20f)
+	// The payload sits 100 bytes into the protected-mode code.
+	binary.LittleEndian.PutUint32(img[payloadOffsetOffset:], 100)
+	binary.LittleEndian.PutUint32(img[payloadLengthOffset:], uint32(len(payload)))
+	img = append(img, make([]byte, 100)...)
+	img = append(img, payload...)
+	return append(img, make([]byte, 64)...)
+}
+
+func TestExtractVmlinux(t *testing.T) {
+	elf := append([]byte("\x7fELF"), bytes.Repeat([]byte("kernel"), 3000)...)
+
+	// LZ4 legacy: two blocks, then the uncompressed size the build appends.
+	var lz4 bytes.Buffer
+	lz4.Write(lz4LegacyMagic)
+	for _, part := range [][]byte{elf[:7000], elf[7000:]} {
+		block := lz4Literals(part)
+		binary.Write(&lz4, binary.LittleEndian, uint32(len(block)))
+		lz4.Write(block)
+	}
+	binary.Write(&lz4, binary.LittleEndian, uint32(len(elf)))
+
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(elf)
+	zw.Close()
+
+	for name, payload := range map[string][]byte{"lz4": lz4.Bytes(), "gzip": gz.Bytes()} {
+		got, err := extractVmlinux(fakeBzImage(payload))
+		if err != nil || !bytes.Equal(got, elf) {
+			t.Errorf("%s: %d bytes, %v", name, len(got), err)
+		}
+	}
+	if _, err := extractVmlinux(fakeBzImage([]byte{0xfd, '7', 'z', 'X', 'Z', 0})); err == nil || !strings.Contains(err.Error(), "unsupported") {
+		t.Errorf("xz: %v", err)
+	}
+	if _, err := extractVmlinux(make([]byte, 4096)); err == nil || !strings.Contains(err.Error(), "HdrS") {
+		t.Errorf("not a kernel: %v", err)
+	}
+}
+
+// cpioEntry is what TestCPIO reads back.
+type cpioEntry struct {
+	name        string
+	mode        uint32
+	data        string
+	major, minr uint32
+}
+
+func readCPIO(t *testing.T, b []byte) []cpioEntry {
+	t.Helper()
+	var out []cpioEntry
+	align := func(n int) int { return (n + 3) &^ 3 }
+	for pos := 0; ; {
+		h := string(b[pos : pos+110])
+		if h[:6] != "070701" {
+			t.Fatalf("bad magic at %d: %q", pos, h[:6])
+		}
+		field := func(i int) uint32 {
+			v, err := strconv.ParseUint(h[6+8*i:14+8*i], 16, 32)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return uint32(v)
+		}
+		size, namesize := int(field(6)), int(field(11))
+		name := string(b[pos+110 : pos+110+namesize-1])
+		pos = align(pos + 110 + namesize)
+		if name == "TRAILER!!!" {
+			return out
+		}
+		out = append(out, cpioEntry{name, field(1), string(b[pos : pos+size]), field(9), field(10)})
+		pos = align(pos + size)
+	}
+}
+
+func TestCPIO(t *testing.T) {
+	var buf bytes.Buffer
+	c := newCPIOWriter(&buf)
+	c.Dir("dev", 0o755)
+	c.CharDevice("dev/console", 0o600, 5, 1)
+	c.File("init", 0o755, []byte("#!/bin/true\n"))
+	c.Symlink("sbin", "init")
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if buf.Len()%4 != 0 {
+		t.Errorf("archive of %d bytes is not 4-aligned", buf.Len())
+	}
+	got := readCPIO(t, buf.Bytes())
+	want := []cpioEntry{
+		{"dev", cpioDir | 0o755, "", 0, 0},
+		{"dev/console", cpioChar | 0o600, "", 5, 1},
+		{"init", cpioFile | 0o755, "#!/bin/true\n", 0, 0},
+		{"sbin", cpioSymlink | 0o777, "init", 0, 0},
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("read back\n%v\nwant\n%v", got, want)
+	}
+}
+
+func TestSourcesFor(t *testing.T) {
+	targets := `http://deb.example/debian/ bookworm main
+http://deb.example/debian/ bookworm contrib
+http://deb.example/debian/ bookworm-updates main
+http://sec.example/debian-security/ bookworm-security main
+http://deb.example/debian/ trixie main
+https://other.example/apt cloud-sdk-bookworm main
+`
+	got, err := sourcesFor(targets, "bookworm")
+	want := "deb http://deb.example/debian/ bookworm contrib main\n" +
+		"deb http://sec.example/debian-security/ bookworm-security main\n" +
+		"deb http://deb.example/debian/ bookworm-updates main\n"
+	if err != nil || got != want {
+		t.Errorf("got\n%s%v\nwant\n%s", got, err, want)
+	}
+	if _, err := sourcesFor(targets, "sid"); err == nil {
+		t.Error("found sources for a suite the machine does not have")
+	}
+}
+
+func TestBootSectors(t *testing.T) {
+	boot := bytes.Repeat([]byte{0xeb}, 512)
+	core := bytes.Repeat([]byte{0xcc}, 40000)
+	out, err := bootSectors(boot, core, 2048, 1000000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if binary.LittleEndian.Uint64(out[0x5c:]) != 1 || out[0] != 0xeb || out[510] != 0x55 || out[511] != 0xaa {
+		t.Error("boot sector: code, core location or signature wrong")
+	}
+	part := out[446:462]
+	if part[0] != 0x80 || part[4] != 0x83 || binary.LittleEndian.Uint32(part[8:]) != 2048 || binary.LittleEndian.Uint32(part[12:]) != 1000000 {
+		t.Errorf("partition entry % x", part)
+	}
+	if !bytes.Equal(out[512:], core) {
+		t.Error("core image not at sector 1")
+	}
+	if _, err := bootSectors(boot, make([]byte, 2048*512), 2048, 10); err == nil {
+		t.Error("a core image overlapping the partition was accepted")
+	}
+}
+
+func TestManifest(t *testing.T) {
+	dir := t.TempDir()
+	m, err := Load(dir)
+	if err != nil || len(m.Assets) != 0 {
+		t.Fatalf("empty directory: %v %v", m, err)
+	}
+	os.WriteFile(filepath.Join(dir, "a.img"), []byte("first"), 0o644)
+	if _, err := m.record(Runtime, "a.img", "k1", "v"); err != nil {
+		t.Fatal(err)
+	}
+	m.Assets[Runtime].Ref = "ref1"
+	if _, ok := m.fresh(Runtime, "k1"); !ok {
+		t.Error("just recorded, not fresh")
+	}
+	if _, ok := m.fresh(Runtime, "k2"); ok {
+		t.Error("fresh for other inputs")
+	}
+	// The same content keeps its ref; another loses it.
+	if a, _ := m.record(Runtime, "a.img", "k1", "v"); a.Ref != "ref1" {
+		t.Error("ref lost for the same content")
+	}
+	os.WriteFile(filepath.Join(dir, "a.img"), []byte("second"), 0o644)
+	if a, _ := m.record(Runtime, "a.img", "k1", "v"); a.Ref != "" {
+		t.Error("ref kept for other content")
+	}
+	loaded, err := Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte("second"))
+	if a := loaded.Assets[Runtime]; a.SHA256 != hex.EncodeToString(sum[:]) || a.Size != 6 {
+		t.Errorf("loaded %+v", a)
+	}
+	if p, err := loaded.Path(Runtime); err != nil || p != filepath.Join(dir, "a.img") {
+		t.Errorf("path %s %v", p, err)
+	}
+	if _, err := loaded.Path(BaseDisk); err == nil || !strings.Contains(err.Error(), "assets build") {
+		t.Errorf("missing asset: %v", err)
+	}
+	os.Truncate(filepath.Join(dir, "a.img"), 1)
+	if _, ok := loaded.fresh(Runtime, "k1"); ok {
+		t.Error("a file of another size is fresh")
+	}
+}
+
+type fakeRegistry struct{ added []string }
+
+func (r *fakeRegistry) AddFile(_ context.Context, path string) (string, error) {
+	r.added = append(r.added, path)
+	return fmt.Sprintf("ref%d", len(r.added)), nil
+}
+
+func TestRegister(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "r.sqsh"), []byte("x"), 0o644)
+	m, _ := Load(dir)
+	a, _ := m.record(Runtime, "r.sqsh", "k", "")
+	reg := &fakeRegistry{}
+	for range 2 {
+		if err := m.register(context.Background(), reg, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(reg.added) != 1 || a.Ref != "ref1" {
+		t.Errorf("registered %v, ref %q", reg.added, a.Ref)
+	}
+	if err := m.register(context.Background(), nil, a); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestFetch(t *testing.T) {
+	files := map[string][]byte{"/fc": []byte("firecracker binary"), "/vmlinux": bytes.Repeat([]byte("k"), 100000)}
+	var requests atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		b, ok := files[r.URL.Path]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(b)
+	}))
+	defer srv.Close()
+	sum := func(b []byte) string { s := sha256.Sum256(b); return hex.EncodeToString(s[:]) }
+	good := FetchManifest{Files: []FetchFile{
+		{Name: "firecracker", URL: srv.URL + "/fc", SHA256: sum(files["/fc"]), Executable: true},
+		{Name: "vmlinux", URL: srv.URL + "/vmlinux", SHA256: sum(files["/vmlinux"]), Size: 100000},
+	}}
+	dir := t.TempDir()
+	m, err := Fetch(context.Background(), dir, good, srv.Client(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := m.Path("fetched/firecracker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(p); st.Mode().Perm() != 0o755 {
+		t.Errorf("mode %v", st.Mode())
+	}
+	if _, err := Fetch(context.Background(), dir, good, srv.Client(), io.Discard); err != nil || requests.Load() != 2 {
+		t.Errorf("second fetch: %v, %d requests in all", err, requests.Load())
+	}
+
+	bad := map[string]FetchFile{
+		"checksum":  {Name: "x", URL: srv.URL + "/fc", SHA256: sum([]byte("other"))},
+		"size":      {Name: "x", URL: srv.URL + "/vmlinux", SHA256: sum(files["/vmlinux"]), Size: 99999},
+		"not found": {Name: "x", URL: srv.URL + "/missing", SHA256: sum(nil)},
+	}
+	for name, f := range bad {
+		_, err := Fetch(context.Background(), dir, FetchManifest{Files: []FetchFile{f}}, srv.Client(), io.Discard)
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+		left, _ := filepath.Glob(filepath.Join(dir, "fetched", "x*"))
+		if len(left) != 0 {
+			t.Errorf("%s: left %v behind", name, left)
+		}
+	}
+}
+
+func TestReadFetchManifest(t *testing.T) {
+	dir := t.TempDir()
+	write := func(s string) string {
+		p := filepath.Join(dir, "m.json")
+		os.WriteFile(p, []byte(s), 0o644)
+		return p
+	}
+	ok := `{"files": [{"name": "fc", "url": "https://example.org/fc", "sha256": "` + strings.Repeat("ab", 32) + `"}]}`
+	if fm, err := ReadFetchManifest(write(ok)); err != nil || len(fm.Files) != 1 {
+		t.Errorf("valid manifest: %v", err)
+	}
+	for name, s := range map[string]string{
+		"unknown field": `{"files": [], "extra": 1}`,
+		"path name":     `{"files": [{"name": "../fc", "url": "https://e.org/x", "sha256": "` + strings.Repeat("ab", 32) + `"}]}`,
+		"short sha":     `{"files": [{"name": "fc", "url": "https://e.org/x", "sha256": "abcd"}]}`,
+		"upper sha":     `{"files": [{"name": "fc", "url": "https://e.org/x", "sha256": "` + strings.Repeat("AB", 32) + `"}]}`,
+		"file url":      `{"files": [{"name": "fc", "url": "file:///etc/passwd", "sha256": "` + strings.Repeat("ab", 32) + `"}]}`,
+	} {
+		if _, err := ReadFetchManifest(write(s)); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestModuleIndexRoundTrip(t *testing.T) {
+	mods := []guest.Module{{Name: "ext4"}, {Name: "virtio_blk", File: "lib/modules/virtio_blk.ko", Deps: []string{"virtio", "virtio_ring"}}}
+	var buf bytes.Buffer
+	if err := guest.FormatModuleIndex(&buf, mods); err != nil {
+		t.Fatal(err)
+	}
+	got, err := guest.ParseModuleIndex(&buf)
+	if err != nil || got["ext4"].File != "" || len(got["virtio_blk"].Deps) != 2 || got["virtio_blk"].File != mods[1].File {
+		t.Errorf("round trip %v %v", got, err)
+	}
+}

@@ -1,0 +1,414 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/alephvm/alephvm/guest"
+)
+
+// The cgroups of the workload and of exec'd commands, so that an OOM kill
+// is told apart.
+const (
+	cgroupRoot     = "/sys/fs/cgroup"
+	workloadCgroup = cgroupRoot + "/workload"
+	execCgroup     = cgroupRoot + "/exec"
+)
+
+const codeDir = "/opt/code"
+
+// readyPoll is how often the init tries port 8080 until it accepts.
+const readyPoll = 10 * time.Millisecond
+
+// workloadArgv returns the command line of the workload.
+func workloadArgv(w guest.Workload, plain bool) []string {
+	if w.Interface == guest.InterfaceASGI {
+		app := w.Entrypoint
+		if plain {
+			app = guest.PlainCodeModule + ":" + w.Entrypoint
+		}
+		return []string{"python3", "-m", "uvicorn", "--app-dir", codeDir, "--host", "0.0.0.0", "--port", strconv.Itoa(guest.Port), app}
+	}
+	return append([]string{filepath.Join(codeDir, w.Entrypoint)}, w.Args...)
+}
+
+// workloadEnv returns the workload's environment: the basics, then the
+// message's variables, which may override them.
+func workloadEnv(u user, hostname string, vars map[string]string) []string {
+	env := map[string]string{
+		"PATH":             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+		"HOME":             u.home,
+		"USER":             u.name,
+		"LOGNAME":          u.name,
+		"HOSTNAME":         hostname,
+		"LANG":             "C.UTF-8",
+		"PYTHONPATH":       "/opt/packages",
+		"PYTHONUNBUFFERED": "1",
+	}
+	maps.Copy(env, vars)
+	out := make([]string, 0, len(env))
+	for _, k := range slices.Sorted(maps.Keys(env)) {
+		out = append(out, k+"="+env[k])
+	}
+	return out
+}
+
+// setupCgroups creates the workload's and exec's cgroups with the memory
+// controller, whose oom_kill count tells an OOM kill.
+func setupCgroups() error {
+	if err := os.WriteFile(cgroupRoot+"/cgroup.subtree_control", []byte("+memory +pids"), 0); err != nil {
+		return fmt.Errorf("enable cgroup controllers: %w", err)
+	}
+	for _, dir := range []string{workloadCgroup, execCgroup} {
+		if err := os.Mkdir(dir, 0o755); err != nil && !os.IsExist(err) {
+			return err
+		}
+	}
+	return nil
+}
+
+// oomKills reads the oom_kill count of a cgroup.
+func oomKills(cgroup string) uint64 {
+	b, err := os.ReadFile(cgroup + "/memory.events")
+	if err != nil {
+		return 0
+	}
+	return parseOOMKills(b)
+}
+
+func parseOOMKills(memoryEvents []byte) uint64 {
+	sc := bufio.NewScanner(bytes.NewReader(memoryEvents))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "oom_kill "); ok {
+			n, _ := strconv.ParseUint(v, 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// command builds a command run as u in a cgroup, in its own process group.
+func command(argv, env []string, dir string, u user, cgroup *os.File) *exec.Cmd {
+	cmd := &exec.Cmd{Path: argv[0], Args: argv, Env: env, Dir: dir}
+	if !strings.Contains(argv[0], "/") {
+		if p, err := lookPath(argv[0], env); err == nil {
+			cmd.Path = p
+		}
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setpgid:    true,
+		Credential: &syscall.Credential{Uid: uint32(u.uid), Gid: uint32(u.gid), Groups: []uint32{}},
+	}
+	if cgroup != nil {
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = int(cgroup.Fd())
+	}
+	return cmd
+}
+
+// lookPath finds file in the PATH of env.
+func lookPath(file string, env []string) (string, error) {
+	for _, kv := range env {
+		if p, ok := strings.CutPrefix(kv, "PATH="); ok {
+			for _, dir := range filepath.SplitList(p) {
+				path := filepath.Join(dir, file)
+				if st, err := os.Stat(path); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+					return path, nil
+				}
+			}
+		}
+	}
+	return "", fmt.Errorf("%s: not found in PATH", file)
+}
+
+// startWorkload starts the program and the goroutines that watch it.
+func (in *Init) startWorkload() error {
+	if err := setupCgroups(); err != nil {
+		logf("%v (OOM kills will not be reported)", err)
+	}
+	w := in.cfg.Workload
+	plain := false
+	for _, d := range in.cfg.Drives {
+		plain = plain || (d.Role == guest.RoleCode && d.Format == guest.FormatFile)
+	}
+	argv := workloadArgv(w, plain)
+	env := workloadEnv(in.user, in.cfg.Hostname, w.Variables)
+	in.mu.Lock()
+	in.env = env
+	in.mu.Unlock()
+	if w.Interface == guest.InterfaceBinary {
+		st, err := os.Stat(argv[0])
+		if err != nil {
+			return fmt.Errorf("entrypoint: %w", err)
+		}
+		if st.Mode()&0o111 == 0 {
+			if err := os.Chmod(argv[0], st.Mode()|0o755); err != nil {
+				return fmt.Errorf("entrypoint %s is not executable: %w", argv[0], err)
+			}
+		}
+	}
+	var echo io.Writer
+	if in.cfg.Debug {
+		echo = os.Stderr
+	}
+	stdoutR, stdoutW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	stderrR, stderrW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	cgroup, _ := os.Open(workloadCgroup)
+	cmd := command(argv, env, codeDir, in.user, cgroup)
+	cmd.Stdout, cmd.Stderr = stdoutW, stderrW
+	// A session of its own: the workload is not on the console's terminal.
+	cmd.SysProcAttr.Setsid, cmd.SysProcAttr.Setpgid = true, false
+	wait, err := in.reaper.start(cmd)
+	stdoutW.Close()
+	stderrW.Close()
+	if cgroup != nil {
+		cgroup.Close()
+	}
+	if err != nil {
+		stdoutR.Close()
+		stderrR.Close()
+		return fmt.Errorf("start %s: %w", argv[0], err)
+	}
+	go in.logs.copy(guest.Stdout, stdoutR, echo)
+	go in.logs.copy(guest.Stderr, stderrR, echo)
+
+	in.mu.Lock()
+	in.pid = cmd.Process.Pid
+	in.state = guest.StateRunning
+	in.boot.Started = uptime()
+	in.mu.Unlock()
+
+	go in.waitReady()
+	go func() {
+		ws := <-wait
+		cmd.Process.Release()
+		in.workloadExited(ws)
+	}()
+	return nil
+}
+
+// waitReady polls port 8080 until it accepts a connection or the workload
+// ends.
+func (in *Init) waitReady() {
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(guest.Port))
+	for {
+		select {
+		case <-in.exited:
+			return
+		default:
+		}
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			conn.Close()
+			in.mu.Lock()
+			if in.state == guest.StateRunning {
+				in.state = guest.StateReady
+				in.boot.Ready = uptime()
+				in.emitLocked(guest.EventReady)
+				b := in.boot
+				in.mu.Unlock()
+				logf("ready %v after the kernel started: %s", ms(b.Ready), bootSummary(b))
+				return
+			}
+			in.mu.Unlock()
+			return
+		}
+		time.Sleep(readyPoll)
+	}
+}
+
+// bootSummary says where the boot's time went.
+func bootSummary(b guest.Boot) string {
+	return fmt.Sprintf("kernel %v, init: modules %v, config %v, mounts %v, network %v, start %v (module wait %v), workload to ready %v",
+		ms(b.InitStart), ms(b.Modules-b.InitStart), ms(b.Config-b.Modules), ms(b.Mounts-b.Config),
+		ms(b.Network-b.Mounts), ms(b.Started-b.Network), ms(b.ModuleWait), ms(b.Ready-b.Started))
+}
+
+func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
+
+func (in *Init) workloadExited(ws unix.WaitStatus) {
+	code, sig := exitCode(ws)
+	oom := oomKills(workloadCgroup) > 0
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.exitCode, in.signal, in.oom = &code, sig, in.oom || oom
+	if in.state != guest.StateHalting {
+		in.state = guest.StateExited
+	}
+	close(in.exited)
+	logf("workload exited with %d (signal %d, OOM-killed %v)", code, sig, in.oom)
+	in.emitLocked(guest.EventExited)
+}
+
+// checkOOM reports an OOM kill in the workload's cgroup while it runs
+// (a child killed while the main process survives).
+func (in *Init) checkOOM() {
+	n := oomKills(workloadCgroup)
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if n > in.oomSeen {
+		in.oomSeen = n
+		in.oom = true
+		in.emitLocked(guest.EventOOM)
+	}
+}
+
+// Exec implements guest.Agent.
+func (in *Init) Exec(ctx context.Context, req guest.ExecRequest) (guest.ExecResult, error) {
+	in.mu.Lock()
+	ready := in.env != nil
+	in.mu.Unlock()
+	if !ready {
+		return guest.ExecResult{}, errors.New("the root filesystem is not ready")
+	}
+	u := in.user
+	if req.User != "" {
+		var err error
+		if u, err = lookupUser("/", req.User); err != nil {
+			return guest.ExecResult{}, err
+		}
+	}
+	env := workloadEnv(u, in.cfg.Hostname, in.cfg.Workload.Variables)
+	for _, k := range slices.Sorted(maps.Keys(req.Env)) {
+		env = append(env, k+"="+req.Env[k])
+	}
+	dir := req.Dir
+	if dir == "" {
+		dir = codeDir
+	}
+	timeout := req.Timeout
+	if timeout <= 0 {
+		timeout = time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	cgroup, _ := os.Open(execCgroup)
+	cmd := command(req.Argv, env, dir, u, cgroup)
+	if len(req.Stdin) > 0 {
+		stdin, err := feed(req.Stdin)
+		if err != nil {
+			return guest.ExecResult{}, err
+		}
+		defer stdin.Close()
+		cmd.Stdin = stdin
+	}
+	stdout, stderr := &cappedBuffer{max: guest.MaxExecOutput}, &cappedBuffer{max: guest.MaxExecOutput}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return guest.ExecResult{}, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		return guest.ExecResult{}, err
+	}
+	cmd.Stdout, cmd.Stderr = outW, errW
+	wait, err := in.reaper.start(cmd)
+	outW.Close()
+	errW.Close()
+	if cgroup != nil {
+		cgroup.Close()
+	}
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return guest.ExecResult{}, fmt.Errorf("start %s: %w", req.Argv[0], err)
+	}
+	var copying sync.WaitGroup
+	for _, c := range []struct {
+		dst *cappedBuffer
+		src *os.File
+	}{{stdout, outR}, {stderr, errR}} {
+		copying.Add(1)
+		go func() {
+			defer copying.Done()
+			io.Copy(c.dst, c.src)
+		}()
+	}
+	var res guest.ExecResult
+	var ws unix.WaitStatus
+	select {
+	case ws = <-wait:
+	case <-ctx.Done():
+		unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+		ws = <-wait
+		res.TimedOut = true
+	}
+	cmd.Process.Release()
+	// Output still held open by a background child is not waited for long.
+	copied := make(chan struct{})
+	go func() { copying.Wait(); close(copied) }()
+	select {
+	case <-copied:
+	case <-time.After(100 * time.Millisecond):
+	}
+	outR.Close()
+	errR.Close()
+	<-copied
+	res.ExitCode, res.Signal = exitCode(ws)
+	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
+	res.Truncated = stdout.truncated || stderr.truncated
+	return res, nil
+}
+
+// feed returns the read end of a pipe that delivers data, then EOF.
+func feed(data []byte) (*os.File, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		w.Write(data)
+		w.Close()
+	}()
+	return r, nil
+}
+
+// cappedBuffer keeps the first max bytes written to it.
+type cappedBuffer struct {
+	mu        sync.Mutex
+	buf       bytes.Buffer
+	max       int
+	truncated bool
+}
+
+func (b *cappedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	room := b.max - b.buf.Len()
+	if len(p) > room {
+		b.truncated = true
+		b.buf.Write(p[:max(room, 0)])
+		return len(p), nil
+	}
+	return b.buf.Write(p)
+}
+
+func (b *cappedBuffer) Bytes() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return bytes.Clone(b.buf.Bytes())
+}
