@@ -41,7 +41,7 @@ type Config struct {
 	DomainName          string  `env:"DOMAIN_NAME" yaml:"domain_name" help:"Public domain name of the node; programs are also served at <base32 of hash>.<domain>."`
 	ExecutionRoot       string  `env:"EXECUTION_ROOT" yaml:"execution_root" help:"Directory of the node's state: its database, VM runtime files and persistent volumes."`
 	CacheRoot           string  `env:"CACHE_ROOT" yaml:"cache_root" help:"Directory of the content store: downloaded and built items, kept by hash."`
-	AssetsDir           string  `env:"ASSETS_DIR" yaml:"assets_dir" help:"Directory of the VM assets: kernel, initramfs, default runtime and base image (alephvm assets build)."`
+	AssetsDir           string  `env:"ASSETS_DIR" yaml:"assets_dir" help:"Directory of the VM assets: kernel, initramfs, default runtime and base image (alephvm assets build); empty means <CACHE_ROOT>/assets."`
 	APIServer           string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
 	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
 	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
@@ -89,7 +89,6 @@ func Default() Config {
 		DomainName:         "localhost",
 		ExecutionRoot:      "/var/lib/alephvm",
 		CacheRoot:          "/var/cache/alephvm",
-		AssetsDir:          "/var/cache/alephvm/assets",
 		CacheMaxSize:       50 << 30,
 		StallTimeout:       Seconds(2 * time.Minute),
 		ReuseTimeout:       Seconds(time.Hour),
@@ -357,7 +356,7 @@ func (c Config) Validate() error {
 	if c.ReuseTimeout < 0 {
 		errs = append(errs, fmt.Errorf("%sREUSE_TIMEOUT: must not be negative", EnvPrefix))
 	}
-	for _, dir := range []struct{ name, value string }{{"EXECUTION_ROOT", c.ExecutionRoot}, {"CACHE_ROOT", c.CacheRoot}, {"ASSETS_DIR", c.AssetsDir}} {
+	for _, dir := range []struct{ name, value string }{{"EXECUTION_ROOT", c.ExecutionRoot}, {"CACHE_ROOT", c.CacheRoot}, {"ASSETS_DIR", c.Assets()}} {
 		if !strings.HasPrefix(dir.value, "/") {
 			errs = append(errs, fmt.Errorf("%s%s: must be an absolute path, got %q", EnvPrefix, dir.name, dir.value))
 		}
@@ -371,6 +370,14 @@ func (c Config) JailerBase() string {
 		return c.JailerBaseDirectory
 	}
 	return filepath.Join(c.ExecutionRoot, "jail")
+}
+
+// Assets is the assets directory: ASSETS_DIR, else <CACHE_ROOT>/assets.
+func (c Config) Assets() string {
+	if c.AssetsDir != "" {
+		return c.AssetsDir
+	}
+	return filepath.Join(c.CacheRoot, "assets")
 }
 
 // ParseLevel reads a log level name.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/alephvm/alephvm/assets"
+	"github.com/alephvm/alephvm/store"
 )
 
 func newAssetsCmd(a *app) *cobra.Command {
@@ -38,7 +40,7 @@ Packages come from this machine's apt sources. Building the Debian roots runs
 mmdebstrap and needs root; it takes a few minutes the first time.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			opts.Dir = a.cfg.AssetsDir
+			opts.Dir = a.cfg.Assets()
 			opts.Runtime, opts.BaseImage = !skipRuntime, !skipBase
 			opts.Progress = cmd.ErrOrStderr()
 			if opts.Init == "" {
@@ -48,11 +50,16 @@ mmdebstrap and needs root; it takes a few minutes the first time.`,
 				}
 				opts.Init = init
 			}
-			m, err := assets.Build(cmd.Context(), opts)
-			if err != nil {
-				return err
-			}
-			return printAssets(cmd, m)
+			// The runtime and base images are registered in the store, so
+			// that messages can name them by ref.
+			return a.withStore(cmd.Context(), func(s *store.Store) error {
+				opts.Registry = storeRegistry{s}
+				m, err := assets.Build(cmd.Context(), opts)
+				if err != nil {
+					return err
+				}
+				return printAssets(cmd, m)
+			})
 		},
 	}
 	build.Flags().StringVar(&opts.Init, "init", "", "static alephvm-init binary to put in the initramfs (default: alephvm-init beside this program, else on PATH)")
@@ -67,7 +74,7 @@ mmdebstrap and needs root; it takes a few minutes the first time.`,
 		Short: "List the built and fetched assets with their size, sha256 and store ref",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := assets.Load(a.cfg.AssetsDir)
+			m, err := assets.Load(a.cfg.Assets())
 			if err != nil {
 				return err
 			}
@@ -92,7 +99,7 @@ right sha256 are not downloaded again.`,
 			if err != nil {
 				return err
 			}
-			m, err := assets.Fetch(cmd.Context(), a.cfg.AssetsDir, fm, nil, cmd.ErrOrStderr())
+			m, err := assets.Fetch(cmd.Context(), a.cfg.Assets(), fm, nil, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
@@ -129,4 +136,12 @@ func printAssets(cmd *cobra.Command, m assets.Manifest) error {
 		fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%s\t%s\n", as.Name, as.Size, as.SHA256, ref, as.Version, filepath.Join(m.Dir, as.File))
 	}
 	return w.Flush()
+}
+
+// storeRegistry registers assets in the content store.
+type storeRegistry struct{ s *store.Store }
+
+func (r storeRegistry) AddFile(ctx context.Context, path string) (string, error) {
+	added, err := r.s.AddFile(ctx, path)
+	return string(added.Ref), err
 }

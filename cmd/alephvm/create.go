@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/store"
 )
@@ -333,7 +334,19 @@ port 8080).`,
 	return cmd
 }
 
-// defaultRuntime is the runtime a program gets when none is named.
+// defaultRuntime is the runtime a program gets when none is named: the
+// one alephvm assets build made (its store ref once registered, else the
+// file, which is then added to the store).
 func (a *app) defaultRuntime(context.Context) (string, error) {
-	return "", errors.New("no runtime named: pass --runtime (an item hash or a squashfs file)")
+	m, err := assets.Load(a.cfg.Assets())
+	if err == nil {
+		if rt, ok := m.Assets[assets.Runtime]; ok && rt.Ref != "" {
+			return rt.Ref, nil
+		}
+		var path string
+		if path, err = m.Path(assets.Runtime); err == nil {
+			return path, nil
+		}
+	}
+	return "", fmt.Errorf("no runtime named and none built: pass --runtime (an item hash or a squashfs file), or run alephvm assets build: %w", err)
 }

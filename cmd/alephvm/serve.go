@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/alephvm/alephvm/api"
+	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/auth"
 	"github.com/alephvm/alephvm/baseimage"
 	"github.com/alephvm/alephvm/config"
@@ -263,13 +264,24 @@ func memTotalMiB() (int, error) {
 func baseImageDir(cfg config.Config) string { return filepath.Join(cfg.CacheRoot, "base-image") }
 
 // programKernel is what program VMs boot: the kernel and initramfs named
-// by the settings. Without them the node serves no program, and says why.
+// by LINUX_PATH and INITRD_PATH, else those alephvm assets build made.
+// Without them the node serves no program, and says why.
 func programKernel(cfg config.Config, log *slog.Logger) execution.Kernel {
-	if cfg.ProgramKernel == "" || cfg.ProgramInitrd == "" {
-		log.Warn("no guest kernel and initramfs: programs cannot run on this node (set LINUX_PATH and INITRD_PATH)")
-		return execution.Kernel{}
+	k := execution.Kernel{Kernel: cfg.ProgramKernel, Initrd: cfg.ProgramInitrd, Cmdline: guest.KernelCmdline}
+	if k.Kernel == "" || k.Initrd == "" {
+		m, err := assets.Load(cfg.Assets())
+		if err == nil {
+			k.Kernel, err = m.Path(assets.KernelBzImage)
+		}
+		if err == nil {
+			k.Initrd, err = m.Path(assets.Initramfs)
+		}
+		if err != nil {
+			log.Warn("no guest kernel and initramfs: programs cannot run on this node (alephvm assets build, or LINUX_PATH and INITRD_PATH)", "err", err)
+			return execution.Kernel{}
+		}
 	}
-	return execution.Kernel{Kernel: cfg.ProgramKernel, Initrd: cfg.ProgramInitrd, Cmdline: guest.KernelCmdline}
+	return k
 }
 
 // startFakeInstance is the reference's developer mode: a local base image
