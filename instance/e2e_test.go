@@ -1,9 +1,7 @@
 package instance
 
 import (
-	"bytes"
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,9 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/alephvm/alephvm/baseimage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/message"
 )
@@ -25,30 +23,6 @@ const (
 	ovmfVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 )
 
-var (
-	baseOnce sync.Once
-	baseImg  baseimage.Image
-	baseErr  error
-)
-
-// builtBase builds the base image once per test cache.
-func builtBase(t testing.TB) baseimage.Image {
-	t.Helper()
-	testenv.RequireTools(t, "mmdebstrap", "mkfs.ext4")
-	dir := filepath.Join(testenv.CacheDir(t), "base-image")
-	baseOnce.Do(func() {
-		var log bytes.Buffer
-		baseImg, baseErr = baseimage.Build(context.Background(), dir, &log, testLog())
-		if baseErr != nil {
-			baseErr = fmt.Errorf("%w\n%s", baseErr, log.String())
-		}
-	})
-	if baseErr != nil {
-		t.Fatal(baseErr)
-	}
-	return baseImg
-}
-
 // TestInstanceEndToEnd boots the default base image in both forms, with
 // cloud-init, logs in over SSH with the message's key, checks the disk's
 // size, writes a file, restarts the node under the running instance,
@@ -58,7 +32,7 @@ func TestInstanceEndToEnd(t *testing.T) {
 		t.Skip("boots two Debian VMs under emulation: minutes")
 	}
 	r := newRig(t)
-	base := builtBase(t)
+	base := testassets.BaseImage(t)
 	key, pub := testenv.SSHKey(t)
 	testenv.RequireTools(t, "ssh")
 	if _, err := os.Stat(ovmfCode); err != nil {
@@ -161,7 +135,7 @@ func (r *rig) messageFor(image string, sizeMiB int, pub string) message.ItemHash
 // this is minutes; run it with -benchtime 1x.
 func BenchmarkAllocationToSSH(b *testing.B) {
 	r := newRig(b)
-	base := builtBase(b)
+	base := testassets.BaseImage(b)
 	key, pub := testenv.SSHKey(b)
 	m := r.manager()
 	m.opts.UEFICode, m.opts.UEFIVars = ovmfCode, ovmfVars

@@ -3,6 +3,7 @@ package instance
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"io"
 	"log/slog"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"github.com/alephvm/alephvm/db"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
@@ -24,7 +26,11 @@ import (
 	"github.com/alephvm/alephvm/store"
 )
 
-func TestMain(m *testing.M) { testenv.RunIsolated(m) }
+func TestMain(m *testing.M) {
+	flag.Parse()
+	testassets.Prepare()
+	testenv.RunIsolated(m)
+}
 
 // rig is a node without its API: the store, the database, the network
 // and QEMU, as buildNode wires them.

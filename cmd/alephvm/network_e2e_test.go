@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -16,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/alephvm/alephvm/baseimage"
+	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/network"
 )
@@ -100,12 +99,8 @@ func TestNetworkWithVMs(t *testing.T) {
 		t.Skip("boots two Debian VMs under emulation: minutes")
 	}
 	testenv.RequireIsolatedRoot(t)
-	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img", "nft", "mkfs.ext4", "mmdebstrap", "ip")
-	var buildLog bytes.Buffer
-	base, err := baseimage.Build(context.Background(), filepath.Join(testenv.CacheDir(t), "base-image"), &buildLog, testLogger())
-	if err != nil {
-		t.Fatalf("%v\n%s", err, buildLog.String())
-	}
+	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img", "nft", "mkfs.ext4", "ip")
+	base := testassets.BaseImage(t)
 	key, pub := testenv.SSHKey(t)
 	keyFile := filepath.Join(t.TempDir(), "key.pub")
 	os.WriteFile(keyFile, []byte(pub+"\n"), 0o600)
@@ -122,7 +117,7 @@ func TestNetworkWithVMs(t *testing.T) {
 	// The node boots bare ext4 images with the base image's kernel, from
 	// its cache: give it the one built for the tests.
 	os.MkdirAll(filepath.Join(dir, "cache"), 0o755)
-	if err := os.Symlink(filepath.Join(testenv.CacheDir(t), "base-image"), filepath.Join(dir, "cache", "base-image")); err != nil {
+	if err := os.Symlink(filepath.Dir(base.Disk), filepath.Join(dir, "cache", "base-image")); err != nil {
 		t.Fatal(err)
 	}
 	node := startNode(t, env, port)

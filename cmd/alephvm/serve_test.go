@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"flag"
 	"io"
 	"log/slog"
 	"net"
@@ -18,12 +19,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 )
 
 func TestMain(m *testing.M) {
 	maybeServe()
 	testenv.MaybeRunHelper()
+	flag.Parse()
+	testassets.Prepare()
 	testenv.RunIsolated(m)
 }
 
