@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"flag"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -30,8 +29,6 @@ func TestMain(m *testing.M) {
 	testassets.Prepare()
 	testenv.RunIsolated(m)
 }
-
-func testLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 func httpGet(t *testing.T, url string) (int, string) {
 	t.Helper()
