@@ -28,7 +28,7 @@ import (
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	testassets.Prepare()
+	testassets.Prepare(false)
 	testenv.RunIsolated(m)
 }
 

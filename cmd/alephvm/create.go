@@ -335,14 +335,11 @@ port 8080).`,
 }
 
 // defaultRuntime is the runtime a program gets when none is named: the
-// one alephvm assets build made (its store ref once registered, else the
-// file, which is then added to the store).
+// file alephvm assets build made, added to this node's store (adding the
+// same bytes again gives the same ref).
 func (a *app) defaultRuntime(context.Context) (string, error) {
 	m, err := assets.Load(a.cfg.Assets())
 	if err == nil {
-		if rt, ok := m.Assets[assets.Runtime]; ok && rt.Ref != "" {
-			return rt.Ref, nil
-		}
 		var path string
 		if path, err = m.Path(assets.Runtime); err == nil {
 			return path, nil

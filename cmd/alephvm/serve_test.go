@@ -26,7 +26,7 @@ func TestMain(m *testing.M) {
 	maybeServe()
 	testenv.MaybeRunHelper()
 	flag.Parse()
-	testassets.Prepare()
+	testassets.Prepare(true)
 	testenv.RunIsolated(m)
 }
 

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/alephvm/alephvm/internal/testassets"
+	"github.com/alephvm/alephvm/internal/testenv"
+	"github.com/alephvm/alephvm/network"
+)
+
+// programURL is where the node serves a program.
+func programURL(port int, ref, path string) string {
+	return fmt.Sprintf("http://127.0.0.1:%d/vm/%s%s", port, ref, path)
+}
+
+// TestProgramsEndToEnd deploys both examples on a node that boots them
+// under QEMU with the guest init, and checks the node's program duties.
+func TestProgramsEndToEnd(t *testing.T) {
+	assetsDir := testassets.ProgramAssets(t)
+	testenv.RequireTools(t, "qemu-system-x86_64", "nft", "mkfs.ext4", "go")
+	dir, port, env := nodeEnv(t, "lo", "10.0.0.53")
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=20", "ALEPH_VM_INIT_TIMEOUT=180")
+	node := startNode(t, env, port)
+	defer func() { node.cmd.Process.Kill(); node.cmd.Wait() }()
+
+	create := func(args ...string) string {
+		t.Helper()
+		code, out, errOut := runCLI(t, env, append([]string{"program", "create"}, args...)...)
+		if code != 0 {
+			t.Fatalf("program create %v: %s %s", args, out, errOut)
+		}
+		return strings.Fields(out)[0]
+	}
+	asgi := create("../../examples/asgi-hello", "--entrypoint", "main:app", "--env", "GREETING=Howdy")
+	goDir := filepath.Join(dir, "go-hello")
+	os.MkdirAll(goDir, 0o755)
+	build := exec.Command("go", "build", "-o", filepath.Join(goDir, "hello"), "../../examples/go-hello")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the Go example: %v\n%s", err, out)
+	}
+	goProg := create(goDir, "--entrypoint", "hello", "--interface", "binary", "--memory", "256")
+
+	// The ASGI example answers, with its variable.
+	status, body := httpGet(t, programURL(port, asgi, "/some/path"))
+	if status != 200 || !strings.Contains(body, "Howdy from a Python ASGI program on alephvm (/some/path)") {
+		t.Fatalf("asgi: %d %q\n%s", status, body, node.logs.String())
+	}
+
+	// 20 concurrent first requests to the Go example boot one VM.
+	var wg sync.WaitGroup
+	errs := make(chan string, 20)
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			status, body := httpGet(t, programURL(port, goProg, "/"))
+			if status != 200 || !strings.HasPrefix(body, "Hello from a Go program") {
+				errs <- fmt.Sprintf("%d %q", status, body)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Errorf("concurrent first request: %s", e)
+	}
+	if n := strings.Count(node.logs.String(), `msg="program booted" ref=`+goProg); n != 1 {
+		t.Errorf("%d boots of the Go program, want 1", n)
+	}
+
+	// A 100 MB upload passes through intact.
+	const size = 100 << 20
+	h := sha256.New()
+	pr, pw := io.Pipe()
+	go func() {
+		buf := make([]byte, 1<<20)
+		for i := range size / len(buf) {
+			for j := range buf {
+				buf[j] = byte(i ^ j)
+			}
+			h.Write(buf)
+			pw.Write(buf)
+		}
+		pw.Close()
+	}()
+	resp, err := http.Post(programURL(port, goProg, "/upload"), "application/octet-stream", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if want := fmt.Sprintf("%d %s\n", size, hex.EncodeToString(h.Sum(nil))); string(got) != want {
+		t.Errorf("upload: %q, want %q", got, want)
+	}
+
+	// A websocket echo passes through.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, fmt.Sprintf("ws://127.0.0.1:%d/vm/%s/ws", port, goProg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, msg := range []string{"ping", strings.Repeat("x", 100_000)} {
+		ws.SetReadLimit(1 << 20)
+		if err := ws.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		if _, data, err := ws.Read(ctx); err != nil || string(data) != msg {
+			t.Errorf("websocket echo: %d bytes, %v", len(data), err)
+		}
+	}
+	ws.Close(websocket.StatusNormalClosure, "")
+
+	// A program that crashes gives a 502, and its logs say why.
+	if status, body := httpGet(t, programURL(port, goProg, "/crash")); status != 502 || !strings.Contains(body, "error") {
+		t.Errorf("crash: %d %q", status, body)
+	}
+	var logsOK bool
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !logsOK; time.Sleep(500 * time.Millisecond) {
+		_, logs := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
+		logsOK = strings.Contains(logs, "crashing on purpose") && strings.Contains(logs, "code 3")
+	}
+	if !logsOK {
+		_, logs := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
+		t.Errorf("the logs do not show the crash: %s", logs)
+	}
+
+	// A message whose runtime item is missing gets a clear 404.
+	missing := create(goDir, "--entrypoint", "hello", "--interface", "binary", "--runtime", strings.Repeat("ab", 32))
+	status, body = httpGet(t, programURL(port, missing, "/"))
+	var apiErr struct{ Error string }
+	if status != 404 || json.Unmarshal([]byte(body), &apiErr) != nil || !strings.Contains(apiErr.Error, "not found") {
+		t.Errorf("missing runtime: %d %s", status, body)
+	}
+
+	// Idle past REUSE_TIMEOUT, the VMs stop and free their taps and files.
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		taps, _ := network.Taps()
+		vms, _ := os.ReadDir(filepath.Join(dir, "state", "vms"))
+		if len(taps) == 0 && len(vms) == 0 && len(listVMs(t, port)) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("idle programs not stopped: taps %v, VM directories %d, executions %v", taps, len(vms), listVMs(t, port))
+		}
+		time.Sleep(time.Second)
+	}
+}
