@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -369,5 +370,24 @@ func TestModuleIndexRoundTrip(t *testing.T) {
 	got, err := guest.ParseModuleIndex(&buf)
 	if err != nil || got["ext4"].File != "" || len(got["virtio_blk"].Deps) != 2 || got["virtio_blk"].File != mods[1].File {
 		t.Errorf("round trip %v %v", got, err)
+	}
+}
+
+func TestStripModuleSignature(t *testing.T) {
+	module := []byte("\x7fELF module body")
+	signer, keyID, sig := []byte("Debian"), []byte("key-id"), bytes.Repeat([]byte{0x5a}, 512)
+	info := make([]byte, 12)
+	info[3], info[4] = byte(len(signer)), byte(len(keyID))
+	binary.BigEndian.PutUint32(info[8:], uint32(len(sig)))
+	signed := slices.Concat(module, signer, keyID, sig, info, moduleSigMagic)
+	if got, err := stripModuleSignature(signed); err != nil || !bytes.Equal(got, module) {
+		t.Errorf("stripped to %q, %v", got, err)
+	}
+	if got, err := stripModuleSignature(module); err != nil || !bytes.Equal(got, module) {
+		t.Errorf("unsigned module changed: %q, %v", got, err)
+	}
+	binary.BigEndian.PutUint32(info[8:], 1<<20)
+	if _, err := stripModuleSignature(slices.Concat(module, info, moduleSigMagic)); err == nil {
+		t.Error("a signature longer than the module was accepted")
 	}
 }

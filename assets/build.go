@@ -26,6 +26,13 @@ type Options struct {
 	Runtime, BaseImage bool
 	RuntimePackages    []string // default DefaultRuntimePackages
 	BaseImagePackages  []string // default DefaultBaseImagePackages
+	// KeepModuleSignatures keeps the signatures of the initramfs's kernel
+	// modules. By default they are stripped: the kernel checks them in
+	// software at every boot (about 170 ms), and the cloud kernel does not
+	// enforce them (it loads unsigned modules and marks itself tainted).
+	// Keep them for a kernel that enforces signatures (lockdown,
+	// module.sig_enforce=1).
+	KeepModuleSignatures bool
 	// Registry, when set, receives the runtime and the base images.
 	Registry Registry
 	Progress io.Writer // where to say what is being done; nil for nowhere
@@ -177,7 +184,7 @@ func (b *builder) initramfs(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("init binary: %w", err)
 	}
-	key := inputKey("initramfs", b.kkey, initSum, strings.Join(guest.InitModules, ","))
+	key := inputKey("initramfs", b.kkey, initSum, strings.Join(guest.InitModules, ","), fmt.Sprint(b.opts.KeepModuleSignatures))
 	if b.upToDate(key, Initramfs) {
 		b.p.printf("initramfs", "up to date")
 		return nil
@@ -199,7 +206,7 @@ func (b *builder) initramfs(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
 		return err
 	}
-	if err := writeInitramfs(out+".part", initBinary, km, mods); err != nil {
+	if err := writeInitramfs(out+".part", initBinary, km, mods, b.opts.KeepModuleSignatures); err != nil {
 		return fmt.Errorf("initramfs: %w", err)
 	}
 	if err := os.Rename(out+".part", out); err != nil {

@@ -163,7 +163,7 @@ func qemuArgs(spec vmSpec, configDrive, controlSocket string) []string {
 		"-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "1", "-m", fmt.Sprint(spec.memMiB),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "stdio",
-		"-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", guest.KernelCmdline,
+		"-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", strings.TrimSpace(guest.KernelCmdline + " " + os.Getenv("ALEPHVM_TEST_KERNEL_ARGS")),
 		"-drive", "file=" + configDrive + ",if=none,id=drive0,format=raw,readonly=on",
 		"-device", "virtio-blk-pci,drive=drive0",
 	}
@@ -244,7 +244,7 @@ func startVM(t *testing.T, spec vmSpec) *testVM {
 			vm.cmd.Process.Kill()
 			<-vm.exited
 		}
-		if t.Failed() {
+		if t.Failed() || os.Getenv("ALEPHVM_TEST_CONSOLE") != "" {
 			t.Logf("console of the VM:\n%s", vm.console.String())
 		}
 	})
