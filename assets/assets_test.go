@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/alephvm/alephvm/guest"
 )
@@ -389,5 +390,31 @@ func TestStripModuleSignature(t *testing.T) {
 	binary.BigEndian.PutUint32(info[8:], 1<<20)
 	if _, err := stripModuleSignature(slices.Concat(module, info, moduleSigMagic)); err == nil {
 		t.Error("a signature longer than the module was accepted")
+	}
+}
+
+func TestCollect(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"initramfs/new.cpio", "initramfs/old.cpio", "initramfs/recent.cpio", "kernel/k_1/boot/vmlinuz", "kernel/k_0/boot/vmlinuz", "runtime/.build/root/x"} {
+		os.MkdirAll(filepath.Join(dir, filepath.Dir(f)), 0o755)
+		os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o644)
+	}
+	long := time.Now().Add(-2 * time.Hour)
+	for _, f := range []string{"initramfs/new.cpio", "initramfs/old.cpio", "kernel/k_1", "kernel/k_0", "runtime/.build"} {
+		os.Chtimes(filepath.Join(dir, f), long, long)
+	}
+	m, _ := Load(dir)
+	m.record(Initramfs, "initramfs/new.cpio", "k", "")
+	m.record(KernelBzImage, "kernel/k_1/boot/vmlinuz", "k", "")
+	if err := m.collect(time.Now().Add(-keepReplaced)); err != nil {
+		t.Fatal(err)
+	}
+	for f, kept := range map[string]bool{
+		"initramfs/new.cpio": true, "initramfs/recent.cpio": true, "kernel/k_1": true,
+		"initramfs/old.cpio": false, "kernel/k_0": false, "runtime/.build": false,
+	} {
+		if _, err := os.Stat(filepath.Join(dir, f)); (err == nil) != kept {
+			t.Errorf("%s: kept %v, want %v", f, err == nil, kept)
+		}
 	}
 }

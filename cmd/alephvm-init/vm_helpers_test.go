@@ -287,6 +287,18 @@ func (vm *testVM) waitSettled() guest.Status {
 	return st
 }
 
+// waitReady waits for the workload to be ready and logs where the boot's
+// time went.
+func (vm *testVM) waitReady() guest.Status {
+	vm.t.Helper()
+	st := vm.waitSettled()
+	if st.State != guest.StateReady {
+		vm.t.Fatalf("workload not ready: %+v", st)
+	}
+	vm.reportBoot(st)
+	return st
+}
+
 // waitExit waits for QEMU to end.
 func (vm *testVM) waitExit(timeout time.Duration) error {
 	select {
