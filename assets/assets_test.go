@@ -418,3 +418,17 @@ func TestCollect(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckStatic(t *testing.T) {
+	if err := checkStatic("/bin/sh"); err == nil || !strings.Contains(err.Error(), "CGO_ENABLED=0") {
+		t.Errorf("a dynamic binary: %v", err)
+	}
+	text := filepath.Join(t.TempDir(), "init")
+	os.WriteFile(text, []byte("#!/bin/sh\n"), 0o755)
+	if err := checkStatic(text); err == nil {
+		t.Error("a script taken for a static binary")
+	}
+	if _, err := Build(context.Background(), Options{Dir: t.TempDir(), Init: text}); err == nil {
+		t.Error("Build took a script for the init")
+	}
+}

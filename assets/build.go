@@ -74,6 +74,12 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 	if opts.BaseImagePackages == nil {
 		opts.BaseImagePackages = DefaultBaseImagePackages
 	}
+	if opts.Init == "" {
+		return Manifest{}, errors.New("assets: no alephvm-init binary given")
+	}
+	if err := checkStatic(opts.Init); err != nil {
+		return Manifest{}, err
+	}
 	unlock, err := lock(ctx, opts.Dir)
 	if err != nil {
 		return Manifest{}, err
@@ -194,12 +200,6 @@ func (b *builder) kernel(ctx context.Context) error {
 }
 
 func (b *builder) initramfs(ctx context.Context) error {
-	if b.opts.Init == "" {
-		return errors.New("initramfs: no alephvm-init binary given")
-	}
-	if err := checkStatic(b.opts.Init); err != nil {
-		return err
-	}
 	initSum, _, err := sha256File(b.opts.Init)
 	if err != nil {
 		return fmt.Errorf("init binary: %w", err)
