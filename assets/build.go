@@ -7,6 +7,7 @@ import (
 	"io"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -74,6 +75,9 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 	if opts.BaseImagePackages == nil {
 		opts.BaseImagePackages = DefaultBaseImagePackages
 	}
+	if err := checkTools(opts); err != nil {
+		return Manifest{}, err
+	}
 	if opts.Init == "" {
 		return Manifest{}, errors.New("assets: no alephvm-init binary given")
 	}
@@ -130,6 +134,30 @@ func (m Manifest) collect(cutoff time.Time) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// checkTools makes sure the programs the build runs are installed.
+func checkTools(opts Options) error {
+	tools := map[string]string{"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"}
+	if opts.Runtime || opts.BaseImage {
+		tools["mmdebstrap"] = "mmdebstrap"
+	}
+	if opts.Runtime {
+		tools["mksquashfs"] = "squashfs-tools"
+	}
+	if opts.BaseImage {
+		tools["mkfs.ext4"] = "e2fsprogs"
+	}
+	var missing []string
+	for _, tool := range slices.Sorted(maps.Keys(tools)) {
+		if _, err := exec.LookPath(tool); err != nil {
+			missing = append(missing, fmt.Sprintf("%s (Debian package %s)", tool, tools[tool]))
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("assets: missing %s", strings.Join(missing, ", "))
+	}
+	return nil
 }
 
 type builder struct {
