@@ -135,6 +135,7 @@ type testVM struct {
 	exited  chan struct{}
 	exitErr error
 	url     string
+	control string // the control socket
 }
 
 type lockedBuffer struct {
@@ -223,7 +224,7 @@ func startVM(t *testing.T, spec vmSpec) *testVM {
 		makeTap(t, spec.tap, spec.host)
 	}
 	controlSocket := filepath.Join(dir, "control.sock")
-	vm := &testVM{t: t, console: &lockedBuffer{}, exited: make(chan struct{})}
+	vm := &testVM{t: t, console: &lockedBuffer{}, exited: make(chan struct{}), control: controlSocket}
 	if spec.cfg.Network != nil {
 		vm.url = fmt.Sprintf("http://%s:%d", spec.cfg.Network.Address.Addr(), guest.Port)
 	}
@@ -272,6 +273,26 @@ func startVM(t *testing.T, spec vmSpec) *testVM {
 	vm.client = client
 	t.Cleanup(func() { client.Close() })
 	return vm
+}
+
+// reconnect closes the control session and opens another, as a host
+// that restarts does.
+func (vm *testVM) reconnect() guest.Hello {
+	vm.t.Helper()
+	vm.client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := guest.DialSerial(ctx, vm.control)
+	if err != nil {
+		vm.t.Fatal(err)
+	}
+	client, err := guest.NewClient(ctx, conn)
+	if err != nil {
+		vm.t.Fatalf("second session: %v", err)
+	}
+	vm.client = client
+	vm.t.Cleanup(func() { client.Close() })
+	return client.Hello()
 }
 
 // waitSettled waits until the workload is ready (or will never be).

@@ -235,6 +235,10 @@ func TestASGIProgram(t *testing.T) {
 	if code, body := vm.get("/"); code != 200 || body != "hello from asgi as uid 1000" {
 		t.Errorf("GET / = %d %q", code, body)
 	}
+	// A host that reconnects finds the state it left.
+	if h := vm.reconnect(); h.Status.State != guest.StateReady || h.Status.PID == 0 {
+		t.Errorf("hello of a second session: %+v", h)
+	}
 	// IPv6: the address on eth0 (index 2, /64, global scope) and the
 	// default route.
 	res := vm.exec(guest.ExecRequest{Argv: []string{"cat", "/proc/net/if_inet6", "/proc/net/ipv6_route"}})
