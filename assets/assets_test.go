@@ -13,10 +13,12 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/alephvm/alephvm/guest"
 )
@@ -369,5 +371,64 @@ func TestModuleIndexRoundTrip(t *testing.T) {
 	got, err := guest.ParseModuleIndex(&buf)
 	if err != nil || got["ext4"].File != "" || len(got["virtio_blk"].Deps) != 2 || got["virtio_blk"].File != mods[1].File {
 		t.Errorf("round trip %v %v", got, err)
+	}
+}
+
+func TestStripModuleSignature(t *testing.T) {
+	module := []byte("\x7fELF module body")
+	signer, keyID, sig := []byte("Debian"), []byte("key-id"), bytes.Repeat([]byte{0x5a}, 512)
+	info := make([]byte, 12)
+	info[3], info[4] = byte(len(signer)), byte(len(keyID))
+	binary.BigEndian.PutUint32(info[8:], uint32(len(sig)))
+	signed := slices.Concat(module, signer, keyID, sig, info, moduleSigMagic)
+	if got, err := stripModuleSignature(signed); err != nil || !bytes.Equal(got, module) {
+		t.Errorf("stripped to %q, %v", got, err)
+	}
+	if got, err := stripModuleSignature(module); err != nil || !bytes.Equal(got, module) {
+		t.Errorf("unsigned module changed: %q, %v", got, err)
+	}
+	binary.BigEndian.PutUint32(info[8:], 1<<20)
+	if _, err := stripModuleSignature(slices.Concat(module, info, moduleSigMagic)); err == nil {
+		t.Error("a signature longer than the module was accepted")
+	}
+}
+
+func TestCollect(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"initramfs/new.cpio", "initramfs/old.cpio", "initramfs/recent.cpio", "kernel/k_1/boot/vmlinuz", "kernel/k_0/boot/vmlinuz", "runtime/.build/root/x"} {
+		os.MkdirAll(filepath.Join(dir, filepath.Dir(f)), 0o755)
+		os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o644)
+	}
+	long := time.Now().Add(-2 * time.Hour)
+	for _, f := range []string{"initramfs/new.cpio", "initramfs/old.cpio", "kernel/k_1", "kernel/k_0", "runtime/.build"} {
+		os.Chtimes(filepath.Join(dir, f), long, long)
+	}
+	m, _ := Load(dir)
+	m.record(Initramfs, "initramfs/new.cpio", "k", "")
+	m.record(KernelBzImage, "kernel/k_1/boot/vmlinuz", "k", "")
+	if err := m.collect(time.Now().Add(-keepReplaced)); err != nil {
+		t.Fatal(err)
+	}
+	for f, kept := range map[string]bool{
+		"initramfs/new.cpio": true, "initramfs/recent.cpio": true, "kernel/k_1": true,
+		"initramfs/old.cpio": false, "kernel/k_0": false, "runtime/.build": false,
+	} {
+		if _, err := os.Stat(filepath.Join(dir, f)); (err == nil) != kept {
+			t.Errorf("%s: kept %v, want %v", f, err == nil, kept)
+		}
+	}
+}
+
+func TestCheckStatic(t *testing.T) {
+	if err := checkStatic("/bin/sh"); err == nil || !strings.Contains(err.Error(), "CGO_ENABLED=0") {
+		t.Errorf("a dynamic binary: %v", err)
+	}
+	text := filepath.Join(t.TempDir(), "init")
+	os.WriteFile(text, []byte("#!/bin/sh\n"), 0o755)
+	if err := checkStatic(text); err == nil {
+		t.Error("a script taken for a static binary")
+	}
+	if _, err := Build(context.Background(), Options{Dir: t.TempDir(), Init: text}); err == nil {
+		t.Error("Build took a script for the init")
 	}
 }

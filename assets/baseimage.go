@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 )
 
@@ -36,49 +35,19 @@ func (b *builder) baseImage(ctx context.Context) error {
 	if !b.opts.BaseImage {
 		return nil
 	}
-	sources, err := aptSources(ctx, b.opts.Suite)
-	if err != nil {
-		return err
-	}
-	pkgs := slices.Sorted(slices.Values(b.opts.BaseImagePackages))
-	key := inputKey("base-image", b.opts.Suite, sources, strings.Join(pkgs, ","), strings.Join(baseHooks, "\n"))
-	if !b.upToDate(key, BaseExt4, BaseDisk) {
-		ext4File := filepath.Join("base-image", key+".ext4")
-		diskFile := filepath.Join("base-image", key+".disk")
-		if err := buildBaseImage(ctx, b.p, b.opts.Dir, ext4File, diskFile, b.opts.Suite, sources, pkgs); err != nil {
-			return err
-		}
-		if _, err := b.replace(BaseExt4, ext4File, key, b.opts.Suite); err != nil {
-			return err
-		}
-		if _, err := b.replace(BaseDisk, diskFile, key, b.opts.Suite); err != nil {
-			return err
-		}
-	} else {
-		b.p.printf("base", "up to date")
-	}
-	for _, n := range []Name{BaseExt4, BaseDisk} {
-		if err := b.m.register(ctx, b.opts.Registry, b.m.Assets[n]); err != nil {
-			return err
-		}
-	}
-	return nil
+	return b.debian(ctx, debianAsset{
+		step: "base", dir: "base-image", packages: b.opts.BaseImagePackages, hooks: baseHooks,
+		outputs: map[Name]string{BaseExt4: ".ext4", BaseDisk: ".disk"},
+		images:  baseImages,
+	})
 }
 
 // diskOffset is where the root partition starts on the partitioned disk;
 // GRUB's core image lives in the gap before it.
 const diskOffset = 1 << 20
 
-func buildBaseImage(ctx context.Context, p *progress, dir, ext4File, diskFile, suite, sources string, pkgs []string) error {
-	work := filepath.Join(dir, "base-image", ".build")
-	os.RemoveAll(work)
-	defer os.RemoveAll(work)
-	root := filepath.Join(work, "root")
-	p.printf("base", "Debian %s with %s (mmdebstrap takes a few minutes)", suite, strings.Join(pkgs, ", "))
-	d := debootstrap{suite: suite, sources: sources, variant: "minbase", packages: pkgs, hooks: baseHooks, target: root}
-	if err := d.run(ctx, p, "base"); err != nil {
-		return err
-	}
+// baseImages makes both forms of the base image from its root.
+func baseImages(ctx context.Context, p *progress, root string, out map[Name]string) error {
 	if err := writeGrubConfig(root); err != nil {
 		return err
 	}
@@ -87,13 +56,9 @@ func buildBaseImage(ctx context.Context, p *progress, dir, ext4File, diskFile, s
 		return err
 	}
 	p.printf("base", "root filesystem of %s", humanSize(size))
-
-	ext4 := filepath.Join(dir, ext4File)
-	if err := mkfsExt4(ctx, p, root, ext4+".part", 0, size); err != nil {
+	if err := mkfsExt4(ctx, p, root, out[BaseExt4], 0, size); err != nil {
 		return err
 	}
-
-	disk := filepath.Join(dir, diskFile)
 	boot, err := os.ReadFile(filepath.Join(root, "usr/lib/grub/i386-pc/boot.img"))
 	if err != nil {
 		return fmt.Errorf("grub boot image: %w", err)
@@ -106,16 +71,10 @@ func buildBaseImage(ctx context.Context, p *progress, dir, ext4File, diskFile, s
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(disk+".part", mbr, 0o644); err != nil {
+	if err := os.WriteFile(out[BaseDisk], mbr, 0o644); err != nil {
 		return err
 	}
-	if err := mkfsExt4(ctx, p, root, disk+".part", diskOffset, size); err != nil {
-		return err
-	}
-	if err := os.Rename(ext4+".part", ext4); err != nil {
-		return err
-	}
-	return os.Rename(disk+".part", disk)
+	return mkfsExt4(ctx, p, root, out[BaseDisk], diskOffset, size)
 }
 
 // writeGrubConfig boots the image's kernel on the serial console and the

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -26,6 +28,13 @@ type Options struct {
 	Runtime, BaseImage bool
 	RuntimePackages    []string // default DefaultRuntimePackages
 	BaseImagePackages  []string // default DefaultBaseImagePackages
+	// KeepModuleSignatures keeps the signatures of the initramfs's kernel
+	// modules. By default they are stripped: the kernel checks them in
+	// software at every boot (about 170 ms), and the cloud kernel does not
+	// enforce them (it loads unsigned modules and marks itself tainted).
+	// Keep them for a kernel that enforces signatures (lockdown,
+	// module.sig_enforce=1).
+	KeepModuleSignatures bool
 	// Registry, when set, receives the runtime and the base images.
 	Registry Registry
 	Progress io.Writer // where to say what is being done; nil for nowhere
@@ -66,6 +75,15 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 	if opts.BaseImagePackages == nil {
 		opts.BaseImagePackages = DefaultBaseImagePackages
 	}
+	if err := checkTools(opts); err != nil {
+		return Manifest{}, err
+	}
+	if opts.Init == "" {
+		return Manifest{}, errors.New("assets: no alephvm-init binary given")
+	}
+	if err := checkStatic(opts.Init); err != nil {
+		return Manifest{}, err
+	}
 	unlock, err := lock(ctx, opts.Dir)
 	if err != nil {
 		return Manifest{}, err
@@ -83,7 +101,63 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 		}
 	}
 	b.p.printf("assets", "up to date in %s (%s)", time.Since(start).Round(100*time.Millisecond), opts.Dir)
-	return m, nil
+	return m, b.m.collect(time.Now().Add(-keepReplaced))
+}
+
+// keepReplaced is how long a replaced asset's file stays in the cache.
+const keepReplaced = time.Hour
+
+// collect removes the files of the build directories that no asset uses
+// and that were last changed before cutoff: replaced assets, and the
+// leftovers of interrupted builds.
+func (m Manifest) collect(cutoff time.Time) error {
+	used := func(rel string) bool {
+		for _, a := range m.Assets {
+			if a.File == rel || strings.HasPrefix(a.File, rel+string(filepath.Separator)) {
+				return true
+			}
+		}
+		return false
+	}
+	var errs []error
+	for _, dir := range []string{"kernel", "initramfs", "runtime", "base-image"} {
+		entries, _ := os.ReadDir(filepath.Join(m.Dir, dir))
+		for _, e := range entries {
+			rel := filepath.Join(dir, e.Name())
+			info, err := e.Info()
+			if err != nil || used(rel) || info.ModTime().After(cutoff) {
+				continue
+			}
+			if err := os.RemoveAll(filepath.Join(m.Dir, rel)); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// checkTools makes sure the programs the build runs are installed.
+func checkTools(opts Options) error {
+	tools := map[string]string{"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"}
+	if opts.Runtime || opts.BaseImage {
+		tools["mmdebstrap"] = "mmdebstrap"
+	}
+	if opts.Runtime {
+		tools["mksquashfs"] = "squashfs-tools"
+	}
+	if opts.BaseImage {
+		tools["mkfs.ext4"] = "e2fsprogs"
+	}
+	var missing []string
+	for _, tool := range slices.Sorted(maps.Keys(tools)) {
+		if _, err := exec.LookPath(tool); err != nil {
+			missing = append(missing, fmt.Sprintf("%s (Debian package %s)", tool, tools[tool]))
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("assets: missing %s", strings.Join(missing, ", "))
+	}
+	return nil
 }
 
 type builder struct {
@@ -107,25 +181,12 @@ func (b *builder) upToDate(key string, names ...Name) bool {
 	return true
 }
 
-// replace records a new file for an asset and removes the file it
-// replaces, if no other asset uses it.
+// replace records a new file for an asset. The file it replaces stays
+// for a while (see collect): a VM may be about to boot from it.
 func (b *builder) replace(name Name, file, key, version string) (*Asset, error) {
-	var old string
-	if a, ok := b.m.Assets[name]; ok && a.File != file {
-		old = a.File
-	}
 	a, err := b.m.record(name, file, key, version)
 	if err != nil {
 		return nil, err
-	}
-	if old != "" {
-		inUse := false
-		for _, other := range b.m.Assets {
-			inUse = inUse || other.File == old
-		}
-		if !inUse {
-			os.Remove(filepath.Join(b.m.Dir, old))
-		}
 	}
 	b.p.printf(string(name), "%s, %s, sha256 %s", file, humanSize(a.Size), a.SHA256[:16])
 	return a, nil
@@ -167,17 +228,11 @@ func (b *builder) kernel(ctx context.Context) error {
 }
 
 func (b *builder) initramfs(ctx context.Context) error {
-	if b.opts.Init == "" {
-		return errors.New("initramfs: no alephvm-init binary given")
-	}
-	if err := checkStatic(b.opts.Init); err != nil {
-		return err
-	}
 	initSum, _, err := sha256File(b.opts.Init)
 	if err != nil {
 		return fmt.Errorf("init binary: %w", err)
 	}
-	key := inputKey("initramfs", b.kkey, initSum, strings.Join(guest.InitModules, ","))
+	key := inputKey("initramfs", b.kkey, initSum, strings.Join(guest.InitModules, ","), fmt.Sprint(b.opts.KeepModuleSignatures))
 	if b.upToDate(key, Initramfs) {
 		b.p.printf("initramfs", "up to date")
 		return nil
@@ -199,7 +254,7 @@ func (b *builder) initramfs(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
 		return err
 	}
-	if err := writeInitramfs(out+".part", initBinary, km, mods); err != nil {
+	if err := writeInitramfs(out+".part", initBinary, km, mods, b.opts.KeepModuleSignatures); err != nil {
 		return fmt.Errorf("initramfs: %w", err)
 	}
 	if err := os.Rename(out+".part", out); err != nil {
@@ -220,25 +275,13 @@ func (b *builder) runtime(ctx context.Context) error {
 	if !b.opts.Runtime {
 		return nil
 	}
-	sources, err := aptSources(ctx, b.opts.Suite)
-	if err != nil {
-		return err
-	}
-	pkgs := slices.Sorted(slices.Values(b.opts.RuntimePackages))
-	key := inputKey("runtime", b.opts.Suite, sources, strings.Join(pkgs, ","), strings.Join(runtimeHooks, "\n"))
-	if b.upToDate(key, Runtime) {
-		b.p.printf("runtime", "up to date")
-		return b.m.register(ctx, b.opts.Registry, b.m.Assets[Runtime])
-	}
-	file := filepath.Join("runtime", key+".squashfs")
-	if err := buildRuntime(ctx, b.p, b.opts.Dir, file, b.opts.Suite, sources, pkgs); err != nil {
-		return err
-	}
-	a, err := b.replace(Runtime, file, key, b.opts.Suite)
-	if err != nil {
-		return err
-	}
-	return b.m.register(ctx, b.opts.Registry, a)
+	return b.debian(ctx, debianAsset{
+		step: "runtime", dir: "runtime", packages: b.opts.RuntimePackages, hooks: runtimeHooks,
+		outputs: map[Name]string{Runtime: ".squashfs"},
+		images: func(ctx context.Context, p *progress, root string, out map[Name]string) error {
+			return p.run(ctx, "runtime", "mksquashfs", root, out[Runtime], "-comp", "zstd", "-noappend", "-no-progress", "-quiet")
+		},
+	})
 }
 
 // runtimeHooks finish the program runtime: the workload's user, the mount
@@ -249,21 +292,66 @@ var runtimeHooks = []string{
 	`rm -f "$1/etc/resolv.conf" "$1/etc/hostname" && : > "$1/etc/machine-id"`,
 }
 
-func buildRuntime(ctx context.Context, p *progress, dir, file, suite, sources string, pkgs []string) error {
-	work := filepath.Join(dir, "runtime", ".build")
+// debianAsset is a build step that makes images of a Debian root.
+type debianAsset struct {
+	step, dir string          // its name in the progress; its directory in the cache
+	packages  []string        // installed in a minbase root
+	hooks     []string        // mmdebstrap customize hooks
+	outputs   map[Name]string // the assets it makes, with their file extension
+	// images makes the outputs (by name, the paths to write) from the root.
+	images func(ctx context.Context, p *progress, root string, out map[Name]string) error
+}
+
+// debian runs a Debian step unless its assets are up to date, then
+// registers them.
+func (b *builder) debian(ctx context.Context, d debianAsset) error {
+	sources, err := aptSources(ctx, b.opts.Suite)
+	if err != nil {
+		return err
+	}
+	pkgs := slices.Sorted(slices.Values(d.packages))
+	key := inputKey(d.dir, b.opts.Suite, sources, strings.Join(pkgs, ","), strings.Join(d.hooks, "\n"))
+	names := slices.Sorted(maps.Keys(d.outputs))
+	if b.upToDate(key, names...) {
+		b.p.printf(d.step, "up to date")
+	} else if err := b.buildDebian(ctx, d, key, sources, pkgs); err != nil {
+		return err
+	}
+	for _, n := range names {
+		if err := b.m.register(ctx, b.opts.Registry, b.m.Assets[n]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *builder) buildDebian(ctx context.Context, d debianAsset, key, sources string, pkgs []string) error {
+	work := filepath.Join(b.opts.Dir, d.dir, ".build")
 	os.RemoveAll(work)
 	defer os.RemoveAll(work)
 	root := filepath.Join(work, "root")
-	p.printf("runtime", "Debian %s with %s (mmdebstrap takes about a minute)", suite, strings.Join(pkgs, ", "))
-	d := debootstrap{suite: suite, sources: sources, variant: "minbase", packages: pkgs, hooks: runtimeHooks, target: root}
-	if err := d.run(ctx, p, "runtime"); err != nil {
+	b.p.printf(d.step, "Debian %s with %s (mmdebstrap takes a minute or more)", b.opts.Suite, strings.Join(pkgs, ", "))
+	boot := debootstrap{suite: b.opts.Suite, sources: sources, variant: "minbase", packages: pkgs, hooks: d.hooks, target: root}
+	if err := boot.run(ctx, b.p, d.step); err != nil {
 		return err
 	}
-	out := filepath.Join(dir, file)
-	if err := p.run(ctx, "runtime", "mksquashfs", root, out+".part", "-comp", "zstd", "-noappend", "-no-progress", "-quiet"); err != nil {
+	files, parts := map[Name]string{}, map[Name]string{}
+	for n, ext := range d.outputs {
+		files[n] = filepath.Join(d.dir, key+ext)
+		parts[n] = filepath.Join(b.opts.Dir, files[n]) + ".part"
+	}
+	if err := d.images(ctx, b.p, root, parts); err != nil {
 		return err
 	}
-	return os.Rename(out+".part", out)
+	for _, n := range slices.Sorted(maps.Keys(files)) {
+		if err := os.Rename(parts[n], filepath.Join(b.opts.Dir, files[n])); err != nil {
+			return err
+		}
+		if _, err := b.replace(n, files[n], key, b.opts.Suite); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func humanSize(n int64) string {

@@ -85,8 +85,9 @@ func TestBuild(t *testing.T) {
 				t.Errorf("module %s is not in the index", name)
 				continue
 			}
-			if mod.File != "" && !bytes.HasPrefix([]byte(files[mod.File].data), []byte("\x7fELF")) {
-				t.Errorf("module %s: no file %s", name, mod.File)
+			data := []byte(files[mod.File].data)
+			if mod.File != "" && (!bytes.HasPrefix(data, []byte("\x7fELF")) || bytes.HasSuffix(data, moduleSigMagic)) {
+				t.Errorf("module %s: no file %s, or still signed", name, mod.File)
 			}
 		}
 	})

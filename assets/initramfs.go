@@ -33,8 +33,9 @@ func checkStatic(file string) error {
 // writeInitramfs writes the initramfs: the init at /init, /dev/console
 // (the kernel opens it for the init's standard streams before anything
 // is mounted), the mount points the init uses, and the modules with
-// their index at guest.ModuleIndexPath.
-func writeInitramfs(out string, initBinary []byte, km *kernelModules, mods []guest.Module) error {
+// their index at guest.ModuleIndexPath, without their signatures unless
+// keepSignatures.
+func writeInitramfs(out string, initBinary []byte, km *kernelModules, mods []guest.Module, keepSignatures bool) error {
 	f, err := os.Create(out)
 	if err != nil {
 		return err
@@ -56,9 +57,12 @@ func writeInitramfs(out string, initBinary []byte, km *kernelModules, mods []gue
 			continue
 		}
 		data, err := os.ReadFile(filepath.Join(km.dir, km.files[m.Name]))
+		if err == nil && !keepSignatures {
+			data, err = stripModuleSignature(data)
+		}
 		if err != nil {
 			f.Close()
-			return err
+			return fmt.Errorf("module %s: %w", m.Name, err)
 		}
 		c.File(m.File, 0o644, data)
 	}

@@ -51,19 +51,11 @@ func decodeLZ4Block(src, dst []byte, limit int) ([]byte, error) {
 	for i := 0; i < len(src); {
 		token := src[i]
 		i++
-		lit := int(token >> 4)
-		if lit == 15 {
-			for {
-				if i >= len(src) {
-					return nil, errors.New("truncated literal length")
-				}
-				b := src[i]
-				i++
-				lit += int(b)
-				if b != 255 {
-					break
-				}
-			}
+		var lit, match int
+		var err error
+		lit, i, err = lz4Length(src, i, int(token>>4))
+		if err != nil {
+			return nil, fmt.Errorf("literal length: %w", err)
 		}
 		if i+lit > len(src) {
 			return nil, errors.New("literals overrun the block")
@@ -78,20 +70,11 @@ func decodeLZ4Block(src, dst []byte, limit int) ([]byte, error) {
 		}
 		offset := int(binary.LittleEndian.Uint16(src[i:]))
 		i += 2
-		match := int(token&15) + 4
-		if token&15 == 15 {
-			for {
-				if i >= len(src) {
-					return nil, errors.New("truncated match length")
-				}
-				b := src[i]
-				i++
-				match += int(b)
-				if b != 255 {
-					break
-				}
-			}
+		match, i, err = lz4Length(src, i, int(token&15))
+		if err != nil {
+			return nil, fmt.Errorf("match length: %w", err)
 		}
+		match += 4
 		if offset == 0 || offset > len(dst)-base {
 			return nil, fmt.Errorf("match offset %d out of range", offset)
 		}
@@ -111,4 +94,23 @@ func decodeLZ4Block(src, dst []byte, limit int) ([]byte, error) {
 		return nil, errors.New("block larger than its limit")
 	}
 	return dst, nil
+}
+
+// lz4Length reads the rest of a length whose 4-bit part in the token is
+// n: when n is 15, bytes follow and add up until one is not 255.
+func lz4Length(src []byte, i, n int) (int, int, error) {
+	if n != 15 {
+		return n, i, nil
+	}
+	for {
+		if i >= len(src) {
+			return 0, i, errors.New("truncated")
+		}
+		b := src[i]
+		i++
+		n += int(b)
+		if b != 255 {
+			return n, i, nil
+		}
+	}
 }

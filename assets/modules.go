@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"debug/elf"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -130,4 +132,27 @@ func moduleDepends(file string) ([]string, error) {
 		}
 	}
 	return nil, nil
+}
+
+// moduleSigMagic ends a signed kernel module.
+var moduleSigMagic = []byte("~Module signature appended~\n")
+
+// stripModuleSignature returns a module without its appended signature:
+// the signature, the signer and key id, then a 12-byte struct
+// module_signature (signer_len at 3, key_id_len at 4, sig_len big-endian
+// at 8) and the magic. Unsigned modules are returned as they are.
+func stripModuleSignature(b []byte) ([]byte, error) {
+	if !bytes.HasSuffix(b, moduleSigMagic) {
+		return b, nil
+	}
+	end := len(b) - len(moduleSigMagic) - 12
+	if end < 0 {
+		return nil, errors.New("module signature: truncated")
+	}
+	info := b[end : end+12]
+	cut := int(binary.BigEndian.Uint32(info[8:])) + int(info[3]) + int(info[4])
+	if cut > end {
+		return nil, errors.New("module signature: longer than the module")
+	}
+	return b[:end-cut], nil
 }

@@ -18,10 +18,12 @@ const (
 )
 
 // KernelCmdline is the kernel command line the init expects: the console
-// on the first serial port, quiet (console output is slow under emulation),
-// and a reboot instead of a hang if the init dies. Hypervisor backends
+// on the first serial port, quiet (console output is slow under
+// emulation), a reboot instead of a hang if the init dies, and no crypto
+// self-tests at boot (the kernel's test of every built-in algorithm, most
+// of the cloud kernel's boot time under emulation). Hypervisor backends
 // append their own arguments (Firecracker: pci=off).
-const KernelCmdline = "console=ttyS0 quiet panic=1 reboot=k"
+const KernelCmdline = "console=ttyS0 quiet panic=1 reboot=k cryptomgr.notests"
 
 // State is where the workload is in its life.
 type State string

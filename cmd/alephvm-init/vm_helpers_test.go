@@ -135,6 +135,7 @@ type testVM struct {
 	exited  chan struct{}
 	exitErr error
 	url     string
+	control string // the control socket
 }
 
 type lockedBuffer struct {
@@ -163,7 +164,7 @@ func qemuArgs(spec vmSpec, configDrive, controlSocket string) []string {
 		"-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "1", "-m", fmt.Sprint(spec.memMiB),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "stdio",
-		"-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", guest.KernelCmdline,
+		"-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", strings.TrimSpace(guest.KernelCmdline + " " + os.Getenv("ALEPHVM_TEST_KERNEL_ARGS")),
 		"-drive", "file=" + configDrive + ",if=none,id=drive0,format=raw,readonly=on",
 		"-device", "virtio-blk-pci,drive=drive0",
 	}
@@ -223,7 +224,7 @@ func startVM(t *testing.T, spec vmSpec) *testVM {
 		makeTap(t, spec.tap, spec.host)
 	}
 	controlSocket := filepath.Join(dir, "control.sock")
-	vm := &testVM{t: t, console: &lockedBuffer{}, exited: make(chan struct{})}
+	vm := &testVM{t: t, console: &lockedBuffer{}, exited: make(chan struct{}), control: controlSocket}
 	if spec.cfg.Network != nil {
 		vm.url = fmt.Sprintf("http://%s:%d", spec.cfg.Network.Address.Addr(), guest.Port)
 	}
@@ -244,7 +245,7 @@ func startVM(t *testing.T, spec vmSpec) *testVM {
 			vm.cmd.Process.Kill()
 			<-vm.exited
 		}
-		if t.Failed() {
+		if t.Failed() || os.Getenv("ALEPHVM_TEST_CONSOLE") != "" {
 			t.Logf("console of the VM:\n%s", vm.console.String())
 		}
 	})
@@ -274,6 +275,26 @@ func startVM(t *testing.T, spec vmSpec) *testVM {
 	return vm
 }
 
+// reconnect closes the control session and opens another, as a host
+// that restarts does.
+func (vm *testVM) reconnect() guest.Hello {
+	vm.t.Helper()
+	vm.client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := guest.DialSerial(ctx, vm.control)
+	if err != nil {
+		vm.t.Fatal(err)
+	}
+	client, err := guest.NewClient(ctx, conn)
+	if err != nil {
+		vm.t.Fatalf("second session: %v", err)
+	}
+	vm.client = client
+	vm.t.Cleanup(func() { client.Close() })
+	return client.Hello()
+}
+
 // waitSettled waits until the workload is ready (or will never be).
 func (vm *testVM) waitSettled() guest.Status {
 	vm.t.Helper()
@@ -284,6 +305,18 @@ func (vm *testVM) waitSettled() guest.Status {
 		vm.t.Fatalf("waiting for the workload: %v (status %+v)", err, st)
 	}
 	vm.ready = time.Now()
+	return st
+}
+
+// waitReady waits for the workload to be ready and logs where the boot's
+// time went.
+func (vm *testVM) waitReady() guest.Status {
+	vm.t.Helper()
+	st := vm.waitSettled()
+	if st.State != guest.StateReady {
+		vm.t.Fatalf("workload not ready: %+v", st)
+	}
+	vm.reportBoot(st)
 	return st
 }
 

@@ -75,11 +75,7 @@ func TestBinaryProgram(t *testing.T) {
 		host:      netip.MustParsePrefix("10.0.2.1/24"),
 		memMiB:    384,
 	})
-	st := vm.waitSettled()
-	if st.State != guest.StateReady {
-		t.Fatalf("workload not ready: %+v", st)
-	}
-	vm.reportBoot(st)
+	vm.waitReady()
 
 	t.Run("http", func(t *testing.T) {
 		if code, body := vm.get("/"); code != 200 || body != "hello from binary-vm as 1000:1000\n" {
@@ -235,13 +231,13 @@ func TestASGIProgram(t *testing.T) {
 		host:      netip.MustParsePrefix("10.0.3.1/24"),
 		memMiB:    384,
 	})
-	st := vm.waitSettled()
-	if st.State != guest.StateReady {
-		t.Fatalf("workload not ready: %+v", st)
-	}
-	vm.reportBoot(st)
+	vm.waitReady()
 	if code, body := vm.get("/"); code != 200 || body != "hello from asgi as uid 1000" {
 		t.Errorf("GET / = %d %q", code, body)
+	}
+	// A host that reconnects finds the state it left.
+	if h := vm.reconnect(); h.Status.State != guest.StateReady || h.Status.PID == 0 {
+		t.Errorf("hello of a second session: %+v", h)
 	}
 	// IPv6: the address on eth0 (index 2, /64, global scope) and the
 	// default route.

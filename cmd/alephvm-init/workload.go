@@ -104,8 +104,8 @@ func parseOOMKills(memoryEvents []byte) uint64 {
 	return 0
 }
 
-// command builds a command run as u in a cgroup, in its own process group.
-func command(argv, env []string, dir string, u user, cgroup *os.File) *exec.Cmd {
+// command builds a command run as u, in its own process group.
+func command(argv, env []string, dir string, u user) *exec.Cmd {
 	cmd := &exec.Cmd{Path: argv[0], Args: argv, Env: env, Dir: dir}
 	if !strings.Contains(argv[0], "/") {
 		if p, err := lookPath(argv[0], env); err == nil {
@@ -116,11 +116,38 @@ func command(argv, env []string, dir string, u user, cgroup *os.File) *exec.Cmd 
 		Setpgid:    true,
 		Credential: &syscall.Credential{Uid: uint32(u.uid), Gid: uint32(u.gid), Groups: []uint32{}},
 	}
-	if cgroup != nil {
-		cmd.SysProcAttr.UseCgroupFD = true
-		cmd.SysProcAttr.CgroupFD = int(cgroup.Fd())
-	}
 	return cmd
+}
+
+// startPiped starts cmd in the cgroup (when it exists) with its stdout and
+// stderr on pipes, and returns its exit status channel and the pipes'
+// read ends.
+func (in *Init) startPiped(cmd *exec.Cmd, cgroup string) (wait <-chan unix.WaitStatus, stdout, stderr *os.File, err error) {
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, nil, nil, err
+	}
+	cmd.Stdout, cmd.Stderr = outW, errW
+	if dir, err := os.Open(cgroup); err == nil {
+		defer dir.Close()
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = int(dir.Fd())
+	}
+	wait, err = in.reaper.start(cmd)
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return nil, nil, nil, fmt.Errorf("start %s: %w", cmd.Args[0], err)
+	}
+	return wait, outR, errR, nil
 }
 
 // lookPath finds file in the PATH of env.
@@ -168,29 +195,12 @@ func (in *Init) startWorkload() error {
 	if in.cfg.Debug {
 		echo = os.Stderr
 	}
-	stdoutR, stdoutW, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	stderrR, stderrW, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	cgroup, _ := os.Open(workloadCgroup)
-	cmd := command(argv, env, codeDir, in.user, cgroup)
-	cmd.Stdout, cmd.Stderr = stdoutW, stderrW
+	cmd := command(argv, env, codeDir, in.user)
 	// A session of its own: the workload is not on the console's terminal.
 	cmd.SysProcAttr.Setsid, cmd.SysProcAttr.Setpgid = true, false
-	wait, err := in.reaper.start(cmd)
-	stdoutW.Close()
-	stderrW.Close()
-	if cgroup != nil {
-		cgroup.Close()
-	}
+	wait, stdoutR, stderrR, err := in.startPiped(cmd, workloadCgroup)
 	if err != nil {
-		stdoutR.Close()
-		stderrR.Close()
-		return fmt.Errorf("start %s: %w", argv[0], err)
+		return err
 	}
 	go in.logs.copy(guest.Stdout, stdoutR, echo)
 	go in.logs.copy(guest.Stderr, stderrR, echo)
@@ -306,8 +316,7 @@ func (in *Init) Exec(ctx context.Context, req guest.ExecRequest) (guest.ExecResu
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
-	cgroup, _ := os.Open(execCgroup)
-	cmd := command(req.Argv, env, dir, u, cgroup)
+	cmd := command(req.Argv, env, dir, u)
 	if len(req.Stdin) > 0 {
 		stdin, err := feed(req.Stdin)
 		if err != nil {
@@ -317,25 +326,9 @@ func (in *Init) Exec(ctx context.Context, req guest.ExecRequest) (guest.ExecResu
 		cmd.Stdin = stdin
 	}
 	stdout, stderr := &cappedBuffer{max: guest.MaxExecOutput}, &cappedBuffer{max: guest.MaxExecOutput}
-	outR, outW, err := os.Pipe()
+	wait, outR, errR, err := in.startPiped(cmd, execCgroup)
 	if err != nil {
 		return guest.ExecResult{}, err
-	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		return guest.ExecResult{}, err
-	}
-	cmd.Stdout, cmd.Stderr = outW, errW
-	wait, err := in.reaper.start(cmd)
-	outW.Close()
-	errW.Close()
-	if cgroup != nil {
-		cgroup.Close()
-	}
-	if err != nil {
-		outR.Close()
-		errR.Close()
-		return guest.ExecResult{}, fmt.Errorf("start %s: %w", req.Argv[0], err)
 	}
 	var copying sync.WaitGroup
 	for _, c := range []struct {

@@ -68,6 +68,7 @@ mmdebstrap and needs root; it takes a few minutes the first time.`,
 	build.Flags().BoolVar(&skipRuntime, "skip-runtime", false, "do not build the program runtime")
 	build.Flags().BoolVar(&skipBase, "skip-base-image", false, "do not build the instance base image")
 	build.Flags().BoolVar(&opts.Rebuild, "rebuild", false, "rebuild everything, even what is up to date")
+	build.Flags().BoolVar(&opts.KeepModuleSignatures, "keep-module-signatures", false, "keep the kernel modules' signatures in the initramfs (for a kernel that enforces them; costs boot time)")
 
 	list := &cobra.Command{
 		Use:   "list",
