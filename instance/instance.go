@@ -223,16 +223,17 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 			return &execution.Error{Status: 503, Msg: "this node has no kernel to boot a bare ext4 base image"}
 		}
 		spec.Boot = hypervisor.Boot{Kernel: m.opts.DirectBoot.Kernel, Initrd: m.opts.DirectBoot.Initrd, Cmdline: m.opts.DirectBoot.Cmdline}
-	case formDisk:
-		if m.opts.UEFICode != "" {
-			vars := filepath.Join(disks, "efivars.fd")
-			if _, err := os.Stat(vars); errors.Is(err, os.ErrNotExist) {
-				if _, err := storage.CloneFile(m.opts.UEFIVars, vars); err != nil {
-					return fmt.Errorf("UEFI variable store: %w", err)
-				}
-			}
-			spec.Boot = hypervisor.Boot{FirmwareCode: m.opts.UEFICode, FirmwareVars: vars}
+	case formUEFI:
+		if m.opts.UEFICode == "" {
+			return &execution.Error{Status: 503, Msg: "this node has no UEFI firmware to boot a GPT base image (UEFI_FIRMWARE_CODE)"}
 		}
+		vars := filepath.Join(disks, "efivars.fd")
+		if _, err := os.Stat(vars); errors.Is(err, os.ErrNotExist) {
+			if _, err := storage.CloneFile(m.opts.UEFIVars, vars); err != nil {
+				return fmt.Errorf("UEFI variable store: %w", err)
+			}
+		}
+		spec.Boot = hypervisor.Boot{FirmwareCode: m.opts.UEFICode, FirmwareVars: vars}
 	}
 	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: "qemu",
 		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap,
@@ -409,7 +410,8 @@ func (m *Manager) List(ctx context.Context) ([]execution.Record, error) {
 type baseForm string
 
 const (
-	formDisk baseForm = "disk" // partitioned, with its own bootloader
+	formDisk baseForm = "disk" // an MBR disk with its own bootloader, booted by the BIOS
+	formUEFI baseForm = "uefi" // a GPT disk with an EFI system partition, booted by UEFI
 	formExt4 baseForm = "ext4" // a bare filesystem, booted with the node's kernel
 )
 
@@ -435,14 +437,15 @@ func (m *Manager) base(ctx context.Context, parent, disks string, log *slog.Logg
 		return "", "", err
 	}
 	if info.Format == "qcow2" {
+		// Cloud images boot under BIOS and UEFI alike; SeaBIOS is quicker.
 		return base, formDisk, nil
 	}
 	form, err := rawForm(base)
 	return base, form, err
 }
 
-// rawForm tells a partitioned disk (an MBR or GPT signature) from a bare
-// ext4 filesystem (its superblock magic).
+// rawForm tells a GPT disk (booted by UEFI), an MBR disk (booted by the
+// BIOS) and a bare ext4 filesystem (its superblock magic) apart.
 func rawForm(path string) (baseForm, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -456,7 +459,9 @@ func rawForm(path string) (baseForm, error) {
 	switch {
 	case buf[1080] == 0x53 && buf[1081] == 0xef:
 		return formExt4, nil
-	case buf[510] == 0x55 && buf[511] == 0xaa, string(buf[512:520]) == "EFI PART":
+	case string(buf[512:520]) == "EFI PART":
+		return formUEFI, nil
+	case buf[510] == 0x55 && buf[511] == 0xaa:
 		return formDisk, nil
 	}
 	return "", fmt.Errorf("base image %s is neither a partitioned disk nor an ext4 filesystem", path)
