@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -36,7 +37,6 @@ func TestProgramsEndToEnd(t *testing.T) {
 	dir, port, env := nodeEnv(t, "lo", "10.0.0.53")
 	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=20", "ALEPH_VM_INIT_TIMEOUT=180")
 	node := startNode(t, env, port)
-	defer func() { node.cmd.Process.Kill(); node.cmd.Wait() }()
 
 	create := func(args ...string) string {
 		t.Helper()
@@ -161,5 +161,31 @@ func TestProgramsEndToEnd(t *testing.T) {
 			t.Fatalf("idle programs not stopped: taps %v, VM directories %d, executions %v", taps, len(vms), listVMs(t, port))
 		}
 		time.Sleep(time.Second)
+	}
+
+	// The node stops; alephvm run boots the ASGI program in the foreground
+	// on a node of its own, prints its URL and its output.
+	node.cmd.Process.Signal(syscall.SIGTERM)
+	node.cmd.Wait()
+	runCtx, stopRun := context.WithCancel(context.Background())
+	defer stopRun()
+	out := &syncBuffer{}
+	ran := make(chan int, 1)
+	go func() { ran <- run(runCtx, []string{"run", asgi}, out, &syncBuffer{}, env) }()
+	url := ""
+	for deadline := time.Now().Add(3 * time.Minute); url == "" && time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if line, _, ok := strings.Cut(out.String(), "\n"); ok {
+			url = line
+		}
+	}
+	if !strings.HasSuffix(url, "/vm/"+asgi+"/") {
+		t.Fatalf("run printed %q", out.String())
+	}
+	if status, body := httpGet(t, url+"from-run"); status != 200 || !strings.Contains(body, "(/from-run)") {
+		t.Errorf("run: %d %q", status, body)
+	}
+	stopRun()
+	if code := <-ran; code != 0 {
+		t.Errorf("run exited %d", code)
 	}
 }

@@ -52,7 +52,7 @@ stops the program VMs and leaves the instances running for the next start.
 It needs root: it creates taps, nftables rules and VMs.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return serve(cmd.Context(), a, fakeInstance)
+			return serve(cmd.Context(), a, fakeInstance, nil)
 		},
 	}
 	cmd.Flags().BoolVar(&fakeInstance, "run-fake-instance", false,
@@ -74,7 +74,9 @@ type node struct {
 	driver    *qemu.Driver
 }
 
-func serve(ctx context.Context, a *app, fakeInstance bool) error {
+// serve runs the node until ctx ends. started, if given, runs once the API
+// listens, with the node and the API's base URL; its error stops the node.
+func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx context.Context, n *node, base string) error) error {
 	cfg, log := a.cfg.Config, a.log
 	n, cleanup, err := buildNode(ctx, cfg, log)
 	if err != nil {
@@ -110,10 +112,16 @@ func serve(ctx context.Context, a *app, fakeInstance bool) error {
 	go func() { served <- srv.Serve(ln) }()
 	log.Info("node serving", "addr", ln.Addr().String(), "version", buildVersion())
 
-	select {
-	case err := <-served:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
+	var startErr error
+	if started != nil {
+		startErr = started(ctx, n, "http://"+ln.Addr().String())
+	}
+	if startErr == nil {
+		select {
+		case err := <-served:
+			return fmt.Errorf("serve: %w", err)
+		case <-ctx.Done():
+		}
 	}
 	log.Info("shutting down: finishing requests in flight")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -126,7 +134,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool) error {
 	}
 	n.instances.Shutdown()
 	log.Info("node stopped; instances keep running")
-	return nil
+	return startErr
 }
 
 // buildNode opens the node's state and starts its managers, finding the
