@@ -11,7 +11,7 @@ import (
 	"github.com/alephvm/alephvm/internal/testenv"
 )
 
-func runCLI(t *testing.T, environ []string, args ...string) (code int, stdout, stderr string) {
+func runCLI(t testing.TB, environ []string, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
 	var out, errOut bytes.Buffer
 	code = run(context.Background(), args, &out, &errOut, environ)

@@ -40,7 +40,7 @@ type nodeProcess struct {
 	logs *syncBuffer
 }
 
-func startNode(t *testing.T, env []string, port int) *nodeProcess {
+func startNode(t testing.TB, env []string, port int) *nodeProcess {
 	t.Helper()
 	self, _ := os.Executable()
 	cmd := exec.Command(self)
@@ -68,7 +68,7 @@ type vmStatus struct {
 	Running bool `json:"running"`
 }
 
-func listVMs(t *testing.T, port int) map[string]vmStatus {
+func listVMs(t testing.TB, port int) map[string]vmStatus {
 	t.Helper()
 	resp, body := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/v2/about/executions/list", port))
 	if resp != 200 {

@@ -30,7 +30,7 @@ func TestMain(m *testing.M) {
 	testenv.RunIsolated(m)
 }
 
-func httpGet(t *testing.T, url string) (int, string) {
+func httpGet(t testing.TB, url string) (int, string) {
 	t.Helper()
 	resp, err := http.Get(url)
 	if err != nil {
@@ -41,7 +41,7 @@ func httpGet(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(body)
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -71,7 +71,7 @@ func (s *syncBuffer) String() string {
 // nodeEnv returns a node's settings for a test: its directories, a free
 // port, the token "test" (sent by the CLI and accepted by the node), the
 // uplink and the guests' resolver.
-func nodeEnv(t *testing.T, uplink, dns string) (dir string, port int, env []string) {
+func nodeEnv(t testing.TB, uplink, dns string) (dir string, port int, env []string) {
 	dir = t.TempDir()
 	sum := sha256.Sum256([]byte("test"))
 	port = freePort(t)
@@ -86,7 +86,7 @@ func nodeEnv(t *testing.T, uplink, dns string) (dir string, port int, env []stri
 
 // waitListening waits until the node listens on port, showing its logs
 // if it does not.
-func waitListening(t *testing.T, port int, logs func() string) {
+func waitListening(t testing.TB, port int, logs func() string) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
