@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -49,6 +50,7 @@ type launcher struct {
 	timeout time.Duration
 	missing bool
 	boots   int
+	last    *vm
 	mu      sync.Mutex
 }
 
@@ -60,13 +62,15 @@ func (l *launcher) Plan(_ context.Context, r message.ItemHash) (*pool.Plan, erro
 }
 
 func (l *launcher) Boot(_ context.Context, _ *pool.Plan) (pool.Program, error) {
+	v := &vm{srv: httptest.NewServer(l.handler), done: make(chan struct{})}
 	l.mu.Lock()
 	l.boots++
+	l.last = v
 	l.mu.Unlock()
-	return &vm{srv: httptest.NewServer(l.handler), done: make(chan struct{})}, nil
+	return v, nil
 }
 
-func newTestAPI(t *testing.T, l *launcher) *httptest.Server {
+func newTestAPI(t testing.TB, l *launcher) *httptest.Server {
 	t.Helper()
 	if l.memory == 0 {
 		l.memory = 128
@@ -96,6 +100,18 @@ func echoHandler() http.Handler {
 			return
 		}
 		fmt.Fprintf(w, "%d %x", n, h.Sum(nil))
+	})
+	// /stream sends a first line, then waits for the client to have read
+	// it before it ends: it passes only if the proxy does not buffer.
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "first\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-streamRead:
+			io.WriteString(w, "second\n")
+		case <-time.After(5 * time.Second):
+			io.WriteString(w, "timed out\n")
+		}
 	})
 	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(2 * time.Second)
@@ -162,6 +178,26 @@ func TestProxy(t *testing.T) {
 	}
 	if l.boots != 1 {
 		t.Errorf("%d boots", l.boots)
+	}
+}
+
+// streamRead tells /stream that its first line reached the client.
+var streamRead = make(chan struct{}, 1)
+
+func TestStreamingResponse(t *testing.T) {
+	srv := newTestAPI(t, &launcher{handler: echoHandler()})
+	resp, err := http.Get(srv.URL + "/vm/" + string(ref) + "/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	if line, err := r.ReadString('\n'); err != nil || line != "first\n" {
+		t.Fatalf("first line: %q %v", line, err)
+	}
+	streamRead <- struct{}{}
+	if line, _ := r.ReadString('\n'); line != "second\n" {
+		t.Errorf("second line: %q (the proxy held the first one back)", line)
 	}
 }
 

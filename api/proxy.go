@@ -43,8 +43,11 @@ func newProxy(log *slog.Logger) *proxy {
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
 		},
-		Transport:     timeoutTransport{base: transport},
-		FlushInterval: -1, // stream as the program writes
+		Transport: timeoutTransport{base: transport},
+		// Responses of unknown length (chunked, event streams) are flushed as
+		// the program writes them; others are written in as few writes as
+		// possible.
+		FlushInterval: 0,
 		ModifyResponse: func(resp *http.Response) error {
 			plan := resp.Request.Context().Value(leaseKey{}).(*pool.Lease).Plan()
 			resp.Header.Set("Aleph-Program-ItemHash", string(plan.Ref))
