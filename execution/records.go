@@ -65,7 +65,8 @@ func unix(t time.Time) any {
 	return t.Unix()
 }
 
-// Put writes a record, replacing the one of the same ref.
+// Put writes a record, replacing the one of the same ref but keeping its
+// creation time.
 func (r *Records) Put(ctx context.Context, rec Record) error {
 	fw, err := json.Marshal(rec.Forwards)
 	if err != nil {

@@ -31,6 +31,15 @@ func TestRecords(t *testing.T) {
 	if err != nil || got.Tap != "avm7" || got.NetIndex != 7 || len(got.Forwards) != 1 || got.Forwards[0].HostPort != 24000 || !got.StartedAt.Equal(rec.StartedAt) {
 		t.Fatalf("%+v %v", got, err)
 	}
+	// A record written again keeps its creation time.
+	again := rec
+	again.CreatedAt = time.Unix(1800000000, 0)
+	if err := r.Put(ctx, again); err != nil {
+		t.Fatal(err)
+	}
+	if got2, _ := r.Get(ctx, "aa"); !got2.CreatedAt.Equal(got.CreatedAt) {
+		t.Errorf("created_at %v became %v", got.CreatedAt, got2.CreatedAt)
+	}
 	// Another VM may not hold network 7 while this one may run...
 	clash := rec
 	clash.Ref = "bb"

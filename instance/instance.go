@@ -100,7 +100,6 @@ func (m *Manager) get(ref message.ItemHash) *instanceVM {
 // instanceVM is one running instance.
 type instanceVM struct {
 	ref    message.ItemHash
-	rec    execution.Record
 	vm     *qemu.VM
 	parent *store.Item
 	done   chan struct{} // closed once the VM is gone and cleaned up
@@ -238,9 +237,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: "qemu",
 		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap,
 		IPv4Network: att.Network.String(), IPv4: att.Guest.String(), VMDir: runDir, Forwards: att.Forwards}
-	if old, err := m.opts.Records.Get(ctx, ref); err == nil {
-		rec.CreatedAt = old.CreatedAt
-	}
+	// Put keeps the first record's creation time.
 	if err := m.opts.Records.Put(ctx, rec); err != nil {
 		return err
 	}
@@ -254,7 +251,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		return err
 	}
 	log.Info("instance started", "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form)
-	m.track(&instanceVM{ref: ref, rec: rec, vm: vm, parent: parent, done: make(chan struct{})})
+	m.track(&instanceVM{ref: ref, vm: vm, parent: parent, done: make(chan struct{})})
 	return nil
 }
 
@@ -387,7 +384,7 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		return fmt.Errorf("network: %w", err)
 	}
 	log.Info("instance found running", "pid", vm.Pid(), "tap", rec.Tap)
-	m.track(&instanceVM{ref: rec.Ref, rec: rec, vm: vm, parent: parent, done: make(chan struct{})})
+	m.track(&instanceVM{ref: rec.Ref, vm: vm, parent: parent, done: make(chan struct{})})
 	return nil
 }
 
