@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/singleflight"
+
 	"github.com/alephvm/alephvm/message"
 )
 
@@ -104,6 +106,7 @@ type Pool struct {
 	mu       sync.Mutex
 	execs    map[message.ItemHash]*execution
 	plans    map[message.ItemHash]cachedPlan
+	planning singleflight.Group
 	draining bool
 	stopping sync.WaitGroup // stops in progress
 }
@@ -174,14 +177,27 @@ func (p *Pool) plan(ctx context.Context, ref message.ItemHash) (*Plan, error) {
 	if ok && time.Since(c.fetched) < p.opts.PlanTTL {
 		return c.plan, nil
 	}
-	plan, err := p.opts.Launcher.Plan(ctx, ref)
-	if err != nil {
-		return nil, err
+	// Requests that find the plan stale together share one Plan call; it
+	// runs to its end even if the request that started it goes away.
+	ch := p.planning.DoChan(string(ref), func() (any, error) {
+		plan, err := p.opts.Launcher.Plan(context.WithoutCancel(ctx), ref)
+		if err != nil {
+			return nil, err
+		}
+		p.mu.Lock()
+		p.plans[ref] = cachedPlan{plan: plan, fetched: time.Now()}
+		p.mu.Unlock()
+		return plan, nil
+	})
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*Plan), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
-	p.mu.Lock()
-	p.plans[ref] = cachedPlan{plan: plan, fetched: time.Now()}
-	p.mu.Unlock()
-	return plan, nil
 }
 
 // Acquire returns a lease on the running program ref, booting it first if

@@ -205,3 +205,38 @@ func TestShutdownWaitsForRequests(t *testing.T) {
 		t.Error("not stopped")
 	}
 }
+
+// countingLauncher counts Plan calls and makes each last a while.
+type countingLauncher struct {
+	fakeLauncher
+	plans atomic.Int32
+}
+
+func (l *countingLauncher) Plan(ctx context.Context, ref message.ItemHash) (*Plan, error) {
+	l.plans.Add(1)
+	time.Sleep(50 * time.Millisecond)
+	return l.fakeLauncher.Plan(ctx, ref)
+}
+
+func TestStalePlanIsResolvedOnce(t *testing.T) {
+	l := &countingLauncher{fakeLauncher: fakeLauncher{revision: "r1", memory: 128}}
+	p := New(Options{Launcher: l, Capacity: Capacity{MemoryMiB: 1024, VCPUs: 8}, ReuseTimeout: time.Hour,
+		PlanTTL: time.Hour, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			lease, err := p.Acquire(context.Background(), ref)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			lease.Release()
+		}()
+	}
+	wg.Wait()
+	if n := l.plans.Load(); n != 1 {
+		t.Errorf("%d Plan calls for 20 concurrent requests, want 1", n)
+	}
+}
