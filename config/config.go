@@ -57,6 +57,7 @@ type Config struct {
 	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
 	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
 	ProgramKernel       string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
+	ProgramVmlinux      string  `env:"LINUX_VMLINUX_PATH" yaml:"linux_vmlinux_path" help:"Kernel of program VMs under Firecracker (the same kernel, an uncompressed vmlinux)."`
 	ProgramInitrd       string  `env:"INITRD_PATH" yaml:"initrd_path" help:"Initramfs of program VMs, holding the guest init."`
 	FakeInstanceBase    string  `env:"FAKE_INSTANCE_BASE" yaml:"fake_instance_base" help:"Developer mode (serve --run-fake-instance): the base image file of the fake instance; empty means the built base image's UEFI disk."`
 	FakeInstanceMessage string  `env:"FAKE_INSTANCE_MESSAGE" yaml:"fake_instance_message" help:"Developer mode: the INSTANCE message file of the fake instance; its rootfs parent is replaced by the fake base image."`

@@ -9,8 +9,6 @@ import (
 	"fmt"
 	"regexp"
 
-	"github.com/alephvm/alephvm/hypervisor"
-	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/store"
@@ -22,23 +20,10 @@ type Store interface {
 	Fetch(ctx context.Context, ref message.ItemHash, useLatest bool) (*store.Item, error)
 }
 
-// Hypervisor starts VMs.
-type Hypervisor interface {
-	Start(ctx context.Context, spec hypervisor.Spec) (*qemu.VM, error)
-}
-
 // Networks attaches VMs to the network.
 type Networks interface {
 	Attach(owner string, index int, internet bool, ports []network.PortRequest) (network.Attachment, error)
 	Detach(owner string) error
-}
-
-// Kernel is what VMs booted directly boot: our kernel and initramfs (with
-// the init), and the command line the init expects.
-type Kernel struct {
-	Kernel  string
-	Initrd  string
-	Cmdline string
 }
 
 // Error is a failure a client can act on, with the HTTP status it

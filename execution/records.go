@@ -52,6 +52,15 @@ type Record struct {
 	StoppedAt   time.Time
 }
 
+// HypervisorName is the backend the execution runs under: records made
+// before Firecracker was wired in name none, and ran under QEMU.
+func (r Record) HypervisorName() string {
+	if r.Hypervisor == "" {
+		return QEMU
+	}
+	return r.Hypervisor
+}
+
 // Records keeps execution records in the node's database.
 type Records struct{ db *sql.DB }
 

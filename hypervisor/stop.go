@@ -7,6 +7,28 @@ import (
 	"time"
 )
 
+// StopTimeouts bound each step of a backend's Stop, from the gentlest. A
+// zero duration skips its step.
+type StopTimeouts struct {
+	// Halt is the guest init's own clean shutdown (programs), asked over
+	// the control channel.
+	Halt time.Duration
+	// Shutdown is the guest system's: the ACPI power button under QEMU,
+	// ctrl-alt-del under Firecracker (systemd reboots, which ends it).
+	Shutdown time.Duration
+	// Quit is the hypervisor's own clean exit: QMP quit under QEMU, which
+	// flushes its caches. Firecracker has none and skips it.
+	Quit time.Duration
+	Kill time.Duration // SIGKILL
+}
+
+// DefaultStopTimeouts suit an instance that shuts down through systemd.
+var DefaultStopTimeouts = StopTimeouts{Halt: 30 * time.Second, Shutdown: 30 * time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
+
+// ConsoleLog is the file, in a VM's runtime directory, that receives the
+// guest's serial console under every backend.
+const ConsoleLog = "console.log"
+
 // StopStep is one way of ending a VM, from the gentlest: Act asks, and
 // the VM has Timeout to be gone. A nil Act or a zero Timeout skips it.
 type StopStep struct {

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/alephvm/alephvm/execution"
-	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/message"
@@ -46,7 +46,7 @@ func TestInstanceEndToEnd(t *testing.T) {
 	opts := func(m *Manager) *Manager {
 		m.opts.DirectBoot = execution.Kernel{Kernel: base.Kernel, Initrd: base.Initrd, Cmdline: base.Cmdline}
 		m.opts.UEFICode, m.opts.UEFIVars = ovmfCode, ovmfVars
-		m.opts.StopTimeouts = qemu.StopTimeouts{Powerdown: 90 * time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
+		m.opts.StopTimeouts = hypervisor.StopTimeouts{Shutdown: 90 * time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
 		return m
 	}
 	m := opts(r.manager())

@@ -20,28 +20,31 @@ import (
 	"github.com/alephvm/alephvm/cloudinit"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
-	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/storage"
 	"github.com/alephvm/alephvm/store"
 )
 
-// Hypervisor starts QEMU VMs and finds them again.
-type Hypervisor interface {
-	execution.Hypervisor
-	Attach(ctx context.Context, dir string) (*qemu.VM, error)
+// Chooser says which hypervisor runs an instance whose message asks for
+// asked (empty when it names none), or why this node cannot run it
+// (hostcheck.Plan).
+type Chooser interface {
+	ForInstance(asked string) (string, error)
 }
 
 // Options configure the instance manager.
 type Options struct {
-	Store      execution.Store
-	Hypervisor Hypervisor
-	Networks   execution.Networks
-	Records    *execution.Records
+	Store       execution.Store
+	Hypervisors execution.Hypervisors
+	// Choose picks the backend of a new instance; nil means QEMU.
+	Choose   Chooser
+	Networks execution.Networks
+	Records  *execution.Records
 	// DirectBoot boots instances whose base image is a bare ext4
-	// filesystem (the form Firecracker boots): a kernel, an initramfs that
-	// mounts /dev/vda, and their command line.
+	// filesystem (the only form Firecracker boots): a kernel (and its
+	// vmlinux for Firecracker), an initramfs that mounts /dev/vda, and
+	// their command line.
 	DirectBoot execution.Kernel
 	// UEFICode and UEFIVars are the firmware of instances whose base image is
 	// a partitioned disk: the code, and the template of the variable store
@@ -55,7 +58,7 @@ type Options struct {
 	DNS        []netip.Addr
 	// DeveloperKeys are added to every instance's authorized keys.
 	DeveloperKeys []string
-	StopTimeouts  qemu.StopTimeouts
+	StopTimeouts  hypervisor.StopTimeouts
 	Log           *slog.Logger
 }
 
@@ -72,8 +75,8 @@ type Manager struct {
 
 // New returns the instance manager.
 func New(opts Options) *Manager {
-	if opts.StopTimeouts == (qemu.StopTimeouts{}) {
-		opts.StopTimeouts = qemu.DefaultStopTimeouts
+	if opts.StopTimeouts == (hypervisor.StopTimeouts{}) {
+		opts.StopTimeouts = hypervisor.DefaultStopTimeouts
 	}
 	return &Manager{opts: opts, locks: map[message.ItemHash]*sync.Mutex{}, running: map[message.ItemHash]*instanceVM{}}
 }
@@ -100,9 +103,10 @@ func (m *Manager) get(ref message.ItemHash) *instanceVM {
 // instanceVM is one running instance.
 type instanceVM struct {
 	ref    message.ItemHash
-	vm     *qemu.VM
+	vm     execution.VM
 	parent *store.Item
-	done   chan struct{} // closed once the VM is gone and cleaned up
+	disk   storage.RawDisk // a Firecracker root disk, released once the VM is gone
+	done   chan struct{}   // closed once the VM is gone and cleaned up
 }
 
 // Running reports whether the instance runs.
@@ -127,8 +131,9 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	if !ok {
 		return &execution.Error{Status: 400, Msg: fmt.Sprintf("Message %s is a %s, not an INSTANCE", ref, msg.Type)}
 	}
-	if hv := c.Environment.Hypervisor; hv != nil && *hv != message.HypervisorQEMU {
-		return &execution.Error{Status: 400, Msg: fmt.Sprintf("instance %s asks for %s, which this node cannot run (see alephvm doctor)", ref, *hv)}
+	hv, err := m.hypervisor(ctx, ref, c)
+	if err != nil {
+		return err
 	}
 	if c.Rootfs.Persistence != message.PersistenceHost {
 		return &execution.Error{Status: 400, Msg: "root filesystems kept on the network (persistence: store) are not supported"}
@@ -156,13 +161,11 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	if err != nil {
 		return err
 	}
-	rootfs := filepath.Join(disks, "rootfs.qcow2")
-	if err := storage.CreateOverlay(ctx, base, rootfs, c.Rootfs.SizeMiB); err != nil {
-		if errors.Is(err, storage.ErrTooSmall) {
-			return &execution.Error{Status: 400, Msg: err.Error()}
-		}
+	root, disk, err := m.rootDisk(ctx, ref, hv, base, form, disks, c.Rootfs.SizeMiB, log)
+	if err != nil {
 		return err
 	}
+	cleanups = append(cleanups, func() { releaseDisk(disk, m.opts.Log) })
 
 	ports := []network.PortRequest{{Proto: "tcp", GuestPort: 22}}
 	for _, p := range c.Resources.PublishedPorts {
@@ -196,10 +199,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	if err != nil {
 		return err
 	}
-	drives := []hypervisor.Drive{
-		{Path: rootfs, Format: "qcow2", Serial: "rootfs"},
-		{Path: seed, ReadOnly: true, Serial: "cidata"},
-	}
+	drives := []hypervisor.Drive{root, {Path: seed, ReadOnly: true, Serial: "cidata"}}
 	for i, vol := range c.Volumes {
 		d, release, err := m.volume(ctx, ref, disks, runDir, i, vol)
 		if err != nil {
@@ -218,10 +218,9 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	}
 	switch form {
 	case formExt4:
-		if m.opts.DirectBoot.Kernel == "" {
-			return &execution.Error{Status: 503, Msg: "this node has no kernel to boot a bare ext4 base image"}
+		if spec.Boot, err = m.opts.DirectBoot.Boot(hv.Name()); err != nil {
+			return &execution.Error{Status: 503, Msg: "this node has no kernel to boot a bare ext4 base image (alephvm base-image build)", Err: err}
 		}
-		spec.Boot = hypervisor.Boot{Kernel: m.opts.DirectBoot.Kernel, Initrd: m.opts.DirectBoot.Initrd, Cmdline: m.opts.DirectBoot.Cmdline}
 	case formUEFI:
 		if m.opts.UEFICode == "" {
 			return &execution.Error{Status: 503, Msg: "this node has no UEFI firmware to boot a GPT base image (UEFI_FIRMWARE_CODE)"}
@@ -234,25 +233,95 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		}
 		spec.Boot = hypervisor.Boot{FirmwareCode: m.opts.UEFICode, FirmwareVars: vars}
 	}
-	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: "qemu",
+	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: hv.Name(),
 		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap,
 		IPv4Network: att.Network.String(), IPv4: att.Guest.String(), VMDir: runDir, Forwards: att.Forwards}
 	// Put keeps the first record's creation time.
 	if err := m.opts.Records.Put(ctx, rec); err != nil {
 		return err
 	}
-	vm, err := m.opts.Hypervisor.Start(ctx, spec)
+	vm, err := hv.Start(ctx, spec)
 	if err != nil {
 		_ = m.opts.Records.SetState(context.WithoutCancel(ctx), ref, execution.StateStopped)
 		return err
 	}
 	if err := m.opts.Records.SetState(ctx, ref, execution.StateRunning); err != nil {
-		_ = vm.Stop(context.WithoutCancel(ctx), nil, qemu.StopTimeouts{Quit: 5 * time.Second, Kill: 5 * time.Second})
+		_ = vm.Stop(context.WithoutCancel(ctx), nil, hypervisor.StopTimeouts{Quit: 5 * time.Second, Kill: 5 * time.Second})
 		return err
 	}
-	log.Info("instance started", "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form)
-	m.track(&instanceVM{ref: ref, vm: vm, parent: parent, done: make(chan struct{})})
+	log.Info("instance started", "hypervisor", hv.Name(), "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form)
+	m.track(&instanceVM{ref: ref, vm: vm, parent: parent, disk: disk, done: make(chan struct{})})
 	return nil
+}
+
+// hypervisor returns the backend of instance ref. An instance keeps the
+// one it was first started under, whose root disk it has; a new one gets
+// what its message asks for (environment.hypervisor), else the node's
+// default, if this node can run it.
+func (m *Manager) hypervisor(ctx context.Context, ref message.ItemHash, c *message.InstanceContent) (execution.Hypervisor, error) {
+	if rec, err := m.opts.Records.Get(ctx, ref); err == nil && rec.Hypervisor != "" {
+		hv, err := m.opts.Hypervisors.Get(rec.Hypervisor)
+		if err != nil {
+			return nil, &execution.Error{Status: 503, Msg: fmt.Sprintf("instance %s was made under %s, which this node does not run now", ref, rec.Hypervisor), Err: err}
+		}
+		return hv, nil
+	}
+	var asked string
+	if c.Environment.Hypervisor != nil {
+		asked = string(*c.Environment.Hypervisor)
+	}
+	name := execution.QEMU
+	if m.opts.Choose != nil {
+		var err error
+		if name, err = m.opts.Choose.ForInstance(asked); err != nil {
+			return nil, &execution.Error{Status: 503, Msg: fmt.Sprintf("instance %s cannot run on this node (see alephvm doctor)", ref), Err: err}
+		}
+	} else if asked != "" && asked != execution.QEMU {
+		return nil, &execution.Error{Status: 503, Msg: fmt.Sprintf("instance %s asks for %s, which this node does not run", ref, asked)}
+	}
+	return m.opts.Hypervisors.Get(name)
+}
+
+// diskName names an instance's device-mapper devices.
+func diskName(ref message.ItemHash) string { return "inst-" + string(ref)[:16] }
+
+// rootDisk makes (or finds again, with its data) the instance's writable
+// root disk over its base: a qcow2 layer under QEMU; under Firecracker,
+// which reads raw images only, a raw disk (storage.CreateRawDisk: a
+// device-mapper snapshot, a reflink or a copy), which only a bare ext4
+// base can be, since Firecracker boots no bootloader.
+func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv execution.Hypervisor, base string, form baseForm, disks string, sizeMiB int64, log *slog.Logger) (hypervisor.Drive, storage.RawDisk, error) {
+	tooSmall := func(err error) error {
+		if errors.Is(err, storage.ErrTooSmall) {
+			return &execution.Error{Status: 400, Msg: err.Error()}
+		}
+		return err
+	}
+	if hv.Name() != execution.Firecracker {
+		rootfs := filepath.Join(disks, "rootfs.qcow2")
+		if err := storage.CreateOverlay(ctx, base, rootfs, sizeMiB); err != nil {
+			return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)
+		}
+		return hypervisor.Drive{Path: rootfs, Format: "qcow2", Serial: "rootfs"}, storage.RawDisk{}, nil
+	}
+	if form != formExt4 {
+		return hypervisor.Drive{}, storage.RawDisk{}, &execution.Error{Status: 400,
+			Msg: fmt.Sprintf("instance %s runs under firecracker, which boots only a bare ext4 base image; its base is a %s image", ref, form)}
+	}
+	disk, err := storage.CreateRawDisk(ctx, base, disks, diskName(ref), sizeMiB, log)
+	if err != nil {
+		return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)
+	}
+	log.Info("root disk ready", "method", disk.Method, "path", disk.Path)
+	return hypervisor.Drive{Path: disk.Path, Serial: "rootfs"}, disk, nil
+}
+
+// releaseDisk takes down the devices of a device-mapper root disk (its
+// data stays in its copy-on-write file); it does nothing for the others.
+func releaseDisk(disk storage.RawDisk, log *slog.Logger) {
+	if err := disk.Release(context.Background()); err != nil {
+		log.Error("release root disk", "disk", disk.Path, "err", err)
+	}
 }
 
 func forwardsAsRequests(fws []network.Forward) []network.PortRequest {
@@ -291,6 +360,7 @@ func (m *Manager) release(iv *instanceVM, why string) {
 		m.opts.Log.Error("release instance network", "ref", iv.ref, "err", err)
 	}
 	iv.parent.Release()
+	releaseDisk(iv.disk, m.opts.Log)
 	if err := m.opts.Records.SetState(ctx, iv.ref, execution.StateStopped); err != nil {
 		m.opts.Log.Error("record instance stop", "ref", iv.ref, "err", err)
 	}
@@ -298,8 +368,8 @@ func (m *Manager) release(iv *instanceVM, why string) {
 	close(iv.done)
 }
 
-// Stop stops the instance, through an ACPI power-off first; its disks
-// stay. It reports whether it was running.
+// Stop stops the instance, through the guest's own shutdown first (ACPI
+// power-off under QEMU, ctrl-alt-del under Firecracker); its disks stay. It reports whether it was running.
 func (m *Manager) Stop(ctx context.Context, ref message.ItemHash) (bool, error) {
 	defer m.lock(ref)()
 	return m.stop(ctx, ref)
@@ -365,7 +435,11 @@ func (m *Manager) Restore(ctx context.Context) error {
 func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 	defer m.lock(rec.Ref)()
 	log := m.opts.Log.With("ref", rec.Ref)
-	vm, err := m.opts.Hypervisor.Attach(ctx, rec.VMDir)
+	hv, err := m.opts.Hypervisors.Get(rec.HypervisorName())
+	if err != nil {
+		return err
+	}
+	vm, err := hv.Attach(ctx, rec.VMDir)
 	if err != nil {
 		log.Warn("instance not running any more, starting it again", "err", err)
 		return m.start(ctx, rec.Ref, rec.NetIndex)
@@ -383,8 +457,9 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		parent.Release()
 		return fmt.Errorf("network: %w", err)
 	}
-	log.Info("instance found running", "pid", vm.Pid(), "tap", rec.Tap)
-	m.track(&instanceVM{ref: rec.Ref, vm: vm, parent: parent, done: make(chan struct{})})
+	log.Info("instance found running", "hypervisor", hv.Name(), "pid", vm.Pid(), "tap", rec.Tap)
+	disk, _ := storage.FindRawDisk(filepath.Join(m.opts.VolumesDir, string(rec.Ref)), diskName(rec.Ref))
+	m.track(&instanceVM{ref: rec.Ref, vm: vm, parent: parent, disk: disk, done: make(chan struct{})})
 	return nil
 }
 
@@ -394,7 +469,7 @@ func (m *Manager) Shutdown() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for ref, iv := range m.running {
-		_ = iv.vm.Close()
+		iv.vm.Close()
 		delete(m.running, ref)
 	}
 }

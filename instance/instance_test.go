@@ -17,6 +17,7 @@ import (
 
 	"github.com/alephvm/alephvm/db"
 	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
@@ -39,7 +40,9 @@ type rig struct {
 	dir     string
 	st      *store.Store
 	records *execution.Records
-	driver  *qemu.Driver
+	hvs     execution.Hypervisors
+	choose  Chooser
+	boot    execution.Kernel
 	fw      *network.Firewall
 	log     *slog.Logger
 }
@@ -65,7 +68,8 @@ func newRig(t testing.TB) *rig {
 	}
 	fw := network.NewFirewall("lo", netip.MustParsePrefix("172.16.0.0/12"))
 	t.Cleanup(func() { fw.Remove() })
-	return &rig{t: t, dir: dir, st: st, records: execution.NewRecords(database), driver: driver, fw: fw, log: log}
+	return &rig{t: t, dir: dir, st: st, records: execution.NewRecords(database),
+		hvs: execution.Hypervisors{execution.QEMU: execution.QEMUBackend(driver)}, fw: fw, log: log}
 }
 
 // manager is one node process's instance manager; a second one over the
@@ -74,10 +78,10 @@ func (r *rig) manager() *Manager {
 	pool, _ := network.NewPool(netip.MustParsePrefix("172.16.0.0/12"), 24, 4)
 	nets := network.NewManager(pool, r.fw, network.DefaultPorts, r.log)
 	return New(Options{
-		Store: r.st, Hypervisor: r.driver, Networks: nets, Records: r.records,
+		Store: r.st, Hypervisors: r.hvs, Choose: r.choose, DirectBoot: r.boot, Networks: nets, Records: r.records,
 		VolumesDir: filepath.Join(r.dir, "volumes"), RunDir: filepath.Join(r.dir, "vms"),
 		DNS: []netip.Addr{netip.MustParseAddr("10.0.0.53")}, DeveloperKeys: []string{"ssh-ed25519 AAAA dev"},
-		StopTimeouts: qemu.StopTimeouts{Powerdown: 500 * time.Millisecond, Quit: 5 * time.Second, Kill: 5 * time.Second},
+		StopTimeouts: hypervisor.StopTimeouts{Shutdown: 500 * time.Millisecond, Quit: 5 * time.Second, Kill: 5 * time.Second},
 		Log:          r.log,
 	})
 }
@@ -85,25 +89,30 @@ func (r *rig) manager() *Manager {
 // instanceMessage stores a base image (a blank disk with an MBR, which
 // SeaBIOS finds nothing to boot on) and an INSTANCE message over it.
 func (r *rig) instanceMessage(sizeMiB int) message.ItemHash {
-	ctx := context.Background()
+	added := r.mbrBase()
+	return r.storeInstance(map[string]any{
+		"address": "0x1", "time": 1700000000, "allow_amend": false,
+		"authorized_keys": []string{"ssh-ed25519 AAAA owner"},
+		"environment":     map[string]any{"internet": false, "hypervisor": "qemu"},
+		"resources":       map[string]any{"vcpus": 1, "memory": 128, "seconds": 30, "published_ports": []any{map[string]any{"port": 80}}},
+		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
+		"volumes":         []any{map[string]any{"name": "data", "persistence": "host", "size_mib": 16, "mount": "/data"}},
+	})
+}
+
+// mbrBase stores a blank 32 MiB disk with an MBR.
+func (r *rig) mbrBase() message.ItemHash {
 	base := filepath.Join(r.dir, "base.img")
 	img := make([]byte, 32<<20)
 	img[510], img[511] = 0x55, 0xaa
 	if err := os.WriteFile(base, img, 0o644); err != nil {
 		r.t.Fatal(err)
 	}
-	added, err := r.st.AddFile(ctx, base)
+	added, err := r.st.AddFile(context.Background(), base)
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	return r.storeInstance(map[string]any{
-		"address": "0x1", "time": 1700000000, "allow_amend": false,
-		"authorized_keys": []string{"ssh-ed25519 AAAA owner"},
-		"environment":     map[string]any{"internet": false, "hypervisor": "qemu"},
-		"resources":       map[string]any{"vcpus": 1, "memory": 128, "seconds": 30, "published_ports": []any{map[string]any{"port": 80}}},
-		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
-		"volumes":         []any{map[string]any{"name": "data", "persistence": "host", "size_mib": 16, "mount": "/data"}},
-	})
+	return added.Ref
 }
 
 // storeInstance stores an INSTANCE message of content, regenerated.

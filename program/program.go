@@ -1,5 +1,6 @@
 // Package program launches program VMs: it turns a PROGRAM message into
-// drives, a config drive for the guest init, a network and a QEMU spec,
+// drives, a config drive for the guest init, a network and a VM spec for
+// its hypervisor (QEMU or Firecracker),
 // boots the VM, waits for the workload to listen, collects its output, and
 // releases everything it took when it stops, on every path. It implements
 // pool.Launcher.
@@ -25,7 +26,6 @@ import (
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
-	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
@@ -35,11 +35,14 @@ import (
 
 // Options configure the program launcher.
 type Options struct {
-	Store      execution.Store
-	Hypervisor execution.Hypervisor
-	Networks   execution.Networks
-	Records    *execution.Records
-	Kernel     execution.Kernel
+	Store execution.Store
+	// Hypervisor runs the programs; when nil, Unavailable says why none
+	// can run here.
+	Hypervisor  execution.Hypervisor
+	Unavailable error
+	Networks    execution.Networks
+	Records     *execution.Records
+	Kernel      execution.Kernel
 	// RunDir holds each running VM's directory (sockets, config drive,
 	// ephemeral volumes); VolumesDir the persistent volumes, by program.
 	RunDir     string
@@ -132,11 +135,15 @@ func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, err
 	if !ok {
 		return nil, errors.New("plan was not made by this launcher")
 	}
-	if p.opts.Kernel.Kernel == "" || p.opts.Kernel.Initrd == "" {
-		return nil, &execution.Error{Status: 503, Msg: "this node cannot run programs: it has no guest kernel and initramfs (LINUX_PATH, INITRD_PATH)"}
+	if p.opts.Hypervisor == nil {
+		return nil, &execution.Error{Status: 503, Msg: "this node cannot run programs", Err: p.opts.Unavailable}
+	}
+	boot, err := p.opts.Kernel.Boot(p.opts.Hypervisor.Name())
+	if err != nil {
+		return nil, &execution.Error{Status: 503, Msg: "this node cannot run programs: it has no guest kernel (alephvm assets build, or LINUX_PATH and INITRD_PATH)", Err: err}
 	}
 	vm := &programVM{opts: &p.opts, ref: plan.Ref, done: make(chan struct{}), log: p.opts.Log.With("ref", plan.Ref)}
-	if err := vm.start(ctx, pp.content); err != nil {
+	if err := vm.start(ctx, pp.content, boot); err != nil {
 		vm.cleanup()
 		return nil, err
 	}
@@ -152,7 +159,7 @@ type programVM struct {
 	att      network.Attachment
 	attached bool
 	items    []*store.Item
-	vm       *qemu.VM
+	vm       execution.VM
 	client   *guest.Client
 	logs     *LogBuffer
 	recorded bool
@@ -162,7 +169,7 @@ type programVM struct {
 	done     chan struct{}
 }
 
-func (v *programVM) start(ctx context.Context, c *message.ProgramContent) error {
+func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot hypervisor.Boot) error {
 	att, err := v.opts.Networks.Attach(string(v.ref), -1, c.Environment.Internet, nil)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
@@ -233,7 +240,7 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent) error 
 		Dir:       v.dir,
 		VCPUs:     int(c.Resources.VCPUs),
 		MemoryMiB: int(c.Resources.MemoryMiB),
-		Boot:      hypervisor.Boot{Kernel: v.opts.Kernel.Kernel, Initrd: v.opts.Kernel.Initrd, Cmdline: v.opts.Kernel.Cmdline},
+		Boot:      boot,
 		Drives:    append([]hypervisor.Drive{{Path: cfgPath, ReadOnly: true, Serial: "config"}}, drives...),
 		NICs:      []hypervisor.NIC{{Tap: att.Tap, MAC: att.MAC()}},
 		Control:   true, ControlPort: guest.ControlPortName,
@@ -259,7 +266,7 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent) error 
 	}
 	v.log.Info("program ready", "took", time.Since(started).Round(time.Millisecond), "kernel_to_ready", st.Boot.Ready, "ip", v.att.Guest)
 	if v.opts.Records != nil {
-		err := v.opts.Records.Put(ctx, execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateRunning, Hypervisor: "qemu",
+		err := v.opts.Records.Put(ctx, execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateRunning, Hypervisor: v.opts.Hypervisor.Name(),
 			VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap, IPv4Network: att.Network.String(),
 			IPv4: att.Guest.String(), VMDir: v.dir, StartedAt: time.Now()})
 		if err != nil {
@@ -274,12 +281,12 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent) error 
 // connect opens the control channel and starts collecting the program's
 // output.
 func (v *programVM) connect(ctx context.Context) error {
-	conn, err := (&net.Dialer{}).DialContext(ctx, "unix", v.vm.ControlSocket())
-	if err != nil {
-		return fmt.Errorf("control channel: %w", err)
-	}
 	helloCtx, cancel := context.WithTimeout(ctx, v.opts.ReadyTimeout)
 	defer cancel()
+	conn, err := v.vm.DialControl(helloCtx)
+	if err != nil {
+		return fmt.Errorf("control channel: %w (console: %s)", err, v.vm.ConsoleLog())
+	}
 	client, err := guest.NewClient(helloCtx, conn)
 	if err != nil {
 		conn.Close()
@@ -429,8 +436,8 @@ func (v *programVM) Networking() pool.Networking {
 }
 
 // stopTimeouts suit a program: its init halts in about a second, and has
-// nothing to do with the ACPI power button.
-var stopTimeouts = qemu.StopTimeouts{Halt: 15 * time.Second, Powerdown: time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
+// nothing to do with the ACPI power button or ctrl-alt-del.
+var stopTimeouts = hypervisor.StopTimeouts{Halt: 15 * time.Second, Shutdown: time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
 
 // Stop implements pool.Program: the init unmounts everything and powers
 // off (QEMU escalates if it does not), then everything the VM held is
@@ -482,8 +489,9 @@ func (v *programVM) cleanup() {
 }
 
 // StopOrphans stops the program VMs an earlier node process left running
-// (programs do not survive the node) and records them stopped.
-func (p *Launcher) StopOrphans(ctx context.Context, attach func(ctx context.Context, dir string) (*qemu.VM, error)) error {
+// (programs do not survive the node), each through the backend its record
+// names, and records them stopped.
+func (p *Launcher) StopOrphans(ctx context.Context, hvs execution.Hypervisors) error {
 	recs, err := p.opts.Records.List(ctx, execution.KindProgram)
 	if err != nil {
 		return err
@@ -493,9 +501,14 @@ func (p *Launcher) StopOrphans(ctx context.Context, attach func(ctx context.Cont
 		if rec.State == execution.StateStopped {
 			continue
 		}
-		if vm, err := attach(ctx, rec.VMDir); err == nil {
-			p.opts.Log.Info("stopping a program left running by an earlier node", "ref", rec.Ref)
-			if err := vm.Stop(ctx, nil, qemu.StopTimeouts{Quit: 10 * time.Second, Kill: 5 * time.Second}); err != nil {
+		hv, err := hvs.Get(rec.HypervisorName())
+		if err != nil {
+			errs = append(errs, fmt.Errorf("program %s: %w", rec.Ref, err))
+			continue
+		}
+		if vm, err := hv.Attach(ctx, rec.VMDir); err == nil {
+			p.opts.Log.Info("stopping a program left running by an earlier node", "ref", rec.Ref, "hypervisor", hv.Name())
+			if err := vm.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}); err != nil {
 				errs = append(errs, err)
 				continue
 			}

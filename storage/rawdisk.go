@@ -110,11 +110,19 @@ func CreateRawDisk(ctx context.Context, parent, dir, name string, sizeMiB int64,
 	if err := checkExt4(parent); err != nil {
 		return RawDisk{}, err
 	}
+	// A disk made before keeps its method (its data is in that form),
+	// whatever the host could do better today.
 	method, why := RawDiskMethodFor(dir)
+	if existing, ok := FindRawDisk(dir, name); ok {
+		if existing.Method == DeviceMapper && method != DeviceMapper {
+			return RawDisk{}, fmt.Errorf("raw disk in %s was made with device-mapper, which this host no longer has: %s", dir, why)
+		}
+		method = existing.Method
+	}
 	if method == DeviceMapper {
 		return createSnapshot(ctx, parent, dir, name, size)
 	}
-	path := filepath.Join(dir, "rootfs.raw")
+	path := filepath.Join(dir, rawFile)
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		cloned, err := CloneFile(parent, path)
 		if err != nil {
@@ -133,6 +141,27 @@ func CreateRawDisk(ctx context.Context, parent, dir, name string, sizeMiB int64,
 		return RawDisk{}, err
 	}
 	return RawDisk{Path: path, Method: method}, nil
+}
+
+// The files of a raw disk in its instance's directory: the disk itself
+// (reflink or plain copy), or a device-mapper snapshot's copy-on-write
+// file.
+const (
+	rawFile = "rootfs.raw"
+	cowFile = "rootfs.cow"
+)
+
+// FindRawDisk returns the raw disk CreateRawDisk made in dir under name,
+// without touching it: to release it later, as after a node restart. A
+// file disk's method is given as ReflinkCopy whichever copy made it.
+func FindRawDisk(dir, name string) (RawDisk, bool) {
+	if _, err := os.Stat(filepath.Join(dir, cowFile)); err == nil {
+		return RawDisk{Path: "/dev/mapper/" + dmName(name), Method: DeviceMapper, Name: name}, true
+	}
+	if _, err := os.Stat(filepath.Join(dir, rawFile)); err == nil {
+		return RawDisk{Path: filepath.Join(dir, rawFile), Method: ReflinkCopy}, true
+	}
+	return RawDisk{}, false
 }
 
 // checkExt4 refuses an image that is not a bare ext4 (or ext2/3)
@@ -203,7 +232,7 @@ func createSnapshot(ctx context.Context, parent, dir, name string, size int64) (
 	if err != nil {
 		return RawDisk{}, err
 	}
-	cow := filepath.Join(dir, "rootfs.cow")
+	cow := filepath.Join(dir, cowFile)
 	cowSize := size + size/128 + 1<<20
 	if err := ensureSparse(cow, cowSize); err != nil {
 		return RawDisk{}, err

@@ -14,7 +14,7 @@ import (
 	"github.com/alephvm/alephvm/api"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
-	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/message"
 )
@@ -80,7 +80,7 @@ func (l logsAPI) Follow(ctx context.Context, ref message.ItemHash, fn func(api.L
 	if err != nil || rec.Kind != execution.KindInstance {
 		return false, false, nil
 	}
-	console := filepath.Join(rec.VMDir, qemu.ConsoleLog)
+	console := filepath.Join(rec.VMDir, hypervisor.ConsoleLog)
 	ended, err := followFile(ctx, console, func() bool { return l.n.instances.Running(ref) }, func(text string) error {
 		return fn(api.LogLine{Time: time.Now(), Stream: "console", Text: text})
 	})

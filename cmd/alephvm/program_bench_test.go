@@ -151,7 +151,7 @@ func bareBoot(b testing.TB, m assets.Manifest, codeDir, dir string) time.Duratio
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer vm.Stop(ctx, nil, qemu.StopTimeouts{Quit: 5 * time.Second, Kill: 5 * time.Second})
+	defer vm.Stop(ctx, nil, hypervisor.StopTimeouts{Quit: 5 * time.Second, Kill: 5 * time.Second})
 	url := fmt.Sprintf("http://%s:8080/", guestAddr.Addr())
 	client := &http.Client{Timeout: time.Second}
 	for deadline := start.Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {

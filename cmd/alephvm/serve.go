@@ -27,6 +27,8 @@ import (
 	"github.com/alephvm/alephvm/db"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/hostcheck"
+	"github.com/alephvm/alephvm/hypervisor/firecracker"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/message"
@@ -71,7 +73,7 @@ type node struct {
 	programs  *pool.Pool
 	instances *instance.Manager
 	logs      *program.LogArchive
-	driver    *qemu.Driver
+	plan      hostcheck.Plan
 }
 
 // serve runs the node until ctx ends. started, if given, runs once the API
@@ -168,9 +170,13 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if err != nil {
 		return fail(err)
 	}
-	driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs}, log)
+	plan, hvs, err := buildHypervisors(ctx, cfg, log)
 	if err != nil {
 		return fail(err)
+	}
+	programHV, programErr := plan.ForProgram()
+	if programErr != nil {
+		log.Warn("programs cannot run on this node", "err", programErr)
 	}
 	kernel := programKernel(cfg, log)
 	base, baseErr := baseimage.Load(baseImageDir(cfg))
@@ -178,22 +184,22 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		log.Warn("no base image built: instances of bare ext4 images cannot boot (alephvm base-image build)", "err", baseErr)
 	}
 	n := &node{cfg: cfg, log: log, store: st, records: execution.NewRecords(database), networks: networks,
-		logs: program.NewLogArchive(1000), driver: driver}
+		logs: program.NewLogArchive(1000), plan: plan}
 	launcher := program.New(program.Options{
-		Store: st, Hypervisor: driver, Networks: networks, Kernel: kernel, Records: n.records,
+		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
 	})
 	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: capacity(cfg, log),
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
 	n.instances = instance.New(instance.Options{
-		Store: st, Hypervisor: driver, Networks: networks, Records: n.records,
+		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
 		VolumesDir: volumesDir, RunDir: runDir, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, Log: log,
 	})
 
 	// Programs do not outlive the node: any left by a crash are stopped.
-	if err := launcher.StopOrphans(ctx, driver.Attach); err != nil {
+	if err := launcher.StopOrphans(ctx, hvs); err != nil {
 		log.Error("stop programs left by an earlier run", "err", err)
 	}
 	if err := n.instances.Restore(ctx); err != nil {
@@ -206,6 +212,36 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		return fail(err)
 	}
 	return n, cleanup, nil
+}
+
+// buildHypervisors probes the host, decides which backends run here
+// (as alephvm doctor says) and starts their drivers.
+func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) (hostcheck.Plan, execution.Hypervisors, error) {
+	host := hostcheck.ProbeHost(ctx, hostcheck.Paths{
+		Firecracker: cfg.FirecrackerPath, Jailer: cfg.JailerPath, QEMU: "qemu-system-x86_64", DataDir: cfg.ExecutionRoot,
+	})
+	plan := hostcheck.Decide(host, doctorSettings(cfg))
+	hvs := execution.Hypervisors{}
+	if plan.QEMU.Usable {
+		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs}, log)
+		if err != nil {
+			return plan, nil, err
+		}
+		hvs[execution.QEMU] = execution.QEMUBackend(driver)
+	}
+	if plan.Firecracker.Usable {
+		driver, err := firecracker.New(firecracker.Options{
+			Firecracker: cfg.FirecrackerPath, Jailer: cfg.JailerPath, UseJailer: cfg.UseJailer,
+			JailerBase: cfg.JailerBase(), FirstUID: cfg.JailerFirstUID,
+		}, log)
+		if err != nil {
+			return plan, nil, err
+		}
+		hvs[execution.Firecracker] = execution.FirecrackerBackend(driver)
+	}
+	log.Info("hypervisors", "qemu", plan.QEMU.Why, "firecracker", plan.Firecracker.Why,
+		"programs", plan.Programs.Hypervisor, "instances_default", plan.Instances.Hypervisor, "firecracker_disks", plan.RawDisks)
+	return plan, hvs, nil
 }
 
 func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []netip.Addr, error) {
@@ -271,22 +307,29 @@ func memTotalMiB() (int, error) {
 // baseImageDir is where the default base image is built.
 func baseImageDir(cfg config.Config) string { return filepath.Join(cfg.CacheRoot, "base-image") }
 
-// programKernel is what program VMs boot: the kernel and initramfs named
-// by LINUX_PATH and INITRD_PATH, else those alephvm assets build made.
-// Without them the node serves no program, and says why.
+// programKernel is what program VMs boot: the kernel (bzImage for QEMU,
+// vmlinux for Firecracker) and initramfs named by LINUX_PATH,
+// LINUX_VMLINUX_PATH and INITRD_PATH, else those alephvm assets build
+// made. Without them the node serves no program, and says why.
 func programKernel(cfg config.Config, log *slog.Logger) execution.Kernel {
-	k := execution.Kernel{Kernel: cfg.ProgramKernel, Initrd: cfg.ProgramInitrd, Cmdline: guest.KernelCmdline}
-	if k.Kernel == "" || k.Initrd == "" {
-		m, err := assets.Load(cfg.Assets())
-		if err == nil {
-			k.Kernel, err = m.Path(assets.KernelBzImage)
+	k := execution.Kernel{Kernel: cfg.ProgramKernel, Vmlinux: cfg.ProgramVmlinux, Initrd: cfg.ProgramInitrd, Cmdline: guest.KernelCmdline}
+	if k.Kernel != "" && k.Vmlinux != "" && k.Initrd != "" {
+		return k
+	}
+	m, err := assets.Load(cfg.Assets())
+	if err != nil {
+		log.Warn("no guest kernel and initramfs: programs cannot run on this node (alephvm assets build, or LINUX_PATH, LINUX_VMLINUX_PATH and INITRD_PATH)", "err", err)
+		return k
+	}
+	for _, f := range []struct {
+		path *string
+		name assets.Name
+	}{{&k.Kernel, assets.KernelBzImage}, {&k.Vmlinux, assets.KernelVmlinux}, {&k.Initrd, assets.Initramfs}} {
+		if *f.path != "" {
+			continue
 		}
-		if err == nil {
-			k.Initrd, err = m.Path(assets.Initramfs)
-		}
-		if err != nil {
-			log.Warn("no guest kernel and initramfs: programs cannot run on this node (alephvm assets build, or LINUX_PATH and INITRD_PATH)", "err", err)
-			return execution.Kernel{}
+		if *f.path, err = m.Path(f.name); err != nil {
+			log.Warn("guest kernel asset missing (alephvm assets build)", "asset", f.name, "err", err)
 		}
 	}
 	return k

@@ -71,7 +71,7 @@ func TestBootUnderFirecracker(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { vm.Stop(context.Background(), nil, StopTimeouts{Kill: 5 * time.Second}) })
+	t.Cleanup(func() { vm.Stop(context.Background(), nil, hypervisor.StopTimeouts{Kill: 5 * time.Second}) })
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		console, _ := os.ReadFile(vm.ConsoleLog())
@@ -84,7 +84,7 @@ func TestBootUnderFirecracker(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Logf("init ran %v after Start was called", time.Since(start).Round(time.Millisecond))
-	if err := vm.Stop(ctx, nil, StopTimeouts{CtrlAltDel: 10 * time.Second}); err != nil {
+	if err := vm.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: 10 * time.Second}); err != nil {
 		t.Fatalf("ctrl-alt-del did not end the VM: %v", err)
 	}
 	if j := vm.Jail(); j != nil {

@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -17,24 +16,6 @@ import (
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/internal/testenv"
 )
-
-// fakeBinaries builds testdata/fakefirecracker, static, as "firecracker"
-// with "jailer" beside it (the fake plays both by its arguments).
-func fakeBinaries(t *testing.T) (firecracker, jailer string) {
-	t.Helper()
-	testenv.RequireTools(t, "go")
-	dir := t.TempDir()
-	firecracker, jailer = filepath.Join(dir, "firecracker"), filepath.Join(dir, "jailer")
-	cmd := exec.Command("go", "build", "-o", firecracker, "./testdata/fakefirecracker")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build the fake firecracker: %v\n%s", err, out)
-	}
-	if err := os.Symlink(firecracker, jailer); err != nil {
-		t.Fatal(err)
-	}
-	return firecracker, jailer
-}
 
 func testLog() *slog.Logger { return slog.New(slog.NewTextHandler(os.Stderr, nil)) }
 
@@ -85,7 +66,7 @@ func waitGone(t *testing.T, pid int) {
 // stops the VM and removes the jail.
 func TestDriverJailed(t *testing.T) {
 	fx := newJailFixture(t)
-	fc, jailer := fakeBinaries(t)
+	fc, jailer := testenv.FakeFirecracker(t)
 	d, err := New(Options{Firecracker: fc, Jailer: jailer, UseJailer: true, JailerBase: fx.base, FirstUID: 1000100}, testLog())
 	if err != nil {
 		t.Fatal(err)
@@ -130,7 +111,7 @@ func TestDriverJailed(t *testing.T) {
 	if vm2.Jail().UID != 1000101 {
 		t.Errorf("second jail's uid %d", vm2.Jail().UID)
 	}
-	if err := vm2.Stop(ctx, nil, StopTimeouts{CtrlAltDel: 5 * time.Second}); err != nil {
+	if err := vm2.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: 5 * time.Second}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -158,7 +139,7 @@ func TestDriverJailed(t *testing.T) {
 	}
 	checkControl(t, again)
 	err = again.Stop(ctx, func(context.Context) error { return errors.New("no init to ask") },
-		StopTimeouts{Halt: time.Second, CtrlAltDel: 5 * time.Second, Kill: 5 * time.Second})
+		hypervisor.StopTimeouts{Halt: time.Second, Shutdown: 5 * time.Second, Kill: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +159,7 @@ func TestDriverJailed(t *testing.T) {
 // USE_JAILER off.
 func TestDriverUnjailed(t *testing.T) {
 	testenv.RequireIsolatedRoot(t)
-	fc, _ := fakeBinaries(t)
+	fc, _ := testenv.FakeFirecracker(t)
 	d, err := New(Options{Firecracker: fc}, testLog())
 	if err != nil {
 		t.Fatal(err)
@@ -207,7 +188,7 @@ func TestDriverUnjailed(t *testing.T) {
 		if _, err := d.Start(ctx, spec); err == nil || !strings.Contains(err.Error(), "still runs") {
 			t.Errorf("started a VM twice: %v", err)
 		}
-		if err := vm.Stop(ctx, nil, StopTimeouts{CtrlAltDel: 5 * time.Second}); err != nil {
+		if err := vm.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: 5 * time.Second}); err != nil {
 			t.Fatal(err)
 		}
 		for _, name := range []string{APISocket, VsockSocket, StateFile} {
@@ -225,7 +206,7 @@ func TestDriverUnjailed(t *testing.T) {
 			t.Fatal(err)
 		}
 		start := time.Now()
-		if err := vm.Stop(ctx, nil, StopTimeouts{CtrlAltDel: 300 * time.Millisecond, Kill: 5 * time.Second}); err != nil {
+		if err := vm.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: 300 * time.Millisecond, Kill: 5 * time.Second}); err != nil {
 			t.Fatal(err)
 		}
 		if d := time.Since(start); d < 300*time.Millisecond {

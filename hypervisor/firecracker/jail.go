@@ -40,8 +40,8 @@ const (
 	ConfigFile    = "firecracker.json"
 	LogFile       = "firecracker.log"
 	MetricsFile   = "metrics.json"
-	ConsoleLog    = "console.log"      // Firecracker's stdout: the guest's serial console
-	ArgsFile      = "firecracker.args" // the command line, for whoever debugs
+	ConsoleLog    = hypervisor.ConsoleLog // Firecracker's stdout: the guest's serial console
+	ArgsFile      = "firecracker.args"    // the command line, for whoever debugs
 	StateFile     = "vm.json"
 	APISocket     = "firecracker.sock" // without the jailer
 	VsockSocket   = "v.sock"           // without the jailer

@@ -115,12 +115,31 @@ func (vm *VM) VsockSocket() string { return vm.st.VsockSocket }
 // Jail returns the VM's jail, or nil when Firecracker runs unjailed.
 func (vm *VM) Jail() *Jail { return vm.st.Jail }
 
-// DialControl connects to the guest init's control channel.
+// controlRetry is how often DialControl asks again while nothing in the
+// guest listens yet.
+const controlRetry = 20 * time.Millisecond
+
+// DialControl connects to the guest init's control channel. Firecracker
+// refuses the connection until the init listens on its port, a few
+// hundred milliseconds into the boot: it asks again until ctx ends or
+// the VM is gone.
 func (vm *VM) DialControl(ctx context.Context) (net.Conn, error) {
 	if vm.st.VsockSocket == "" {
 		return nil, fmt.Errorf("vm %s has no control channel", vm.st.ID)
 	}
-	return DialVsock(ctx, vm.st.VsockSocket, ControlVsockPort)
+	for {
+		conn, err := DialVsock(ctx, vm.st.VsockSocket, ControlVsockPort)
+		if err == nil || !errors.Is(err, ErrVsockRefused) {
+			return conn, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("vm %s: control channel: %w", vm.st.ID, ctx.Err())
+		case <-vm.done:
+			return nil, fmt.Errorf("vm %s: control channel: %w", vm.st.ID, ErrVMGone)
+		case <-time.After(controlRetry):
+		}
+	}
 }
 
 // Pause stops the guest's vCPUs.
@@ -129,23 +148,13 @@ func (vm *VM) Pause(ctx context.Context) error { return vm.api.Pause(ctx) }
 // Resume restarts a paused guest.
 func (vm *VM) Resume(ctx context.Context) error { return vm.api.Resume(ctx) }
 
-// StopTimeouts bound each step of Stop.
-type StopTimeouts struct {
-	Halt       time.Duration // the guest's own clean shutdown, through its init
-	CtrlAltDel time.Duration // the keyboard's ctrl-alt-del: systemd reboots, which ends Firecracker
-	Kill       time.Duration // SIGKILL
-}
-
-// DefaultStopTimeouts suit an instance that shuts down through systemd.
-var DefaultStopTimeouts = StopTimeouts{Halt: 30 * time.Second, CtrlAltDel: 30 * time.Second, Kill: 5 * time.Second}
-
 // Stop ends the VM, escalating: halt (when given: asks the guest's init to
 // unmount and reboot), then ctrl-alt-del, then SIGKILL, each with its
 // deadline. There is no SIGTERM step: Firecracker has no handler for it,
 // so it would end Firecracker no more gently than SIGKILL, and as the init
 // of its PID namespace it does not even receive it. It returns nil once
 // Firecracker has exited and the jail is removed.
-func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t StopTimeouts) error {
+func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t hypervisor.StopTimeouts) error {
 	select {
 	case <-vm.closing:
 		return fmt.Errorf("stop vm %s: the handle was closed", vm.st.ID)
@@ -153,7 +162,7 @@ func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t Stop
 	}
 	return hypervisor.Escalate(ctx, vm.st.ID, vm.done, []hypervisor.StopStep{
 		{Name: "halt", Timeout: t.Halt, Act: halt},
-		{Name: "ctrl-alt-del", Timeout: t.CtrlAltDel, Act: vm.api.SendCtrlAltDel},
+		{Name: "ctrl-alt-del", Timeout: t.Shutdown, Act: vm.api.SendCtrlAltDel},
 		{Name: "sigkill", Timeout: t.Kill, Act: func(context.Context) error {
 			err := vm.signal(syscall.SIGKILL)
 			if errors.Is(err, unix.ESRCH) {

@@ -25,7 +25,7 @@ import (
 const (
 	QMPSocket     = "qmp.sock"
 	PidFile       = "qemu.pid"
-	ConsoleLog    = "console.log"
+	ConsoleLog    = hypervisor.ConsoleLog
 	ControlSocket = "control.sock"
 	ArgsFile      = "qemu.args"
 	QEMULog       = "qemu.log" // QEMU's own messages

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -22,6 +24,7 @@ type VM struct {
 	exited  <-chan struct{} // closed when the node reaped QEMU, if it is its child
 	done    chan struct{}   // closed when QEMU has exited
 	closing chan struct{}   // closed by Close: stop watching, QEMU runs on
+	close   sync.Once
 	log     *slog.Logger
 }
 
@@ -90,6 +93,17 @@ func (vm *VM) ControlSocket() string { return filepath.Join(vm.dir, ControlSocke
 // ConsoleLog is the file that receives the guest's serial console.
 func (vm *VM) ConsoleLog() string { return filepath.Join(vm.dir, ConsoleLog) }
 
+// DialControl connects to the guest init's control channel: the unix
+// socket QEMU serves for its virtio-serial port, there from QEMU's start.
+func (vm *VM) DialControl(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", vm.ControlSocket())
+	if err != nil {
+		return nil, fmt.Errorf("vm in %s: control channel: %w", vm.dir, err)
+	}
+	return conn, nil
+}
+
 // QMP returns the VM's monitor connection.
 func (vm *VM) QMP() *QMP { return vm.qmp }
 
@@ -98,21 +112,10 @@ func (vm *VM) Reboot(ctx context.Context) error {
 	return vm.qmp.Execute(ctx, "system_reset", nil, nil)
 }
 
-// StopTimeouts bound each step of Stop.
-type StopTimeouts struct {
-	Halt      time.Duration // the guest's own clean shutdown, through its init
-	Powerdown time.Duration // ACPI power button
-	Quit      time.Duration // QMP quit: QEMU flushes its caches and exits
-	Kill      time.Duration // SIGKILL
-}
-
-// DefaultStopTimeouts suit an instance that shuts down through systemd.
-var DefaultStopTimeouts = StopTimeouts{Halt: 30 * time.Second, Powerdown: 30 * time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
-
 // Stop ends the VM, escalating: halt (when given: asks the guest's init to
 // unmount and power off), then ACPI power-off, then QMP quit, then
 // SIGKILL, each with its deadline. It returns nil once QEMU has exited.
-func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t StopTimeouts) error {
+func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t hypervisor.StopTimeouts) error {
 	select {
 	case <-vm.closing:
 		return fmt.Errorf("stop vm in %s: the handle was closed", vm.dir)
@@ -120,7 +123,7 @@ func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t Stop
 	}
 	return hypervisor.Escalate(ctx, vm.dir, vm.done, []hypervisor.StopStep{
 		{Name: "halt", Timeout: t.Halt, Act: halt},
-		{Name: "acpi powerdown", Timeout: t.Powerdown, Act: func(ctx context.Context) error {
+		{Name: "acpi powerdown", Timeout: t.Shutdown, Act: func(ctx context.Context) error {
 			return vm.qmp.Execute(ctx, "system_powerdown", nil, nil)
 		}},
 		{Name: "qmp quit", Timeout: t.Quit, Act: func(ctx context.Context) error {
@@ -141,7 +144,9 @@ func (vm *VM) Stop(ctx context.Context, halt func(context.Context) error, t Stop
 
 // Close drops the monitor connection without stopping the VM, as the node
 // does when it exits and leaves its VMs running.
-func (vm *VM) Close() error {
-	close(vm.closing)
-	return vm.qmp.Close()
+func (vm *VM) Close() {
+	vm.close.Do(func() {
+		close(vm.closing)
+		_ = vm.qmp.Close()
+	})
 }

@@ -58,9 +58,7 @@ func TestLifecycle(t *testing.T) {
 	}
 
 	// The node goes away and comes back: the VM is still there.
-	if err := vm.Close(); err != nil {
-		t.Fatal(err)
-	}
+	vm.Close()
 	again, err := d.Attach(ctx, spec.Dir)
 	if err != nil {
 		t.Fatalf("attach after close: %v", err)
@@ -75,7 +73,7 @@ func TestLifecycle(t *testing.T) {
 	// No OS answers the power button, so stopping escalates to quit.
 	start := time.Now()
 	err = again.Stop(ctx, func(context.Context) error { return errors.New("no init to ask") },
-		StopTimeouts{Halt: time.Second, Powerdown: 500 * time.Millisecond, Quit: 5 * time.Second, Kill: 5 * time.Second})
+		hypervisor.StopTimeouts{Halt: time.Second, Shutdown: 500 * time.Millisecond, Quit: 5 * time.Second, Kill: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +113,7 @@ func TestSIGKILLIsTheLastResort(t *testing.T) {
 	if err := syscall.Kill(vm.Pid(), syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	err = vm.Stop(ctx, nil, StopTimeouts{Powerdown: 300 * time.Millisecond, Quit: 300 * time.Millisecond, Kill: 5 * time.Second})
+	err = vm.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: 300 * time.Millisecond, Quit: 300 * time.Millisecond, Kill: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,117 @@
+package execution
+
+import (
+	"context"
+	"fmt"
+	"net"
+
+	"github.com/alephvm/alephvm/hostcheck"
+	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/hypervisor/firecracker"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
+)
+
+// The hypervisors, by the names messages, settings and records use.
+const (
+	QEMU        = hostcheck.QEMU
+	Firecracker = hostcheck.Firecracker
+)
+
+// VM is a running VM, whatever its hypervisor.
+type VM interface {
+	Pid() int
+	// Done is closed once the VM has exited and its backend cleaned up.
+	Done() <-chan struct{}
+	// ConsoleLog is the file that receives the guest's serial console.
+	ConsoleLog() string
+	// DialControl connects to the guest init's control channel, waiting
+	// for the init to listen.
+	DialControl(ctx context.Context) (net.Conn, error)
+	// Stop ends the VM: halt (when given) asks the guest's init, then the
+	// backend escalates within t. It returns nil once the VM is gone.
+	Stop(ctx context.Context, halt func(context.Context) error, t hypervisor.StopTimeouts) error
+	// Close stops watching the VM and leaves it running.
+	Close()
+}
+
+// Hypervisor starts VMs of one backend and finds them again.
+type Hypervisor interface {
+	// Name is the backend's name: QEMU or Firecracker.
+	Name() string
+	Start(ctx context.Context, spec hypervisor.Spec) (VM, error)
+	// Attach finds the VM whose runtime directory is dir, as after a node
+	// restart; it fails when that VM no longer runs.
+	Attach(ctx context.Context, dir string) (VM, error)
+}
+
+// Hypervisors are the backends a node runs, by name.
+type Hypervisors map[string]Hypervisor
+
+// Get returns the backend named name, or an error a client can act on.
+func (h Hypervisors) Get(name string) (Hypervisor, error) {
+	if hv, ok := h[name]; ok {
+		return hv, nil
+	}
+	return nil, &Error{Status: 503, Msg: fmt.Sprintf("this node does not run %s VMs (see alephvm doctor)", name)}
+}
+
+// QEMUBackend adapts the QEMU driver.
+func QEMUBackend(d *qemu.Driver) Hypervisor { return qemuBackend{d} }
+
+type qemuBackend struct{ d *qemu.Driver }
+
+func (qemuBackend) Name() string { return QEMU }
+
+func (b qemuBackend) Start(ctx context.Context, spec hypervisor.Spec) (VM, error) {
+	return orNil(b.d.Start(ctx, spec))
+}
+
+func (b qemuBackend) Attach(ctx context.Context, dir string) (VM, error) {
+	return orNil(b.d.Attach(ctx, dir))
+}
+
+// FirecrackerBackend adapts the Firecracker driver.
+func FirecrackerBackend(d *firecracker.Driver) Hypervisor { return firecrackerBackend{d} }
+
+type firecrackerBackend struct{ d *firecracker.Driver }
+
+func (firecrackerBackend) Name() string { return Firecracker }
+
+func (b firecrackerBackend) Start(ctx context.Context, spec hypervisor.Spec) (VM, error) {
+	return orNil(b.d.Start(ctx, spec))
+}
+
+func (b firecrackerBackend) Attach(ctx context.Context, dir string) (VM, error) {
+	return orNil(b.d.Attach(ctx, dir))
+}
+
+// orNil keeps a failed start's nil pointer from becoming a non-nil VM.
+func orNil[T VM](vm T, err error) (VM, error) {
+	if err != nil {
+		return nil, err
+	}
+	return vm, nil
+}
+
+// Kernel is what VMs booted directly boot: a kernel (compressed for QEMU,
+// the same one uncompressed for Firecracker), its initramfs, and the
+// command line.
+type Kernel struct {
+	Kernel  string // bzImage
+	Vmlinux string // ELF
+	Initrd  string
+	Cmdline string
+}
+
+// Boot returns how a VM of the backend hv boots this kernel, or an error
+// when the node has no image of it for hv.
+func (k Kernel) Boot(hv string) (hypervisor.Boot, error) {
+	image := k.Kernel
+	if hv == Firecracker {
+		image = k.Vmlinux
+	}
+	if image == "" || k.Initrd == "" {
+		return hypervisor.Boot{}, fmt.Errorf("no kernel image for %s, or no initramfs", hv)
+	}
+	return hypervisor.Boot{Kernel: image, Initrd: k.Initrd, Cmdline: k.Cmdline}, nil
+}
