@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/alephvm/alephvm/assets"
+	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/store"
 )
@@ -58,7 +59,7 @@ func itemRef(ctx context.Context, s *store.Store, arg string) (message.ItemHash,
 
 func newInstanceCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{Use: "instance", Short: "Make INSTANCE messages"}
-	var image, size, name string
+	var image, size, name, hv string
 	var keys []string
 	var vcpus, memory int
 	var internet bool
@@ -68,14 +69,23 @@ func newInstanceCmd(a *app) *cobra.Command {
 		Short: "Write and store an INSTANCE message; print its hash",
 		Long: `Write an INSTANCE message for a VM of --vcpus, --memory MiB and a root disk of
 --size over the base image --image (an item hash, or an image file added to the
-store first), with the SSH keys of the --ssh-key files, and store it on this
-node. Start it with "alephvm vm start HASH" against a running node, or list it
+store first), with the SSH keys of the --ssh-key files, to run under
+--hypervisor (Firecracker boots only a bare ext4 base such as debian-12-ext4;
+empty leaves the choice to the node), and store it on this node. Start it with "alephvm vm start HASH" against a running node, or list it
 in an allocation.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			sizeMiB, err := parseMiB(size)
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
+			}
+			environment := map[string]any{"internet": internet, "aleph_api": false}
+			switch hv {
+			case "":
+			case execution.QEMU, execution.Firecracker:
+				environment["hypervisor"] = hv
+			default:
+				return fmt.Errorf("--hypervisor: %q is neither qemu nor firecracker", hv)
 			}
 			var authorized []string
 			for _, f := range keys {
@@ -107,7 +117,7 @@ in an allocation.`,
 					"address": localAddress, "time": float64(time.Now().Unix()), "allow_amend": false,
 					"metadata":        map[string]any{"name": name},
 					"authorized_keys": authorized,
-					"environment":     map[string]any{"internet": internet, "aleph_api": false, "hypervisor": "qemu"},
+					"environment":     environment,
 					"resources":       map[string]any{"vcpus": vcpus, "memory": memory, "seconds": 30, "published_ports": published},
 					"rootfs":          map[string]any{"parent": map[string]any{"ref": string(parent), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
 					"volumes":         []any{},
@@ -133,6 +143,7 @@ in an allocation.`,
 	create.Flags().BoolVar(&internet, "internet", false, "let the VM open connections to the outside world")
 	create.Flags().IntSliceVar(&ports, "publish", nil, "guest TCP ports to forward from the host, besides 22 (repeatable)")
 	create.Flags().StringVar(&name, "name", "", "a name for the instance, kept in its metadata")
+	create.Flags().StringVar(&hv, "hypervisor", execution.QEMU, "qemu or firecracker; empty: the node's INSTANCE_DEFAULT_HYPERVISOR")
 	_ = create.MarkFlagRequired("image")
 	cmd.AddCommand(create)
 	return cmd
