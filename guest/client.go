@@ -15,7 +15,7 @@ import (
 var ErrClosed = errors.New("guest control connection closed")
 
 // Client is the host's side of the control protocol, over one connection
-// (see DialSerial and DialVsock). Its methods may be called concurrently:
+// (see DialSerial, and firecracker.DialVsock). Its methods may be called concurrently:
 // each call has its own id and the replies are matched to it.
 type Client struct {
 	conn  io.ReadWriteCloser

@@ -14,8 +14,9 @@
 // Control: the init serves a line-oriented JSON protocol (one request or
 // reply per line, ids matching replies to requests, events without id) on
 // a virtio-serial port named ControlPortName under QEMU, and on vsock port
-// ControlVsockPort under Firecracker. The host connects with DialSerial or
-// DialVsock and drives the session with a Client: Status, Logs, Signal,
+// ControlVsockPort under Firecracker. The host connects through its VM's
+// backend (DialSerial here for QEMU's socket; firecracker.DialVsock for
+// Firecracker's vsock handshake) and drives the session with a Client: Status, Logs, Signal,
 // Exec, Sysinfo, Halt and the asynchronous Events. docs/guest-protocol.md
 // describes the bytes.
 package guest

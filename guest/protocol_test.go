@@ -5,9 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -324,48 +322,5 @@ func TestClientRejectsHugeLines(t *testing.T) {
 	_, err := NewClient(ctx, host)
 	if err == nil || !strings.Contains(err.Error(), "longer than") {
 		t.Errorf("got %v", err)
-	}
-}
-
-func TestDialVsock(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "v.sock")
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				br := bufio.NewReader(conn)
-				line, _ := br.ReadString('\n')
-				if line != fmt.Sprintf("CONNECT %d\n", ControlVsockPort) {
-					conn.Write([]byte("NO\n"))
-					return
-				}
-				// Firecracker's answer and the guest's first bytes may come
-				// in one write.
-				conn.Write([]byte("OK 1073741824\nhello"))
-			}()
-		}
-	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	conn, err := DialVsock(ctx, path, ControlVsockPort)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rest, _ := io.ReadAll(conn)
-	conn.Close()
-	if string(rest) != "hello" {
-		t.Errorf("after the handshake: %q", rest)
-	}
-	if _, err := DialVsock(ctx, path, 9); err == nil || !strings.Contains(err.Error(), `"NO"`) {
-		t.Errorf("refused port: %v", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -32,11 +33,32 @@ func programURL(port int, ref, path string) string {
 // TestProgramsEndToEnd deploys both examples on a node that boots them
 // under QEMU with the guest init, and checks the node's program duties.
 func TestProgramsEndToEnd(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	programsEndToEnd(t, "qemu", nil)
+}
+
+// TestProgramsUnderFirecracker checks the same duties with the programs
+// booted under Firecracker, jailed where a jailer is installed, with the
+// control channel over vsock. It skips where Firecracker cannot run, as
+// on the machine this project is developed on.
+func TestProgramsUnderFirecracker(t *testing.T) {
+	fc := testassets.RequireFirecracker(t)
+	programsEndToEnd(t, "firecracker", []string{
+		"ALEPH_VM_FIRECRACKER_PATH=" + fc.Binary, "ALEPH_VM_JAILER_PATH=" + fc.Jailer,
+		"ALEPH_VM_USE_JAILER=" + strconv.FormatBool(fc.Jailer != ""),
+	})
+}
+
+func programsEndToEnd(t *testing.T, hv string, extraEnv []string) {
 	assetsDir := testassets.ProgramAssets(t)
-	testenv.RequireTools(t, "qemu-system-x86_64", "nft", "mkfs.ext4", "go")
+	testenv.RequireTools(t, "nft", "mkfs.ext4", "go")
 	dir, port, env := nodeEnv(t, "lo", "10.0.0.53")
-	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=20", "ALEPH_VM_INIT_TIMEOUT=180")
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=20", "ALEPH_VM_INIT_TIMEOUT=180", "ALEPH_VM_PROGRAM_HYPERVISOR="+hv)
+	env = append(env, extraEnv...)
 	node := startNode(t, env, port)
+	if !strings.Contains(node.logs.String(), "programs="+hv) {
+		t.Fatalf("the node does not run programs under %s:\n%s", hv, node.logs.String())
+	}
 
 	create := func(args ...string) string {
 		t.Helper()

@@ -1,9 +1,10 @@
-package firecracker
+package firecracker_test
 
 import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,35 +13,23 @@ import (
 	"time"
 
 	"github.com/alephvm/alephvm/hypervisor"
-	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/hypervisor/firecracker"
+	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 )
 
 // requireFirecrackerBoot skips a test unless this host really boots
-// Firecracker guests: KVM that runs ordinary guests (QEMU's probe), a
-// firecracker binary, and an x86_64 ELF vmlinux (Firecracker boots no
-// bzImage) named by ALEPHVM_TEST_VMLINUX. It returns the binaries (jailer
-// empty when there is none) and the kernel.
+// Firecracker guests (testassets.RequireFirecracker) and an x86_64 ELF
+// vmlinux (Firecracker boots no bzImage) is named by
+// ALEPHVM_TEST_VMLINUX.
 func requireFirecrackerBoot(t *testing.T) (fc, jailer, vmlinux string) {
 	t.Helper()
-	testenv.RequireIsolatedRoot(t)
-	if _, err := os.Stat("/dev/kvm"); err != nil {
-		t.Skip("no /dev/kvm: Firecracker cannot boot a guest here")
-	}
-	testenv.RequireTools(t, "qemu-system-x86_64") // for the KVM probe
-	if !qemu.KVMUsable(context.Background(), "qemu-system-x86_64") {
-		t.Skip("/dev/kvm runs no ordinary guest here (a probe guest failed under it): Firecracker cannot boot one")
-	}
-	fc, err := exec.LookPath("firecracker")
-	if err != nil {
-		t.Skipf("no firecracker binary in PATH: install Firecracker %s's release to boot guests", Version)
-	}
-	jailer, _ = exec.LookPath("jailer")
+	bins := testassets.RequireFirecracker(t)
 	vmlinux = os.Getenv("ALEPHVM_TEST_VMLINUX")
 	if vmlinux == "" {
 		t.Skip("set ALEPHVM_TEST_VMLINUX to an x86_64 ELF vmlinux: Firecracker boots no bzImage")
 	}
-	return fc, jailer, vmlinux
+	return bins.Binary, bins.Jailer, vmlinux
 }
 
 // TestBootUnderFirecracker boots a kernel and a one-file initramfs under
@@ -52,8 +41,8 @@ func TestBootUnderFirecracker(t *testing.T) {
 	fc, jailer, vmlinux := requireFirecrackerBoot(t)
 	dir := t.TempDir()
 	initrd := buildInitramfs(t, dir)
-	opts := Options{Firecracker: fc, Jailer: jailer, UseJailer: jailer != "", JailerBase: filepath.Join(dir, "jail"), FirstUID: 1000200}
-	d, err := New(opts, testLog())
+	opts := firecracker.Options{Firecracker: fc, Jailer: jailer, UseJailer: jailer != "", JailerBase: filepath.Join(dir, "jail"), FirstUID: 1000200}
+	d, err := firecracker.New(opts, slog.New(slog.NewTextHandler(os.Stderr, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}

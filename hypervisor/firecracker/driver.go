@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
 )
 
@@ -39,8 +40,8 @@ type Options struct {
 const apiTimeout = 10 * time.Second
 
 // ControlVsockPort is the guest port of the init's control channel under
-// Firecracker (the guest's protocol, package guest, fixes it).
-const ControlVsockPort = 52
+// Firecracker, as the guest's protocol fixes it.
+const ControlVsockPort = guest.ControlVsockPort
 
 // ErrVMGone is returned by Attach when the VM's process has exited.
 var ErrVMGone = errors.New("the VM's firecracker process is gone")
