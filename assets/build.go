@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/kernelimage"
 )
 
 // Options says what Build builds and where.
@@ -212,7 +213,7 @@ func (b *builder) kernel(ctx context.Context) error {
 		return err
 	}
 	b.p.printf("kernel", "extracting vmlinux from %s", filepath.Base(bzFile))
-	elf, err := extractVmlinux(bz)
+	elf, err := kernelimage.ExtractVmlinux(bz)
 	if err != nil {
 		return fmt.Errorf("kernel %s: %w", bzFile, err)
 	}

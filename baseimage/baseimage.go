@@ -26,6 +26,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/alephvm/alephvm/kernelimage"
 	diskfs "github.com/diskfs/go-diskfs"
 	"github.com/diskfs/go-diskfs/disk"
 	"github.com/diskfs/go-diskfs/filesystem"
@@ -72,9 +73,13 @@ var customize = []string{
 // Image is a built base image.
 type Image struct {
 	Suite string `json:"suite"`
-	// Ext4 is the bare root filesystem; Kernel, Initrd and Cmdline boot it.
+	// Ext4 is the bare root filesystem; Kernel (or the same kernel
+	// uncompressed, Vmlinux, under Firecracker), Initrd and Cmdline boot it.
+	// The initramfs carries virtio_mmio, which finds Firecracker's devices
+	// through ACPI (the Debian kernel has no virtio_mmio.device= parameter).
 	Ext4    string `json:"ext4"`
 	Kernel  string `json:"kernel"`
+	Vmlinux string `json:"vmlinux"`
 	Initrd  string `json:"initrd"`
 	Cmdline string `json:"cmdline"`
 	// Disk is the UEFI-bootable GPT disk.
@@ -114,7 +119,37 @@ func Load(dir string) (Image, error) {
 			return Image{}, err
 		}
 	}
+	if _, err := os.Stat(img.Vmlinux); img.Vmlinux == "" || err != nil {
+		// An image built before it had one gets its vmlinux now, not a
+		// rebuild.
+		img.Vmlinux = filepath.Join(dir, "vmlinux")
+		if err := writeVmlinux(img.Kernel, img.Vmlinux); err != nil {
+			return Image{}, err
+		}
+		data, _ := json.MarshalIndent(img, "", "  ")
+		if err := os.WriteFile(filepath.Join(dir, ManifestName), data, 0o644); err != nil {
+			return Image{}, err
+		}
+	}
 	return img, nil
+}
+
+// writeVmlinux writes the uncompressed kernel of the bzImage kernel to
+// dst, whole or not at all.
+func writeVmlinux(kernel, dst string) error {
+	bz, err := os.ReadFile(kernel)
+	if err != nil {
+		return err
+	}
+	elf, err := kernelimage.ExtractVmlinux(bz)
+	if err != nil {
+		return fmt.Errorf("vmlinux of %s: %w", kernel, err)
+	}
+	tmp := dst + ".part"
+	if err := os.WriteFile(tmp, elf, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, dst)
 }
 
 // Build builds the image into dir, unless a current one is there. Progress
@@ -159,6 +194,9 @@ func Build(ctx context.Context, dir string, progress io.Writer, log *slog.Logger
 			return Image{}, err
 		}
 	}
+	if err := writeVmlinux(out("vmlinuz"), out("vmlinux")); err != nil {
+		return Image{}, err
+	}
 
 	size, err := treeSize(tree)
 	if err != nil {
@@ -178,7 +216,7 @@ func Build(ctx context.Context, dir string, progress io.Writer, log *slog.Logger
 
 	img := Image{Suite: Suite, Recipe: recipe(), BuiltAt: time.Now().UTC(), SHA256: map[string]string{},
 		Cmdline: "root=/dev/vda rw console=ttyS0"}
-	for _, name := range []string{"rootfs.ext4", "vmlinuz", "initrd.img", "disk.img"} {
+	for _, name := range []string{"rootfs.ext4", "vmlinuz", "vmlinux", "initrd.img", "disk.img"} {
 		sum, err := fileSHA256(out(name))
 		if err != nil {
 			return Image{}, err
@@ -193,6 +231,8 @@ func Build(ctx context.Context, dir string, progress io.Writer, log *slog.Logger
 			img.Ext4 = final
 		case "vmlinuz":
 			img.Kernel = final
+		case "vmlinux":
+			img.Vmlinux = final
 		case "initrd.img":
 			img.Initrd = final
 		case "disk.img":

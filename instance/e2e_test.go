@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/hostcheck"
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/hypervisor/firecracker"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/message"
@@ -23,10 +25,12 @@ const (
 	ovmfVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 )
 
-// TestInstanceEndToEnd boots the default base image in both forms, with
-// cloud-init, logs in over SSH with the message's key, checks the disk's
-// size, writes a file, restarts the node under the running instance,
-// stops and starts the instance and reads the file back, then erases it.
+// TestInstanceEndToEnd boots the default base image in both forms under
+// QEMU, and its ext4 form under Firecracker where the host runs it (never
+// on the machine this project is developed on), with cloud-init, logs in
+// over SSH with the message's key, checks the disk's size, writes a file,
+// restarts the node under the running instance, stops and starts the
+// instance and reads the file back, then erases it.
 func TestInstanceEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots two Debian VMs under emulation: minutes")
@@ -39,12 +43,16 @@ func TestInstanceEndToEnd(t *testing.T) {
 		t.Skipf("no UEFI firmware (install Debian's ovmf): %v", err)
 	}
 	forms := []struct {
-		name  string
-		image string
-	}{{"disk", base.Disk}, {"ext4", base.Ext4}}
+		name, image, hypervisor string
+	}{
+		{"disk", base.Disk, execution.QEMU},
+		{"ext4", base.Ext4, execution.QEMU},
+		{"firecracker-ext4", base.Ext4, execution.Firecracker},
+	}
+	r.choose = hostcheck.Decide(everything(), hostcheck.Settings{InstanceDefault: execution.QEMU, UseJailer: true})
 	// One manager per node process, shared by both forms as on a node.
 	opts := func(m *Manager) *Manager {
-		m.opts.DirectBoot = execution.Kernel{Kernel: base.Kernel, Initrd: base.Initrd, Cmdline: base.Cmdline}
+		m.opts.DirectBoot = execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline}
 		m.opts.UEFICode, m.opts.UEFIVars = ovmfCode, ovmfVars
 		m.opts.StopTimeouts = hypervisor.StopTimeouts{Shutdown: 90 * time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}
 		return m
@@ -65,8 +73,11 @@ func TestInstanceEndToEnd(t *testing.T) {
 
 	for _, form := range forms {
 		t.Run(form.name, func(t *testing.T) {
+			if form.hypervisor == execution.Firecracker {
+				r.realFirecracker(t)
+			}
 			ctx := context.Background()
-			ref := r.messageFor(form.image, 3072, pub)
+			ref := r.messageFor(form.image, form.hypervisor, 3072, pub)
 			start := time.Now()
 			if err := current().Start(ctx, ref); err != nil {
 				t.Fatal(err)
@@ -112,9 +123,21 @@ func TestInstanceEndToEnd(t *testing.T) {
 	}
 }
 
-// messageFor stores an image and an INSTANCE message over it, with pub as
-// its SSH key.
-func (r *rig) messageFor(image string, sizeMiB int, pub string) message.ItemHash {
+// realFirecracker gives the rig the host's Firecracker, jailed where a
+// jailer is installed, or skips the test where Firecracker cannot run.
+func (r *rig) realFirecracker(t *testing.T) {
+	fc := testassets.RequireFirecracker(t)
+	driver, err := firecracker.New(firecracker.Options{Firecracker: fc.Binary, Jailer: fc.Jailer, UseJailer: fc.Jailer != "",
+		JailerBase: filepath.Join(r.dir, "jail"), FirstUID: 1000400}, r.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.hvs[execution.Firecracker] = execution.FirecrackerBackend(driver)
+}
+
+// messageFor stores an image and an INSTANCE message over it, to run under
+// hv, with pub as its SSH key.
+func (r *rig) messageFor(image, hv string, sizeMiB int, pub string) message.ItemHash {
 	r.t.Helper()
 	added, err := r.st.AddFile(context.Background(), image)
 	if err != nil {
@@ -123,7 +146,7 @@ func (r *rig) messageFor(image string, sizeMiB int, pub string) message.ItemHash
 	return r.storeInstance(map[string]any{
 		"address": "0x1", "time": 1700000000, "allow_amend": false,
 		"authorized_keys": []string{pub},
-		"environment":     map[string]any{"internet": false, "hypervisor": "qemu"},
+		"environment":     map[string]any{"internet": false, "hypervisor": hv},
 		"resources":       map[string]any{"vcpus": 1, "memory": 1024, "seconds": 30},
 		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
 	})
@@ -142,7 +165,7 @@ func BenchmarkAllocationToSSH(b *testing.B) {
 	ctx := context.Background()
 	var total time.Duration
 	for i := range b.N {
-		ref := r.messageFor(base.Disk, 2048+i, pub)
+		ref := r.messageFor(base.Disk, execution.QEMU, 2048+i, pub)
 		start := time.Now()
 		if err := m.Start(ctx, ref); err != nil {
 			b.Fatal(err)

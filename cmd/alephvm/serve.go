@@ -193,7 +193,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
 	n.instances = instance.New(instance.Options{
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
-		DirectBoot: execution.Kernel{Kernel: base.Kernel, Initrd: base.Initrd, Cmdline: base.Cmdline},
+		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
 		VolumesDir: volumesDir, RunDir: runDir, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, Log: log,
 	})

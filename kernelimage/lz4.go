@@ -1,4 +1,4 @@
-package assets
+package kernelimage
 
 import (
 	"encoding/binary"
