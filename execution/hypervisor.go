@@ -56,37 +56,36 @@ func (h Hypervisors) Get(name string) (Hypervisor, error) {
 }
 
 // QEMUBackend adapts the QEMU driver.
-func QEMUBackend(d *qemu.Driver) Hypervisor { return qemuBackend{d} }
-
-type qemuBackend struct{ d *qemu.Driver }
-
-func (qemuBackend) Name() string { return QEMU }
-
-func (b qemuBackend) Start(ctx context.Context, spec hypervisor.Spec) (VM, error) {
-	return orNil(b.d.Start(ctx, spec))
-}
-
-func (b qemuBackend) Attach(ctx context.Context, dir string) (VM, error) {
-	return orNil(b.d.Attach(ctx, dir))
-}
+func QEMUBackend(d *qemu.Driver) Hypervisor { return backend[*qemu.VM]{QEMU, d} }
 
 // FirecrackerBackend adapts the Firecracker driver.
-func FirecrackerBackend(d *firecracker.Driver) Hypervisor { return firecrackerBackend{d} }
+func FirecrackerBackend(d *firecracker.Driver) Hypervisor {
+	return backend[*firecracker.VM]{Firecracker, d}
+}
 
-type firecrackerBackend struct{ d *firecracker.Driver }
+// driver is a backend's driver, whose VMs are of its own type V.
+type driver[V VM] interface {
+	Start(ctx context.Context, spec hypervisor.Spec) (V, error)
+	Attach(ctx context.Context, dir string) (V, error)
+}
 
-func (firecrackerBackend) Name() string { return Firecracker }
+type backend[V VM] struct {
+	name string
+	d    driver[V]
+}
 
-func (b firecrackerBackend) Start(ctx context.Context, spec hypervisor.Spec) (VM, error) {
+func (b backend[V]) Name() string { return b.name }
+
+func (b backend[V]) Start(ctx context.Context, spec hypervisor.Spec) (VM, error) {
 	return orNil(b.d.Start(ctx, spec))
 }
 
-func (b firecrackerBackend) Attach(ctx context.Context, dir string) (VM, error) {
+func (b backend[V]) Attach(ctx context.Context, dir string) (VM, error) {
 	return orNil(b.d.Attach(ctx, dir))
 }
 
 // orNil keeps a failed start's nil pointer from becoming a non-nil VM.
-func orNil[T VM](vm T, err error) (VM, error) {
+func orNil[V VM](vm V, err error) (VM, error) {
 	if err != nil {
 		return nil, err
 	}
