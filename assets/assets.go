@@ -39,8 +39,6 @@ const (
 	KernelVmlinux Name = "kernel.vmlinux"   // uncompressed ELF, for Firecracker
 	Initramfs     Name = "initramfs"        // alephvm-init and its kernel modules (cpio)
 	Runtime       Name = "runtime"          // the default program runtime (squashfs)
-	BaseExt4      Name = "base-image.ext4"  // the default instance base image, a bare ext4 root filesystem
-	BaseDisk      Name = "base-image.disk"  // the same, as a partitioned disk that boots with GRUB (raw)
 	fetchedPrefix      = "fetched/"         // fetched files are named fetched/<name>
 	manifestFile       = "manifest.json"    // in the cache directory
 	lockFile           = ".lock"            // held while building or fetching

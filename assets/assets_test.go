@@ -102,28 +102,6 @@ https://other.example/apt cloud-sdk-bookworm main
 	}
 }
 
-func TestBootSectors(t *testing.T) {
-	boot := bytes.Repeat([]byte{0xeb}, 512)
-	core := bytes.Repeat([]byte{0xcc}, 40000)
-	out, err := bootSectors(boot, core, 2048, 1000000)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if binary.LittleEndian.Uint64(out[0x5c:]) != 1 || out[0] != 0xeb || out[510] != 0x55 || out[511] != 0xaa {
-		t.Error("boot sector: code, core location or signature wrong")
-	}
-	part := out[446:462]
-	if part[0] != 0x80 || part[4] != 0x83 || binary.LittleEndian.Uint32(part[8:]) != 2048 || binary.LittleEndian.Uint32(part[12:]) != 1000000 {
-		t.Errorf("partition entry % x", part)
-	}
-	if !bytes.Equal(out[512:], core) {
-		t.Error("core image not at sector 1")
-	}
-	if _, err := bootSectors(boot, make([]byte, 2048*512), 2048, 10); err == nil {
-		t.Error("a core image overlapping the partition was accepted")
-	}
-}
-
 func TestManifest(t *testing.T) {
 	dir := t.TempDir()
 	m, err := Load(dir)
@@ -160,7 +138,7 @@ func TestManifest(t *testing.T) {
 	if p, err := loaded.Path(Runtime); err != nil || p != filepath.Join(dir, "a.img") {
 		t.Errorf("path %s %v", p, err)
 	}
-	if _, err := loaded.Path(BaseDisk); err == nil || !strings.Contains(err.Error(), "assets build") {
+	if _, err := loaded.Path(KernelVmlinux); err == nil || !strings.Contains(err.Error(), "assets build") {
 		t.Errorf("missing asset: %v", err)
 	}
 	os.Truncate(filepath.Join(dir, "a.img"), 1)

@@ -24,11 +24,10 @@ type Options struct {
 	Init          string
 	Suite         string // Debian suite of the roots; default "bookworm"
 	KernelPackage string // default "linux-image-cloud-amd64"
-	// Runtime and BaseImage ask for those assets; the kernel and the
-	// initramfs are always built.
-	Runtime, BaseImage bool
-	RuntimePackages    []string // default DefaultRuntimePackages
-	BaseImagePackages  []string // default DefaultBaseImagePackages
+	// Runtime asks for the default runtime; the kernel and the initramfs
+	// are always built. (The instance base image is package baseimage's.)
+	Runtime         bool
+	RuntimePackages []string // default DefaultRuntimePackages
 	// KeepModuleSignatures keeps the signatures of the initramfs's kernel
 	// modules. By default they are stripped: the kernel checks them in
 	// software at every boot (about 170 ms), and the cloud kernel does not
@@ -36,22 +35,14 @@ type Options struct {
 	// Keep them for a kernel that enforces signatures (lockdown,
 	// module.sig_enforce=1).
 	KeepModuleSignatures bool
-	// Registry, when set, receives the runtime and the base images.
+	// Registry, when set, receives the runtime.
 	Registry Registry
 	Progress io.Writer // where to say what is being done; nil for nowhere
 	Rebuild  bool      // rebuild even what is up to date
 }
 
-// The packages of the default roots.
-var (
-	DefaultRuntimePackages   = []string{"python3", "python3-uvicorn", "ca-certificates"}
-	DefaultBaseImagePackages = []string{
-		"systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus",
-		"cloud-init", "cloud-guest-utils", "openssh-server", "qemu-guest-agent",
-		"linux-image-cloud-amd64", "grub-pc-bin", "grub2-common",
-		"ca-certificates", "iproute2", "netbase", "sudo", "less",
-	}
-)
+// DefaultRuntimePackages are the packages of the default runtime.
+var DefaultRuntimePackages = []string{"python3", "python3-uvicorn", "ca-certificates"}
 
 // RuntimeUser is the unprivileged user (uid 1000) the default runtime has
 // for workloads; it is guest.DefaultUser.
@@ -73,9 +64,6 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 	if opts.RuntimePackages == nil {
 		opts.RuntimePackages = DefaultRuntimePackages
 	}
-	if opts.BaseImagePackages == nil {
-		opts.BaseImagePackages = DefaultBaseImagePackages
-	}
 	if err := checkTools(opts); err != nil {
 		return Manifest{}, err
 	}
@@ -96,7 +84,7 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 	}
 	b := &builder{opts: opts, m: m, p: newProgress(opts.Progress)}
 	start := time.Now()
-	for _, step := range []func(context.Context) error{b.kernel, b.initramfs, b.runtime, b.baseImage} {
+	for _, step := range []func(context.Context) error{b.kernel, b.initramfs, b.runtime} {
 		if err := step(ctx); err != nil {
 			return m, err
 		}
@@ -121,6 +109,8 @@ func (m Manifest) collect(cutoff time.Time) error {
 		return false
 	}
 	var errs []error
+	// base-image: where caches made before baseimage took the instance
+	// base image kept it, collected like the rest.
 	for _, dir := range []string{"kernel", "initramfs", "runtime", "base-image"} {
 		entries, _ := os.ReadDir(filepath.Join(m.Dir, dir))
 		for _, e := range entries {
@@ -140,14 +130,9 @@ func (m Manifest) collect(cutoff time.Time) error {
 // checkTools makes sure the programs the build runs are installed.
 func checkTools(opts Options) error {
 	tools := map[string]string{"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"}
-	if opts.Runtime || opts.BaseImage {
-		tools["mmdebstrap"] = "mmdebstrap"
-	}
 	if opts.Runtime {
+		tools["mmdebstrap"] = "mmdebstrap"
 		tools["mksquashfs"] = "squashfs-tools"
-	}
-	if opts.BaseImage {
-		tools["mkfs.ext4"] = "e2fsprogs"
 	}
 	var missing []string
 	for _, tool := range slices.Sorted(maps.Keys(tools)) {

@@ -29,7 +29,7 @@ export ALEPH_VM_CACHE_ROOT="$dir/cache" ALEPH_VM_EXECUTION_ROOT="$dir/state" ALE
 export ALEPH_VM_NETWORK_INTERFACE=lo ALEPH_VM_DNS_NAMESERVERS=127.0.0.1 ALEPH_VM_SUPERVISOR_PORT=4020
 
 echo "== building the VM assets (kernel, initramfs, runtime; cached)"
-./bin/alephvm assets build --skip-base-image --init bin/alephvm-init
+./bin/alephvm assets build --init bin/alephvm-init
 
 ns=alephvm-example
 ip netns del "$ns" 2>/dev/null || true

@@ -22,6 +22,7 @@ import (
 
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 )
 
@@ -38,6 +39,7 @@ var vmTools = []string{"qemu-system-x86_64", "qemu-img", "mksquashfs", "mkfs.ext
 
 func TestMain(m *testing.M) {
 	flag.Parse()
+	testassets.Prepare(false)
 	if os.Geteuid() == 0 && !testenv.Isolated() && !testing.Short() {
 		dir, err := prepareAssets()
 		if err != nil {
@@ -69,7 +71,7 @@ func prepareAssets() (string, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
-	_, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, BaseImage: true, Progress: prefixWriter{os.Stderr}})
+	_, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, Progress: prefixWriter{os.Stderr}})
 	return dir, err
 }
 

@@ -21,27 +21,25 @@ func newAssetsCmd(a *app) *cobra.Command {
 		Short: "Build, fetch and list what VMs boot from",
 	}
 	var opts assets.Options
-	var skipRuntime, skipBase bool
+	var skipRuntime bool
 	build := &cobra.Command{
 		Use:   "build",
-		Short: "Build the kernel, initramfs, default runtime and base image",
-		Long: `Build into the assets directory (ALEPH_VM_ASSETS_DIR) what program and instance
-VMs boot from, skipping what is up to date:
+		Short: "Build the kernel, initramfs and default runtime of programs",
+		Long: `Build into the assets directory (ALEPH_VM_ASSETS_DIR) what program VMs boot
+from, skipping what is up to date:
 
   kernel.bzimage, kernel.vmlinux  Debian's linux-image-cloud-amd64 (bzImage for
                                   QEMU, uncompressed vmlinux for Firecracker)
   initramfs                       alephvm-init and the kernel modules it loads
   runtime                         Debian with python3 and uvicorn, squashfs
-  base-image.ext4                 Debian with systemd, cloud-init, openssh-server
-  base-image.disk                 and qemu-guest-agent: a bare ext4 root, and a
-                                  partitioned disk booting with GRUB
 
-Packages come from this machine's apt sources. Building the Debian roots runs
-mmdebstrap and needs root; it takes a few minutes the first time.`,
+Packages come from this machine's apt sources. Building the runtime runs
+mmdebstrap and needs root; it takes a few minutes the first time. The
+instance base image is built by "alephvm base-image build".`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			opts.Dir = a.cfg.Assets()
-			opts.Runtime, opts.BaseImage = !skipRuntime, !skipBase
+			opts.Runtime = !skipRuntime
 			opts.Progress = cmd.ErrOrStderr()
 			if opts.Init == "" {
 				init, err := findInit()
@@ -50,8 +48,8 @@ mmdebstrap and needs root; it takes a few minutes the first time.`,
 				}
 				opts.Init = init
 			}
-			// The runtime and base images are registered in the store, so
-			// that messages can name them by ref.
+			// The runtime is registered in the store, so that messages can
+			// name it by ref.
 			return a.withStore(cmd.Context(), func(s *store.Store) error {
 				opts.Registry = storeRegistry{s}
 				m, err := assets.Build(cmd.Context(), opts)
@@ -63,10 +61,9 @@ mmdebstrap and needs root; it takes a few minutes the first time.`,
 		},
 	}
 	build.Flags().StringVar(&opts.Init, "init", "", "static alephvm-init binary to put in the initramfs (default: alephvm-init beside this program, else on PATH)")
-	build.Flags().StringVar(&opts.Suite, "suite", "bookworm", "Debian suite of the runtime and base image")
+	build.Flags().StringVar(&opts.Suite, "suite", "bookworm", "Debian suite of the runtime")
 	build.Flags().StringVar(&opts.KernelPackage, "kernel-package", "linux-image-cloud-amd64", "Debian kernel package (metapackage or versioned)")
 	build.Flags().BoolVar(&skipRuntime, "skip-runtime", false, "do not build the program runtime")
-	build.Flags().BoolVar(&skipBase, "skip-base-image", false, "do not build the instance base image")
 	build.Flags().BoolVar(&opts.Rebuild, "rebuild", false, "rebuild everything, even what is up to date")
 	build.Flags().BoolVar(&opts.KeepModuleSignatures, "keep-module-signatures", false, "keep the kernel modules' signatures in the initramfs (for a kernel that enforces them; costs boot time)")
 

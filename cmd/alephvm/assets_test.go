@@ -43,7 +43,7 @@ func TestAssetsFetchAndList(t *testing.T) {
 
 func TestAssetsBuildNeedsInit(t *testing.T) {
 	env := []string{"ALEPH_VM_ASSETS_DIR=" + t.TempDir(), "PATH=" + t.TempDir()}
-	code, _, errOut := runCLI(t, env, "assets", "build", "--init", filepath.Join(t.TempDir(), "missing"), "--skip-runtime", "--skip-base-image")
+	code, _, errOut := runCLI(t, env, "assets", "build", "--init", filepath.Join(t.TempDir(), "missing"), "--skip-runtime")
 	if code != 1 || errOut == "" {
 		t.Errorf("exit %d, %s", code, errOut)
 	}
