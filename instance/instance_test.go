@@ -15,12 +15,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/alephvm/alephvm/db"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
+	"github.com/alephvm/alephvm/internal/teststore"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/storage"
@@ -53,15 +53,7 @@ func newRig(t testing.TB) *rig {
 	ctx := context.Background()
 	dir := t.TempDir()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	database, err := db.Open(ctx, filepath.Join(dir, "node.sqlite3"), log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { database.Close() })
-	st, err := store.Open(ctx, store.Options{Root: filepath.Join(dir, "cache"), DB: database, Log: log})
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, database := teststore.Open(t, dir)
 	driver, err := qemu.New(ctx, qemu.Options{Accel: "tcg"}, log)
 	if err != nil {
 		t.Fatal(err)

@@ -12,9 +12,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/alephvm/alephvm/db"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/internal/teststore"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/store"
@@ -60,16 +60,7 @@ func programStore(t *testing.T) (*store.Store, message.ItemHash) {
 	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	database, err := db.Open(ctx, filepath.Join(dir, "node.sqlite3"), log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { database.Close() })
-	st, err := store.Open(ctx, store.Options{Root: filepath.Join(dir, "cache"), DB: database, Log: log})
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, _ := teststore.Open(t, dir)
 	add := func(name, data string) string {
 		path := filepath.Join(dir, name)
 		if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
@@ -92,7 +83,7 @@ func programStore(t *testing.T) (*store.Store, message.ItemHash) {
 	}
 	env := map[string]any{"chain": "ETH", "sender": "0x1", "type": "PROGRAM", "time": 1700000000, "item_type": "inline", "signature": nil, "content": content}
 	raw, _ := json.Marshal(env)
-	raw, err = message.Regenerate(raw)
+	raw, err := message.Regenerate(raw)
 	if err != nil {
 		t.Fatal(err)
 	}
