@@ -46,6 +46,10 @@ type Config struct {
 	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
 	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
 	StallTimeout        Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
+	MaxItemSize         Bytes   `env:"STORE_MAX_ITEM_SIZE" yaml:"store_max_item_size" help:"Largest file the content store downloads: the limit of a STORE message that gives no size (or a negative one) and of the file an IPFS DAG expands to; a message giving more is refused."`
+	MinFreeSpace        Bytes   `env:"CACHE_MIN_FREE_SPACE" yaml:"cache_min_free_space" help:"Free space kept on the filesystem of CACHE_ROOT: a download that would go below it is refused (HTTP 507) or stopped and its partial file removed; 0 means no floor."`
+	PartMaxAge          Seconds `env:"DOWNLOAD_PART_MAX_AGE" yaml:"download_part_max_age" help:"How long the partial file of an interrupted download is kept to resume it; the node removes older ones every 10 minutes."`
+	MessageMaxAge       Seconds `env:"STORE_MESSAGE_MAX_AGE" yaml:"store_message_max_age" help:"How long a message fetched from the network is kept when no execution, cached file or local message needs it; the node forgets older ones every 10 minutes."`
 	ReuseTimeout        Seconds `env:"REUSE_TIMEOUT" yaml:"reuse_timeout" help:"How long a program VM stays warm after its last request (seconds, or a duration such as 10m); 0 stops it after each request."`
 	NetworkInterface    string  `env:"NETWORK_INTERFACE" yaml:"network_interface" help:"Interface towards the outside world, where VM traffic is masqueraded and port forwards arrive; empty means the interface of the default route."`
 	IPv4AddressPool     string  `env:"IPV4_ADDRESS_POOL" yaml:"ipv4_address_pool" help:"IPv4 range the VMs' networks are taken from."`
@@ -92,6 +96,10 @@ func Default() Config {
 		CacheRoot:          "/var/cache/alephvm",
 		CacheMaxSize:       50 << 30,
 		StallTimeout:       Seconds(2 * time.Minute),
+		MaxItemSize:        20 << 30,
+		MinFreeSpace:       2 << 30,
+		PartMaxAge:         Seconds(24 * time.Hour),
+		MessageMaxAge:      Seconds(7 * 24 * time.Hour),
 		ReuseTimeout:       Seconds(time.Hour),
 		IPv4AddressPool:    "172.16.0.0/12",
 		IPv4PrefixLength:   24,
@@ -311,6 +319,15 @@ func (c Config) Validate() error {
 	}
 	if c.StallTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("%sDOWNLOAD_STALL_TIMEOUT: must be positive", EnvPrefix))
+	}
+	if c.MaxItemSize <= 0 {
+		errs = append(errs, fmt.Errorf("%sSTORE_MAX_ITEM_SIZE: must be positive", EnvPrefix))
+	}
+	if c.PartMaxAge <= 0 {
+		errs = append(errs, fmt.Errorf("%sDOWNLOAD_PART_MAX_AGE: must be positive", EnvPrefix))
+	}
+	if c.MessageMaxAge <= 0 {
+		errs = append(errs, fmt.Errorf("%sSTORE_MESSAGE_MAX_AGE: must be positive", EnvPrefix))
 	}
 	if p, err := netip.ParsePrefix(c.IPv4AddressPool); err != nil || !p.Addr().Is4() {
 		errs = append(errs, fmt.Errorf("%sIPV4_ADDRESS_POOL: want an IPv4 prefix such as 172.16.0.0/12, got %q", EnvPrefix, c.IPv4AddressPool))

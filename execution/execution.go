@@ -51,8 +51,10 @@ func StoreError(what string, ref message.ItemHash, err error) error {
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		return &Error{Status: 404, Msg: fmt.Sprintf("%s %s not found", what, ref), Err: err}
-	case errors.Is(err, store.ErrNotStore), errors.Is(err, store.ErrInvalidMessage):
+	case errors.Is(err, store.ErrNotStore), errors.Is(err, store.ErrInvalidMessage), errors.Is(err, store.ErrTooLarge):
 		return &Error{Status: 400, Msg: fmt.Sprintf("%s %s is not usable", what, ref), Err: err}
+	case errors.Is(err, store.ErrInsufficientStorage):
+		return &Error{Status: 507, Msg: fmt.Sprintf("%s %s cannot be stored: the node is short of disk space", what, ref), Err: err}
 	case errors.Is(err, store.ErrRemoteUnavailable):
 		return &Error{Status: 503, Msg: fmt.Sprintf("%s %s cannot be fetched now", what, ref), Err: err}
 	}

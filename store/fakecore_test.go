@@ -31,6 +31,7 @@ type fakeCore struct {
 	corrupt   bool
 	cutAt     int64
 	stall     bool
+	noLength  bool          // files are sent without Content-Length
 	status    int           // if set, every file request answers it
 	gate      chan struct{} // if set, file requests wait for it to close
 	gated     string        // if set, only requests for this item wait
@@ -136,7 +137,7 @@ func (f *fakeCore) file(w http.ResponseWriter, r *http.Request) {
 	if sabotage {
 		f.sabotaged--
 	}
-	corrupt, cutAt, stall, status, gate := f.corrupt, f.cutAt, f.stall, f.status, f.gate
+	corrupt, cutAt, stall, status, gate, noLength := f.corrupt, f.cutAt, f.stall, f.status, f.gate, f.noLength
 	gated := f.gated == "" || f.gated == hash
 	f.mu.Unlock()
 	if gate != nil && gated {
@@ -163,9 +164,11 @@ func (f *fakeCore) file(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, len(data)-1, len(data)))
-		w.Header().Set("Content-Length", strconv.Itoa(len(data)-int(start)))
+		if !noLength {
+			w.Header().Set("Content-Length", strconv.Itoa(len(data)-int(start)))
+		}
 		w.WriteHeader(http.StatusPartialContent)
-	} else {
+	} else if !noLength {
 		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
 	}
 	body := data[start:]
@@ -180,6 +183,15 @@ func (f *fakeCore) file(w http.ResponseWriter, r *http.Request) {
 			<-r.Context().Done()
 		}
 		panic(http.ErrAbortHandler) // drop the connection mid-file
+	}
+	if noLength { // in pieces, so that the length is not known ahead
+		for len(body) > 0 {
+			n := min(len(body), 64<<10)
+			w.Write(body[:n])
+			w.(http.Flusher).Flush()
+			body = body[n:]
+		}
+		return
 	}
 	w.Write(body)
 }

@@ -168,6 +168,15 @@ func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
 	if err != nil {
 		return err
 	}
+	limit, declared, err := s.sizeLimit(c)
+	if err != nil {
+		return err
+	}
+	if c.ItemType == message.ItemIPFS {
+		if _, err := ipfsRoot(string(c.ItemHash)); err != nil {
+			return err
+		}
+	}
 	partPath := filepath.Join(s.tmp, string(c.ItemHash)+".part")
 	var part *os.File
 	for {
@@ -188,11 +197,17 @@ func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
 		item.Release()
 		return os.Remove(partPath)
 	}
-
-	p := &partFile{f: part, h: sha256.New(), item: c.ItemHash, limit: -1, progress: s.opts.Progress}
-	if c.Size != nil {
-		p.limit = *c.Size
+	var need int64
+	if st, err := part.Stat(); err == nil && declared {
+		need = max(0, limit-st.Size())
 	}
+	space, err := s.reserve(c.ItemHash, need)
+	if err != nil {
+		return errors.Join(err, os.Remove(partPath))
+	}
+	defer space.release()
+
+	p := &partFile{f: part, h: sha256.New(), item: c.ItemHash, limit: limit, declared: declared, space: space, progress: s.opts.Progress}
 	for fresh := false; ; fresh = true {
 		if c.ItemType == message.ItemIPFS {
 			if err := p.restart(); err != nil { // a CAR stream cannot be resumed
@@ -209,7 +224,8 @@ func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
 		err = s.retry(ctx, "download "+string(c.ItemHash), s.opts.Attempts, func(ctx context.Context) error {
 			return s.get(ctx, u, c, p)
 		})
-		if errors.Is(err, ErrHashMismatch) || errors.Is(err, ErrNotFound) {
+		if err != nil && (c.ItemType == message.ItemIPFS || errors.Is(err, ErrHashMismatch) || errors.Is(err, ErrNotFound) ||
+			errors.Is(err, ErrTooLarge) || errors.Is(err, ErrInsufficientStorage)) {
 			return errors.Join(err, os.Remove(partPath)) // nothing worth resuming
 		} else if err != nil {
 			return err // the .part stays, to resume
@@ -237,11 +253,35 @@ func (s *Store) download(ctx context.Context, c *message.StoreContent) error {
 	}
 }
 
+// declaredSize is the size a STORE message gives its file, if it gives a
+// usable one.
+func declaredSize(c *message.StoreContent) (int64, bool) {
+	if c.Size == nil || *c.Size < 0 {
+		return 0, false
+	}
+	return *c.Size, true
+}
+
+// sizeLimit is the most a download of c may write: the size its message
+// gives, else MaxItemSize. A message giving more than MaxItemSize is
+// refused.
+func (s *Store) sizeLimit(c *message.StoreContent) (limit int64, declared bool, err error) {
+	size, ok := declaredSize(c)
+	if !ok {
+		return s.opts.MaxItemSize, false, nil
+	}
+	if size > s.opts.MaxItemSize {
+		return 0, false, fmt.Errorf("file %s: %w: its message says %d bytes, more than the %d a file may take (STORE_MAX_ITEM_SIZE)",
+			c.ItemHash, ErrTooLarge, size, s.opts.MaxItemSize)
+	}
+	return size, true, nil
+}
+
 // checkDownload verifies a downloaded file against its STORE message. An
 // IPFS item's blocks were checked as they arrived, if they could be.
 func checkDownload(c *message.StoreContent, sum string, size int64) error {
-	if c.Size != nil && *c.Size != size {
-		return &HashMismatchError{Item: c.ItemHash, Got: fmt.Sprintf("%s (%d bytes, the message says %d)", sum, size, *c.Size)}
+	if want, ok := declaredSize(c); ok && want != size {
+		return &HashMismatchError{Item: c.ItemHash, Got: fmt.Sprintf("%s (%d bytes, the message says %d)", sum, size, want)}
 	}
 	if c.ItemType != message.ItemIPFS && sum != string(c.ItemHash) {
 		return &HashMismatchError{Item: c.ItemHash, Got: sum}
@@ -255,17 +295,23 @@ type partFile struct {
 	f        *os.File
 	h        hash.Hash
 	off      int64
-	limit    int64 // the size the STORE message gives, or -1
+	limit    int64 // the most the file may hold
+	declared bool  // limit is the size the STORE message gives, not MaxItemSize
 	total    int64 // for progress: the expected size, or -1
 	verified bool  // what was written came out of the CAR verifier, or is a storage item
+	space    *reservation
 	item     message.ItemHash
 	progress func(Progress)
 }
 
-// Write appends to the file, refusing to go past the expected size.
+// Write appends to the file, refusing to go past the limit or below the
+// free-space floor: nothing is written then.
 func (p *partFile) Write(b []byte) (int, error) {
-	if p.limit >= 0 && p.off+int64(len(b)) > p.limit {
-		return 0, &HashMismatchError{Item: p.item, Got: fmt.Sprintf("more than the %d bytes the message says", p.limit)}
+	if p.off+int64(len(b)) > p.limit {
+		return 0, p.tooLarge(p.off + int64(len(b)))
+	}
+	if err := p.space.write(int64(len(b))); err != nil {
+		return 0, err
 	}
 	n, err := p.f.Write(b)
 	p.h.Write(b[:n])
@@ -279,12 +325,25 @@ func (p *partFile) Write(b []byte) (int, error) {
 	return n, nil
 }
 
-// resume continues after what the file already holds.
+// tooLarge is the error for a file found to hold at least size bytes, more
+// than its limit.
+func (p *partFile) tooLarge(size int64) error {
+	if p.declared {
+		return &HashMismatchError{Item: p.item, Got: fmt.Sprintf("at least %d bytes, more than the %d bytes the message says", size, p.limit)}
+	}
+	return fmt.Errorf("file %s: %w: at least %d bytes, more than the %d a file may take (STORE_MAX_ITEM_SIZE)", p.item, ErrTooLarge, size, p.limit)
+}
+
+// resume continues after what the file already holds, unless that is more
+// than it may.
 func (p *partFile) resume() error {
 	p.h.Reset()
 	off, err := p.f.Seek(0, io.SeekEnd)
 	if err != nil {
 		return err
+	}
+	if off > p.limit {
+		return p.restart()
 	}
 	p.off = off
 	_, err = io.Copy(p.h, io.NewSectionReader(p.f, 0, off))
@@ -335,7 +394,7 @@ func (s *Store) get(ctx context.Context, u string, c *message.StoreContent, p *p
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusRequestedRangeNotSatisfiable {
-		if p.limit >= 0 && p.off == p.limit {
+		if p.declared && p.off == p.limit {
 			return nil // it was all there
 		}
 		return errors.Join(errors.New("the server refused to resume"), p.restart())
@@ -349,18 +408,28 @@ func (s *Store) get(ctx context.Context, u string, c *message.StoreContent, p *p
 			return permanent(err)
 		}
 	}
-	p.total = p.limit
-	if p.total < 0 && resp.ContentLength >= 0 && !ipfs {
-		p.total = p.off + resp.ContentLength
+	contentType := resp.Header.Get("Content-Type")
+	asCAR := ipfs && isCAR(contentType)
+	rawLength := resp.ContentLength // of the file itself, unless a CAR
+	if asCAR {
+		rawLength = -1
+	}
+	if rawLength >= 0 && p.off+rawLength > p.limit {
+		return permanent(p.tooLarge(p.off + rawLength))
+	}
+	p.total = -1
+	if p.declared {
+		p.total = p.limit
+	} else if rawLength >= 0 {
+		p.total = p.off + rawLength
 	}
 	body := &stallReader{r: resp.Body, timer: stall, timeout: s.opts.StallTimeout}
-	contentType := resp.Header.Get("Content-Type")
-	if p.verified = !ipfs; ipfs && isCAR(contentType) {
+	if p.verified = !ipfs; asCAR {
 		root, rerr := ipfsRoot(string(c.ItemHash))
 		if rerr != nil {
 			return permanent(rerr)
 		}
-		err = writeVerifiedCAR(body, root, carSendsDups(contentType), p)
+		_, err = writeVerifiedCAR(body, root, carSendsDups(contentType), p, dagLimitsFor(p.limit, p.tooLarge))
 		p.verified = true
 	} else {
 		_, err = io.CopyBuffer(p, body, make([]byte, 1<<20))
@@ -374,7 +443,7 @@ func (s *Store) get(ctx context.Context, u string, c *message.StoreContent, p *p
 			cause = describeCause(ctx, body.err, s.opts.StallTimeout)
 		}
 		return fmt.Errorf("%w: %s: %w", ErrRemoteUnavailable, u, cause)
-	case errors.Is(err, ErrHashMismatch):
+	case errors.Is(err, ErrHashMismatch), errors.Is(err, ErrTooLarge), errors.Is(err, ErrInsufficientStorage):
 		return permanent(err)
 	default:
 		return permanent(fmt.Errorf("%s: %w", u, err))

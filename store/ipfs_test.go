@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/ipfs/go-cid"
@@ -15,7 +16,7 @@ import (
 // (balanced, chunks of chunk bytes, at most fanout links a node): with
 // CIDv0, dag-pb leaves; with CIDv1, raw leaves. It returns the root and
 // the blocks by CID.
-func buildUnixfs(t *testing.T, data []byte, chunk, fanout int, v1 bool) (cid.Cid, map[cid.Cid][]byte) {
+func buildUnixfs(t testing.TB, data []byte, chunk, fanout int, v1 bool) (cid.Cid, map[cid.Cid][]byte) {
 	t.Helper()
 	blocks := map[cid.Cid][]byte{}
 	put := func(codec uint64, block []byte) cid.Cid {
@@ -117,8 +118,8 @@ func carStream(root cid.Cid, blocks map[cid.Cid][]byte, dups bool) []byte {
 			out = append(out, section...)
 		}
 		if c.Type() == cid.DagProtobuf {
-			_, links, _ := decodeFileNode(blocks[c])
-			for _, l := range links {
+			node, _ := decodeFileNode(blocks[c])
+			for _, l := range node.links {
 				walk(l)
 			}
 		}
@@ -207,16 +208,21 @@ func TestIPFSTruncatedCARIsRetried(t *testing.T) {
 
 func TestDecodeFileNodeRefusesDirectories(t *testing.T) {
 	dir := pbNode(nil, varintField(nil, 1, 1))
-	if _, _, err := decodeFileNode(dir); err == nil {
+	if _, err := decodeFileNode(dir); err == nil {
 		t.Error("a directory node was taken for a file")
 	}
-	if _, _, err := decodeFileNode([]byte{0xff}); err == nil {
+	if _, err := decodeFileNode([]byte{0xff}); err == nil {
 		t.Error("garbage was taken for a node")
 	}
 	var sink bytes.Buffer
 	root, blocks := buildUnixfs(t, []byte("x"), 10, 2, true)
 	body := carStream(root, blocks, true)
-	if err := writeVerifiedCAR(bytes.NewReader(body[:len(body)-1]), root, true, &sink); !errors.Is(err, errCARTruncated) {
+	if _, err := writeVerifiedCAR(bytes.NewReader(body[:len(body)-1]), root, true, &sink, testLimits(1<<20)); !errors.Is(err, errCARTruncated) {
 		t.Errorf("truncated CAR: %v", err)
 	}
+}
+
+// testLimits are the default bounds of a download of at most size bytes.
+func testLimits(size int64) dagLimits {
+	return dagLimitsFor(size, func(n int64) error { return fmt.Errorf("%w: %d bytes", ErrTooLarge, n) })
 }

@@ -17,9 +17,11 @@
 //	item, err := s.Fetch(ctx, ref, useLatest)   // a verified local file for a STORE ref
 //	defer item.Release()                        // until then item.Path is never evicted
 //	res, err := s.GC(ctx, maxSize)
+//	go s.Sweep(ctx, store.SweepInterval)     // GC while the node runs
 //
 // Errors can be tested with errors.Is against ErrNotFound, ErrNotStore,
-// ErrHashMismatch, ErrInvalidMessage and ErrRemoteUnavailable.
+// ErrHashMismatch, ErrInvalidMessage, ErrRemoteUnavailable, ErrTooLarge
+// and ErrInsufficientStorage.
 //
 // Storage files are checked against their sha256; IPFS files block by
 // block against their CID, from the gateway's CAR stream (recorded
@@ -27,7 +29,7 @@
 //
 // On disk, under Root: files/<sha256> holds each file (read-only), tmp/
 // the downloads and additions under way (<item hash>.part, kept to resume
-// after a restart). The messages and the index of files live in the node's
+// after a restart, for a while). The messages and the index of files live in the node's
 // database (tables store_messages and store_files). docs/store.md has the
 // rules.
 package store
@@ -43,6 +45,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/alephvm/alephvm/message"
@@ -61,6 +65,18 @@ var (
 	// ErrRemoteUnavailable: the API server or gateway could not be reached
 	// or kept failing.
 	ErrRemoteUnavailable = errors.New("remote unavailable")
+	// ErrTooLarge: a file is (or says it is) larger than Options.MaxItemSize.
+	ErrTooLarge = errors.New("item too large")
+	// ErrInsufficientStorage: a download would take the cache filesystem
+	// below Options.MinFreeSpace.
+	ErrInsufficientStorage = errors.New("insufficient storage")
+)
+
+// Defaults of the Options that bound what downloads may take.
+const (
+	DefaultMaxItemSize   = 20 << 30
+	DefaultPartMaxAge    = 24 * time.Hour
+	DefaultMessageMaxAge = 7 * 24 * time.Hour
 )
 
 // HashMismatchError says which item arrived with the wrong hash.
@@ -108,6 +124,23 @@ type Options struct {
 	// Progress, if set, is called as downloads advance, from the
 	// downloading goroutine.
 	Progress func(Progress)
+	// MaxItemSize bounds a downloaded file whose STORE message gives no
+	// size (or a negative one); a message that gives more is refused
+	// before any download (default DefaultMaxItemSize).
+	MaxItemSize int64
+	// MinFreeSpace is the free space a download must leave on the cache
+	// filesystem: one that would go below it is refused, or stopped and
+	// its .part removed. 0: no floor.
+	MinFreeSpace int64
+	// FreeSpace reports the bytes free for the store under dir (default:
+	// statfs(2), the blocks available to unprivileged users).
+	FreeSpace func(dir string) (int64, error)
+	// PartMaxAge is how long GC keeps a download's .part no one writes to,
+	// so that it can resume (default DefaultPartMaxAge).
+	PartMaxAge time.Duration
+	// MessageMaxAge is how long GC keeps a message fetched from the network
+	// that nothing needs (default DefaultMessageMaxAge): see GC.
+	MessageMaxAge time.Duration
 }
 
 // Store is the content store. Its methods are safe for concurrent use, and
@@ -120,6 +153,11 @@ type Store struct {
 	flights flights
 	files   string // Root/files
 	tmp     string // Root/tmp
+
+	// reserveMu makes checking the free space and reserving it one step;
+	// reserved is what downloads under way still expect to write.
+	reserveMu sync.Mutex
+	reserved  atomic.Int64
 }
 
 // Open prepares the store's directories and returns it.
@@ -138,6 +176,18 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	if opts.Backoff <= 0 {
 		opts.Backoff = 500 * time.Millisecond
+	}
+	if opts.MaxItemSize <= 0 {
+		opts.MaxItemSize = DefaultMaxItemSize
+	}
+	if opts.FreeSpace == nil {
+		opts.FreeSpace = statfsFree
+	}
+	if opts.PartMaxAge <= 0 {
+		opts.PartMaxAge = DefaultPartMaxAge
+	}
+	if opts.MessageMaxAge <= 0 {
+		opts.MessageMaxAge = DefaultMessageMaxAge
 	}
 	if opts.Client == nil {
 		opts.Client = &http.Client{Transport: &http.Transport{

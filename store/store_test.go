@@ -481,7 +481,7 @@ func TestGCRemovesLeftovers(t *testing.T) {
 	for _, p := range []string{old, recent, filepath.Join(s.tmp, "add-1.part"), s.blobPath(message.SHA256Hex([]byte("orphan")))} {
 		os.WriteFile(p, []byte("data"), 0o644)
 	}
-	os.Chtimes(old, time.Now().Add(-2*PartMaxAge), time.Now().Add(-2*PartMaxAge))
+	os.Chtimes(old, time.Now().Add(-2*DefaultPartMaxAge), time.Now().Add(-2*DefaultPartMaxAge))
 	res, err := s.GC(ctx, 0)
 	if err != nil {
 		t.Fatal(err)

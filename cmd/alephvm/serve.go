@@ -162,7 +162,9 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		return nil, nil, err
 	}
 	st, err := store.Open(ctx, store.Options{Root: cfg.CacheRoot, DB: database, APIServer: cfg.APIServer,
-		IPFSGateway: cfg.IPFSGateway, MaxSize: int64(cfg.CacheMaxSize), StallTimeout: cfg.StallTimeout.Duration(), Log: log})
+		IPFSGateway: cfg.IPFSGateway, MaxSize: int64(cfg.CacheMaxSize), StallTimeout: cfg.StallTimeout.Duration(), Log: log,
+		MaxItemSize: int64(cfg.MaxItemSize), MinFreeSpace: int64(cfg.MinFreeSpace),
+		PartMaxAge: cfg.PartMaxAge.Duration(), MessageMaxAge: cfg.MessageMaxAge.Duration()})
 	if err != nil {
 		return fail(err)
 	}
@@ -211,7 +213,9 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if err := networks.Apply(); err != nil {
 		return fail(err)
 	}
-	return n, cleanup, nil
+	sweep, stopSweep := context.WithCancel(ctx) // ends before the database closes
+	go st.Sweep(sweep, store.SweepInterval)
+	return n, func() { stopSweep(); cleanup() }, nil
 }
 
 // buildHypervisors probes the host, decides which backends run here

@@ -89,11 +89,14 @@ it is a terminal.`,
 		Use:   "gc",
 		Short: "Remove leftovers and evict downloaded files past the size limit",
 		Long: `Remove abandoned .part files (interrupted additions; downloads untouched for
-a day, which could otherwise still resume) and files the index does not know,
-then evict downloaded files, least recently used first, until the store holds
-at most --max-size bytes (CACHE_MAX_SIZE by default; 0: no limit). Files in
-use by a VM and files added with "store add" are never evicted. Safe to run
-while the node runs.`,
+DOWNLOAD_PART_MAX_AGE, which could otherwise still resume), files the index
+does not know and messages fetched from the network more than
+STORE_MESSAGE_MAX_AGE ago that no execution, cached file or local message
+needs; then evict downloaded files, least recently used first, until the
+store holds at most --max-size bytes (CACHE_MAX_SIZE by default; 0: no
+limit). Files in use by a VM and files added with "store add" are never
+evicted. Safe to run while the node runs, which does the same every 10
+minutes by itself.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			limit := a.cfg.CacheMaxSize
@@ -107,8 +110,8 @@ while the node runs.`,
 				if err != nil {
 					return err
 				}
-				summary := fmt.Sprintf("evicted %d files, removed %d .part files and %d unindexed files, freed %s; %s kept",
-					res.Evicted, res.Parts, res.Orphans, config.Bytes(res.Freed).Human(), config.Bytes(res.Size).Human())
+				summary := fmt.Sprintf("evicted %d files, removed %d .part files and %d unindexed files, forgot %d unused messages, freed %s; %s kept",
+					res.Evicted, res.Parts, res.Orphans, res.Messages, config.Bytes(res.Freed).Human(), config.Bytes(res.Size).Human())
 				if res.InUse > 0 {
 					summary += fmt.Sprintf("; %d files that would have been evicted are in use", res.InUse)
 				}
@@ -133,13 +136,17 @@ func (a *app) withStore(ctx context.Context, fn func(*store.Store) error) error 
 	}
 	defer database.Close()
 	opts := store.Options{
-		Root:         a.cfg.CacheRoot,
-		DB:           database,
-		APIServer:    a.cfg.APIServer,
-		IPFSGateway:  a.cfg.IPFSGateway,
-		MaxSize:      int64(a.cfg.CacheMaxSize),
-		StallTimeout: a.cfg.StallTimeout.Duration(),
-		Log:          a.log,
+		Root:          a.cfg.CacheRoot,
+		DB:            database,
+		APIServer:     a.cfg.APIServer,
+		IPFSGateway:   a.cfg.IPFSGateway,
+		MaxSize:       int64(a.cfg.CacheMaxSize),
+		StallTimeout:  a.cfg.StallTimeout.Duration(),
+		Log:           a.log,
+		MaxItemSize:   int64(a.cfg.MaxItemSize),
+		MinFreeSpace:  int64(a.cfg.MinFreeSpace),
+		PartMaxAge:    a.cfg.PartMaxAge.Duration(),
+		MessageMaxAge: a.cfg.MessageMaxAge.Duration(),
 	}
 	if f, ok := a.stderr.(*os.File); ok && isTerminal(f) {
 		p := &progressLine{w: f}
