@@ -35,6 +35,10 @@ func (i instancesAPI) Erase(ctx context.Context, ref message.ItemHash) error {
 	return i.m.Erase(ctx, ref)
 }
 func (i instancesAPI) Running(ref message.ItemHash) bool { return i.m.Running(ref) }
+func (i instancesAPI) Run(ref message.ItemHash) (uint64, bool) { return i.m.Run(ref) }
+func (i instancesAPI) StopRun(ctx context.Context, ref message.ItemHash, run uint64) (bool, error) {
+	return i.m.StopRun(ctx, ref, run)
+}
 
 func (i instancesAPI) Allocate(ctx context.Context, desired []message.ItemHash) api.AllocationResult {
 	return api.AllocationResult(i.m.Allocate(ctx, desired))
