@@ -307,4 +307,3 @@ func TestExecutionsListAndStop(t *testing.T) {
 		t.Errorf("second stop: %s", b)
 	}
 }
-
