@@ -215,6 +215,13 @@ func TestLogFollowersAreCapped(t *testing.T) {
 		}
 		return c, 101
 	}
+	// Refused handshakes give their place back.
+	for range 3 {
+		if c, _, err := dialLogs(ctx, srv, ref, "good", "https://evil.example"); err == nil {
+			c.CloseNow()
+			t.Fatal("a foreign origin was accepted")
+		}
+	}
 	var conns []*websocket.Conn
 	for _, r := range refs[:3] {
 		c, status := open(r)

@@ -213,4 +213,11 @@ func TestReplayCacheSurvivesARestart(t *testing.T) {
 	if err := database.QueryRow(`SELECT count(*) FROM auth_replays`).Scan(&n); err != nil || n != 1 {
 		t.Errorf("%d records kept (%v), want the last call's only", n, err)
 	}
+
+	// A cache that cannot be written refuses the call rather than let a
+	// replay through.
+	database.Close()
+	if _, err := restarted.Verify(good.request(t, "POST", "/control/allocations", body, now.Unix()+1, nil)); !errors.As(err, &aerr) || aerr.Status != http.StatusServiceUnavailable {
+		t.Errorf("with the database gone: %v, want 503", err)
+	}
 }

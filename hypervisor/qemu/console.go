@@ -47,8 +47,12 @@ func (vm *VM) pumpConsole(maxSize int64) {
 			case <-vm.closing:
 			case <-vm.done:
 			default:
-				if !errors.Is(err, ErrVMGone) {
+				var qerr *QMPError
+				switch {
+				case errors.As(err, &qerr):
 					vm.log.Warn("vm console: output not kept (a VM started by an older node writes its console.log itself)", "dir", vm.dir, "err", err)
+				case !errors.Is(err, ErrVMGone):
+					vm.log.Error("vm console: output no longer kept", "dir", vm.dir, "err", err)
 				}
 			}
 			return
