@@ -91,8 +91,16 @@ func TestDriverJailed(t *testing.T) {
 	if !strings.Contains(string(fcLog), "running as 1000100:1000100") {
 		t.Errorf("firecracker's log: %q", fcLog)
 	}
-	if console, _ := os.ReadFile(vm.ConsoleLog()); !strings.Contains(string(console), "inst-1 booted") {
-		t.Errorf("console: %q", console)
+	// The node copies the console from its pipe as it comes.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		console, _ := os.ReadFile(vm.ConsoleLog())
+		if strings.Contains(string(console), "inst-1 booted") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("console: %q", console)
+			break
+		}
 	}
 	checkControl(t, vm)
 	checkPauseResume(t, vm)
