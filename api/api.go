@@ -41,21 +41,34 @@ type Options struct {
 	Logs Logs
 	// MaxBodyBytes bounds a request body proxied to a program.
 	MaxBodyBytes int64
-	Version      string
-	Log          *slog.Logger
+	// Limits bound the HTTP server (HTTPServer, Listener).
+	Limits Limits
+	// WebsocketOrigins are the host patterns (path.Match, as
+	// coder/websocket matches them; with "://", scheme://host) of the web
+	// pages that may open a logs websocket. Clients that send no Origin
+	// (the CLIs and SDKs) and pages of the node's own host always may.
+	WebsocketOrigins []string
+	// MaxLogFollowers and MaxLogFollowersPerVM bound the logs websockets
+	// open at once, in all and for one VM; 0 means the defaults.
+	MaxLogFollowers, MaxLogFollowersPerVM int
+	Version                               string
+	Log                                   *slog.Logger
 }
 
 // Server is the HTTP API.
 type Server struct {
-	opts  Options
-	mux   *http.ServeMux
-	proxy *proxy
-	log   *slog.Logger
+	opts      Options
+	mux       *http.ServeMux
+	proxy     *proxy
+	log       *slog.Logger
+	followers *followers
+	expiries  *expiries
 }
 
 // New builds the API.
 func New(opts Options) *Server {
-	s := &Server{opts: opts, mux: http.NewServeMux(), log: opts.Log, proxy: newProxy(opts.Log)}
+	s := &Server{opts: opts, mux: http.NewServeMux(), log: opts.Log, proxy: newProxy(opts.Log),
+		followers: newFollowers(opts.MaxLogFollowers, opts.MaxLogFollowersPerVM), expiries: &expiries{timers: map[message.ItemHash]*time.Timer{}}}
 	s.mux.HandleFunc("/vm/{ref}", s.handleProgram)
 	s.mux.HandleFunc("/vm/{ref}/{path...}", s.handleProgram)
 	s.mux.HandleFunc("GET /about/executions/list", s.handleExecutionsList)
@@ -82,7 +95,7 @@ func New(opts Options) *Server {
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Server", "alephvm/"+s.opts.Version)
-	s.mux.ServeHTTP(w, r)
+	s.mux.ServeHTTP(&deadlineWriter{ResponseWriter: w, timeout: s.opts.Limits.WriteTimeout}, r)
 }
 
 // apiError is the reference's error shape.
@@ -169,6 +182,9 @@ func LabelFromRef(ref message.ItemHash) (string, error) {
 }
 
 func (s *Server) runProgram(w http.ResponseWriter, r *http.Request, ref message.ItemHash, suffix string) {
+	// Uploads, downloads and websockets of programs take as long as they
+	// take; the program's resources.seconds bounds its first answer.
+	streaming(w)
 	if s.opts.MaxBodyBytes > 0 {
 		if r.ContentLength > s.opts.MaxBodyBytes {
 			writeError(w, http.StatusRequestEntityTooLarge, "Request body is larger than the node accepts")

@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/alephvm/alephvm/message"
@@ -18,6 +20,12 @@ type Instances interface {
 	Reboot(ctx context.Context, ref message.ItemHash) error
 	Erase(ctx context.Context, ref message.ItemHash) error
 	Running(ref message.ItemHash) bool
+	// Run returns the id of the instance's current run, a new one each
+	// time it starts, and whether it runs.
+	Run(ref message.ItemHash) (uint64, bool)
+	// StopRun stops the instance if its current run is still run: a timer
+	// set for one run never stops a later one.
+	StopRun(ctx context.Context, ref message.ItemHash, run uint64) (bool, error)
 	Allocate(ctx context.Context, desired []message.ItemHash) AllocationResult
 	Statuses(ctx context.Context) ([]InstanceStatus, error)
 }
@@ -243,10 +251,41 @@ func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
 	writeText(w, http.StatusOK, "Started VM with ref "+string(ref))
 }
 
+// MaxExpireTimeout bounds the timeout of an expiry.
+const MaxExpireTimeout = 30 * 24 * time.Hour
+
+// expiries holds the pending expiry of each instance.
+type expiries struct {
+	mu     sync.Mutex
+	timers map[message.ItemHash]*time.Timer
+}
+
+// set replaces ref's pending expiry by fn after d.
+func (e *expiries) set(ref message.ItemHash, d time.Duration, fn func()) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if old := e.timers[ref]; old != nil {
+		old.Stop()
+	}
+	var t *time.Timer
+	t = time.AfterFunc(d, func() {
+		e.mu.Lock()
+		if e.timers[ref] == t {
+			delete(e.timers, ref)
+		}
+		e.mu.Unlock()
+		fn()
+	})
+	e.timers[ref] = t
+}
+
 // handleExpire stops an instance after a timeout in seconds, given as the
 // JSON body {"timeout": 60} (signed calls carry no query string) or as
-// ?timeout=60; without one it stops it now. The reference's handler reads
-// a parameter its route does not define and always answers 400.
+// ?timeout=60; without one it stops it now. The timeout is at most
+// MaxExpireTimeout; a later expiry of the instance replaces it, and it
+// ends with the run it was set on (a stop, a reboot). The reference's
+// handler reads a parameter its route does not define and always answers
+// 400.
 func (s *Server) handleExpire(w http.ResponseWriter, r *http.Request) {
 	ref, body, ok := s.machineRef(w, r)
 	if !ok {
@@ -273,17 +312,23 @@ func (s *Server) handleExpire(w http.ResponseWriter, r *http.Request) {
 	if req.Timeout != nil {
 		timeout = *req.Timeout
 	}
-	if timeout < 0 {
-		writeError(w, http.StatusBadRequest, "Invalid timeout duration")
+	// Written so that NaN fails too.
+	if !(timeout >= 0 && timeout <= MaxExpireTimeout.Seconds()) {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("Invalid timeout duration: must be between 0 and %.0f seconds", MaxExpireTimeout.Seconds()))
 		return
 	}
-	if !s.opts.Instances.Running(ref) {
+	run, running := s.opts.Instances.Run(ref)
+	if !running {
 		writeText(w, http.StatusOK, "Already stopped, nothing to do")
 		return
 	}
-	time.AfterFunc(time.Duration(timeout*float64(time.Second)), func() {
-		if _, err := s.opts.Instances.Stop(context.Background(), ref); err != nil {
+	s.expiries.set(ref, time.Duration(timeout*float64(time.Second)), func() {
+		stopped, err := s.opts.Instances.StopRun(context.Background(), ref, run)
+		switch {
+		case err != nil:
 			s.log.Error("expire instance", "ref", ref, "err", err)
+		case stopped:
+			s.log.Info("instance expired", "ref", ref)
 		}
 	})
 	writeText(w, http.StatusOK, "Expiring VM with ref "+string(ref)+" in "+strconv.FormatFloat(timeout, 'f', -1, 64)+" seconds")

@@ -55,6 +55,8 @@ const other = message.ItemHash("b236db23bf5ad005ad7f5d82eed08a68a925020f0755b2a5
 type fakeInstances struct {
 	mu      sync.Mutex
 	running map[message.ItemHash]bool
+	runs    map[message.ItemHash]uint64
+	lastRun uint64
 	calls   []string
 	failing map[message.ItemHash]bool
 }
@@ -71,6 +73,10 @@ func (f *fakeInstances) Start(_ context.Context, ref message.ItemHash) error {
 		return errors.New("no base image")
 	}
 	f.mu.Lock()
+	if !f.running[ref] {
+		f.lastRun++
+		f.runs[ref] = f.lastRun
+	}
 	f.running[ref] = true
 	f.mu.Unlock()
 	return nil
@@ -96,6 +102,19 @@ func (f *fakeInstances) Running(ref message.ItemHash) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.running[ref]
+}
+
+func (f *fakeInstances) Run(ref message.ItemHash) (uint64, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.runs[ref], f.running[ref]
+}
+
+func (f *fakeInstances) StopRun(ctx context.Context, ref message.ItemHash, run uint64) (bool, error) {
+	if r, ok := f.Run(ref); !ok || r != run {
+		return false, nil
+	}
+	return f.Stop(ctx, ref)
 }
 
 func (f *fakeInstances) Allocate(ctx context.Context, desired []message.ItemHash) AllocationResult {
@@ -126,7 +145,7 @@ func (f *fakeInstances) Statuses(context.Context) ([]InstanceStatus, error) {
 
 func newControlAPI(t *testing.T) (*httptest.Server, *fakeInstances) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	f := &fakeInstances{running: map[message.ItemHash]bool{}, failing: map[message.ItemHash]bool{other: true}}
+	f := &fakeInstances{running: map[message.ItemHash]bool{}, runs: map[message.ItemHash]uint64{}, failing: map[message.ItemHash]bool{other: true}}
 	srv := httptest.NewServer(New(Options{Programs: pool.New(pool.Options{Log: log}), Instances: f, Auth: tokenAuth{}, Version: "test", Log: log}))
 	t.Cleanup(srv.Close)
 	return srv, f
@@ -189,5 +208,64 @@ func TestAllocations(t *testing.T) {
 	}
 	if status, _ := post(t, srv.URL+"/control/machine/"+string(ref)+"/expire", "good", `{"timeout":-1}`); status != 400 {
 		t.Errorf("negative timeout: %d", status)
+	}
+}
+
+// TestExpireTimeouts: a timeout must be a finite number of seconds within
+// MaxExpireTimeout; anything else is refused and schedules nothing.
+func TestExpireTimeouts(t *testing.T) {
+	srv, f := newControlAPI(t)
+	if err := f.Start(context.Background(), ref); err != nil {
+		t.Fatal(err)
+	}
+	u := srv.URL + "/control/machine/" + string(ref) + "/expire"
+	for _, c := range []struct{ query, body string }{
+		{"", `{"timeout":-1}`}, {"", `{"timeout":-0.000001}`}, {"", `{"timeout":1e300}`}, {"", `{"timeout":1e400}`},
+		{"", `{"timeout":2592001}`}, {"", `{"timeout":"60"}`}, {"", `{"timeout":NaN}`}, {"", `{"timeout":Infinity}`},
+		{"?timeout=NaN", ""}, {"?timeout=Inf", ""}, {"?timeout=-Inf", ""}, {"?timeout=1e300", ""}, {"?timeout=-5", ""},
+		{"?timeout=0x10", ""}, {"?timeout=1e3000", ""},
+	} {
+		if status, b := post(t, u+c.query, "good", c.body); status != 400 {
+			t.Errorf("expire %s %s: %d %s", c.query, c.body, status, b)
+		}
+	}
+	if status, b := post(t, u, "good", `{"timeout":2592000}`); status != 200 {
+		t.Errorf("the longest timeout: %d %s", status, b)
+	}
+	if !f.Running(ref) {
+		t.Error("a refused expiry stopped the instance")
+	}
+}
+
+// TestExpireEndsWithItsRun: an expiry set on one run of an instance does
+// not stop a later run, and a later expiry replaces an earlier one.
+func TestExpireEndsWithItsRun(t *testing.T) {
+	srv, f := newControlAPI(t)
+	ctx := context.Background()
+	u := srv.URL + "/control/machine/" + string(ref) + "/expire"
+	f.Start(ctx, ref)
+	if status, b := post(t, u, "good", `{"timeout":0.2}`); status != 200 {
+		t.Fatalf("expire: %d %s", status, b)
+	}
+	f.Stop(ctx, ref)
+	f.Start(ctx, ref) // a new run
+	time.Sleep(600 * time.Millisecond)
+	if !f.Running(ref) {
+		t.Error("the expiry of the earlier run stopped the new one")
+	}
+
+	// Replaced by a later, longer expiry: the first one never fires.
+	post(t, u, "good", `{"timeout":0.2}`)
+	post(t, u, "good", `{"timeout":3600}`)
+	time.Sleep(600 * time.Millisecond)
+	if !f.Running(ref) {
+		t.Error("a replaced expiry stopped the instance")
+	}
+	post(t, u, "good", `{"timeout":0}`)
+	for deadline := time.Now().Add(5 * time.Second); f.Running(ref) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if f.Running(ref) {
+		t.Error("expire did not stop the instance")
 	}
 }

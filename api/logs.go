@@ -2,8 +2,11 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/coder/websocket"
@@ -34,12 +37,66 @@ type logMessage struct {
 	Message string `json:"message"`
 }
 
+// Default bounds of the logs websockets open at once; the reference keeps
+// about 20 per VM.
+const (
+	DefaultMaxLogFollowers      = 256
+	DefaultMaxLogFollowersPerVM = 20
+)
+
+// followers counts the logs websockets open, in all and per VM.
+type followers struct {
+	max, maxPerVM int
+	mu            sync.Mutex
+	total         int
+	perVM         map[message.ItemHash]int
+}
+
+func newFollowers(max, maxPerVM int) *followers {
+	if max <= 0 {
+		max = DefaultMaxLogFollowers
+	}
+	if maxPerVM <= 0 {
+		maxPerVM = DefaultMaxLogFollowersPerVM
+	}
+	return &followers{max: max, maxPerVM: maxPerVM, perVM: map[message.ItemHash]int{}}
+}
+
+// take counts one more follower of ref, unless a bound is reached; it
+// returns the bound's description then.
+func (f *followers) take(ref message.ItemHash) (string, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch {
+	case f.perVM[ref] >= f.maxPerVM:
+		return "Too many clients follow the logs of this VM (at most " + strconv.Itoa(f.maxPerVM) + ")", false
+	case f.total >= f.max:
+		return "Too many clients follow logs on this node (at most " + strconv.Itoa(f.max) + ")", false
+	}
+	f.perVM[ref]++
+	f.total++
+	return "", true
+}
+
+func (f *followers) release(ref message.ItemHash) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.total--
+	if f.perVM[ref]--; f.perVM[ref] <= 0 {
+		delete(f.perVM, ref)
+	}
+}
+
 // handleLogs streams a VM's output over a websocket, past lines first; a
-// plain GET gets the past lines as a JSON array.
+// plain GET gets the past lines as a JSON array. Both take the operator's
+// credentials, as the other control routes do.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 	ref, ok := parseRef(r.PathValue("ref"))
 	if !ok {
 		writeError(w, http.StatusBadRequest, "Invalid message reference")
+		return
+	}
+	if _, ok := s.authed(w, r); !ok {
 		return
 	}
 	if s.opts.Logs == nil {
@@ -50,11 +107,21 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 		s.pastLogs(w, r, ref)
 		return
 	}
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
-	if err != nil {
+	why, ok := s.followers.take(ref)
+	if !ok {
+		w.Header().Set("Retry-After", "10")
+		writeError(w, http.StatusTooManyRequests, why)
 		return
 	}
+	defer s.followers.release(ref)
+	// A websocket lasts as long as the client follows.
+	streaming(w)
+	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: s.opts.WebsocketOrigins})
+	if err != nil {
+		return // Accept answered: a bad handshake, or 403 for a foreign origin
+	}
 	defer c.CloseNow()
+	c.SetReadLimit(4 << 10) // clients send nothing but control frames
 	ctx := c.CloseRead(r.Context())
 	found, ended, err := s.opts.Logs.Follow(ctx, ref, func(l LogLine) error {
 		return wsjson.Write(ctx, c, logMessage{Type: l.Stream, Message: l.Text})
@@ -70,24 +137,40 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 	c.Close(websocket.StatusNormalClosure, "")
 }
 
+// pastLogs answers the past lines as a JSON array, written as they come:
+// the node holds one line at a time, whatever the VM's output.
 func (s *Server) pastLogs(w http.ResponseWriter, r *http.Request, ref message.ItemHash) {
 	type entry struct {
 		Stream  string    `json:"file"`
 		Message string    `json:"MESSAGE"`
 		Time    time.Time `json:"time"`
 	}
-	lines := []entry{}
 	// A context that is already done makes Follow return after the past
 	// lines.
 	done, cancel := context.WithCancel(r.Context())
 	cancel()
+	n := 0
 	found, _, _ := s.opts.Logs.Follow(done, ref, func(l LogLine) error {
-		lines = append(lines, entry{Stream: l.Stream, Message: l.Text, Time: l.Time})
-		return nil
+		sep := ","
+		if n == 0 {
+			w.Header().Set("Content-Type", "application/json; charset=utf-8")
+			w.WriteHeader(http.StatusOK)
+			sep = "["
+		}
+		n++
+		data, err := json.Marshal(entry{Stream: l.Stream, Message: l.Text, Time: l.Time})
+		if err != nil {
+			return err
+		}
+		_, err = w.Write(append([]byte(sep), data...))
+		return err
 	})
-	if !found {
+	switch {
+	case n > 0:
+		_, _ = w.Write([]byte("]\n"))
+	case !found:
 		writeError(w, http.StatusNotFound, "No virtual machine with ref "+string(ref))
-		return
+	default:
+		writeJSON(w, http.StatusOK, []struct{}{})
 	}
-	writeJSON(w, http.StatusOK, lines)
 }

@@ -5,8 +5,10 @@ package auth
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -14,7 +16,6 @@ import (
 	"io"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 )
 
@@ -46,9 +47,7 @@ type Allocation struct {
 	signers   map[Address]bool // who may sign
 	maxAge    time.Duration
 	now       func() time.Time
-
-	mu   sync.Mutex
-	seen map[string]time.Time // accepted payload hashes, until they expire
+	replays   replays // accepted payload hashes, until they expire
 }
 
 // AllocationOptions configure Allocation.
@@ -61,11 +60,17 @@ type AllocationOptions struct {
 	// MaxAge bounds the difference between a call's iat and now.
 	MaxAge time.Duration
 	Now    func() time.Time
+	// DB is the node's database, which keeps the payloads accepted so that
+	// a restarted node refuses their replays too; nil keeps them in memory.
+	DB *sql.DB
 }
 
 // NewAllocation builds the verifier.
 func NewAllocation(o AllocationOptions) (*Allocation, error) {
-	a := &Allocation{signers: map[Address]bool{}, maxAge: o.MaxAge, now: o.Now, seen: map[string]time.Time{}}
+	a := &Allocation{signers: map[Address]bool{}, maxAge: o.MaxAge, now: o.Now, replays: &memoryReplays{seen: map[string]time.Time{}}}
+	if o.DB != nil {
+		a.replays = dbReplays{o.DB}
+	}
 	if a.maxAge == 0 {
 		a.maxAge = 300 * time.Second
 	}
@@ -169,7 +174,7 @@ func (a *Allocation) Verify(r *http.Request) ([]byte, error) {
 	if !strings.EqualFold(strings.TrimPrefix(p.BodySHA256, "0x"), hex.EncodeToString(sum[:])) {
 		return nil, unauthorized("body does not match body_sha256")
 	}
-	if err := a.remember(payload); err != nil {
+	if err := a.remember(r.Context(), payload); err != nil {
 		return nil, err
 	}
 	return body, nil
@@ -177,23 +182,18 @@ func (a *Allocation) Verify(r *http.Request) ([]byte, error) {
 
 // remember refuses a payload seen before within the time window. Payload
 // hashes are kept rather than signatures, which ECDSA makes malleable.
-func (a *Allocation) remember(payload []byte) error {
+func (a *Allocation) remember(ctx context.Context, payload []byte) error {
 	sum := sha256.Sum256(payload)
-	key := string(sum[:])
 	now := a.now()
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for k, exp := range a.seen {
-		if now.After(exp) {
-			delete(a.seen, k)
-		}
-	}
-	if _, ok := a.seen[key]; ok {
-		return unauthorized("this signed payload was already used")
-	}
 	// A payload is acceptable until its iat is maxAge old; keep it twice
 	// that long to cover clock skew in both directions.
-	a.seen[key] = now.Add(2 * a.maxAge)
+	fresh, err := a.replays.remember(context.WithoutCancel(ctx), sum[:], now, now.Add(2*a.maxAge))
+	if err != nil {
+		return replayCacheError(err)
+	}
+	if !fresh {
+		return unauthorized("this signed payload was already used")
+	}
 	return nil
 }
 

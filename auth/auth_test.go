@@ -2,19 +2,25 @@ package auth
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/decred/dcrd/dcrec/secp256k1/v4"
 	"github.com/decred/dcrd/dcrec/secp256k1/v4/ecdsa"
+
+	"github.com/alephvm/alephvm/db"
 )
 
 // The web3.js documentation's example: accounts.sign("Some data", key).
@@ -151,3 +157,67 @@ func TestAllocationAuth(t *testing.T) {
 type readerCloser struct{ *bytes.Reader }
 
 func (readerCloser) Close() error { return nil }
+
+// TestReplayCacheSurvivesARestart: a signed call accepted by a node is
+// refused by the same node restarted (a new verifier on the same
+// database), within its time window; the records of calls whose window
+// has passed are deleted.
+func TestReplayCacheSurvivesARestart(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	good := newSigner(t)
+	path := filepath.Join(t.TempDir(), "alephvm.sqlite3")
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctx := context.Background()
+	body := []byte(`{"persistent_vms":[],"instances":[]}`)
+	call := good.request(t, "POST", "/control/allocations", body, now.Unix(), nil)
+	again := func() *http.Request {
+		r := call.Clone(ctx)
+		r.Body = readerCloser{bytes.NewReader(body)}
+		return r
+	}
+
+	database, err := db.Open(ctx, path, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := NewAllocation(AllocationOptions{Signers: []string{good.address()}, Now: clock, DB: database})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Verify(again()); err != nil {
+		t.Fatalf("first call refused: %v", err)
+	}
+	database.Close()
+
+	database, err = db.Open(ctx, path, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer database.Close()
+	restarted, err := NewAllocation(AllocationOptions{Signers: []string{good.address()}, Now: clock, DB: database})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var aerr *Error
+	if _, err := restarted.Verify(again()); !errors.As(err, &aerr) || aerr.Status != 401 {
+		t.Errorf("replay after a restart: %v, want 401", err)
+	}
+
+	// Past the window, the next accepted call deletes the old records.
+	now = now.Add(10 * time.Minute)
+	if _, err := restarted.Verify(good.request(t, "POST", "/control/allocations", body, now.Unix(), nil)); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := database.QueryRow(`SELECT count(*) FROM auth_replays`).Scan(&n); err != nil || n != 1 {
+		t.Errorf("%d records kept (%v), want the last call's only", n, err)
+	}
+
+	// A cache that cannot be written refuses the call rather than let a
+	// replay through.
+	database.Close()
+	if _, err := restarted.Verify(good.request(t, "POST", "/control/allocations", body, now.Unix()+1, nil)); !errors.As(err, &aerr) || aerr.Status != http.StatusServiceUnavailable {
+		t.Errorf("with the database gone: %v, want 503", err)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"math"
 	"net/netip"
 	"os"
+	"path"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -55,9 +56,11 @@ type Config struct {
 	IPv4AddressPool     string  `env:"IPV4_ADDRESS_POOL" yaml:"ipv4_address_pool" help:"IPv4 range the VMs' networks are taken from."`
 	IPv4PrefixLength    int     `env:"IPV4_NETWORK_PREFIX_LENGTH" yaml:"ipv4_network_prefix_length" help:"Prefix length of each VM's network; the host is .1 and the guest .2 of it."`
 	IPv6AddressPool     string  `env:"IPV6_ADDRESS_POOL" yaml:"ipv6_address_pool" help:"IPv6 /64 (or larger) from which each VM gets a /124 derived from its hash; empty means no IPv6."`
+	MaxPublishedPorts   int     `env:"MAX_PUBLISHED_PORTS" yaml:"max_published_ports" help:"Most ports one instance may publish (forward from the host); a message asking for more is refused with 400."`
 	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
 	QEMUAccel           string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
 	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"User QEMU drops its privileges to once its devices are open; empty keeps root."`
+	ConsoleLogMaxSize   Bytes   `env:"CONSOLE_LOG_MAX_SIZE" yaml:"console_log_max_size" help:"Most of a VM's serial console kept on disk, in console.log and the rotated console.log.1 (half each); at least 64KiB. The guest never waits on its console: output past what the hypervisor buffers (1 MiB) while the node is down is lost."`
 	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
 	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
 	ProgramKernel       string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
@@ -77,6 +80,13 @@ type Config struct {
 	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
 	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
 	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
+	HTTPReadTimeout     Seconds `env:"HTTP_READ_TIMEOUT" yaml:"http_read_timeout" help:"How long a client may take to send a whole request, body included, on the routes that do not stream (program requests and logs websockets stream)."`
+	HTTPWriteTimeout    Seconds `env:"HTTP_WRITE_TIMEOUT" yaml:"http_write_timeout" help:"How long a client may take to read an answer that does not stream, from its first byte."`
+	HTTPIdleTimeout     Seconds `env:"HTTP_IDLE_TIMEOUT" yaml:"http_idle_timeout" help:"How long a kept-alive connection may wait for its next request."`
+	HTTPMaxConnections  int     `env:"HTTP_MAX_CONNECTIONS" yaml:"http_max_connections" help:"Most connections the HTTP API serves at once; more wait to be accepted."`
+	WebsocketOrigins    List    `env:"WEBSOCKET_ALLOWED_ORIGINS" yaml:"websocket_allowed_origins" help:"Web origins (host patterns such as console.example.com or *.example.com) whose pages may open a logs websocket; clients that send no Origin and the node's own pages always may."`
+	LogsMaxFollowers    int     `env:"LOGS_MAX_FOLLOWERS" yaml:"logs_max_followers" help:"Most logs websockets open at once on the node (fewer than HTTP_MAX_CONNECTIONS)."`
+	LogsMaxFollowersVM  int     `env:"LOGS_MAX_FOLLOWERS_PER_VM" yaml:"logs_max_followers_per_vm" help:"Most logs websockets open at once for one VM."`
 	AllocationTokenHash string  `env:"ALLOCATION_TOKEN_HASH" yaml:"allocation_token_hash" help:"Hex sha256 of the token the scheduler may send as X-Auth-Signature (deprecated scheme); empty disables it."`
 	AllocationSigners   List    `env:"AUTHORIZED_ALLOCATION_SIGNERS" yaml:"authorized_allocation_signers" help:"Ethereum addresses allowed to sign scheduler calls (Aleph-EIP191-V1); empty means the reference's default signer."`
 	AllocationMaxAge    Seconds `env:"ALLOCATION_SIGNATURE_MAX_AGE_SECONDS" yaml:"allocation_signature_max_age_seconds" help:"How far a signed call's iat may be from now."`
@@ -117,6 +127,14 @@ func Default() Config {
 		VCPUOvercommit:     4,
 		InitTimeout:        Seconds(2 * time.Minute),
 		MaxRequestBody:     1 << 30,
+		ConsoleLogMaxSize:  4 << 20,
+		MaxPublishedPorts:  64,
+		HTTPReadTimeout:    Seconds(time.Minute),
+		HTTPWriteTimeout:   Seconds(time.Minute),
+		HTTPIdleTimeout:    Seconds(2 * time.Minute),
+		HTTPMaxConnections: 4096,
+		LogsMaxFollowers:   256,
+		LogsMaxFollowersVM: 20,
 		AllocationMaxAge:   Seconds(300 * time.Second),
 		LogLevel:           "info",
 		LogFormat:          "text",
@@ -370,6 +388,31 @@ func (c Config) Validate() error {
 	}
 	if c.VCPUOvercommit <= 0 {
 		errs = append(errs, fmt.Errorf("%sVCPU_OVERCOMMIT_FACTOR: must be positive", EnvPrefix))
+	}
+	if c.ConsoleLogMaxSize < 64<<10 {
+		errs = append(errs, fmt.Errorf("%sCONSOLE_LOG_MAX_SIZE: must be at least 64KiB, got %s", EnvPrefix, c.ConsoleLogMaxSize))
+	}
+	if c.MaxPublishedPorts < 1 || c.MaxPublishedPorts > 65535 {
+		errs = append(errs, fmt.Errorf("%sMAX_PUBLISHED_PORTS: must be between 1 and 65535, got %d", EnvPrefix, c.MaxPublishedPorts))
+	}
+	for _, t := range []struct {
+		name  string
+		value Seconds
+	}{{"HTTP_READ_TIMEOUT", c.HTTPReadTimeout}, {"HTTP_WRITE_TIMEOUT", c.HTTPWriteTimeout}, {"HTTP_IDLE_TIMEOUT", c.HTTPIdleTimeout}} {
+		if t.value <= 0 {
+			errs = append(errs, fmt.Errorf("%s%s: must be positive", EnvPrefix, t.name))
+		}
+	}
+	if c.LogsMaxFollowers < 1 || c.LogsMaxFollowersVM < 1 {
+		errs = append(errs, fmt.Errorf("%sLOGS_MAX_FOLLOWERS and %sLOGS_MAX_FOLLOWERS_PER_VM: must be at least 1", EnvPrefix, EnvPrefix))
+	}
+	if c.HTTPMaxConnections <= c.LogsMaxFollowers {
+		errs = append(errs, fmt.Errorf("%sHTTP_MAX_CONNECTIONS: must be more than LOGS_MAX_FOLLOWERS (%d), so that followers never take every connection, got %d", EnvPrefix, c.LogsMaxFollowers, c.HTTPMaxConnections))
+	}
+	for _, o := range c.WebsocketOrigins {
+		if _, err := path.Match(o, ""); err != nil || o == "*" {
+			errs = append(errs, fmt.Errorf("%sWEBSOCKET_ALLOWED_ORIGINS: %q is not a host pattern (and * would let every site in)", EnvPrefix, o))
+		}
 	}
 	if c.ReuseTimeout < 0 {
 		errs = append(errs, fmt.Errorf("%sREUSE_TIMEOUT: must not be negative", EnvPrefix))

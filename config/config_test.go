@@ -122,6 +122,15 @@ func TestErrors(t *testing.T) {
 		{"unknown hypervisor", "hypervisors: [qemu, xen]\n", nil, `"xen" is neither`},
 		{"jail uid 0", "", []string{"ALEPH_VM_JAILER_FIRST_UID=0"}, "JAILER_FIRST_UID"},
 		{"use jailer", "", []string{"ALEPH_VM_USE_JAILER=maybe"}, "USE_JAILER"},
+		{"tiny console", "", []string{"ALEPH_VM_CONSOLE_LOG_MAX_SIZE=1KiB"}, "CONSOLE_LOG_MAX_SIZE"},
+		{"no published port", "", []string{"ALEPH_VM_MAX_PUBLISHED_PORTS=0"}, "MAX_PUBLISHED_PORTS"},
+		{"ports past 65535", "", []string{"ALEPH_VM_MAX_PUBLISHED_PORTS=70000"}, "MAX_PUBLISHED_PORTS"},
+		{"no read timeout", "", []string{"ALEPH_VM_HTTP_READ_TIMEOUT=0"}, "HTTP_READ_TIMEOUT"},
+		{"negative idle timeout", "", []string{"ALEPH_VM_HTTP_IDLE_TIMEOUT=-1"}, "HTTP_IDLE_TIMEOUT"},
+		{"followers take every connection", "", []string{"ALEPH_VM_HTTP_MAX_CONNECTIONS=100", "ALEPH_VM_LOGS_MAX_FOLLOWERS=100"}, "HTTP_MAX_CONNECTIONS"},
+		{"no follower per VM", "", []string{"ALEPH_VM_LOGS_MAX_FOLLOWERS_PER_VM=0"}, "LOGS_MAX_FOLLOWERS_PER_VM"},
+		{"every origin", "", []string{"ALEPH_VM_WEBSOCKET_ALLOWED_ORIGINS=*"}, "WEBSOCKET_ALLOWED_ORIGINS"},
+		{"bad origin pattern", "", []string{"ALEPH_VM_WEBSOCKET_ALLOWED_ORIGINS=[a"}, "WEBSOCKET_ALLOWED_ORIGINS"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

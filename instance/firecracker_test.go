@@ -137,6 +137,10 @@ func TestFirecrackerInstance(t *testing.T) {
 
 	// Stopped (ctrl-alt-del ends the fake as a guest reboot ends
 	// Firecracker): the jail goes, the disk stays.
+	oldRun, ok := m2.Run(ref)
+	if !ok {
+		t.Fatal("no run of a running instance")
+	}
 	if running, err := m2.Stop(ctx, ref); err != nil || !running {
 		t.Fatalf("stop: %v %v", running, err)
 	}
@@ -148,6 +152,10 @@ func TestFirecrackerInstance(t *testing.T) {
 	}
 	if inodeOf(t, root) != inode {
 		t.Error("the root disk was made again: its data is lost")
+	}
+	// A timer set for the earlier run (an expiry) does not stop this one.
+	if stopped, err := m2.StopRun(ctx, ref, oldRun); stopped || err != nil || !m2.Running(ref) {
+		t.Errorf("stopping the earlier run stopped this one: %v %v", stopped, err)
 	}
 	if err := m2.Erase(ctx, ref); err != nil {
 		t.Fatal(err)

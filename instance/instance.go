@@ -5,6 +5,7 @@
 package instance
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -33,6 +34,10 @@ type Chooser interface {
 	ForInstance(asked string) (string, error)
 }
 
+// DefaultMaxPublishedPorts bounds the ports an instance publishes when
+// Options say nothing.
+const DefaultMaxPublishedPorts = 64
+
 // Options configure the instance manager.
 type Options struct {
 	Store       execution.Store
@@ -58,8 +63,11 @@ type Options struct {
 	DNS        []netip.Addr
 	// DeveloperKeys are added to every instance's authorized keys.
 	DeveloperKeys []string
-	StopTimeouts  hypervisor.StopTimeouts
-	Log           *slog.Logger
+	// MaxPublishedPorts bounds the ports an instance's message may
+	// publish; 0 means DefaultMaxPublishedPorts.
+	MaxPublishedPorts int
+	StopTimeouts      hypervisor.StopTimeouts
+	Log               *slog.Logger
 }
 
 // Manager runs the node's instances: persistent VMs with their own root
@@ -71,6 +79,7 @@ type Manager struct {
 	mu      sync.Mutex
 	locks   map[message.ItemHash]*sync.Mutex
 	running map[message.ItemHash]*instanceVM
+	runs    uint64 // the id of the last run started
 }
 
 // New returns the instance manager.
@@ -107,6 +116,7 @@ type instanceVM struct {
 	parent *store.Item
 	disk   storage.RawDisk // a Firecracker root disk, released once the VM is gone
 	done   chan struct{}   // closed once the VM is gone and cleaned up
+	run    uint64          // this run's id, set by track
 }
 
 // Running reports whether the instance runs.
@@ -137,6 +147,9 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	}
 	if c.Rootfs.Persistence != message.PersistenceHost {
 		return &execution.Error{Status: 400, Msg: "root filesystems kept on the network (persistence: store) are not supported"}
+	}
+	if limit := cmp.Or(m.opts.MaxPublishedPorts, DefaultMaxPublishedPorts); len(c.Resources.PublishedPorts) > limit {
+		return &execution.Error{Status: 400, Msg: fmt.Sprintf("the instance publishes %d ports: this node publishes at most %d per VM", len(c.Resources.PublishedPorts), limit)}
 	}
 
 	var cleanups []func()
@@ -336,6 +349,8 @@ func forwardsAsRequests(fws []network.Forward) []network.PortRequest {
 // guest that powers itself off stays off until it is started again.
 func (m *Manager) track(iv *instanceVM) {
 	m.mu.Lock()
+	m.runs++
+	iv.run = m.runs
 	m.running[iv.ref] = iv
 	m.mu.Unlock()
 	go func() {
@@ -366,6 +381,26 @@ func (m *Manager) release(iv *instanceVM, why string) {
 	}
 	m.opts.Log.Info("instance stopped", "ref", iv.ref, "why", why)
 	close(iv.done)
+}
+
+// Run returns the id of the instance's current run, a new one each time
+// it starts (a reboot too), and whether it runs.
+func (m *Manager) Run(ref message.ItemHash) (uint64, bool) {
+	if iv := m.get(ref); iv != nil {
+		return iv.run, true
+	}
+	return 0, false
+}
+
+// StopRun stops the instance as Stop does if its current run is still run,
+// so that a timer set for one run never stops a later one. It reports
+// whether it stopped it.
+func (m *Manager) StopRun(ctx context.Context, ref message.ItemHash, run uint64) (bool, error) {
+	defer m.lock(ref)()
+	if iv := m.get(ref); iv == nil || iv.run != run {
+		return false, nil
+	}
+	return m.stop(ctx, ref)
 }
 
 // Stop stops the instance, through the guest's own shutdown first (ACPI

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -250,6 +251,23 @@ func TestInstanceRefusals(t *testing.T) {
 	missing := message.ItemHash(strings.Repeat("ab", 32))
 	if err := m.Start(ctx, missing); !asError(err, &e) || e.Status != 404 {
 		t.Errorf("missing message: %v", err)
+	}
+
+	// Too many published ports: refused before anything is fetched (its
+	// base image does not even exist).
+	var ports []any
+	for p := range DefaultMaxPublishedPorts + 1 {
+		ports = append(ports, map[string]any{"protocol": "tcp", "port": 1000 + p})
+	}
+	many := r.storeInstance(map[string]any{
+		"address": "0x1", "time": 1700000002, "allow_amend": false,
+		"environment": map[string]any{"internet": false},
+		"resources":   map[string]any{"vcpus": 1, "memory": 128, "seconds": 30, "published_ports": ports},
+		"rootfs":      map[string]any{"parent": map[string]any{"ref": string(missing), "use_latest": false}, "persistence": "host", "size_mib": 64},
+	})
+	err = m.Start(ctx, many)
+	if !asError(err, &e) || e.Status != 400 || !strings.Contains(err.Error(), fmt.Sprintf("at most %d", DefaultMaxPublishedPorts)) {
+		t.Errorf("%d published ports: %v", DefaultMaxPublishedPorts+1, err)
 	}
 }
 

@@ -1,20 +1,16 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"errors"
-	"io"
-	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/alephvm/alephvm/api"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/hypervisor/console"
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/message"
 )
@@ -34,7 +30,11 @@ func (i instancesAPI) Reboot(ctx context.Context, ref message.ItemHash) error {
 func (i instancesAPI) Erase(ctx context.Context, ref message.ItemHash) error {
 	return i.m.Erase(ctx, ref)
 }
-func (i instancesAPI) Running(ref message.ItemHash) bool { return i.m.Running(ref) }
+func (i instancesAPI) Running(ref message.ItemHash) bool       { return i.m.Running(ref) }
+func (i instancesAPI) Run(ref message.ItemHash) (uint64, bool) { return i.m.Run(ref) }
+func (i instancesAPI) StopRun(ctx context.Context, ref message.ItemHash, run uint64) (bool, error) {
+	return i.m.StopRun(ctx, ref, run)
+}
 
 func (i instancesAPI) Allocate(ctx context.Context, desired []message.ItemHash) api.AllocationResult {
 	return api.AllocationResult(i.m.Allocate(ctx, desired))
@@ -76,53 +76,14 @@ func (l logsAPI) Follow(ctx context.Context, ref message.ItemHash, fn func(api.L
 		})
 		return true, ended, err
 	}
-	rec, err := l.n.records.Get(ctx, ref)
+	// Past logs come with a context already done: the lookup must not.
+	rec, err := l.n.records.Get(context.WithoutCancel(ctx), ref)
 	if err != nil || rec.Kind != execution.KindInstance {
 		return false, false, nil
 	}
-	console := filepath.Join(rec.VMDir, hypervisor.ConsoleLog)
-	ended, err := followFile(ctx, console, func() bool { return l.n.instances.Running(ref) }, func(text string) error {
+	path := filepath.Join(rec.VMDir, hypervisor.ConsoleLog)
+	ended, err := console.Follow(ctx, path, console.DefaultLimits, func() bool { return l.n.instances.Running(ref) }, func(text string) error {
 		return fn(api.LogLine{Time: time.Now(), Stream: "console", Text: text})
 	})
 	return true, ended, err
-}
-
-// followFile sends the lines of path, then those appended to it while
-// running() holds; it reports whether the writer stopped.
-func followFile(ctx context.Context, path string, running func() bool, fn func(string) error) (bool, error) {
-	f, err := os.Open(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return !running(), nil
-	}
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	r := bufio.NewReader(f)
-	var partial strings.Builder
-	for {
-		line, err := r.ReadString('\n')
-		partial.WriteString(line)
-		if err == nil {
-			if err := fn(strings.TrimRight(partial.String(), "\r\n")); err != nil {
-				return false, err
-			}
-			partial.Reset()
-			continue
-		}
-		if !errors.Is(err, io.EOF) {
-			return false, err
-		}
-		if !running() {
-			if partial.Len() > 0 {
-				return true, fn(partial.String())
-			}
-			return true, nil
-		}
-		select {
-		case <-ctx.Done():
-			return false, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }

@@ -149,17 +149,21 @@ func programsEndToEnd(t *testing.T, hv string, extraEnv []string) {
 	}
 	ws.Close(websocket.StatusNormalClosure, "")
 
-	// A program that crashes gives a 502, and its logs say why.
+	// A program that crashes gives a 502, and its logs say why, to the
+	// operator only.
+	if status, _ := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg)); status != 401 {
+		t.Errorf("logs without credentials: %d", status)
+	}
 	if status, body := httpGet(t, programURL(port, goProg, "/crash")); status != 502 || !strings.Contains(body, "error") {
 		t.Errorf("crash: %d %q", status, body)
 	}
 	var logsOK bool
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !logsOK; time.Sleep(500 * time.Millisecond) {
-		_, logs := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
+		_, logs := operatorGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
 		logsOK = strings.Contains(logs, "crashing on purpose") && strings.Contains(logs, "code 3")
 	}
 	if !logsOK {
-		_, logs := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
+		_, logs := operatorGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
 		t.Errorf("the logs do not show the crash: %s", logs)
 	}
 

@@ -3,12 +3,12 @@ package main
 import (
 	"bufio"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -67,6 +67,7 @@ It needs root: it creates taps, nftables rules and VMs.`,
 type node struct {
 	cfg       config.Config
 	log       *slog.Logger
+	db        *sql.DB
 	store     *store.Store
 	records   *execution.Records
 	networks  *network.Manager
@@ -95,23 +96,29 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	}
 
 	authn, err := auth.NewAllocation(auth.AllocationOptions{
-		TokenHash: cfg.AllocationTokenHash, Signers: cfg.AllocationSigners, MaxAge: cfg.AllocationMaxAge.Duration(),
+		TokenHash: cfg.AllocationTokenHash, Signers: cfg.AllocationSigners, MaxAge: cfg.AllocationMaxAge.Duration(), DB: n.db,
 	})
 	if err != nil {
 		return err
 	}
 	handler := api.New(api.Options{
 		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
-		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody), Version: buildVersion(), Log: log,
+		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
+		Limits: api.Limits{
+			ReadHeaderTimeout: 30 * time.Second, ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
+			IdleTimeout: cfg.HTTPIdleTimeout.Duration(), MaxConnections: cfg.HTTPMaxConnections,
+		},
+		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
+		Version: buildVersion(), Log: log,
 	})
 	addr := net.JoinHostPort(cfg.SupervisorHost, strconv.Itoa(cfg.SupervisorPort))
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 30 * time.Second}
+	srv := handler.HTTPServer()
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	go func() { served <- srv.Serve(handler.Listener(ln)) }()
 	log.Info("node serving", "addr", ln.Addr().String(), "version", buildVersion())
 
 	var startErr error
@@ -185,7 +192,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if baseErr != nil {
 		log.Warn("no base image built: instances of bare ext4 images cannot boot (alephvm base-image build)", "err", baseErr)
 	}
-	n := &node{cfg: cfg, log: log, store: st, records: execution.NewRecords(database), networks: networks,
+	n := &node{cfg: cfg, log: log, db: database, store: st, records: execution.NewRecords(database), networks: networks,
 		logs: program.NewLogArchive(1000), plan: plan}
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
@@ -197,7 +204,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
-		VolumesDir: volumesDir, RunDir: runDir, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, Log: log,
+		VolumesDir: volumesDir, RunDir: runDir, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, MaxPublishedPorts: cfg.MaxPublishedPorts, Log: log,
 	})
 
 	// Programs do not outlive the node: any left by a crash are stopped.
@@ -227,7 +234,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 	plan := hostcheck.Decide(host, doctorSettings(cfg))
 	hvs := execution.Hypervisors{}
 	if plan.QEMU.Usable {
-		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs}, log)
+		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs, ConsoleMaxSize: int64(cfg.ConsoleLogMaxSize)}, log)
 		if err != nil {
 			return plan, nil, err
 		}
@@ -236,7 +243,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 	if plan.Firecracker.Usable {
 		driver, err := firecracker.New(firecracker.Options{
 			Firecracker: cfg.FirecrackerPath, Jailer: cfg.JailerPath, UseJailer: cfg.UseJailer,
-			JailerBase: cfg.JailerBase(), FirstUID: cfg.JailerFirstUID,
+			JailerBase: cfg.JailerBase(), FirstUID: cfg.JailerFirstUID, ConsoleMaxSize: int64(cfg.ConsoleLogMaxSize),
 		}, log)
 		if err != nil {
 			return plan, nil, err

@@ -41,6 +41,21 @@ func httpGet(t testing.TB, url string) (int, string) {
 	return resp.StatusCode, string(body)
 }
 
+// operatorGet is httpGet with the token of nodeEnv, as the operator
+// routes (logs) want.
+func operatorGet(t testing.TB, url string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	req.Header.Set("X-Auth-Signature", "test")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
 func freePort(t testing.TB) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -142,6 +157,13 @@ func TestServe(t *testing.T) {
 	}
 	if code, out, errOut := runCLI(t, env, "vm", "logs", ref); code != 0 || !strings.Contains(out, "VM is not running, past logs sent") {
 		t.Errorf("logs of a stopped instance: %d %s %s", code, out, errOut)
+	}
+	logsURL := "http://127.0.0.1:" + strconv.Itoa(port) + "/control/machine/" + ref + "/logs"
+	if status, body := httpGet(t, logsURL); status != 401 {
+		t.Errorf("logs without credentials: %d %s", status, body)
+	}
+	if status, body := operatorGet(t, logsURL); status != 200 || !strings.HasPrefix(body, "[") {
+		t.Errorf("past logs of a stopped instance: %d %s", status, body)
 	}
 	if code, out, _ := runCLI(t, withToken, "vm", "erase", ref); code != 0 || !strings.Contains(out, "Erased") {
 		t.Errorf("erase: %s", out)

@@ -73,7 +73,7 @@ func newVMCmd(a *app) *cobra.Command {
 		Use:   "vm",
 		Short: "Control the VMs of a running node (a client of its API)",
 		Long: `Control the VMs of the node at SUPERVISOR_HOST:SUPERVISOR_PORT. start, stop,
-reboot and erase are scheduler calls: the node accepts them with the token
+reboot, erase and logs are operator calls: the node accepts them with the token
 whose sha256 it has as ALLOCATION_TOKEN_HASH; give the token itself as
 ALEPH_VM_ALLOCATION_TOKEN or --allocation-token.`,
 	}
@@ -161,7 +161,7 @@ func newVMListCmd(a *app) *cobra.Command {
 func newVMLogsCmd(a *app) *cobra.Command {
 	return &cobra.Command{
 		Use:   "logs HASH",
-		Short: "Print a VM's output, past lines first, and follow it until it stops (Ctrl-C to leave)",
+		Short: "Print a VM's output, past lines first, and follow it until it stops (Ctrl-C to leave); needs the allocation token",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return followLogs(cmd.Context(), a.nodeClient(), args[0], cmd.OutOrStdout())
@@ -172,7 +172,11 @@ func newVMLogsCmd(a *app) *cobra.Command {
 // followLogs prints a VM's output from the node's logs websocket.
 func followLogs(ctx context.Context, c nodeClient, ref string, out io.Writer) error {
 	u := "ws" + strings.TrimPrefix(c.base, "http") + "/control/machine/" + ref + "/logs"
-	conn, _, err := websocket.Dial(ctx, u, nil)
+	h := http.Header{}
+	if c.token != "" {
+		h.Set("X-Auth-Signature", c.token)
+	}
+	conn, _, err := websocket.Dial(ctx, u, &websocket.DialOptions{HTTPHeader: h})
 	if err != nil {
 		return fmt.Errorf("follow logs: %w", err)
 	}

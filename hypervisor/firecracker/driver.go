@@ -18,6 +18,7 @@ import (
 
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/hypervisor/console"
 )
 
 // Options are the node-wide settings of the Firecracker backend.
@@ -34,6 +35,9 @@ type Options struct {
 	// FirstUID is the first of the JailUIDs uids given to jails, one per
 	// VM (each jail's gid is its uid).
 	FirstUID int
+	// ConsoleMaxSize caps each VM's console file (console.log and its
+	// rotated half); 0 means console.DefaultMaxSize.
+	ConsoleMaxSize int64
 }
 
 // apiTimeout bounds the wait for a new Firecracker's API socket.
@@ -54,13 +58,17 @@ type Driver struct {
 	base          string
 	firstUID      int
 	cgroupVersion int
+	consoleMax    int64
 	log           *slog.Logger
 	mu            sync.Mutex // held from choosing a jail's uid to making the jail
 }
 
 // New returns a driver once its binaries are found.
 func New(o Options, log *slog.Logger) (*Driver, error) {
-	d := &Driver{useJailer: o.UseJailer, firstUID: o.FirstUID, cgroupVersion: CgroupVersion(), log: log}
+	if o.ConsoleMaxSize != 0 && o.ConsoleMaxSize < console.MinMaxSize {
+		return nil, fmt.Errorf("firecracker: console cap %d bytes is below the minimum of %d", o.ConsoleMaxSize, console.MinMaxSize)
+	}
+	d := &Driver{useJailer: o.UseJailer, firstUID: o.FirstUID, cgroupVersion: CgroupVersion(), consoleMax: o.ConsoleMaxSize, log: log}
 	var err error
 	if d.firecracker, err = findBinary(o.Firecracker, "firecracker"); err != nil {
 		return nil, err
@@ -177,21 +185,26 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 		return nil, fmt.Errorf("vm %s: write command line: %w", spec.Name, err)
 	}
 
-	console, err := os.OpenFile(filepath.Join(spec.Dir, ConsoleLog), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	pipe, err := openConsole(spec.Dir, d.consoleMax, d.log)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
 	}
-	defer console.Close()
+	defer pipe.closeWriter()
 	// Not CommandContext: the VM must outlive the request that started
 	// it. Firecracker's stdout is the guest's serial console.
 	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = console, console
+	cmd.Stdout, cmd.Stderr = pipe.w, pipe.w
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	started := time.Now()
 	if err := cmd.Start(); err != nil {
+		pipe.Close()
 		return nil, fmt.Errorf("vm %s: start %s: %w", spec.Name, filepath.Base(bin), err)
 	}
+	pipe.started()
 	fail := func(err error) error {
+		// Firecracker's last words reach console.log once it has exited.
+		pipe.wait(time.Second)
+		pipe.Close()
 		return fmt.Errorf("vm %s: %w%s", spec.Name, err, logTails(spec.Dir))
 	}
 	// Unjailed, Firecracker is this child: its pidfd is opened before
@@ -226,7 +239,7 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 		_ = cmd.Process.Kill()
 		return nil, fail(err)
 	}
-	vm := newVM(spec.Dir, st, proc, d.log)
+	vm := newVM(spec.Dir, st, proc, pipe, d.log)
 	waitCtx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	err = hypervisor.WaitFor(waitCtx, "firecracker API socket", vm.done, func(ctx context.Context) error {
@@ -332,7 +345,7 @@ func writeRuntimeFiles(dir string, cfg Config) error {
 // removeRuntimeFiles removes the sockets and state a VM leaves in its
 // runtime directory (its logs stay).
 func removeRuntimeFiles(dir string) {
-	for _, name := range []string{APISocket, VsockSocket, StateFile} {
+	for _, name := range []string{APISocket, VsockSocket, StateFile, ConsoleFIFO} {
 		_ = os.Remove(filepath.Join(dir, name))
 	}
 }
@@ -404,7 +417,11 @@ func (d *Driver) Attach(ctx context.Context, dir string) (*VM, error) {
 		}
 		return nil, fmt.Errorf("attach to vm in %s: %w (process %d)", dir, ErrVMGone, st.PID)
 	}
-	vm := newVM(dir, st, proc, d.log)
+	pipe, err := attachConsole(dir, d.consoleMax, d.log)
+	if err != nil {
+		d.log.Warn("vm console: output not kept (a VM started by an older node writes its console.log itself)", "dir", dir, "err", err)
+	}
+	vm := newVM(dir, st, proc, pipe, d.log)
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	if _, err := vm.api.Describe(ctx); err != nil {

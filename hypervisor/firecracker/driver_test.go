@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -90,8 +91,16 @@ func TestDriverJailed(t *testing.T) {
 	if !strings.Contains(string(fcLog), "running as 1000100:1000100") {
 		t.Errorf("firecracker's log: %q", fcLog)
 	}
-	if console, _ := os.ReadFile(vm.ConsoleLog()); !strings.Contains(string(console), "inst-1 booted") {
-		t.Errorf("console: %q", console)
+	// The node copies the console from its pipe as it comes.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		console, _ := os.ReadFile(vm.ConsoleLog())
+		if strings.Contains(string(console), "inst-1 booted") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("console: %q", console)
+			break
+		}
 	}
 	checkControl(t, vm)
 	checkPauseResume(t, vm)
@@ -231,6 +240,10 @@ func TestDriverUnjailed(t *testing.T) {
 		}
 	})
 
+	t.Run("console", func(t *testing.T) {
+		testConsole(t, fc, spec)
+	})
+
 	t.Run("start failure says why", func(t *testing.T) {
 		broken := spec
 		broken.Drives = []hypervisor.Drive{{Path: filepath.Join(dir, "missing.ext4")}}
@@ -240,4 +253,93 @@ func TestDriverUnjailed(t *testing.T) {
 			t.Errorf("start with a missing drive: %v", err)
 		}
 	})
+}
+
+// testConsole floods the console of a VM: Firecracker's stdout is the
+// non-blocking pipe, the node copies it into a file that stays under its
+// cap, and after the node has been away, a new node goes on copying.
+func testConsole(t *testing.T, fc string, spec hypervisor.Spec) {
+	const maxSize = 64 << 10
+	d, err := New(Options{Firecracker: fc, ConsoleMaxSize: maxSize}, testLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	spec.Dir = t.TempDir()
+	spec.Boot.Cmdline = "fake.flood"
+	vm, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(vm.Pid(), syscall.SIGKILL) })
+
+	stdout, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/1", vm.Pid()))
+	if err != nil || stdout != filepath.Join(spec.Dir, ConsoleFIFO) {
+		t.Errorf("firecracker's stdout is %q (%v), want the console pipe", stdout, err)
+	}
+	fdinfo, _ := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/1", vm.Pid()))
+	var flags int
+	for _, line := range strings.Split(string(fdinfo), "\n") {
+		if v, ok := strings.CutPrefix(line, "flags:"); ok {
+			fmt.Sscanf(strings.TrimSpace(v), "%o", &flags)
+		}
+	}
+	if flags&syscall.O_NONBLOCK == 0 {
+		t.Errorf("firecracker's stdout is blocking (flags %o): a node that stops reading would stall the guest", flags)
+	}
+
+	rotated := func() uint64 {
+		var total int64
+		for _, p := range []string{vm.ConsoleLog(), vm.ConsoleLog() + ".1"} {
+			if st, err := os.Stat(p); err == nil {
+				total += st.Size()
+			}
+		}
+		if total > maxSize {
+			t.Fatalf("the console holds %d bytes, over its cap of %d", total, maxSize)
+		}
+		st, err := os.Stat(vm.ConsoleLog() + ".1")
+		if err != nil {
+			return 0
+		}
+		return st.Sys().(*syscall.Stat_t).Ino
+	}
+	waitRotation := func(from uint64) {
+		t.Helper()
+		for range 500 {
+			if rotated() != from {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatal("the console was not rotated")
+	}
+	waitRotation(0)
+	data, _ := os.ReadFile(vm.ConsoleLog() + ".1")
+	if !strings.Contains(string(data), "console: line ") {
+		t.Errorf("the console does not hold the guest's lines: %q", data[:min(len(data), 200)])
+	}
+
+	// The node goes away: nothing is copied, the guest goes on.
+	vm.Close()
+	before := rotated()
+	time.Sleep(300 * time.Millisecond)
+	if rotated() != before {
+		t.Error("the console was rotated while no node copied it")
+	}
+	again, err := d.Attach(ctx, spec.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitRotation(before)
+	if err := again.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: 5 * time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	again.console.wait(5 * time.Second)
+	select {
+	case <-again.console.done:
+	default:
+		t.Error("the console is still copied after firecracker exited")
+	}
+	rotated()
 }

@@ -23,6 +23,7 @@ type VM struct {
 	st      vmState
 	proc    *os.File // a pidfd of the Firecracker process
 	api     *Client
+	console *consolePipe  // nil for a VM started by an older node
 	done    chan struct{} // closed once Firecracker has exited and its jail is removed
 	closing chan struct{} // closed by Close: stop watching, Firecracker runs on
 	close   sync.Once
@@ -41,8 +42,8 @@ func openProcess(pid int) (*os.File, error) {
 	return os.NewFile(uintptr(fd), fmt.Sprintf("pidfd:%d", pid)), nil
 }
 
-func newVM(dir string, st vmState, proc *os.File, log *slog.Logger) *VM {
-	vm := &VM{dir: dir, st: st, proc: proc, api: NewClient(st.APISocket),
+func newVM(dir string, st vmState, proc *os.File, console *consolePipe, log *slog.Logger) *VM {
+	vm := &VM{dir: dir, st: st, proc: proc, api: NewClient(st.APISocket), console: console,
 		done: make(chan struct{}), closing: make(chan struct{}), log: log}
 	go vm.watch()
 	return vm
@@ -105,7 +106,8 @@ func (vm *VM) Dir() string { return vm.dir }
 // Done is closed once Firecracker has exited and the VM's jail is removed.
 func (vm *VM) Done() <-chan struct{} { return vm.done }
 
-// ConsoleLog is the file that receives the guest's serial console.
+// ConsoleLog is the file that receives the guest's serial console, capped
+// and rotated (package console).
 func (vm *VM) ConsoleLog() string { return filepath.Join(vm.dir, ConsoleLog) }
 
 // VsockSocket is the host end of the VM's vsock device, or "" when it has
@@ -180,5 +182,8 @@ func (vm *VM) Close() {
 		close(vm.closing)
 		vm.api.Close()
 		_ = vm.proc.Close()
+		if vm.console != nil {
+			vm.console.Close()
+		}
 	})
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/hypervisor/console"
 )
 
 // Names of the files a VM keeps in its runtime directory.
@@ -43,6 +44,9 @@ type Options struct {
 	// RunAs drops QEMU's privileges to this user once it has opened its
 	// devices (-runas); empty keeps root.
 	RunAs string
+	// ConsoleMaxSize caps each VM's console file (console.log and its
+	// rotated half); 0 means console.DefaultMaxSize.
+	ConsoleMaxSize int64
 }
 
 // Args returns QEMU's command line (without the binary) for spec. accel
@@ -80,8 +84,8 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		"-msg", "timestamp=on",
 		"-pidfile", dir(PidFile),
 		"-qmp", "unix:"+dir(QMPSocket)+",server=on,wait=off",
-		"-chardev", "file,id=console,path="+dir(ConsoleLog)+",append=on",
-		"-serial", "chardev:console",
+		"-chardev", "ringbuf,id="+consoleDevice+",size="+strconv.Itoa(ConsoleRingSize),
+		"-serial", "chardev:"+consoleDevice,
 		"-object", "rng-random,id=rng0,filename=/dev/urandom",
 		"-device", "virtio-rng-pci,rng=rng0",
 	)
@@ -149,10 +153,11 @@ func opt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 // Driver starts and finds QEMU VMs.
 type Driver struct {
-	binary string
-	accel  string
-	runAs  string
-	log    *slog.Logger
+	binary     string
+	accel      string
+	runAs      string
+	consoleMax int64
+	log        *slog.Logger
 }
 
 // New returns a driver, resolving the accelerator now when it is "auto".
@@ -169,7 +174,10 @@ func New(ctx context.Context, o Options, log *slog.Logger) (*Driver, error) {
 		return nil, err
 	}
 	log.Info("qemu backend ready", "binary", bin, "accel", accel)
-	return &Driver{binary: bin, accel: accel, runAs: o.RunAs, log: log}, nil
+	if o.ConsoleMaxSize != 0 && o.ConsoleMaxSize < console.MinMaxSize {
+		return nil, fmt.Errorf("qemu: console cap %d bytes is below the minimum of %d", o.ConsoleMaxSize, console.MinMaxSize)
+	}
+	return &Driver{binary: bin, accel: accel, runAs: o.RunAs, consoleMax: o.ConsoleMaxSize, log: log}, nil
 }
 
 // Accel returns the accelerator the driver uses.
@@ -225,7 +233,7 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 		msg, _ := os.ReadFile(logPath)
 		return nil, fmt.Errorf("vm %s: %w: %s", spec.Name, err, strings.TrimSpace(string(msg)))
 	}
-	vm := newVM(spec.Dir, cmd.Process.Pid, qmp, exited, d.log)
+	vm := newVM(spec.Dir, cmd.Process.Pid, qmp, exited, d.consoleMax, d.log)
 	d.log.Info("vm started", "vm", spec.Name, "pid", vm.pid, "accel", d.accel, "took", time.Since(started).Round(time.Millisecond))
 	return vm, nil
 }
@@ -264,7 +272,7 @@ func (d *Driver) Attach(ctx context.Context, dir string) (*VM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attach to vm in %s: %w", dir, err)
 	}
-	return newVM(dir, pid, qmp, nil, d.log), nil
+	return newVM(dir, pid, qmp, nil, d.consoleMax, d.log), nil
 }
 
 // ResolveAccel turns "auto" into "kvm" when KVM really runs a guest here,

@@ -24,13 +24,18 @@ type VM struct {
 	exited  <-chan struct{} // closed when the node reaped QEMU, if it is its child
 	done    chan struct{}   // closed when QEMU has exited
 	closing chan struct{}   // closed by Close: stop watching, QEMU runs on
+	pumped  chan struct{}   // closed when the console is no longer copied
 	close   sync.Once
 	log     *slog.Logger
 }
 
-func newVM(dir string, pid int, qmp *QMP, exited <-chan struct{}, log *slog.Logger) *VM {
-	vm := &VM{dir: dir, pid: pid, qmp: qmp, exited: exited, done: make(chan struct{}), closing: make(chan struct{}), log: log}
+// newVM watches QEMU and copies its console into a file of at most
+// consoleMax bytes (0: console.DefaultMaxSize).
+func newVM(dir string, pid int, qmp *QMP, exited <-chan struct{}, consoleMax int64, log *slog.Logger) *VM {
+	vm := &VM{dir: dir, pid: pid, qmp: qmp, exited: exited, done: make(chan struct{}), closing: make(chan struct{}),
+		pumped: make(chan struct{}), log: log}
 	go vm.watch()
+	go vm.pumpConsole(consoleMax)
 	return vm
 }
 
@@ -90,7 +95,8 @@ func (vm *VM) Done() <-chan struct{} { return vm.done }
 // ControlSocket is the host end of the guest control channel.
 func (vm *VM) ControlSocket() string { return filepath.Join(vm.dir, ControlSocket) }
 
-// ConsoleLog is the file that receives the guest's serial console.
+// ConsoleLog is the file that receives the guest's serial console, capped
+// and rotated (package console).
 func (vm *VM) ConsoleLog() string { return filepath.Join(vm.dir, ConsoleLog) }
 
 // DialControl connects to the guest init's control channel: the unix
@@ -148,5 +154,6 @@ func (vm *VM) Close() {
 	vm.close.Do(func() {
 		close(vm.closing)
 		_ = vm.qmp.Close()
+		<-vm.pumped // the next node's copy starts where this one ended
 	})
 }

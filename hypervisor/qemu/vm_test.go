@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -119,5 +120,115 @@ func TestSIGKILLIsTheLastResort(t *testing.T) {
 	}
 	if processAlive(vm.Pid()) {
 		t.Errorf("qemu %d still alive", vm.Pid())
+	}
+}
+
+// floodVM returns a spec of a VM whose firmware writes lines of 64 "A" to
+// the serial port as fast as it can, forever.
+func floodVM(t *testing.T) hypervisor.Spec {
+	spec := blankVM(t)
+	fw := make([]byte, 64<<10)
+	copy(fw[0xff00:], []byte{
+		0xba, 0xf8, 0x03, // mov dx, 0x3f8
+		0xbb, 0x00, 0x00, // mov bx, 0
+		0xb9, 0x40, 0x00, // line: mov cx, 64
+		0xb0, 0x41, // mov al, 'A'
+		0xee,       // char: out dx, al
+		0xe2, 0xfd, // loop char
+		0xb0, 0x0a, // mov al, '\n'
+		0xee,       // out dx, al
+		0xeb, 0xf3, // jmp line
+	})
+	copy(fw[0xfff0:], []byte{0xe9, 0x0d, 0xff}) // reset vector: jmp 0xff00
+	spec.Boot.FirmwareCode = filepath.Join(spec.Dir, "flood.fd")
+	spec.Boot.FirmwareVars = filepath.Join(spec.Dir, "vars.fd")
+	if err := os.WriteFile(spec.Boot.FirmwareCode, fw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(spec.Boot.FirmwareVars, make([]byte, 64<<10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return spec
+}
+
+// TestConsoleIsCapped floods the serial console: the node keeps copying
+// it into a file that stays under its cap, and after the node has been
+// away (the guest going on writing into QEMU's ring buffer), a new node
+// picks it up again.
+func TestConsoleIsCapped(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	const maxSize = 256 << 10
+	d, err := New(context.Background(), Options{Accel: "tcg", ConsoleMaxSize: maxSize}, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	spec := floodVM(t)
+	vm, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if (&VM{dir: spec.Dir, pid: vm.Pid()}).isOurs() {
+			_ = syscall.Kill(vm.Pid(), syscall.SIGKILL)
+		}
+	})
+	console := vm.ConsoleLog()
+	held := func() (int64, string) {
+		var total int64
+		for _, p := range []string{console, console + ".1"} {
+			if st, err := os.Stat(p); err == nil {
+				total += st.Size()
+			}
+		}
+		data, _ := os.ReadFile(console)
+		return total, string(data)
+	}
+	rotations := func() uint64 {
+		st, err := os.Stat(console + ".1")
+		if err != nil {
+			return 0
+		}
+		return st.Sys().(*syscall.Stat_t).Ino
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for rotations() == 0 {
+		if time.Now().After(deadline) {
+			total, _ := held()
+			t.Fatalf("the console was never rotated (%d bytes held)", total)
+		}
+		if total, _ := held(); total > maxSize {
+			t.Fatalf("the console holds %d bytes, over its cap of %d", total, maxSize)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, data := held(); !strings.Contains(data, strings.Repeat("A", 64)+"\n") {
+		t.Errorf("the console does not hold the guest's lines: %q", data[:min(len(data), 200)])
+	}
+
+	// The node goes away; the guest writes on into the ring.
+	vm.Close()
+	before := rotations()
+	time.Sleep(time.Second)
+	if rotations() != before {
+		t.Error("the console was rotated while no node copied it")
+	}
+	again, err := d.Attach(ctx, spec.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	deadline = time.Now().Add(30 * time.Second)
+	for rotations() == before {
+		if time.Now().After(deadline) {
+			t.Fatal("the console is not copied after the node came back")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if total, _ := held(); total > maxSize {
+		t.Errorf("the console holds %d bytes, over its cap of %d", total, maxSize)
+	}
+	if st, err := again.QMP().Status(ctx); err != nil || st != "running" {
+		t.Errorf("guest status %q, %v", st, err)
 	}
 }

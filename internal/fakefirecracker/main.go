@@ -13,7 +13,10 @@
 //     API on --api-sock (GET /, PATCH /vm, PUT /actions) and the host end
 //     of the vsock device, where guest port 52 echoes lines. Ctrl-alt-del
 //     ends it as a guest reboot does, unless the boot arguments hold
-//     fake.ignore-cad. With fake.fail in them, it fails at once.
+//     fake.ignore-cad. With fake.fail in them, it fails at once. With
+//     fake.flood, the guest writes console lines as fast as it can: like
+//     Firecracker, it makes its stdout non-blocking and drops what a full
+//     pipe does not take.
 //
 // Built static, so that it runs in an empty chroot.
 package main
@@ -206,6 +209,9 @@ func vmm(flags map[string]string) error {
 	}
 	fmt.Fprintf(log, "[%s:INFO] running as %d:%d\n", flags["id"], os.Getuid(), os.Getgid())
 	fmt.Printf("console: %s booted\n", flags["id"])
+	if strings.Contains(cfg.BootSource.BootArgs, "fake.flood") {
+		go flood()
+	}
 	api := &api{id: flags["id"], state: firecracker.StateRunning,
 		ignoreCAD: strings.Contains(cfg.BootSource.BootArgs, "fake.ignore-cad")}
 	return http.Serve(ln, api)
@@ -238,6 +244,18 @@ func (a *api) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		w.WriteHeader(http.StatusBadRequest)
 		fmt.Fprintf(w, `{"fault_message":"fake: %s %s not handled"}`, r.Method, r.URL.Path)
+	}
+}
+
+// flood writes numbered console lines forever, dropping those a full
+// stdout does not take, as Firecracker's serial device does.
+func flood() {
+	_ = syscall.SetNonblock(1, true)
+	for i := 0; ; i++ {
+		_, _ = syscall.Write(1, []byte(fmt.Sprintf("console: line %d %s\n", i, strings.Repeat("=", 60))))
+		if i%20 == 0 {
+			time.Sleep(time.Millisecond)
+		}
 	}
 }
 
