@@ -116,6 +116,11 @@ func TestErrors(t *testing.T) {
 		{"program hypervisor", "", []string{"ALEPH_VM_PROGRAM_HYPERVISOR=kvm"}, "PROGRAM_HYPERVISOR"},
 		{"unknown hypervisor", "hypervisors: [qemu, xen]\n", nil, `"xen" is neither`},
 		{"jail uid 0", "", []string{"ALEPH_VM_JAILER_FIRST_UID=0"}, "JAILER_FIRST_UID"},
+		{"qemu uid 0", "", []string{"ALEPH_VM_QEMU_FIRST_UID=0"}, "QEMU_FIRST_UID"},
+		{"qemu uid past the end", "", []string{"ALEPH_VM_QEMU_FIRST_UID=4294967290"}, "QEMU_FIRST_UID"},
+		{"qemu uids in the jail's", "", []string{"ALEPH_VM_QEMU_FIRST_UID=1065535"}, "overlap"},
+		{"jail uids in qemu's", "", []string{"ALEPH_VM_JAILER_FIRST_UID=1034465"}, "overlap"},
+		{"qemu as uid 0", "qemu_runas: \"0:0\"\n", nil, "QEMU_RUNAS"},
 		{"use jailer", "", []string{"ALEPH_VM_USE_JAILER=maybe"}, "USE_JAILER"},
 	}
 	for _, tc := range cases {

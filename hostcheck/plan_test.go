@@ -13,7 +13,7 @@ func goodHost() Host {
 	ok := func(s string) Probe { return Probe{OK: true, Found: s} }
 	return Host{
 		KVM: ok("kvm runs guests"), Firecracker: ok("firecracker v1.16.1"), Jailer: ok("jailer v1.16.1"),
-		QEMU: ok("qemu 7.2"), DeviceMapper: ok("dm here"), Reflink: ok("reflinks here"),
+		QEMU: ok("qemu 7.2"), QEMUSandbox: ok("-sandbox on"), DeviceMapper: ok("dm here"), Reflink: ok("reflinks here"),
 		NFTables: ok("nft"), Tun: ok("tun"), Cgroups: ok("cgroup v2"),
 	}
 }
@@ -30,6 +30,7 @@ var (
 	noJailer    = with(func(h *Host) { h.Jailer = Probe{Found: "jailer not found"} })
 	noCgroups   = with(func(h *Host) { h.Cgroups = Probe{Found: "no memory controller"} })
 	noQEMU      = with(func(h *Host) { h.QEMU = Probe{Found: "qemu not found"} })
+	noSandbox   = with(func(h *Host) { h.QEMUSandbox = Probe{Found: "seccomp support is disabled"} })
 	noKVMNoQEMU = with(func(h *Host) { h.KVM, h.QEMU = Probe{Found: "kvm runs no guest"}, Probe{Found: "qemu not found"} })
 	// This machine: KVM that runs no ordinary guest, no Firecracker.
 	here = with(func(h *Host) {
@@ -88,6 +89,7 @@ func TestInstances(t *testing.T) {
 		{"asks firecracker, forbidden", goodHost(), set(func(s *Settings) { s.Hypervisors = []string{QEMU} }), Firecracker, "error: not in HYPERVISORS"},
 		{"default firecracker, not here", here, set(func(s *Settings) { s.InstanceDefault = Firecracker }), "", "error: INSTANCE_DEFAULT_HYPERVISOR=firecracker no firecracker binary"},
 		{"asks qemu, none", noQEMU, defaults, QEMU, "error: no qemu-system-x86_64"},
+		{"asks qemu, no sandbox", noSandbox, defaults, QEMU, "error: no seccomp sandbox"},
 		{"qemu runs on tcg", noKVM, defaults, QEMU, QEMU},
 		{"unknown", goodHost(), defaults, "xen", `error: unknown hypervisor "xen"`},
 	} {
@@ -170,5 +172,30 @@ func TestParseVersion(t *testing.T) {
 	}
 	if minor("v1.16.1") != "v1.16" || minor("v1.16.2") != minor("v1.16.1") {
 		t.Error("minor")
+	}
+}
+
+func TestQEMURunsAs(t *testing.T) {
+	for runAs, want := range map[string]string{
+		"":                  "a uid and gid of its own per VM (1100000 to 1165535)",
+		"root":              "root (QEMU_RUNAS=root: for debugging only)",
+		"nobody":            "nobody (uid 65534",
+		"no-such-user-here": "error: QEMU_RUNAS",
+		"0:0":               "error: QEMU_RUNAS uid or gid 0",
+	} {
+		p := Decide(goodHost(), set(func(s *Settings) { s.QEMURunAs, s.QEMUFirstUID = runAs, 1100000 }))
+		if words, isErr := strings.CutPrefix(want, "error: "); isErr {
+			_, err := p.ForInstance(QEMU)
+			check(t, "", err, want)
+			for _, w := range strings.Fields(words) {
+				if !strings.Contains(p.QEMU.Why, w) {
+					t.Errorf("QEMU_RUNAS=%q: qemu %q does not say %q", runAs, p.QEMU.Why, w)
+				}
+			}
+			continue
+		}
+		if !p.QEMU.Usable || !strings.HasPrefix(p.QEMURunsAs, want) {
+			t.Errorf("QEMU_RUNAS=%q: %q (%s), want %q", runAs, p.QEMURunsAs, p.QEMU.Why, want)
+		}
 	}
 }

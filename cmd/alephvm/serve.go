@@ -223,7 +223,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 	plan := hostcheck.Decide(host, doctorSettings(cfg))
 	hvs := execution.Hypervisors{}
 	if plan.QEMU.Usable {
-		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs}, log)
+		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs, FirstUID: cfg.QEMUFirstUID}, log)
 		if err != nil {
 			return plan, nil, err
 		}
