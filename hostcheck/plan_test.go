@@ -13,7 +13,7 @@ func goodHost() Host {
 	ok := func(s string) Probe { return Probe{OK: true, Found: s} }
 	return Host{
 		KVM: ok("kvm runs guests"), Firecracker: ok("firecracker v1.16.1"), Jailer: ok("jailer v1.16.1"),
-		QEMU: ok("qemu 7.2"), QEMUSandbox: ok("-sandbox on"), DeviceMapper: ok("dm here"), Reflink: ok("reflinks here"),
+		QEMU: ok("qemu 7.2"), DeviceMapper: ok("dm here"), Reflink: ok("reflinks here"),
 		NFTables: ok("nft"), Tun: ok("tun"), Cgroups: ok("cgroup v2"),
 	}
 }
@@ -30,7 +30,6 @@ var (
 	noJailer    = with(func(h *Host) { h.Jailer = Probe{Found: "jailer not found"} })
 	noCgroups   = with(func(h *Host) { h.Cgroups = Probe{Found: "no memory controller"} })
 	noQEMU      = with(func(h *Host) { h.QEMU = Probe{Found: "qemu not found"} })
-	noSandbox   = with(func(h *Host) { h.QEMUSandbox = Probe{Found: "seccomp support is disabled"} })
 	noKVMNoQEMU = with(func(h *Host) { h.KVM, h.QEMU = Probe{Found: "kvm runs no guest"}, Probe{Found: "qemu not found"} })
 	// This machine: KVM that runs no ordinary guest, no Firecracker.
 	here = with(func(h *Host) {
@@ -89,7 +88,6 @@ func TestInstances(t *testing.T) {
 		{"asks firecracker, forbidden", goodHost(), set(func(s *Settings) { s.Hypervisors = []string{QEMU} }), Firecracker, "error: not in HYPERVISORS"},
 		{"default firecracker, not here", here, set(func(s *Settings) { s.InstanceDefault = Firecracker }), "", "error: INSTANCE_DEFAULT_HYPERVISOR=firecracker no firecracker binary"},
 		{"asks qemu, none", noQEMU, defaults, QEMU, "error: no qemu-system-x86_64"},
-		{"asks qemu, no sandbox", noSandbox, defaults, QEMU, "error: no seccomp sandbox"},
 		{"qemu runs on tcg", noKVM, defaults, QEMU, QEMU},
 		{"unknown", goodHost(), defaults, "xen", `error: unknown hypervisor "xen"`},
 	} {

@@ -49,7 +49,7 @@ func writeDoctor(out io.Writer, h hostcheck.Host, p hostcheck.Plan) error {
 		name string
 		hostcheck.Probe
 	}{
-		{"kvm", h.KVM}, {"firecracker", h.Firecracker}, {"jailer", h.Jailer}, {"qemu", h.QEMU}, {"qemu sandbox", h.QEMUSandbox},
+		{"kvm", h.KVM}, {"firecracker", h.Firecracker}, {"jailer", h.Jailer}, {"qemu", h.QEMU},
 		{"device-mapper", h.DeviceMapper}, {"reflink", h.Reflink}, {"nftables", h.NFTables},
 		{"tun", h.Tun}, {"cgroups", h.Cgroups},
 	} {
