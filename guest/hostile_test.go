@@ -108,7 +108,7 @@ func waitEnd(t *testing.T, c *Client) error {
 	t.Helper()
 	select {
 	case <-c.Done():
-	case <-time.After(10 * time.Second):
+	case <-time.After(time.Minute):
 		t.Fatal("the client's reader did not return")
 	}
 	drained := make(chan int)
@@ -312,7 +312,7 @@ func TestHostileEventFlood(t *testing.T) {
 	host, vm := net.Pipe()
 	hostileGuest(vm, func(w io.Writer) {
 		bw := bufio.NewWriter(w)
-		for i := range 100_000 {
+		for i := range 20_000 {
 			fmt.Fprintf(bw, `{"event":{"type":"oom","status":{"state":"running","pid":%d,"error":"%s"}}}`+"\n", i+1, strings.Repeat("e", 1000))
 		}
 		bw.WriteString(`{"event":{"type":"exited","status":{"state":"exited","exit_code":9}}}` + "\n")
