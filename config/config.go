@@ -59,7 +59,8 @@ type Config struct {
 	MaxPublishedPorts   int     `env:"MAX_PUBLISHED_PORTS" yaml:"max_published_ports" help:"Most ports one instance may publish (forward from the host); a message asking for more is refused with 400."`
 	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
 	QEMUAccel           string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
-	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"User QEMU drops its privileges to once its devices are open; empty keeps root."`
+	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"Who QEMU runs as once it has opened the VM's files and devices: empty for a uid and gid of its own per VM (from QEMU_FIRST_UID); a user name or uid:gid shared by every VM (never uid 0); or root, for debugging only (logged as a warning)."`
+	QEMUFirstUID        int     `env:"QEMU_FIRST_UID" yaml:"qemu_first_uid" help:"First of the 65536 uids (and gids) given to QEMU processes, one per VM, when QEMU_RUNAS is empty; apart from the jailer's range and from the host's users."`
 	ConsoleLogMaxSize   Bytes   `env:"CONSOLE_LOG_MAX_SIZE" yaml:"console_log_max_size" help:"Most of a VM's serial console kept on disk, in console.log and the rotated console.log.1 (half each); at least 64KiB. The guest never waits on its console: output past what the hypervisor buffers (1 MiB) while the node is down is lost."`
 	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
 	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
@@ -114,6 +115,7 @@ func Default() Config {
 		IPv4AddressPool:    "172.16.0.0/12",
 		IPv4PrefixLength:   24,
 		QEMUAccel:          "auto",
+		QEMUFirstUID:       1100000,
 		InstanceHypervisor: "qemu",
 		UEFICode:           "/usr/share/OVMF/OVMF_CODE_4M.fd",
 		UEFIVars:           "/usr/share/OVMF/OVMF_VARS_4M.fd",
@@ -382,6 +384,15 @@ func (c Config) Validate() error {
 	}
 	if c.JailerFirstUID < 1 || c.JailerFirstUID > math.MaxUint32-65536 {
 		errs = append(errs, fmt.Errorf("%sJAILER_FIRST_UID: must be between 1 and %d, got %d", EnvPrefix, math.MaxUint32-65536, c.JailerFirstUID))
+	}
+	if c.QEMUFirstUID < 1 || c.QEMUFirstUID > math.MaxUint32-65536-1 {
+		errs = append(errs, fmt.Errorf("%sQEMU_FIRST_UID: must be between 1 and %d, got %d", EnvPrefix, math.MaxUint32-65536-1, c.QEMUFirstUID))
+	} else if c.QEMUFirstUID < c.JailerFirstUID+65536 && c.JailerFirstUID < c.QEMUFirstUID+65536 {
+		errs = append(errs, fmt.Errorf("%sQEMU_FIRST_UID: the QEMU uids %d-%d overlap the jailer's %d-%d (JAILER_FIRST_UID)", EnvPrefix,
+			c.QEMUFirstUID, c.QEMUFirstUID+65535, c.JailerFirstUID, c.JailerFirstUID+65535))
+	}
+	if c.QEMURunAs == "0" || strings.HasPrefix(c.QEMURunAs, "0:") {
+		errs = append(errs, fmt.Errorf("%sQEMU_RUNAS: uid 0 is root: say root to run QEMU as root", EnvPrefix))
 	}
 	if c.JailerBaseDirectory != "" && !strings.HasPrefix(c.JailerBaseDirectory, "/") {
 		errs = append(errs, fmt.Errorf("%sJAILER_BASE_DIRECTORY: must be an absolute path, got %q", EnvPrefix, c.JailerBaseDirectory))

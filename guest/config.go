@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path"
+	"strconv"
 	"strings"
 )
 
@@ -66,9 +67,54 @@ const (
 // Port is where every program serves HTTP, as in the reference.
 const Port = 8080
 
-// DefaultUser runs the workload when Workload.User is empty and the
-// runtime has this user; otherwise nobody (65534) does.
-const DefaultUser = "aleph"
+// The workload's user is chosen by the init, never by the runtime: a
+// runtime is the message owner's to make, and its /etc/passwd could map
+// any name to uid 0. The workload runs as WorkloadUID and WorkloadGID (or
+// Workload.User's uid and gid), named DefaultUser in its environment, with
+// its home in /home/DefaultUser; uid 0 and gid 0 are refused.
+const (
+	DefaultUser = "aleph"
+	WorkloadUID = 1000
+	WorkloadGID = 1000
+)
+
+// maxID is the largest uid or gid a workload may have ((uid_t)-1 and
+// (uid_t)-2 mean "none" and "overflow" to the kernel).
+const maxID = 1<<32 - 3
+
+// ParseWorkloadUser reads Workload.User: "" for WorkloadUID:WorkloadGID,
+// or "uid[:gid]" in decimal (gid defaults to uid). Names are refused: they
+// would be looked up in the runtime's /etc/passwd. So are uid 0 and gid 0.
+func ParseWorkloadUser(spec string) (uid, gid int, err error) {
+	if spec == "" {
+		return WorkloadUID, WorkloadGID, nil
+	}
+	u, g, hasGID := strings.Cut(spec, ":")
+	uid, err = parseID(u)
+	if err != nil {
+		return 0, 0, fmt.Errorf("workload user %q: uid: %w", spec, err)
+	}
+	gid = uid
+	if hasGID {
+		if gid, err = parseID(g); err != nil {
+			return 0, 0, fmt.Errorf("workload user %q: gid: %w", spec, err)
+		}
+	}
+	return uid, gid, nil
+}
+
+func parseID(s string) (int, error) {
+	id, err := strconv.ParseUint(s, 10, 32)
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("want a number (names are not looked up in the runtime), got %q", s)
+	case id == 0:
+		return 0, errors.New("0 is root's: the workload never runs as root")
+	case id > maxID:
+		return 0, fmt.Errorf("%d is past %d", id, maxID)
+	}
+	return int(id), nil
+}
 
 // Workload is the program the init starts and supervises.
 type Workload struct {
@@ -79,8 +125,8 @@ type Workload struct {
 	Entrypoint string            `json:"entrypoint"`
 	Args       []string          `json:"args,omitempty"`      // appended to a binary's argv
 	Variables  map[string]string `json:"variables,omitempty"` // the message's variables, as environment
-	// User is the unprivileged user that runs the workload: a name from the
-	// runtime's /etc/passwd, or uid[:gid]. Empty means DefaultUser.
+	// User is the unprivileged user that runs the workload: "uid[:gid]",
+	// never 0 (ParseWorkloadUser). Empty means WorkloadUID:WorkloadGID.
 	User string `json:"user,omitempty"`
 }
 
@@ -192,6 +238,9 @@ func (c Config) Validate() error {
 		}
 	default:
 		add("workload.interface: must be %s or %s, got %q", InterfaceBinary, InterfaceASGI, w.Interface)
+	}
+	if _, _, err := ParseWorkloadUser(w.User); err != nil {
+		add("workload.user: %v", err)
 	}
 	runtimes := 0
 	mounts := map[string]bool{}

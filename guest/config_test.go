@@ -92,6 +92,8 @@ func TestValidate(t *testing.T) {
 		{"volume at root", func(c *Config) { c.Drives[2].Mount = "/" }, "only the runtime"},
 		{"tmpfs size", func(c *Config) { c.Tmpfs[0].SizeMiB = 0 }, "tmpfs[0].size_mib"},
 		{"halt", func(c *Config) { c.Halt = "explode" }, "halt"},
+		{"root user", func(c *Config) { c.Workload.User = "0" }, "workload.user"},
+		{"named user", func(c *Config) { c.Workload.User = "aleph" }, "workload.user"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -140,5 +142,42 @@ func TestPayloadDrive(t *testing.T) {
 	l, _ := os.Stat(filepath.Join(dir, "linked"))
 	if !os.SameFile(a, l) {
 		t.Error("an aligned payload was copied, not linked")
+	}
+}
+
+func TestParseWorkloadUser(t *testing.T) {
+	cases := []struct {
+		spec     string
+		uid, gid int
+		err      string
+	}{
+		{"", WorkloadUID, WorkloadGID, ""},
+		{"2000", 2000, 2000, ""},
+		{"2000:33", 2000, 33, ""},
+		{"4294967293", 4294967293, 4294967293, ""},
+		{"0", 0, 0, "root"},
+		{"0:1000", 0, 0, "root"},
+		{"1000:0", 0, 0, "root"},
+		{"root", 0, 0, "names are not looked up"},
+		{"aleph", 0, 0, "names are not looked up"},
+		{"aleph:1000", 0, 0, "names are not looked up"},
+		{"-1", 0, 0, "want a number"},
+		{"1000:", 0, 0, "want a number"},
+		{"1:2:3", 0, 0, "want a number"},
+		{"4294967295", 0, 0, "past"},
+		{"99999999999", 0, 0, "want a number"},
+		{" 1000", 0, 0, "want a number"},
+	}
+	for _, tc := range cases {
+		uid, gid, err := ParseWorkloadUser(tc.spec)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%q: got %d:%d, %v; want an error about %q", tc.spec, uid, gid, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || uid != tc.uid || gid != tc.gid {
+			t.Errorf("%q: got %d:%d, %v; want %d:%d", tc.spec, uid, gid, err, tc.uid, tc.gid)
+		}
 	}
 }

@@ -1,7 +1,13 @@
 package guest
 
 import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // ProtocolVersion is the version of the control protocol; the guest
@@ -200,5 +206,81 @@ type reply struct {
 	Event   *Event      `json:"event,omitempty"`
 }
 
-// maxLine bounds one line of the protocol in either direction.
-const maxLine = 8 << 20
+// Bounds of the protocol. The host treats everything the guest sends as
+// hostile: a line past maxLine ends the session (ErrProtocol), and the
+// client cuts or refuses values past the others, so that a guest cannot
+// make the node hold more than a few MiB for it.
+const (
+	// maxLine bounds one line in either direction. The largest legitimate
+	// line is an exec reply: two outputs of MaxExecOutput bytes, base64.
+	maxLine = 4 << 20
+	// MaxExecInput caps an exec's stdin.
+	MaxExecInput = 1 << 20
+	// MaxLogText caps LogLine.Text; the host cuts longer texts (the init
+	// splits lines at 16 KiB, which invalid UTF-8 may triple).
+	MaxLogText = 64 << 10
+	// MaxErrorText caps the error of a reply and Status.Error; the host
+	// cuts longer ones.
+	MaxErrorText = 4 << 10
+	// maxVersionText caps Hello.InitVersion.
+	maxVersionText = 256
+	// maxSysinfoEntries caps Sysinfo.Mounts and Sysinfo.Network, and
+	// maxSysinfoName each path or interface name in them.
+	maxSysinfoEntries = 1024
+	maxSysinfoName    = 4096
+)
+
+// ErrProtocol is wrapped by the errors of a guest that breaks the
+// protocol's bounds.
+var ErrProtocol = errors.New("guest protocol violation")
+
+// lineReader reads the protocol's lines.
+type lineReader struct {
+	br  *bufio.Reader
+	buf []byte
+}
+
+func newLineReader(r io.Reader) *lineReader {
+	return &lineReader{br: bufio.NewReaderSize(r, 64<<10)}
+}
+
+// next returns the next line without its newline, valid until the next
+// call. A line longer than maxLine is an ErrProtocol error: its end is not
+// looked for. A partial last line is dropped (io.EOF).
+func (lr *lineReader) next() ([]byte, error) {
+	if cap(lr.buf) > 1<<20 {
+		lr.buf = nil // do not keep a huge line's buffer for the session's life
+	}
+	line := lr.buf[:0]
+	for {
+		chunk, err := lr.br.ReadSlice('\n')
+		if len(line)+len(chunk) > maxLine {
+			return nil, fmt.Errorf("%w: a line longer than %d bytes", ErrProtocol, maxLine)
+		}
+		line = append(line, chunk...)
+		lr.buf = line
+		switch {
+		case err == nil:
+			return line[:len(line)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF):
+			return nil, io.EOF
+		default:
+			return nil, err
+		}
+	}
+}
+
+// cut returns s cut to at most n bytes, on a rune boundary, copied so that
+// it does not keep a larger decoded line alive.
+func cut(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	i := n
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return strings.Clone(s[:i])
+}

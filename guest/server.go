@@ -1,7 +1,6 @@
 package guest
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -47,9 +46,9 @@ func ServeSession(ctx context.Context, r io.Reader, w io.Writer, version string,
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel()
-	br := bufio.NewReaderSize(r, 64<<10)
+	lr := newLineReader(r)
 	for {
-		line, err := readLine(br)
+		line, err := lr.next()
 		if err != nil {
 			close(s.eof)
 			if errors.Is(err, io.EOF) {
@@ -197,28 +196,5 @@ func (s *session) serve(ctx, sessionCtx context.Context, wg *sync.WaitGroup, req
 		a.PowerOff()
 	default:
 		s.fail(req.ID, fmt.Errorf("unknown operation %q", req.Op))
-	}
-}
-
-// readLine reads one line without its newline, refusing lines longer
-// than maxLine.
-func readLine(br *bufio.Reader) ([]byte, error) {
-	var line []byte
-	for {
-		chunk, err := br.ReadSlice('\n')
-		if len(line)+len(chunk) > maxLine {
-			return nil, fmt.Errorf("protocol line longer than %d bytes", maxLine)
-		}
-		line = append(line, chunk...)
-		switch {
-		case err == nil:
-			return line[:len(line)-1], nil
-		case errors.Is(err, bufio.ErrBufferFull):
-			continue
-		case errors.Is(err, io.EOF):
-			return nil, io.EOF // a partial last line is dropped
-		default:
-			return nil, err
-		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/storage"
 )
 
@@ -26,6 +27,8 @@ type Settings struct {
 	ProgramHypervisor string   // auto, firecracker or qemu
 	InstanceDefault   string   // for instances whose message names none
 	UseJailer         bool
+	QEMURunAs         string // QEMU_RUNAS: empty for a uid per VM, root, or a user
+	QEMUFirstUID      int
 }
 
 // Backend says whether a hypervisor can run VMs here, and why.
@@ -48,9 +51,12 @@ type Plan struct {
 	QEMU        Backend
 	// Accel is QEMU's accelerator: kvm where KVM runs ordinary guests,
 	// else tcg (emulation, several times slower).
-	Accel     string
-	Programs  Choice
-	Instances Choice // of an instance whose message names no hypervisor
+	Accel string
+	// QEMURunsAs says who QEMU processes run as once they have opened
+	// their files (they always run under QEMU's seccomp sandbox).
+	QEMURunsAs string
+	Programs   Choice
+	Instances  Choice // of an instance whose message names no hypervisor
 	// RawDisks is how Firecracker instances' root disks are made.
 	RawDisks    storage.RawDiskMethod
 	RawDisksWhy string
@@ -71,11 +77,15 @@ func Decide(h Host, s Settings) Plan {
 		p.Accel = "kvm"
 	}
 	p.Firecracker = firecrackerBackend(h, s)
+	runsAs, runAsErr := qemu.Describe(s.QEMURunAs, s.QEMUFirstUID)
+	p.QEMURunsAs = runsAs
 	switch {
 	case !p.allowed(QEMU):
 		p.QEMU = Backend{Why: "not in HYPERVISORS"}
 	case !h.QEMU.OK:
 		p.QEMU = Backend{Why: "no qemu-system-x86_64"}
+	case runAsErr != nil:
+		p.QEMU = Backend{Why: "QEMU_RUNAS: " + runAsErr.Error()}
 	case p.Accel == "kvm":
 		p.QEMU = Backend{Usable: true, Why: "with KVM"}
 	default:

@@ -172,3 +172,28 @@ func TestParseVersion(t *testing.T) {
 		t.Error("minor")
 	}
 }
+
+func TestQEMURunsAs(t *testing.T) {
+	for runAs, want := range map[string]string{
+		"":                  "a uid and gid of its own per VM (1100000 to 1165535)",
+		"root":              "root (QEMU_RUNAS=root: for debugging only)",
+		"nobody":            "nobody (uid 65534",
+		"no-such-user-here": "error: QEMU_RUNAS",
+		"0:0":               "error: QEMU_RUNAS uid or gid 0",
+	} {
+		p := Decide(goodHost(), set(func(s *Settings) { s.QEMURunAs, s.QEMUFirstUID = runAs, 1100000 }))
+		if words, isErr := strings.CutPrefix(want, "error: "); isErr {
+			_, err := p.ForInstance(QEMU)
+			check(t, "", err, want)
+			for _, w := range strings.Fields(words) {
+				if !strings.Contains(p.QEMU.Why, w) {
+					t.Errorf("QEMU_RUNAS=%q: qemu %q does not say %q", runAs, p.QEMU.Why, w)
+				}
+			}
+			continue
+		}
+		if !p.QEMU.Usable || !strings.HasPrefix(p.QEMURunsAs, want) {
+			t.Errorf("QEMU_RUNAS=%q: %q (%s), want %q", runAs, p.QEMURunsAs, p.QEMU.Why, want)
+		}
+	}
+}

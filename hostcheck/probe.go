@@ -33,7 +33,7 @@ type Host struct {
 	KVM          Probe // runs ordinary guests, not merely present
 	Firecracker  Probe // the pinned release's binary
 	Jailer       Probe
-	QEMU         Probe
+	QEMU         Probe // and it accepts the node's seccomp sandbox
 	DeviceMapper Probe
 	Reflink      Probe // in the directory of the VMs' disks
 	NFTables     Probe
@@ -133,7 +133,13 @@ func probeQEMU(ctx context.Context, path string) Probe {
 		return Probe{Found: fmt.Sprintf("%s does not run: %v", bin, err)}
 	}
 	line, _, _ := strings.Cut(string(out), "\n")
-	return Probe{OK: true, Found: fmt.Sprintf("%s: %s", bin, strings.TrimSpace(line))}
+	// The node runs every QEMU under its seccomp sandbox: a QEMU built
+	// without seccomp refuses the option.
+	if out, err := exec.CommandContext(ctx, bin, "-sandbox", qemu.Sandbox(true), "-version").CombinedOutput(); err != nil {
+		why, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+		return Probe{Found: fmt.Sprintf("%s has no seccomp sandbox (-sandbox %s): %s", bin, qemu.Sandbox(true), why)}
+	}
+	return Probe{OK: true, Found: fmt.Sprintf("%s: %s, with its seccomp sandbox", bin, strings.TrimSpace(line))}
 }
 
 func probeDeviceMapper() Probe {

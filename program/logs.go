@@ -1,11 +1,13 @@
 package program
 
 import (
+	"container/list"
 	"context"
-	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/message"
@@ -15,61 +17,76 @@ import (
 // stopped, say).
 const SystemStream guest.Stream = "system"
 
-// Bounds of what the archive holds, whatever the guests write.
+// The bounds of a LogArchive besides its lines per program. The output of
+// programs is the guest's to choose, so every bound is in bytes as well
+// as in lines: per program, for all programs together, and on the number
+// of stopped programs whose output is kept.
 const (
-	// MaxLineBytes bounds one line: a longer one is cut, and says so.
-	MaxLineBytes = 16 << 10
-	// MaxBufferBytes bounds the text one VM's buffer holds: its oldest
-	// lines go first.
-	MaxBufferBytes = 1 << 20
-	// MaxEndedBuffers is how many buffers of stopped programs are kept:
-	// the oldest go first.
-	MaxEndedBuffers = 64
+	// MaxLogText cuts longer lines (the client already cuts the guest's
+	// lines to guest.MaxLogText).
+	MaxLogText = guest.MaxLogText
+	// DefaultLogBytes is what one program's buffer holds at most.
+	DefaultLogBytes = 1 << 20
+	// DefaultLogTotalBytes is what all buffers hold together: past it, the
+	// buffers of stopped programs go first, oldest first, then the oldest
+	// lines of the largest running ones.
+	DefaultLogTotalBytes = 256 << 20
+	// DefaultLogEnded is how many stopped programs' buffers are kept.
+	DefaultLogEnded = 1024
+	// logLineCost is what a kept line counts for besides its text.
+	logLineCost = 64
 )
 
 // LogArchive keeps the recent output of each program, running or stopped,
 // so that the logs of a program that crashed still say why. It holds at
-// most MaxBufferBytes per running program and per each of the last
-// MaxEndedBuffers stopped ones.
+// most lines and bytes lines and bytes per program, totalBytes for all
+// programs and the buffers of maxEnded stopped programs.
 type LogArchive struct {
-	capacity int
-	mu       sync.Mutex
-	bufs     map[message.ItemHash]*LogBuffer
-	ended    []endedBuffer // oldest first
+	lines, bytes int
+	totalBytes   int64
+	maxEnded     int
+
+	mu    sync.Mutex
+	bufs  map[message.ItemHash]*LogBuffer
+	total int64      // bytes counted for the buffers in bufs
+	ended *list.List // of *LogBuffer in bufs whose VM is gone, oldest first
 }
 
-type endedBuffer struct {
-	ref message.ItemHash
-	buf *LogBuffer
-}
-
-// NewLogArchive keeps up to capacity lines per program.
-func NewLogArchive(capacity int) *LogArchive {
-	return &LogArchive{capacity: capacity, bufs: map[message.ItemHash]*LogBuffer{}}
+// NewLogArchive keeps up to lines lines per program, within the default
+// byte bounds.
+func NewLogArchive(lines int) *LogArchive {
+	if lines <= 0 {
+		lines = 1000
+	}
+	return &LogArchive{lines: lines, bytes: DefaultLogBytes, totalBytes: DefaultLogTotalBytes, maxEnded: DefaultLogEnded,
+		bufs: map[message.ItemHash]*LogBuffer{}, ended: list.New()}
 }
 
 // Start opens the buffer of a program's new VM, replacing the last one's.
 func (a *LogArchive) Start(ref message.ItemHash) *LogBuffer {
-	b := &LogBuffer{capacity: a.capacity, wake: make(chan struct{})}
+	b := &LogBuffer{ref: ref, archive: a, maxLines: a.lines, maxBytes: a.bytes, wake: make(chan struct{})}
 	a.mu.Lock()
+	defer a.mu.Unlock()
+	if old := a.bufs[ref]; old != nil {
+		a.removeLocked(old)
+	}
 	a.bufs[ref] = b
-	a.mu.Unlock()
 	return b
 }
 
 // Finish marks a VM's buffer as complete: followers see its end. The
-// oldest stopped programs' buffers past MaxEndedBuffers are dropped.
-func (a *LogArchive) Finish(ref message.ItemHash, b *LogBuffer) {
+// buffer is kept among the stopped programs' until the archive needs the
+// room.
+func (a *LogArchive) Finish(_ message.ItemHash, b *LogBuffer) {
 	b.end()
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.ended = append(a.ended, endedBuffer{ref, b})
-	for len(a.ended) > MaxEndedBuffers {
-		old := a.ended[0]
-		a.ended = a.ended[1:]
-		if a.bufs[old.ref] == old.buf {
-			delete(a.bufs, old.ref)
-		}
+	if a.bufs[b.ref] != b || b.endedAt != nil {
+		return
+	}
+	b.endedAt = a.ended.PushBack(b)
+	for a.ended.Len() > a.maxEnded {
+		a.removeLocked(a.ended.Front().Value.(*LogBuffer))
 	}
 }
 
@@ -80,38 +97,145 @@ func (a *LogArchive) Get(ref message.ItemHash) *LogBuffer {
 	return a.bufs[ref]
 }
 
-// LogBuffer holds the last lines of one VM's output.
-type LogBuffer struct {
-	capacity int
-	mu       sync.Mutex
-	lines    []guest.LogLine
-	bytes    int           // of the lines' text
-	next     uint64        // sequence of the next line
-	ended    bool          // the VM is gone: no more lines
-	wake     chan struct{} // closed and replaced when a line arrives
+// removeLocked forgets b: its followers keep it, the archive no longer
+// counts it.
+func (a *LogArchive) removeLocked(b *LogBuffer) {
+	if a.bufs[b.ref] == b {
+		delete(a.bufs, b.ref)
+	}
+	if b.endedAt != nil {
+		a.ended.Remove(b.endedAt)
+		b.endedAt = nil
+	}
+	a.total -= b.counted
+	b.counted = 0
+	b.removed = true
 }
 
-// Add appends a line of the workload's output, cut to MaxLineBytes.
+// grew counts delta more bytes for b, and makes room when the total is
+// past its bound: stopped programs' buffers first, oldest first, then
+// the oldest lines of b when it holds more than its share of the room,
+// else of the largest buffer.
+func (a *LogArchive) grew(b *LogBuffer, delta int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if b.removed {
+		return
+	}
+	b.counted += int64(delta)
+	a.total += int64(delta)
+	for a.total > a.totalBytes && a.ended.Len() > 0 {
+		a.removeLocked(a.ended.Front().Value.(*LogBuffer))
+	}
+	if a.total <= a.totalBytes {
+		return
+	}
+	// Free a little more than needed, so that the next lines do not each
+	// trim again.
+	excess := a.total - a.totalBytes + a.totalBytes/64
+	victim := b
+	if b.counted <= a.totalBytes/int64(len(a.bufs)) {
+		for _, o := range a.bufs {
+			if o.counted > victim.counted {
+				victim = o
+			}
+		}
+	}
+	freed := int64(victim.trim(victim.counted - excess))
+	victim.counted -= freed
+	a.total -= freed
+}
+
+// LogBuffer holds the last lines of one VM's output, within a number of
+// lines and of bytes. Sequence numbers are contiguous: the first kept line
+// is next-len(lines)+1.
+type LogBuffer struct {
+	ref      message.ItemHash
+	archive  *LogArchive
+	maxLines int
+	maxBytes int
+
+	mu    sync.Mutex
+	lines []guest.LogLine // a ring of up to maxLines lines from head
+	head  int
+	n     int
+	bytes int
+	next  uint64        // sequence of the last line added
+	ended bool          // the VM is gone: no more lines
+	wake  chan struct{} // closed and replaced when a line arrives
+
+	// Under the archive's lock.
+	counted int64         // bytes the archive counts for this buffer
+	endedAt *list.Element // in the archive's ended list
+	removed bool          // the archive no longer counts it
+}
+
+func lineCost(l guest.LogLine) int { return len(l.Text) + logLineCost }
+
+// Add appends a line of the workload's output.
 func (b *LogBuffer) Add(l guest.LogLine) {
-	if len(l.Text) > MaxLineBytes {
-		l.Text = strings.ToValidUTF8(l.Text[:MaxLineBytes], "") + fmt.Sprintf(" [line cut: %d bytes more]", len(l.Text)-MaxLineBytes)
+	if len(l.Text) > MaxLogText {
+		i := MaxLogText
+		for i > 0 && !utf8.RuneStart(l.Text[i]) {
+			i--
+		}
+		l.Text = strings.Clone(l.Text[:i])
 	}
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	if b.ended {
+		b.mu.Unlock()
 		return
 	}
 	b.next++
 	l.Seq = b.next
-	b.lines = append(b.lines, l)
-	b.bytes += len(l.Text)
-	for len(b.lines) > b.capacity || (b.bytes > MaxBufferBytes && len(b.lines) > 1) {
-		b.bytes -= len(b.lines[0].Text)
-		b.lines[0] = guest.LogLine{} // its text is not kept alive by the array
-		b.lines = b.lines[1:]
+	delta := 0
+	if b.n >= b.maxLines {
+		delta -= b.dropOldestLocked()
+	}
+	if b.n == len(b.lines) {
+		// The ring is full but below maxLines: grow it, in order.
+		if b.head != 0 {
+			b.lines = slices.Concat(b.lines[b.head:], b.lines[:b.head])
+			b.head = 0
+		}
+		b.lines = append(b.lines, l)
+	} else {
+		b.lines[(b.head+b.n)%len(b.lines)] = l
+	}
+	b.n++
+	delta += lineCost(l)
+	b.bytes += lineCost(l)
+	for b.bytes > b.maxBytes && b.n > 1 {
+		delta -= b.dropOldestLocked()
 	}
 	close(b.wake)
 	b.wake = make(chan struct{})
+	b.mu.Unlock()
+	if b.archive != nil {
+		b.archive.grew(b, delta)
+	}
+}
+
+// dropOldestLocked drops the oldest line and returns its cost.
+func (b *LogBuffer) dropOldestLocked() int {
+	cost := lineCost(b.lines[b.head])
+	b.lines[b.head] = guest.LogLine{}
+	b.head = (b.head + 1) % len(b.lines)
+	b.n--
+	b.bytes -= cost
+	return cost
+}
+
+// trim drops the oldest lines until the buffer holds at most keep bytes
+// (keeping its last line), and returns the bytes freed.
+func (b *LogBuffer) trim(keep int64) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	freed := 0
+	for int64(b.bytes) > keep && b.n > 1 {
+		freed += b.dropOldestLocked()
+	}
+	return freed
 }
 
 // System appends a line of the node's own.
@@ -128,35 +252,43 @@ func (b *LogBuffer) end() {
 	}
 }
 
+// sinceLocked returns a copy of the kept lines after sequence seen.
+func (b *LogBuffer) sinceLocked(seen uint64) []guest.LogLine {
+	first := b.next - uint64(b.n) + 1 // sequence of the oldest kept line
+	skip := 0
+	if seen >= first {
+		skip = int(min(seen-first+1, uint64(b.n)))
+	}
+	out := make([]guest.LogLine, 0, b.n-skip)
+	for i := skip; i < b.n; i++ {
+		out = append(out, b.lines[(b.head+i)%len(b.lines)])
+	}
+	return out
+}
+
 // Tail returns the last n lines.
 func (b *LogBuffer) Tail(n int) []guest.LogLine {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if n > len(b.lines) {
-		n = len(b.lines)
-	}
-	return append([]guest.LogLine(nil), b.lines[len(b.lines)-n:]...)
+	n = min(max(n, 0), b.n)
+	return b.sinceLocked(b.next - uint64(n))
 }
 
 // Follow calls fn with every line kept, then with each new one, until the
 // VM is gone, fn fails or ctx ends. It reports whether the VM is gone.
+// Lines dropped before fn saw them show as a gap in Seq.
 func (b *LogBuffer) Follow(ctx context.Context, fn func(guest.LogLine) error) (ended bool, err error) {
 	var seen uint64
 	for {
 		b.mu.Lock()
-		var batch []guest.LogLine
-		for _, l := range b.lines {
-			if l.Seq > seen {
-				batch = append(batch, l)
-			}
-		}
+		batch := b.sinceLocked(seen)
+		seen = b.next
 		wake, done := b.wake, b.ended
 		b.mu.Unlock()
 		for _, l := range batch {
 			if err := fn(l); err != nil {
 				return false, err
 			}
-			seen = l.Seq
 		}
 		if done {
 			return true, nil

@@ -22,11 +22,11 @@ import (
 	"github.com/alephvm/alephvm/guest"
 )
 
-const passwd = `root:x:0:0:root:/root:/bin/bash
-# a comment
-nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
-aleph:x:1000:1000::/home/aleph:/bin/sh
-broken:x:notanumber:1::/:/bin/sh
+// hostilePasswd is a runtime's /etc/passwd that makes the default user
+// root: the init must not believe it.
+const hostilePasswd = `root:x:0:0:root:/root:/bin/bash
+aleph:x:0:0::/root:/bin/sh
+nobody:x:0:0:nobody:/nonexistent:/usr/sbin/nologin
 `
 
 func rootWithPasswd(t *testing.T, content string) string {
@@ -39,37 +39,70 @@ func rootWithPasswd(t *testing.T, content string) string {
 	return root
 }
 
-func TestLookupUser(t *testing.T) {
-	root := rootWithPasswd(t, passwd)
+func TestWorkloadUserIgnoresTheRuntime(t *testing.T) {
+	newRoot := rootWithPasswd(t, hostilePasswd)
+	u, err := setupWorkloadUser(newRoot, "")
+	want := user{guest.DefaultUser, guest.WorkloadUID, guest.WorkloadGID, "/home/aleph"}
+	if err != nil || u != want {
+		t.Fatalf("got %+v, %v; want %+v", u, err, want)
+	}
+	st, err := os.Stat(filepath.Join(newRoot, "home/aleph"))
+	if err != nil || !st.IsDir() {
+		t.Fatalf("home: %v", err)
+	}
+	if os.Geteuid() == 0 {
+		if sys := st.Sys().(*syscall.Stat_t); sys.Uid != guest.WorkloadUID || sys.Gid != guest.WorkloadGID {
+			t.Errorf("home owned by %d:%d", sys.Uid, sys.Gid)
+		}
+	}
+	for _, spec := range []string{"0", "root", "aleph", "0:0", "1000:0", "nobody"} {
+		if u, err := setupWorkloadUser(newRoot, spec); err == nil {
+			t.Errorf("workload user %q: %+v", spec, u)
+		}
+	}
+	if u, err := workloadUser("2000:33"); err != nil || u != (user{"2000", 2000, 33, "/home/2000"}) {
+		t.Errorf("2000:33: %+v %v", u, err)
+	}
+}
+
+// A runtime whose /home is a symlink out of the root cannot make the init
+// create or chown anything outside it.
+func TestWorkloadHomeStaysInTheRoot(t *testing.T) {
+	outside := t.TempDir()
+	newRoot := rootWithPasswd(t, hostilePasswd)
+	if err := os.Symlink(outside, filepath.Join(newRoot, "home")); err != nil {
+		t.Fatal(err)
+	}
+	u, err := setupWorkloadUser(newRoot, "")
+	if err != nil || u.uid != guest.WorkloadUID || u.home != "/" {
+		t.Errorf("got %+v, %v; want the workload's uid with HOME /", u, err)
+	}
+	if entries, _ := os.ReadDir(outside); len(entries) != 0 {
+		t.Errorf("made %s outside the root", entries[0].Name())
+	}
+}
+
+func TestExecUser(t *testing.T) {
+	workload := user{guest.DefaultUser, guest.WorkloadUID, guest.WorkloadGID, "/home/aleph"}
 	cases := []struct {
 		spec string
 		want user
-		err  string
+		err  bool
 	}{
-		{"", user{"aleph", 1000, 1000, "/home/aleph"}, ""},
-		{"root", user{"root", 0, 0, "/root"}, ""},
-		{"1000", user{"aleph", 1000, 1000, "/home/aleph"}, ""},
-		{"1234:55", user{"1234", 1234, 55, "/"}, ""},
-		{"aleph:7", user{"aleph", 1000, 7, "/home/aleph"}, ""},
-		{"mallory", user{}, "no user"},
-		{"aleph:x", user{}, "want a number"},
+		{"", workload, false},
+		{"aleph", workload, false},
+		{"root", rootUser, false},
+		{"0", rootUser, false},
+		{"1234:55", user{"1234", 1234, 55, "/"}, false},
+		{"mallory", user{}, true},
+		{"aleph:x", user{}, true},
+		{"1234:0", user{}, true},
 	}
 	for _, tc := range cases {
-		got, err := lookupUser(root, tc.spec)
-		if tc.err != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Errorf("%q: got %+v, %v; want error %q", tc.spec, got, err, tc.err)
-			}
-			continue
+		got, err := execUser(workload, tc.spec)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("%q: got %+v, %v; want %+v (error %v)", tc.spec, got, err, tc.want, tc.err)
 		}
-		if err != nil || got != tc.want {
-			t.Errorf("%q: got %+v, %v; want %+v", tc.spec, got, err, tc.want)
-		}
-	}
-	// A runtime without the default user runs the workload as nobody.
-	got, err := lookupUser(rootWithPasswd(t, "root:x:0:0::/root:/bin/sh\n"), "")
-	if err != nil || got != nobody {
-		t.Errorf("without the default user: %+v %v", got, err)
 	}
 }
 

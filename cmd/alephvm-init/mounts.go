@@ -59,7 +59,7 @@ func (in *Init) mountAll() error {
 	}
 	in.trace("root overlay mounted")
 
-	u, err := lookupUser(newRoot, in.cfg.Workload.User)
+	u, err := setupWorkloadUser(newRoot, in.cfg.Workload.User)
 	if err != nil {
 		return fmt.Errorf("workload user: %w", err)
 	}

@@ -1,13 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"os"
-	"path/filepath"
+	"path"
 	"strconv"
-	"strings"
 
 	"github.com/alephvm/alephvm/guest"
 )
@@ -19,71 +16,75 @@ type user struct {
 	home     string
 }
 
-// nobody runs the workload when the default user is missing.
-var nobody = user{name: "nobody", uid: 65534, gid: 65534, home: "/"}
+var rootUser = user{name: "root", uid: 0, gid: 0, home: "/root"}
 
-// lookupUser resolves spec ("name", "uid" or "uid:gid"; empty for
-// guest.DefaultUser, or nobody when the runtime lacks it) against the
-// passwd file of the root filesystem at root.
-func lookupUser(root, spec string) (user, error) {
-	users, err := readPasswd(filepath.Join(root, "etc/passwd"))
-	if err != nil && !os.IsNotExist(err) {
+// workloadUser returns who runs the workload: the uid and gid of spec
+// (Workload.User; guest.WorkloadUID and guest.WorkloadGID when empty),
+// never root. The runtime's /etc/passwd is not read: the runtime is the
+// program owner's, and could say that the workload's name is uid 0.
+func workloadUser(spec string) (user, error) {
+	uid, gid, err := guest.ParseWorkloadUser(spec)
+	if err != nil {
 		return user{}, err
 	}
-	if spec == "" {
-		if u, ok := users[guest.DefaultUser]; ok {
-			return u, nil
-		}
-		return nobody, nil
+	name := guest.DefaultUser
+	if uid != guest.WorkloadUID {
+		name = strconv.Itoa(uid)
 	}
-	name, group, hasGroup := strings.Cut(spec, ":")
-	u, ok := users[name]
-	if !ok {
-		uid, err := strconv.Atoi(name)
-		if err != nil || uid < 0 {
-			return user{}, fmt.Errorf("no user %q in the runtime's /etc/passwd", name)
-		}
-		u = user{name: name, uid: uid, gid: uid, home: "/"}
-		for _, known := range users {
-			if known.uid == uid {
-				u = known
-			}
-		}
+	return user{name: name, uid: uid, gid: gid, home: path.Join("/home", name)}, nil
+}
+
+// setupWorkloadUser chooses the workload's user and makes its home in the
+// root filesystem mounted at newRoot, owned by it. The home is made
+// through an os.Root, so that a runtime's symlinks cannot make the init
+// create or chown anything outside that root; a home that cannot be made
+// is replaced by / (and said on the console).
+func setupWorkloadUser(newRoot, spec string) (user, error) {
+	u, err := workloadUser(spec)
+	if err != nil {
+		return user{}, err
 	}
-	if hasGroup {
-		gid, err := strconv.Atoi(group)
-		if err != nil || gid < 0 {
-			return user{}, fmt.Errorf("group %q: want a number", group)
-		}
-		u.gid = gid
+	if err := makeHome(newRoot, u); err != nil {
+		logf("workload home %s: %v; HOME is /", u.home, err)
+		u.home = "/"
 	}
 	return u, nil
 }
 
-func readPasswd(file string) (map[string]user, error) {
-	f, err := os.Open(file)
+func makeHome(newRoot string, u user) error {
+	r, err := os.OpenRoot(newRoot)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	defer f.Close()
-	return parsePasswd(f)
+	defer r.Close()
+	rel := u.home[1:]
+	if err := r.MkdirAll(rel, 0o755); err != nil {
+		return err
+	}
+	st, err := r.Lstat(rel)
+	if err != nil {
+		return err
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("not a directory (%s)", st.Mode().Type())
+	}
+	return r.Lchown(rel, u.uid, u.gid)
 }
 
-// parsePasswd reads name:password:uid:gid:gecos:home:shell lines.
-func parsePasswd(r io.Reader) (map[string]user, error) {
-	users := map[string]user{}
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		f := strings.Split(sc.Text(), ":")
-		if len(f) < 7 || strings.HasPrefix(f[0], "#") {
-			continue
-		}
-		uid, err1 := strconv.Atoi(f[2])
-		gid, err2 := strconv.Atoi(f[3])
-		if err1 != nil || err2 != nil {
-			continue
-		}
-		users[f[0]] = user{name: f[0], uid: uid, gid: gid, home: f[5]}
+// execUser returns who runs an exec'd command: the host's choice (the
+// host is trusted), from "" or guest.DefaultUser (the workload's user),
+// "root", or "uid[:gid]". Other names are refused: they would be looked
+// up in the runtime's /etc/passwd.
+func execUser(workload user, spec string) (user, error) {
+	switch spec {
+	case "", guest.DefaultUser:
+		return workload, nil
+	case "root", "0", "0:0":
+		return rootUser, nil
 	}
-	return users, sc.Err()
+	uid, gid, err := guest.ParseWorkloadUser(spec)
+	if err != nil {
+		return user{}, fmt.Errorf("exec user: %w (use root, %s or uid[:gid])", err, guest.DefaultUser)
+	}
+	return user{name: strconv.Itoa(uid), uid: uid, gid: gid, home: "/"}, nil
 }

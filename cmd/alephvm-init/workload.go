@@ -294,12 +294,9 @@ func (in *Init) Exec(ctx context.Context, req guest.ExecRequest) (guest.ExecResu
 	if !ready {
 		return guest.ExecResult{}, errors.New("the root filesystem is not ready")
 	}
-	u := in.user
-	if req.User != "" {
-		var err error
-		if u, err = lookupUser("/", req.User); err != nil {
-			return guest.ExecResult{}, err
-		}
+	u, err := execUser(in.user, req.User)
+	if err != nil {
+		return guest.ExecResult{}, err
 	}
 	env := workloadEnv(u, in.cfg.Hostname, in.cfg.Workload.Variables)
 	for _, k := range slices.Sorted(maps.Keys(req.Env)) {

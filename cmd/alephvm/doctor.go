@@ -37,7 +37,7 @@ The exit status is 1 when something stops VMs from running.`,
 
 func doctorSettings(c config.Config) hostcheck.Settings {
 	return hostcheck.Settings{Hypervisors: c.Hypervisors, ProgramHypervisor: c.ProgramHypervisor,
-		InstanceDefault: c.InstanceHypervisor, UseJailer: c.UseJailer}
+		InstanceDefault: c.InstanceHypervisor, UseJailer: c.UseJailer, QEMURunAs: c.QEMURunAs, QEMUFirstUID: c.QEMUFirstUID}
 }
 
 // writeDoctor prints the probes and the plan, and returns an error when
@@ -64,6 +64,9 @@ func writeDoctor(out io.Writer, h hostcheck.Host, p hostcheck.Plan) error {
 	fmt.Fprintln(out, "\nSo:")
 	fmt.Fprintf(out, "  firecracker: %s\n", usable(p.Firecracker))
 	fmt.Fprintf(out, "  qemu:        %s\n", usable(p.QEMU))
+	if p.QEMU.Usable {
+		fmt.Fprintf(out, "  QEMU runs as %s, with its seccomp sandbox on\n", p.QEMURunsAs)
+	}
 	fmt.Fprintf(out, "  programs run under %s\n", choice(p.Programs))
 	fmt.Fprintf(out, "  instances that name no hypervisor run under %s\n", choice(p.Instances))
 	for _, hv := range []string{hostcheck.Firecracker, hostcheck.QEMU} {

@@ -234,7 +234,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 	plan := hostcheck.Decide(host, doctorSettings(cfg))
 	hvs := execution.Hypervisors{}
 	if plan.QEMU.Usable {
-		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs, ConsoleMaxSize: int64(cfg.ConsoleLogMaxSize)}, log)
+		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs, FirstUID: cfg.QEMUFirstUID, ConsoleMaxSize: int64(cfg.ConsoleLogMaxSize)}, log)
 		if err != nil {
 			return plan, nil, err
 		}

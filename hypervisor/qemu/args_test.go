@@ -54,7 +54,8 @@ func TestArgsGolden(t *testing.T) {
 		accel string
 		runAs string
 	}{
-		{"program-tcg", programSpec(), "tcg", ""},
+		{"program-tcg", programSpec(), "tcg", "1100000:1100000"},
+		{"program-tcg-root", programSpec(), "tcg", ""},
 		{"instance-kvm-runas", instanceSpec(), "kvm", "alephvm-qemu"},
 	}
 	for _, tc := range cases {
@@ -65,6 +66,24 @@ func TestArgsGolden(t *testing.T) {
 			}
 			testenv.Golden(t, filepath.Join("testdata", tc.name+".args"), []byte(strings.Join(args, "\n")+"\n"))
 		})
+	}
+}
+
+// QEMU drops to its user with its sandbox on, which then must allow the
+// drop itself; as root, the sandbox forbids any change of identity.
+func TestArgsRunAsAndSandbox(t *testing.T) {
+	for runAs, elevate := range map[string]string{"1100000:1100000": "allow", "alephvm-qemu": "allow", "": "deny"} {
+		args, err := Args(programSpec(), "tcg", runAs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		line := strings.Join(args, " ")
+		if !strings.Contains(line, " -sandbox on,obsolete=deny,elevateprivileges="+elevate+",spawn=deny,resourcecontrol=deny ") {
+			t.Errorf("run as %q: sandbox not on with elevateprivileges=%s: %s", runAs, elevate, line)
+		}
+		if got := strings.Contains(line, " -runas "+runAs+" "); got != (runAs != "") {
+			t.Errorf("run as %q: -runas in the command line: %v", runAs, got)
+		}
 	}
 }
 

@@ -41,16 +41,36 @@ type Options struct {
 	// Accel is "kvm", "tcg", or "auto" (kvm when a probe guest runs under
 	// it, tcg otherwise). Resolve "auto" with ResolveAccel before Args.
 	Accel string
-	// RunAs drops QEMU's privileges to this user once it has opened its
-	// devices (-runas); empty keeps root.
+	// RunAs is who QEMU runs as once it has opened its files and devices
+	// (-runas): RunAsPerVM (empty, the default) for a uid and gid of its
+	// own per VM from FirstUID; RunAsRoot to keep root (for debugging
+	// only); or a user name or uid:gid shared by every VM, never uid 0.
 	RunAs string
 	// ConsoleMaxSize caps each VM's console file (console.log and its
 	// rotated half); 0 means console.DefaultMaxSize.
 	ConsoleMaxSize int64
+	// FirstUID is the first of the UIDs uids given to VMs under
+	// RunAsPerVM; 0 means DefaultFirstUID.
+	FirstUID int
+}
+
+// Sandbox returns the -sandbox option: QEMU's seccomp filter, which
+// forbids obsolete system calls, spawning processes and changing resource
+// limits or scheduling, and, unless QEMU must drop to another user
+// itself (runAs), setuid and its kind. (QEMU installs the filter before it
+// drops: with elevateprivileges=deny its own setuid kills it. Once it has
+// dropped, it has no privilege left to elevate.)
+func Sandbox(runAs bool) string {
+	elevate := "deny"
+	if runAs {
+		elevate = "allow"
+	}
+	return "on,obsolete=deny,elevateprivileges=" + elevate + ",spawn=deny,resourcecontrol=deny"
 }
 
 // Args returns QEMU's command line (without the binary) for spec. accel
-// must be "kvm" or "tcg".
+// must be "kvm" or "tcg"; runAs is -runas's user name or uid:gid, empty
+// for QEMU to stay root.
 func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
@@ -64,10 +84,6 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		}
 	}
 	dir := func(name string) string { return opt(filepath.Join(spec.Dir, name)) }
-	elevate := "deny"
-	if runAs != "" {
-		elevate = "allow" // -runas changes uid after the filter is installed
-	}
 	a := []string{
 		"-name", "guest=" + spec.Name + ",debug-threads=on",
 		"-machine", "q35",
@@ -80,7 +96,7 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		"-smp", strconv.Itoa(spec.VCPUs),
 		"-m", strconv.Itoa(spec.MemoryMiB)+"M",
 		"-nodefaults", "-no-user-config", "-display", "none",
-		"-sandbox", "on,obsolete=deny,elevateprivileges="+elevate+",spawn=deny,resourcecontrol=deny",
+		"-sandbox", Sandbox(runAs != ""),
 		"-msg", "timestamp=on",
 		"-pidfile", dir(PidFile),
 		"-qmp", "unix:"+dir(QMPSocket)+",server=on,wait=off",
@@ -155,7 +171,7 @@ func opt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 type Driver struct {
 	binary     string
 	accel      string
-	runAs      string
+	runAs      *runAsPolicy
 	consoleMax int64
 	log        *slog.Logger
 }
@@ -169,16 +185,26 @@ func New(ctx context.Context, o Options, log *slog.Logger) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w (install Debian's qemu-system-x86)", err)
 	}
+	runAs, err := newRunAsPolicy(o.RunAs, o.FirstUID)
+	if err != nil {
+		return nil, err
+	}
 	accel, err := ResolveAccel(ctx, bin, o.Accel)
 	if err != nil {
 		return nil, err
 	}
-	log.Info("qemu backend ready", "binary", bin, "accel", accel)
 	if o.ConsoleMaxSize != 0 && o.ConsoleMaxSize < console.MinMaxSize {
 		return nil, fmt.Errorf("qemu: console cap %d bytes is below the minimum of %d", o.ConsoleMaxSize, console.MinMaxSize)
 	}
-	return &Driver{binary: bin, accel: accel, runAs: o.RunAs, consoleMax: o.ConsoleMaxSize, log: log}, nil
+	if o.RunAs == RunAsRoot {
+		log.Warn("qemu runs as root: a guest that takes over its QEMU has the host (QEMU_RUNAS=root is for debugging only)")
+	}
+	log.Info("qemu backend ready", "binary", bin, "accel", accel, "runs_as", runAs.String())
+	return &Driver{binary: bin, accel: accel, runAs: runAs, consoleMax: o.ConsoleMaxSize, log: log}, nil
 }
+
+// RunsAs says who the driver's QEMU processes run as.
+func (d *Driver) RunsAs() string { return d.runAs.String() }
 
 // Accel returns the accelerator the driver uses.
 func (d *Driver) Accel() string { return d.accel }
@@ -187,8 +213,17 @@ func (d *Driver) Accel() string { return d.accel }
 // early failure comes with QEMU's own message. QEMU runs in a session of
 // its own, so it outlives the node; while the node runs, the node reaps it.
 // (QEMU's -daemonize forks, which its seccomp sandbox forbids.)
+//
+// QEMU opens every file and device of the VM as root, then drops to its
+// identity (-runas) before it runs the guest; Start makes sure it did, and
+// that its seccomp sandbox is on, or stops it.
 func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
-	args, err := Args(spec, d.accel, d.runAs)
+	id, release, err := d.runAs.take()
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
+	}
+	defer release()
+	args, err := Args(spec, d.accel, id.runAs)
 	if err != nil {
 		return nil, err
 	}
@@ -233,8 +268,14 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 		msg, _ := os.ReadFile(logPath)
 		return nil, fmt.Errorf("vm %s: %w: %s", spec.Name, err, strings.TrimSpace(string(msg)))
 	}
+	if err := waitDropped(ctx, cmd.Process.Pid, id, exited); err != nil {
+		qmp.Close()
+		_ = cmd.Process.Kill()
+		<-exited
+		return nil, fmt.Errorf("vm %s: qemu stopped: it %w", spec.Name, err)
+	}
 	vm := newVM(spec.Dir, cmd.Process.Pid, qmp, exited, d.consoleMax, d.log)
-	d.log.Info("vm started", "vm", spec.Name, "pid", vm.pid, "accel", d.accel, "took", time.Since(started).Round(time.Millisecond))
+	d.log.Info("vm started", "vm", spec.Name, "pid", vm.pid, "accel", d.accel, "uid", id.uid, "took", time.Since(started).Round(time.Millisecond))
 	return vm, nil
 }
 

@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -29,9 +30,11 @@ func blankVM(t *testing.T) hypervisor.Spec {
 		Drives: []hypervisor.Drive{{Path: disk}}, Control: true, ControlPort: "org.alephvm.control"}
 }
 
-func newTestDriver(t *testing.T) *Driver {
+func newTestDriver(t *testing.T) *Driver { return newTestDriverAs(t, RunAsPerVM) }
+
+func newTestDriverAs(t *testing.T, runAs string) *Driver {
 	testenv.RequireTools(t, "qemu-system-x86_64")
-	d, err := New(context.Background(), Options{Accel: "tcg"}, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	d, err := New(context.Background(), Options{Accel: "tcg", RunAs: runAs}, slog.New(slog.NewTextHandler(os.Stderr, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,6 +60,21 @@ func TestLifecycle(t *testing.T) {
 	if _, err := os.Stat(vm.ControlSocket()); err != nil {
 		t.Errorf("control socket: %v", err)
 	}
+	// QEMU runs as a uid of its own, under its seccomp filter.
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", vm.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, _ := processIDs(fmt.Sprintf("/proc/%d/status", vm.Pid()))
+	for _, id := range ids {
+		if id < DefaultFirstUID || id >= DefaultFirstUID+UIDs {
+			t.Errorf("qemu runs with uid or gid %d, outside its range (root is 0):\n%s", id, status)
+		}
+	}
+	if !strings.Contains(string(status), "Seccomp:\t2") {
+		t.Errorf("qemu has no seccomp filter:\n%s", status)
+	}
+	t.Logf("qemu %d runs as uids and gids %v", vm.Pid(), ids)
 
 	// The node goes away and comes back: the VM is still there.
 	vm.Close()
@@ -104,7 +122,7 @@ func TestStartReportsQEMUErrors(t *testing.T) {
 }
 
 func TestSIGKILLIsTheLastResort(t *testing.T) {
-	d := newTestDriver(t)
+	d := newTestDriverAs(t, RunAsRoot) // root, as QEMU_RUNAS=root asks
 	ctx := context.Background()
 	vm, err := d.Start(ctx, blankVM(t))
 	if err != nil {
