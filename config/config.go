@@ -45,6 +45,7 @@ type Config struct {
 	APIServer           string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
 	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
 	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
+	DiskFreeFloor       Bytes   `env:"DISK_FREE_FLOOR" yaml:"disk_free_floor" help:"Free space (bytes, or 2GiB) that must stay on the filesystem of the volumes and VM runtime files once a new root disk or volume is fully written; one that would leave less is refused (507)."`
 	StallTimeout        Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
 	ReuseTimeout        Seconds `env:"REUSE_TIMEOUT" yaml:"reuse_timeout" help:"How long a program VM stays warm after its last request (seconds, or a duration such as 10m); 0 stops it after each request."`
 	NetworkInterface    string  `env:"NETWORK_INTERFACE" yaml:"network_interface" help:"Interface towards the outside world, where VM traffic is masqueraded and port forwards arrive; empty means the interface of the default route."`
@@ -91,6 +92,7 @@ func Default() Config {
 		ExecutionRoot:      "/var/lib/alephvm",
 		CacheRoot:          "/var/cache/alephvm",
 		CacheMaxSize:       50 << 30,
+		DiskFreeFloor:      2 << 30,
 		StallTimeout:       Seconds(2 * time.Minute),
 		ReuseTimeout:       Seconds(time.Hour),
 		IPv4AddressPool:    "172.16.0.0/12",
