@@ -46,6 +46,7 @@ type Config struct {
 	APIServer           string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
 	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
 	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
+	DiskFreeFloor       Bytes   `env:"DISK_FREE_FLOOR" yaml:"disk_free_floor" help:"Free space (bytes, or 2GiB) that must stay on the filesystem of the volumes and VM runtime files once a new root disk or volume is fully written; one that would leave less is refused (507)."`
 	StallTimeout        Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
 	MaxItemSize         Bytes   `env:"STORE_MAX_ITEM_SIZE" yaml:"store_max_item_size" help:"Largest file the content store downloads: the limit of a STORE message that gives no size (or a negative one) and of the file an IPFS DAG expands to; a message giving more is refused."`
 	MinFreeSpace        Bytes   `env:"CACHE_MIN_FREE_SPACE" yaml:"cache_min_free_space" help:"Free space kept on the filesystem of CACHE_ROOT: a download that would go below it is refused (HTTP 507) or stopped and its partial file removed; 0 means no floor."`
@@ -106,6 +107,7 @@ func Default() Config {
 		ExecutionRoot:      "/var/lib/alephvm",
 		CacheRoot:          "/var/cache/alephvm",
 		CacheMaxSize:       50 << 30,
+		DiskFreeFloor:      2 << 30,
 		StallTimeout:       Seconds(2 * time.Minute),
 		MaxItemSize:        20 << 30,
 		MinFreeSpace:       2 << 30,

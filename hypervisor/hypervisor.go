@@ -49,12 +49,23 @@ type Boot struct {
 
 // Drive is a block device given to the guest.
 type Drive struct {
-	Path     string
-	Format   string // "raw" or "qcow2"; empty means raw
+	Path   string
+	Format string // "raw" or "qcow2"; empty means raw
+	// Backing is the chain under a qcow2 drive, nearest first, each
+	// opened read-only with its own format: the backends open exactly
+	// these, never a backing file named in an image's header. Empty means
+	// the drive stands alone.
+	Backing  []Layer
 	ReadOnly bool
 	// Serial is shown to the guest where the hypervisor supports it
 	// (/sys/block/vdX/serial under QEMU); at most 20 bytes.
 	Serial string
+}
+
+// Layer is one image of a drive's backing chain.
+type Layer struct {
+	Path   string
+	Format string // "raw" or "qcow2"
 }
 
 // NIC is a network interface backed by a tap device on the host.
@@ -87,6 +98,19 @@ func (s Spec) Validate() error {
 		}
 		if d.Format != "" && d.Format != "raw" && d.Format != "qcow2" {
 			errs = append(errs, fmt.Errorf("drive %d: format must be raw or qcow2, got %q", i, d.Format))
+		}
+		if len(d.Backing) > 0 && d.Format != "qcow2" {
+			errs = append(errs, fmt.Errorf("drive %d: only a qcow2 drive has a backing chain, not a %q one", i, d.Format))
+		}
+		for j, l := range d.Backing {
+			switch {
+			case l.Path == "":
+				errs = append(errs, fmt.Errorf("drive %d: backing layer %d: no path", i, j))
+			case l.Format != "raw" && l.Format != "qcow2":
+				errs = append(errs, fmt.Errorf("drive %d: backing layer %d: format must be raw or qcow2, got %q", i, j, l.Format))
+			case l.Format == "raw" && j != len(d.Backing)-1:
+				errs = append(errs, fmt.Errorf("drive %d: backing layer %d: a raw layer has nothing under it, it must be the last", i, j))
+			}
 		}
 		if len(d.Serial) > 20 {
 			errs = append(errs, fmt.Errorf("drive %d: serial %q is longer than 20 bytes", i, d.Serial))

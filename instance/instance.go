@@ -14,7 +14,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -60,7 +59,10 @@ type Options struct {
 	// its runtime files (sockets, console).
 	VolumesDir string
 	RunDir     string
-	DNS        []netip.Addr
+	// Disks makes root disks and volumes, refusing those their filesystem
+	// cannot hold; the zero value reads free space with statfs.
+	Disks storage.Disks
+	DNS   []netip.Addr
 	// DeveloperKeys are added to every instance's authorized keys.
 	DeveloperKeys []string
 	// MaxPublishedPorts bounds the ports an instance's message may
@@ -303,7 +305,7 @@ func diskName(ref message.ItemHash) string { return "inst-" + string(ref)[:16] }
 // which reads raw images only, a raw disk (storage.CreateRawDisk: a
 // device-mapper snapshot, a reflink or a copy), which only a bare ext4
 // base can be, since Firecracker boots no bootloader.
-func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv execution.Hypervisor, base string, form baseForm, disks string, sizeMiB int64, log *slog.Logger) (hypervisor.Drive, storage.RawDisk, error) {
+func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv execution.Hypervisor, base storage.Image, form baseForm, disks string, sizeMiB int64, log *slog.Logger) (hypervisor.Drive, storage.RawDisk, error) {
 	tooSmall := func(err error) error {
 		if errors.Is(err, storage.ErrTooSmall) {
 			return &execution.Error{Status: 400, Msg: err.Error()}
@@ -312,16 +314,18 @@ func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv executi
 	}
 	if hv.Name() != execution.Firecracker {
 		rootfs := filepath.Join(disks, "rootfs.qcow2")
-		if err := storage.CreateOverlay(ctx, base, rootfs, sizeMiB); err != nil {
+		if err := m.opts.Disks.CreateOverlay(ctx, base, rootfs, sizeMiB); err != nil {
 			return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)
 		}
-		return hypervisor.Drive{Path: rootfs, Format: "qcow2", Serial: "rootfs"}, storage.RawDisk{}, nil
+		// QEMU opens this chain, not the one the layer's header names.
+		return hypervisor.Drive{Path: rootfs, Format: storage.FormatQCOW2, Serial: "rootfs",
+			Backing: []hypervisor.Layer{{Path: base.Path, Format: base.Format}}}, storage.RawDisk{}, nil
 	}
 	if form != formExt4 {
 		return hypervisor.Drive{}, storage.RawDisk{}, &execution.Error{Status: 400,
 			Msg: fmt.Sprintf("instance %s runs under firecracker, which boots only a bare ext4 base image; its base is a %s image", ref, form)}
 	}
-	disk, err := storage.CreateRawDisk(ctx, base, disks, diskName(ref), sizeMiB, log)
+	disk, err := m.opts.Disks.CreateRawDisk(ctx, base.Path, disks, diskName(ref), sizeMiB, log)
 	if err != nil {
 		return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)
 	}
@@ -523,32 +527,33 @@ const (
 )
 
 // base links the parent image into the instance's directory, so that the
-// root disk's backing file stays even if the store evicts the parent, and
-// says which boot form it has. An existing link is kept: the instance's
-// data was written over it.
-func (m *Manager) base(ctx context.Context, parent, disks string, log *slog.Logger) (string, baseForm, error) {
+// root disk's backing file stays even if the store evicts the parent,
+// refuses it unless it stands alone (storage.InspectParent: no backing
+// file, data file or encryption), and says which format and boot form it
+// has. An existing link is kept: the instance's data was written over it.
+func (m *Manager) base(ctx context.Context, parent, disks string, log *slog.Logger) (storage.Image, baseForm, error) {
 	base := filepath.Join(disks, "base")
 	if _, err := os.Stat(base); errors.Is(err, os.ErrNotExist) {
 		if err := os.Link(parent, base); err != nil {
 			method, cerr := storage.CloneFile(parent, base)
 			if cerr != nil {
-				return "", "", fmt.Errorf("keep base image: %w", errors.Join(err, cerr))
+				return storage.Image{}, "", fmt.Errorf("keep base image: %w", errors.Join(err, cerr))
 			}
 			if method == storage.FullCopy {
 				log.Warn("base image copied whole: the store and the volumes are on different filesystems without reflinks", "base", base)
 			}
 		}
 	}
-	info, err := storage.Inspect(ctx, base)
+	info, err := storage.InspectParent(ctx, base)
 	if err != nil {
-		return "", "", err
+		return storage.Image{}, "", err
 	}
-	if info.Format == "qcow2" {
+	if info.Format == storage.FormatQCOW2 {
 		// Cloud images boot under BIOS and UEFI alike; SeaBIOS is quicker.
-		return base, formDisk, nil
+		return info.Image, formDisk, nil
 	}
 	form, err := rawForm(base)
-	return base, form, err
+	return info.Image, form, err
 }
 
 // rawForm tells a GPT disk (booted by UEFI), an MBR disk (booted by the
@@ -587,7 +592,7 @@ func (m *Manager) volume(ctx context.Context, ref message.ItemHash, disks, runDi
 	case message.VolumeEphemeral:
 		path := filepath.Join(runDir, serial+".ext4")
 		_ = os.Remove(path)
-		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, serial); err != nil {
+		if err := m.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, serial); err != nil {
 			return hypervisor.Drive{}, nil, err
 		}
 		return hypervisor.Drive{Path: path, Serial: serial}, func() { _ = os.Remove(path) }, nil
@@ -595,12 +600,12 @@ func (m *Manager) volume(ctx context.Context, ref message.ItemHash, disks, runDi
 		if vol.Persistence != nil && *vol.Persistence == message.PersistenceStore {
 			return hypervisor.Drive{}, nil, &execution.Error{Status: 400, Msg: "volumes kept on the network (persistence: store) are not supported"}
 		}
-		name := serial
+		name, label := "", serial
 		if vol.Name != nil && *vol.Name != "" {
-			name = execution.SafeName.ReplaceAllString(*vol.Name, "_")
+			name, label = *vol.Name, execution.SafeName.ReplaceAllString(*vol.Name, "_")
 		}
-		path := filepath.Join(disks, "volume-"+strings.TrimPrefix(name, "volume-")+".ext4")
-		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, name); err != nil {
+		path := filepath.Join(disks, "volume-"+storage.VolumeFileName(name, i)+".ext4")
+		if err := m.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, label); err != nil {
 			return hypervisor.Drive{}, nil, err
 		}
 		return hypervisor.Drive{Path: path, Serial: serial}, nil, nil

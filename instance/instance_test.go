@@ -3,6 +3,7 @@ package instance
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -45,6 +47,7 @@ type rig struct {
 	choose  Chooser
 	boot    execution.Kernel
 	fw      *network.Firewall
+	disks   storage.Disks
 	log     *slog.Logger
 }
 
@@ -72,7 +75,7 @@ func (r *rig) manager() *Manager {
 	nets := network.NewManager(pool, r.fw, network.DefaultPorts, r.log)
 	return New(Options{
 		Store: r.st, Hypervisors: r.hvs, Choose: r.choose, DirectBoot: r.boot, Networks: nets, Records: r.records,
-		VolumesDir: filepath.Join(r.dir, "volumes"), RunDir: filepath.Join(r.dir, "vms"),
+		VolumesDir: filepath.Join(r.dir, "volumes"), RunDir: filepath.Join(r.dir, "vms"), Disks: r.disks,
 		DNS: []netip.Addr{netip.MustParseAddr("10.0.0.53")}, DeveloperKeys: []string{"ssh-ed25519 AAAA dev"},
 		StopTimeouts: hypervisor.StopTimeouts{Shutdown: 500 * time.Millisecond, Quit: 5 * time.Second, Kill: 5 * time.Second},
 		Log:          r.log,
@@ -151,8 +154,8 @@ func TestInstanceLifecycle(t *testing.T) {
 		t.Fatalf("%+v %v", rec, err)
 	}
 	disks := filepath.Join(r.dir, "volumes", string(ref))
-	info, err := storage.Inspect(ctx, filepath.Join(disks, "rootfs.qcow2"))
-	if err != nil || info.VirtualSize != 2048<<20 || info.BackingFilename != filepath.Join(disks, "base") {
+	info, err := storage.Inspect(ctx, storage.Image{Path: filepath.Join(disks, "rootfs.qcow2"), Format: storage.FormatQCOW2})
+	if err != nil || info.VirtualSize != 2048<<20 || info.BackingFile != filepath.Join(disks, "base") {
 		t.Errorf("root disk %+v %v", info, err)
 	}
 	for _, f := range []string{"cidata.iso", "volume-data.ext4"} {
@@ -160,6 +163,7 @@ func TestInstanceLifecycle(t *testing.T) {
 			t.Error(err)
 		}
 	}
+	checkDiskChains(t, m.get(ref).vm.Pid(), disks)
 	ruleset := testenv.Cmd(t, "nft", "list", "table", "inet", network.TableName)
 	if !strings.Contains(ruleset, "tcp dport 24000 dnat ip to 172.16.4.2:22") || !strings.Contains(ruleset, "dnat ip to 172.16.4.2:80") {
 		t.Errorf("forwards missing:\n%s", ruleset)
@@ -268,6 +272,121 @@ func TestInstanceRefusals(t *testing.T) {
 	err = m.Start(ctx, many)
 	if !asError(err, &e) || e.Status != 400 || !strings.Contains(err.Error(), fmt.Sprintf("at most %d", DefaultMaxPublishedPorts)) {
 		t.Errorf("%d published ports: %v", DefaultMaxPublishedPorts+1, err)
+	}
+}
+
+// checkDiskChains checks that the VM of pid has exactly the disks the node
+// built for it in disks, and that the root disk's chain is the layer over
+// the base and nothing else, as the images declare it (qemu-img info
+// --backing-chain) and as QEMU opened it (its open files).
+func checkDiskChains(t *testing.T, pid int, disks string) {
+	t.Helper()
+	root := filepath.Dir(filepath.Dir(disks)) // the rig's directory
+	var opened []string
+	for _, f := range testenv.OpenFiles(t, pid) {
+		if strings.HasPrefix(f, root+"/") && !strings.HasPrefix(f, filepath.Join(root, "vms")+"/") {
+			opened = append(opened, f)
+		}
+	}
+	slices.Sort(opened)
+	opened = slices.Compact(opened)
+	var want []string
+	for _, f := range []string{"base", "cidata.iso", "rootfs.qcow2", "volume-data.ext4"} {
+		want = append(want, filepath.Join(disks, f))
+	}
+	if !slices.Equal(opened, want) {
+		t.Errorf("the VM opened %v, want %v", opened, want)
+	}
+	out := testenv.Cmd(t, "qemu-img", "info", "--backing-chain", "--output=json", "-U", "-f", "qcow2", filepath.Join(disks, "rootfs.qcow2"))
+	var chain []struct {
+		Filename string `json:"filename"`
+		Format   string `json:"format"`
+	}
+	if err := json.Unmarshal([]byte(out), &chain); err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 2 || chain[0].Filename != want[2] || chain[0].Format != "qcow2" || chain[1].Filename != want[0] || chain[1].Format != "raw" {
+		t.Errorf("root disk chain %+v", chain)
+	}
+	args, err := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(disks)), "vms", "i-"+filepath.Base(disks)[:16], qemu.ArgsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(args), `"backing":"drive0-b0"`) {
+		t.Errorf("the root disk's backing is not named to QEMU:\n%s", args)
+	}
+}
+
+// TestInstanceRefusesBaseImages: a base image that names a backing file
+// (here a host file the guest would read) or an external data file is
+// refused with a 400 saying why, before anything is made for the
+// instance; so is a root disk the node's disk cannot hold, with a 507.
+func TestInstanceRefusesBaseImages(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	secret := filepath.Join(r.dir, "shadow")
+	if err := os.WriteFile(secret, make([]byte, 32<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// stored stores the image qemu-img makes with args, and an instance
+	// over it.
+	stored := func(size string, args ...string) message.ItemHash {
+		img := filepath.Join(r.dir, "hostile.qcow2")
+		os.Remove(img)
+		args = append(append([]string{"create", "-q", "-f", "qcow2"}, args...), img)
+		if size != "" {
+			args = append(args, size)
+		}
+		testenv.Cmd(t, "qemu-img", args...)
+		added, err := r.st.AddFile(ctx, img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.storeInstance(map[string]any{
+			"address": "0x1", "time": 1700000000, "allow_amend": false, "authorized_keys": []string{},
+			"environment": map[string]any{"internet": false, "hypervisor": "qemu"},
+			"resources":   map[string]any{"vcpus": 1, "memory": 128, "seconds": 30},
+			"rootfs":      map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": 64},
+		})
+	}
+	m := r.manager()
+	for _, tc := range []struct {
+		name string
+		ref  message.ItemHash
+		want string
+	}{
+		{"backing file", stored("", "-F", "raw", "-b", secret), `names a backing file ("` + secret + `")`},
+		{"data file", stored("32M", "-o", "data_file="+filepath.Join(r.dir, "data.raw")), "external data file"},
+	} {
+		err := m.Start(ctx, tc.ref)
+		var se interface{ HTTPStatus() int }
+		if !errors.As(err, &se) || se.HTTPStatus() != 400 || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v, want a 400 saying %q", tc.name, err, tc.want)
+		}
+		checkNothingMade(t, r, tc.ref)
+	}
+
+	r.disks = storage.Disks{Free: func(string) (int64, error) { return 1 << 30, nil }, Floor: 1 << 30}
+	ref := r.instanceMessage(64)
+	err := r.manager().Start(ctx, ref)
+	var se interface{ HTTPStatus() int }
+	if !errors.As(err, &se) || se.HTTPStatus() != 507 || !strings.Contains(err.Error(), "not enough disk space") {
+		t.Errorf("full disk: got %v, want a 507", err)
+	}
+	checkNothingMade(t, r, ref)
+}
+
+// checkNothingMade checks that a refused start left no disk, tap or record.
+func checkNothingMade(t *testing.T, r *rig, ref message.ItemHash) {
+	t.Helper()
+	if files, _ := filepath.Glob(filepath.Join(r.dir, "volumes", string(ref), "rootfs*")); len(files) > 0 {
+		t.Errorf("disks made: %v", files)
+	}
+	if _, err := net.InterfaceByName("avm4"); err == nil {
+		t.Error("tap left")
+	}
+	if _, err := r.records.Get(context.Background(), ref); err == nil {
+		t.Error("record made")
 	}
 }
 

@@ -47,7 +47,10 @@ type Options struct {
 	// ephemeral volumes); VolumesDir the persistent volumes, by program.
 	RunDir     string
 	VolumesDir string
-	DNS        []netip.Addr
+	// Disks makes the volumes, refusing those their filesystem cannot
+	// hold; the zero value reads free space with statfs.
+	Disks storage.Disks
+	DNS   []netip.Addr
 	// ReadyTimeout bounds the wait for the workload to accept connections.
 	ReadyTimeout time.Duration
 	Logs         *LogArchive
@@ -399,7 +402,7 @@ func (v *programVM) volume(ctx context.Context, i int, vol message.MachineVolume
 		return item.Path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatSquashfs, Mount: mount, ReadOnly: true}, nil
 	case message.VolumeEphemeral:
 		path := filepath.Join(v.dir, fmt.Sprintf("ephemeral-%d.ext4", i))
-		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, ""); err != nil {
+		if err := v.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, ""); err != nil {
 			return "", guest.Drive{}, err
 		}
 		return path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount}, nil
@@ -414,8 +417,12 @@ func (v *programVM) volume(ctx context.Context, i int, vol message.MachineVolume
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return "", guest.Drive{}, err
 		}
-		path := filepath.Join(dir, name+".ext4")
-		if err := storage.CreateVolume(ctx, path, vol.SizeMiB, name); err != nil {
+		file := storage.VolumeFileName("", i)
+		if vol.Name != nil {
+			file = storage.VolumeFileName(*vol.Name, i)
+		}
+		path := filepath.Join(dir, file+".ext4")
+		if err := v.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, name); err != nil {
 			return "", guest.Drive{}, err
 		}
 		return path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount, Persistent: true, Name: name}, nil

@@ -17,6 +17,7 @@ import (
 	"github.com/alephvm/alephvm/internal/teststore"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
+	"github.com/alephvm/alephvm/storage"
 	"github.com/alephvm/alephvm/store"
 )
 
@@ -58,6 +59,12 @@ func (f *fakeHypervisor) Attach(context.Context, string) (execution.VM, error) {
 // programStore is a store holding a PROGRAM message and its items.
 func programStore(t *testing.T) (*store.Store, message.ItemHash) {
 	t.Helper()
+	return programStoreWith(t, []any{map[string]any{"ephemeral": true, "mount": "/tmp/e", "size_mib": 8}})
+}
+
+// programStoreWith is programStore with the program's volumes.
+func programStoreWith(t *testing.T, volumes []any) (*store.Store, message.ItemHash) {
+	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
 	st, _ := teststore.Open(t, dir)
@@ -79,7 +86,7 @@ func programStore(t *testing.T) (*store.Store, message.ItemHash) {
 		"on":          map[string]any{"http": true},
 		"environment": map[string]any{"reproducible": false, "internet": false, "aleph_api": false, "shared_cache": false},
 		"resources":   map[string]any{"vcpus": 2, "memory": 256, "seconds": 30},
-		"volumes":     []any{map[string]any{"ephemeral": true, "mount": "/tmp/e", "size_mib": 8}},
+		"volumes":     volumes,
 	}
 	env := map[string]any{"chain": "ETH", "sender": "0x1", "type": "PROGRAM", "time": 1700000000, "item_type": "inline", "signature": nil, "content": content}
 	raw, _ := json.Marshal(env)
@@ -171,6 +178,84 @@ func TestBootRefusals(t *testing.T) {
 			}
 			if len(nets.detached) != 0 {
 				t.Error("a network was taken")
+			}
+		})
+	}
+}
+
+// bootWith boots the program of st and ref under a fake hypervisor with
+// disks, and returns the spec it was asked to start, what the network
+// saw, and the error.
+func bootWith(t *testing.T, st *store.Store, ref message.ItemHash, volumes string, disks storage.Disks) (hypervisor.Spec, *fakeNetworks, error) {
+	t.Helper()
+	nets := &fakeNetworks{}
+	hv := &fakeHypervisor{name: execution.QEMU}
+	l := New(Options{Store: st, Hypervisor: hv, Networks: nets, Kernel: testKernel, RunDir: t.TempDir(),
+		VolumesDir: volumes, Disks: disks, Logs: NewLogArchive(10), Log: slog.New(slog.DiscardHandler)})
+	ctx := context.Background()
+	plan, err := l.Plan(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = l.Boot(ctx, plan)
+	return hv.spec, nets, err
+}
+
+// TestPersistentVolumeFiles: distinct volume names, those the old
+// mapping made one ("a b" and "a_b") included, get distinct files; safe
+// names keep the files they had.
+func TestPersistentVolumeFiles(t *testing.T) {
+	if _, err := os.Stat("/usr/sbin/mkfs.ext4"); err != nil {
+		t.Skip("mkfs.ext4 is not installed (Debian: e2fsprogs)")
+	}
+	vol := func(name, mount string) map[string]any {
+		return map[string]any{"name": name, "persistence": "host", "size_mib": 8, "mount": mount}
+	}
+	st, ref := programStoreWith(t, []any{vol("a b", "/a"), vol("a_b", "/b"), vol("x", "/x"), vol("volume-x", "/y"), vol("../../escape", "/e")})
+	volumes := t.TempDir()
+	spec, _, err := bootWith(t, st, ref, volumes, storage.Disks{})
+	if !errors.Is(err, errNoVM) {
+		t.Fatalf("boot: %v", err)
+	}
+	var files []string
+	for _, d := range spec.Drives[3:] {
+		files = append(files, strings.TrimPrefix(d.Path, filepath.Join(volumes, string(ref))+"/"))
+	}
+	want := []string{"a%20b.ext4", "a_b.ext4", "x.ext4", "volume-x.ext4", "%2E%2E%2F%2E%2E%2Fescape.ext4"}
+	if strings.Join(files, " ") != strings.Join(want, " ") {
+		t.Errorf("volume files %q, want %q", files, want)
+	}
+	for _, f := range want {
+		if _, err := os.Stat(filepath.Join(volumes, string(ref), f)); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// TestVolumesNeedSpace: a volume its filesystem cannot hold is refused
+// with a 507 before the VM starts, and what the boot took is released.
+func TestVolumesNeedSpace(t *testing.T) {
+	full := storage.Disks{Free: func(string) (int64, error) { return 4 << 20, nil }}
+	for name, volumes := range map[string][]any{
+		"ephemeral":  {map[string]any{"ephemeral": true, "mount": "/tmp/e", "size_mib": 8}},
+		"persistent": {map[string]any{"name": "data", "persistence": "host", "size_mib": 8, "mount": "/data"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			st, ref := programStoreWith(t, volumes)
+			dir := t.TempDir()
+			spec, nets, err := bootWith(t, st, ref, dir, full)
+			var se interface{ HTTPStatus() int }
+			if !errors.As(err, &se) || se.HTTPStatus() != 507 || !strings.Contains(err.Error(), "not enough disk space") {
+				t.Fatalf("got %v, want a 507", err)
+			}
+			if spec.Name != "" {
+				t.Error("the VM was started")
+			}
+			if len(nets.detached) != 1 {
+				t.Errorf("network released %d times", len(nets.detached))
+			}
+			if files, _ := filepath.Glob(filepath.Join(dir, "*", "*")); len(files) != 0 {
+				t.Errorf("files left: %v", files)
 			}
 		})
 	}

@@ -13,7 +13,7 @@ echo "== $(go version)"
 if [ "$(id -u)" -eq 0 ]; then
 	echo "== system packages"
 	apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs xfsprogs \
-		squashfs-tools genisoimage util-linux mmdebstrap ovmf openssh-client cpio dmsetup
+		squashfs-tools genisoimage util-linux mmdebstrap ovmf openssh-client cpio dmsetup strace
 fi
 
 echo "== static checks"

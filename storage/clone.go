@@ -24,7 +24,8 @@ const (
 
 // CloneFile makes dst a copy of src, by reflink where the filesystem
 // supports it and by a sparse byte copy otherwise. dst must not exist; it
-// is created only whole (through a temporary name).
+// is created only whole and durably (through a temporary name, synced
+// before and after its rename).
 func CloneFile(src, dst string) (CloneMethod, error) {
 	in, err := os.Open(src)
 	if err != nil {
@@ -40,11 +41,14 @@ func CloneFile(src, dst string) (CloneMethod, error) {
 		return "", fmt.Errorf("clone %s: %w", src, err)
 	}
 	method, err := cloneInto(out, in)
+	if err == nil {
+		err = out.Sync()
+	}
 	if cerr := out.Close(); err == nil {
 		err = cerr
 	}
 	if err == nil {
-		err = os.Rename(tmp, dst)
+		err = renameSynced(tmp, dst)
 	}
 	if err != nil {
 		_ = os.Remove(tmp)

@@ -97,8 +97,9 @@ type RawDisk struct {
 // the filesystem grown to fill it. name names the device-mapper devices
 // (letters, digits, dashes). An existing disk is kept with its data
 // (instances persist on the host) and only grown; a size below the
-// parent's is refused with ErrTooSmall.
-func CreateRawDisk(ctx context.Context, parent, dir, name string, sizeMiB int64, log *slog.Logger) (RawDisk, error) {
+// parent's is refused with ErrTooSmall, and one the filesystem of dir
+// cannot hold with ErrNoSpace.
+func (d Disks) CreateRawDisk(ctx context.Context, parent, dir, name string, sizeMiB int64, log *slog.Logger) (RawDisk, error) {
 	st, err := os.Stat(parent)
 	if err != nil {
 		return RawDisk{}, fmt.Errorf("raw disk over %s: %w", parent, err)
@@ -120,9 +121,18 @@ func CreateRawDisk(ctx context.Context, parent, dir, name string, sizeMiB int64,
 		method = existing.Method
 	}
 	if method == DeviceMapper {
+		cow := filepath.Join(dir, cowFile)
+		if err := d.reserve(dir, "a disk", cowSize(size)-fileSize(cow)); err != nil {
+			return RawDisk{}, err
+		}
 		return createSnapshot(ctx, parent, dir, name, size)
 	}
 	path := filepath.Join(dir, rawFile)
+	// A reflink shares the parent's blocks only until the guest writes
+	// them: the disk may take its whole size.
+	if err := d.reserve(dir, "a disk", size-fileSize(path)); err != nil {
+		return RawDisk{}, err
+	}
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		cloned, err := CloneFile(parent, path)
 		if err != nil {
@@ -233,8 +243,7 @@ func createSnapshot(ctx context.Context, parent, dir, name string, size int64) (
 		return RawDisk{}, err
 	}
 	cow := filepath.Join(dir, cowFile)
-	cowSize := size + size/128 + 1<<20
-	if err := ensureSparse(cow, cowSize); err != nil {
+	if err := ensureSparse(cow, cowSize(size)); err != nil {
 		return RawDisk{}, err
 	}
 	ok := false
@@ -271,6 +280,19 @@ func createSnapshot(ctx context.Context, parent, dir, name string, size int64) (
 }
 
 func dmName(name string) string { return "alephvm-" + name }
+
+// cowSize is the size of the copy-on-write file of a snapshot of size
+// bytes: the disk and the snapshot's metadata (see createSnapshot).
+func cowSize(size int64) int64 { return size + size/128 + 1<<20 }
+
+// fileSize is the size of the file at path, 0 when there is none.
+func fileSize(path string) int64 {
+	st, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return st.Size()
+}
 
 func ensureSparse(path string, size int64) error {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o600)

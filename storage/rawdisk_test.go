@@ -83,10 +83,10 @@ func TestRawDiskReflink(t *testing.T) {
 	os.Mkdir(dir, 0o700)
 	log, logged := captureLog()
 
-	if _, err := CreateRawDisk(ctx, parent, dir, "inst", 32, log); !errors.Is(err, ErrTooSmall) {
+	if _, err := (Disks{}).CreateRawDisk(ctx, parent, dir, "inst", 32, log); !errors.Is(err, ErrTooSmall) {
 		t.Errorf("smaller than the base: %v", err)
 	}
-	disk, err := CreateRawDisk(ctx, parent, dir, "inst", 256, log)
+	disk, err := Disks{}.CreateRawDisk(ctx, parent, dir, "inst", 256, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestRawDiskReflink(t *testing.T) {
 
 	// The instance writes; the next start keeps that and grows.
 	testenv.Cmd(t, "debugfs", "-w", "-R", "mkdir kept", disk.Path)
-	again, err := CreateRawDisk(ctx, parent, dir, "inst", 384, log)
+	again, err := Disks{}.CreateRawDisk(ctx, parent, dir, "inst", 384, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +124,7 @@ func TestRawDiskCopy(t *testing.T) {
 	}
 	parent := baseImage(t, dir)
 	log, logged := captureLog()
-	disk, err := CreateRawDisk(context.Background(), parent, dir, "inst", 128, log)
+	disk, err := Disks{}.CreateRawDisk(context.Background(), parent, dir, "inst", 128, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestRawDiskRefusesNonExt4(t *testing.T) {
 	dir := t.TempDir()
 	parent := filepath.Join(dir, "disk.img")
 	os.WriteFile(parent, make([]byte, 4<<20), 0o600)
-	if _, err := CreateRawDisk(context.Background(), parent, dir, "x", 8, slog.Default()); err == nil || !strings.Contains(err.Error(), "not a bare ext4") {
+	if _, err := (Disks{}).CreateRawDisk(context.Background(), parent, dir, "x", 8, slog.Default()); err == nil || !strings.Contains(err.Error(), "not a bare ext4") {
 		t.Errorf("a base with no ext4 superblock: %v", err)
 	}
 }
@@ -159,7 +159,7 @@ func TestRawDiskDeviceMapper(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	parent := baseImage(t, dir)
-	disk, err := CreateRawDisk(ctx, parent, dir, "alephvm-test", 256, slog.Default())
+	disk, err := Disks{}.CreateRawDisk(ctx, parent, dir, "alephvm-test", 256, slog.Default())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +175,7 @@ func TestRawDiskDeviceMapper(t *testing.T) {
 	if _, err := os.Stat(disk.Path); err == nil {
 		t.Error("device left after release")
 	}
-	again, err := CreateRawDisk(ctx, parent, dir, "alephvm-test", 384, slog.Default())
+	again, err := Disks{}.CreateRawDisk(ctx, parent, dir, "alephvm-test", 384, slog.Default())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,12 +2,18 @@
 // over its base image (a qcow2 layer for QEMU; for Firecracker, which reads
 // raw disks only, a device-mapper snapshot or a reflink, a full copy only
 // as the last resort), and the raw ext4 volumes of programs and instances.
+//
+// It decides what an image is and refuses those that reach past their own
+// bytes (InspectParent): a base image is raw, or a qcow2 with no backing
+// file, data file or encryption of its own, and its format, decided once,
+// is named wherever it is opened. It refuses a disk its filesystem cannot
+// hold (Disks), makes every disk durably (synced before and after its
+// rename), and gives every volume name its own file (VolumeFileName).
 package storage
 
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -17,79 +23,85 @@ import (
 	"strings"
 )
 
-// ImageInfo is what qemu-img says of an image.
-type ImageInfo struct {
-	Format          string `json:"format"`
-	VirtualSize     int64  `json:"virtual-size"`
-	BackingFilename string `json:"backing-filename"`
-	BackingFormat   string `json:"backing-filename-format"`
-}
-
-// Inspect reads an image's format and virtual size.
-func Inspect(ctx context.Context, path string) (ImageInfo, error) {
-	out, err := run(ctx, "qemu-img", "info", "--output=json", "-U", path)
-	if err != nil {
-		return ImageInfo{}, fmt.Errorf("inspect image %s: %w", path, err)
-	}
-	var info ImageInfo
-	if err := json.Unmarshal(out, &info); err != nil {
-		return ImageInfo{}, fmt.Errorf("inspect image %s: %w", path, err)
-	}
-	return info, nil
-}
-
 // ErrTooSmall is returned when a disk would be smaller than its base.
 var ErrTooSmall = errors.New("disk smaller than its base image")
 
-// CreateOverlay makes path a qcow2 layer of sizeMiB over parent (raw or
-// qcow2): reads fall through to the parent, writes stay in the layer, and
-// creating it costs the same whatever the size. An existing layer over the
-// same parent is kept as it is (the instance's data lives there), so the
-// call is idempotent. A size below the parent's is refused.
-func CreateOverlay(ctx context.Context, parent, path string, sizeMiB int64) error {
-	parentAbs, err := filepath.Abs(parent)
+// CreateOverlay makes path a qcow2 layer of sizeMiB over parent: reads
+// fall through to the parent, writes stay in the layer, and creating it
+// costs the same whatever the size. The parent must stand alone
+// (ImageInfo.Standalone): the layer's backing file is the only one named
+// in the chain, and it is named with its format. An existing layer over
+// the same parent is kept as it is (the instance's data lives there), and
+// grown if asked, so the call is idempotent. A size below the parent's is
+// refused, as is one the filesystem cannot hold.
+func (d Disks) CreateOverlay(ctx context.Context, parent Image, path string, sizeMiB int64) error {
+	parentAbs, err := filepath.Abs(parent.Path)
 	if err != nil {
 		return err
 	}
-	pinfo, err := Inspect(ctx, parentAbs)
+	parent.Path = parentAbs
+	pinfo, err := Inspect(ctx, parent)
 	if err != nil {
+		return err
+	}
+	if err := pinfo.Standalone(); err != nil {
 		return err
 	}
 	size := sizeMiB << 20
 	if size < pinfo.VirtualSize {
-		return fmt.Errorf("%w: %d MiB asked, the base image %s is %d MiB", ErrTooSmall, sizeMiB, parent, pinfo.VirtualSize>>20)
+		return fmt.Errorf("%w: %d MiB asked, the base image %s is %d MiB", ErrTooSmall, sizeMiB, parent.Path, pinfo.VirtualSize>>20)
 	}
-	if info, err := Inspect(ctx, path); err == nil {
-		if info.Format == "qcow2" && info.BackingFilename == parentAbs {
-			if info.VirtualSize < size {
-				if _, err := run(ctx, "qemu-img", "resize", path, strconv.FormatInt(size, 10)); err != nil {
-					return fmt.Errorf("grow disk %s: %w", path, err)
-				}
-			}
-			return nil
+	if _, err := os.Lstat(path); err == nil {
+		info, err := Inspect(ctx, Image{Path: path, Format: FormatQCOW2})
+		if err != nil {
+			return fmt.Errorf("disk %s: %w", path, err)
 		}
-		return fmt.Errorf("disk %s exists and is not a layer over %s (it is %s over %q): refusing to replace it", path, parent, info.Format, info.BackingFilename)
+		if info.BackingFile != parent.Path || info.BackingFormat != parent.Format || info.DataFile || info.Encrypted {
+			return fmt.Errorf("disk %s exists and is not a layer over %s (it is over %s, %s): refusing to replace it",
+				path, parent.Path, quote(info.BackingFile), quote(info.BackingFormat))
+		}
+		if info.VirtualSize < size {
+			if err := d.reserve(filepath.Dir(path), "the growth of a disk", size-info.VirtualSize); err != nil {
+				return err
+			}
+			if _, err := run(ctx, "qemu-img", "resize", "-q", "-f", FormatQCOW2, path, strconv.FormatInt(size, 10)); err != nil {
+				return fmt.Errorf("grow disk %s: %w", path, err)
+			}
+		}
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("disk %s: %w", path, err)
+	}
+	if err := d.reserve(filepath.Dir(path), "a disk", size); err != nil {
+		return err
 	}
 	tmp := path + ".tmp"
 	_ = os.Remove(tmp)
-	if _, err := run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,lazy_refcounts=on",
-		"-F", pinfo.Format, "-b", parentAbs, tmp, strconv.FormatInt(size, 10)); err != nil {
-		_ = os.Remove(tmp)
-		return fmt.Errorf("create disk %s over %s: %w", path, parent, err)
+	_, err = run(ctx, "qemu-img", "create", "-q", "-f", FormatQCOW2, "-o", "cluster_size=65536,lazy_refcounts=on",
+		"-F", parent.Format, "-b", parent.Path, tmp, strconv.FormatInt(size, 10))
+	if err == nil {
+		err = syncFile(tmp)
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err == nil {
+		err = renameSynced(tmp, path)
+	}
+	if err != nil {
 		_ = os.Remove(tmp)
-		return fmt.Errorf("create disk %s: %w", path, err)
+		return fmt.Errorf("create disk %s over %s: %w", path, parent.Path, err)
 	}
 	return nil
 }
 
 // CreateVolume makes path a sparse raw disk of sizeMiB holding an empty
-// ext4 filesystem labelled label. An existing volume is kept (persistent
-// volumes outlive their VM); use os.Remove first for an ephemeral one.
-func CreateVolume(ctx context.Context, path string, sizeMiB int64, label string) error {
-	if _, err := os.Stat(path); err == nil {
+// ext4 filesystem labelled label, unless the filesystem cannot hold it.
+// An existing volume is kept (persistent volumes outlive their VM); use
+// os.Remove first for an ephemeral one.
+func (d Disks) CreateVolume(ctx context.Context, path string, sizeMiB int64, label string) error {
+	if _, err := os.Lstat(path); err == nil {
 		return nil
+	}
+	if err := d.reserve(filepath.Dir(path), "a volume", sizeMiB<<20); err != nil {
+		return err
 	}
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
@@ -108,7 +120,10 @@ func CreateVolume(ctx context.Context, path string, sizeMiB int64, label string)
 		_, err = run(ctx, "mkfs.ext4", append(args, tmp)...)
 	}
 	if err == nil {
-		err = os.Rename(tmp, path)
+		err = syncFile(tmp)
+	}
+	if err == nil {
+		err = renameSynced(tmp, path)
 	}
 	if err != nil {
 		_ = os.Remove(tmp)

@@ -35,6 +35,7 @@ import (
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
 	"github.com/alephvm/alephvm/program"
+	"github.com/alephvm/alephvm/storage"
 	"github.com/alephvm/alephvm/store"
 )
 
@@ -194,9 +195,10 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	}
 	n := &node{cfg: cfg, log: log, db: database, store: st, records: execution.NewRecords(database), networks: networks,
 		logs: program.NewLogArchive(1000), plan: plan}
+	disks := storage.Disks{Floor: int64(cfg.DiskFreeFloor)}
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
-		RunDir: runDir, VolumesDir: volumesDir, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
+		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
 	})
 	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: capacity(cfg, log),
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
@@ -204,7 +206,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
-		VolumesDir: volumesDir, RunDir: runDir, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, MaxPublishedPorts: cfg.MaxPublishedPorts, Log: log,
+		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, MaxPublishedPorts: cfg.MaxPublishedPorts, Log: log,
 	})
 
 	// Programs do not outlive the node: any left by a crash are stopped.

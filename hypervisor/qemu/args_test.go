@@ -40,11 +40,23 @@ func instanceSpec() hypervisor.Spec {
 		Name: "inst-9a8b7c", Dir: "/run/alephvm/vms/9a8b7c", VCPUs: 2, MemoryMiB: 2048,
 		Boot: hypervisor.Boot{FirmwareCode: "/usr/share/OVMF/OVMF_CODE_4M.fd", FirmwareVars: "/var/lib/alephvm/volumes/9a8b7c/efivars.fd"},
 		Drives: []hypervisor.Drive{
-			{Path: "/var/lib/alephvm/volumes/9a8b7c/rootfs.qcow2", Format: "qcow2"},
+			{Path: "/var/lib/alephvm/volumes/9a8b7c/rootfs.qcow2", Format: "qcow2",
+				Backing: []hypervisor.Layer{{Path: "/var/lib/alephvm/volumes/9a8b7c/base", Format: "raw"}}},
+			{Path: "/var/lib/alephvm/volumes/9a8b7c/standalone.qcow2", Format: "qcow2"},
 			{Path: "/var/lib/alephvm/volumes/9a8b7c/cidata.iso", ReadOnly: true},
 		},
 		NICs: []hypervisor.NIC{{Tap: "avm9a8b7c", MAC: mac("06:00:ac:10:05:02")}},
 	}
+}
+
+// layeredSpec is a root disk over a chain of two layers, as layered
+// base images will be: every node names its backing.
+func layeredSpec() hypervisor.Spec {
+	spec := instanceSpec()
+	spec.Boot = hypervisor.Boot{}
+	spec.Drives = []hypervisor.Drive{{Path: "/v/rootfs.qcow2", Format: "qcow2", Backing: []hypervisor.Layer{
+		{Path: "/store/layer-2,odd.qcow2", Format: "qcow2"}, {Path: "/store/layer-1.qcow2", Format: "qcow2"}}}}
+	return spec
 }
 
 func TestArgsGolden(t *testing.T) {
@@ -57,6 +69,7 @@ func TestArgsGolden(t *testing.T) {
 		{"program-tcg", programSpec(), "tcg", "1100000:1100000"},
 		{"program-tcg-root", programSpec(), "tcg", ""},
 		{"instance-kvm-runas", instanceSpec(), "kvm", "alephvm-qemu"},
+		{"layered-tcg", layeredSpec(), "tcg", ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -96,7 +109,14 @@ func TestArgsRefusesBadSpecs(t *testing.T) {
 	badTap.NICs[0].Tap = "a-name-longer-than-15"
 	badName := programSpec()
 	badName.Name = "a,b"
-	for name, spec := range map[string]hypervisor.Spec{"long dir": long, "no boot": noBoot, "tap": badTap, "name": badName} {
+	rawBacked := instanceSpec()
+	rawBacked.Drives[0].Format = "raw"
+	rawInMiddle := layeredSpec()
+	rawInMiddle.Drives[0].Backing[0].Format = "raw"
+	probed := layeredSpec()
+	probed.Drives[0].Backing[1].Format = ""
+	for name, spec := range map[string]hypervisor.Spec{"long dir": long, "no boot": noBoot, "tap": badTap, "name": badName,
+		"raw drive with a backing": rawBacked, "raw layer over another": rawInMiddle, "layer without format": probed} {
 		if _, err := Args(spec, "tcg", ""); err == nil {
 			t.Errorf("%s: accepted", name)
 		}

@@ -7,6 +7,7 @@ package qemu
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -127,17 +128,10 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		}
 	}
 	for i, d := range spec.Drives {
-		format := d.Format
-		if format == "" {
-			format = "raw"
-		}
-		readOnly := "off"
-		if d.ReadOnly {
-			readOnly = "on"
-		}
 		id := "drive" + strconv.Itoa(i)
-		a = append(a, "-drive", fmt.Sprintf("file=%s,if=none,id=%s,format=%s,readonly=%s,discard=unmap",
-			opt(d.Path), id, format, readOnly))
+		for _, node := range blockdevs(id, d) {
+			a = append(a, "-blockdev", node)
+		}
 		dev := "virtio-blk-pci,drive=" + id
 		if d.Serial != "" {
 			dev += ",serial=" + opt(d.Serial)
@@ -162,6 +156,59 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		)
 	}
 	return a, nil
+}
+
+// blockdev is one -blockdev node: an image opened with its format driver
+// over its file.
+type blockdev struct {
+	NodeName string       `json:"node-name"`
+	Driver   string       `json:"driver"`
+	ReadOnly bool         `json:"read-only"`
+	Discard  string       `json:"discard,omitempty"`
+	File     blockdevFile `json:"file"`
+	// Backing names the node under a qcow2 node, or is JSON null: QEMU
+	// then opens no backing file, whatever the image's header names.
+	Backing json.RawMessage `json:"backing,omitempty"`
+}
+
+type blockdevFile struct {
+	Driver   string `json:"driver"`
+	Filename string `json:"filename"`
+	ReadOnly bool   `json:"read-only"`
+	Discard  string `json:"discard,omitempty"`
+}
+
+// blockdevs returns the -blockdev nodes of drive d, its backing chain
+// first (a node must exist before a node names it as its backing), the
+// drive's own node, named id, last. Every node names its format, and every
+// qcow2 node its backing (the next layer, or none), so QEMU neither probes
+// a format nor follows a name written in an image.
+func blockdevs(id string, d hypervisor.Drive) []string {
+	format := d.Format
+	if format == "" {
+		format = "raw"
+	}
+	layers := append([]hypervisor.Layer{{Path: d.Path, Format: format}}, d.Backing...)
+	nodes := make([]string, len(layers))
+	for j := len(layers) - 1; j >= 0; j-- {
+		l := layers[j]
+		n := blockdev{NodeName: id, Driver: l.Format, ReadOnly: true, File: blockdevFile{Driver: "file", Filename: l.Path, ReadOnly: true}}
+		if j > 0 {
+			n.NodeName = fmt.Sprintf("%s-b%d", id, j-1)
+		} else if !d.ReadOnly {
+			n.ReadOnly, n.File.ReadOnly = false, false
+			n.Discard, n.File.Discard = "unmap", "unmap"
+		}
+		if l.Format == "qcow2" {
+			n.Backing = json.RawMessage("null")
+			if j+1 < len(layers) {
+				n.Backing, _ = json.Marshal(fmt.Sprintf("%s-b%d", id, j))
+			}
+		}
+		b, _ := json.Marshal(n)
+		nodes[len(layers)-1-j] = string(b)
+	}
+	return nodes
 }
 
 // opt escapes a value for a QEMU option list, where a comma is doubled.

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -147,4 +148,25 @@ func CachePath() string {
 		return dir
 	}
 	return "/var/tmp/alephvm-test-cache"
+}
+
+// OpenFiles returns the regular files process pid has open, by path.
+func OpenFiles(t testing.TB, pid int) []string {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []string
+	for _, fd := range fds {
+		target, err := os.Readlink(filepath.Join(dir, fd.Name()))
+		if err != nil || !strings.HasPrefix(target, "/") {
+			continue // closed meanwhile, or a socket, pipe or anonymous inode
+		}
+		if st, err := os.Stat(target); err == nil && st.Mode().IsRegular() {
+			files = append(files, target)
+		}
+	}
+	return files
 }
