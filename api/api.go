@@ -23,6 +23,8 @@ import (
 type Programs interface {
 	Acquire(ctx context.Context, ref message.ItemHash) (*pool.Lease, error)
 	Stop(ref message.ItemHash) bool
+	// StopWait stops a program and waits until its VM is gone.
+	StopWait(ctx context.Context, ref message.ItemHash) (bool, error)
 	List() []pool.ExecutionInfo
 }
 
@@ -34,6 +36,19 @@ type Options struct {
 	Instances Instances
 	// Auth checks the scheduler's and operator's calls.
 	Auth Authenticator
+	// OwnerAuth checks VM owners' calls (the Aleph SDKs' scheme); nil
+	// refuses them.
+	OwnerAuth OwnerAuthenticator
+	// Machines says which VMs the node hosts and who owns them; nil
+	// answers 404 to every owner.
+	Machines Machines
+	// Grants reads owners' security aggregates; nil grants nothing.
+	Grants Grants
+	// Operators are wallet addresses that may act on every VM through the
+	// owner scheme.
+	Operators []string
+	// ProgramVolumes erases programs' persistent volumes.
+	ProgramVolumes VolumeEraser
 	// Domain is the node's public name: GET / on it serves the index, and
 	// <base32 of a hash>.<Domain> serves that program.
 	Domain string
@@ -61,14 +76,19 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("GET /about/executions/list", s.handleExecutionsList)
 	s.mux.HandleFunc("GET /v2/about/executions/list", s.handleExecutionsListV2)
 	s.mux.HandleFunc("POST /control/machine/{ref}/stop", s.handleStop)
+	s.mux.HandleFunc("POST /control/machine/{ref}/start", s.handleStart)
+	s.mux.HandleFunc("POST /control/machine/{ref}/reboot", s.handleReboot)
+	s.mux.HandleFunc("POST /control/machine/{ref}/erase", s.handleErase)
+	s.mux.HandleFunc("POST /control/machine/{ref}/expire", s.handleExpire)
+	s.mux.HandleFunc("POST /control/machine/{ref}/reinstall", s.handleReinstall)
+	s.mux.HandleFunc("POST /control/machine/{ref}/update", s.handleUpdate)
+	// aleph-sdk-python's CrnService.update_instance_config posts here.
+	s.mux.HandleFunc("POST /control/{ref}/update", s.handleUpdate)
 	s.mux.HandleFunc("GET /control/machine/{ref}/logs", s.handleLogs)
+	s.mux.HandleFunc("GET /control/machine/{ref}/stream_logs", s.handleStreamLogs)
 	if opts.Instances != nil {
 		s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
 		s.mux.HandleFunc("POST /control/allocation/notify", s.handleNotify)
-		s.mux.HandleFunc("POST /control/machine/{ref}/start", s.handleStart)
-		s.mux.HandleFunc("POST /control/machine/{ref}/reboot", s.handleReboot)
-		s.mux.HandleFunc("POST /control/machine/{ref}/erase", s.handleErase)
-		s.mux.HandleFunc("POST /control/machine/{ref}/expire", s.handleExpire)
 	}
 	for _, prefix := range []string{"/about/", "/control/", "/status/", "/v2/"} {
 		s.mux.HandleFunc(prefix, func(w http.ResponseWriter, r *http.Request) {

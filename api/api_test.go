@@ -151,6 +151,19 @@ func get(t *testing.T, u string, host string) (*http.Response, string) {
 	return resp, string(body)
 }
 
+func getWith(t *testing.T, u string, h http.Header) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", u, nil)
+	req.Header = h
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp, string(body)
+}
+
 func TestProxy(t *testing.T) {
 	l := &launcher{handler: echoHandler()}
 	srv := newTestAPI(t, l)
@@ -333,11 +346,15 @@ func (fakeLogs) Follow(ctx context.Context, r message.ItemHash, fn func(LogLine)
 
 func TestLogs(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv := httptest.NewServer(New(Options{Programs: pool.New(pool.Options{Log: log}), Logs: fakeLogs{}, Version: "test", Log: log}))
+	srv := httptest.NewServer(New(Options{Programs: pool.New(pool.Options{Log: log}), Logs: fakeLogs{}, Auth: tokenAuth{}, Version: "test", Log: log}))
 	defer srv.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/control/machine/"+string(ref)+"/logs", nil)
+	if _, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/control/machine/"+string(ref)+"/logs", nil); err == nil || resp.StatusCode != 401 {
+		t.Fatalf("logs without credentials: %v", err)
+	}
+	c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/control/machine/"+string(ref)+"/logs",
+		&websocket.DialOptions{HTTPHeader: http.Header{"X-Auth-Signature": {"good"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,12 +374,12 @@ func TestLogs(t *testing.T) {
 		t.Errorf("got\n%s", strings.Join(got, "\n"))
 	}
 
-	resp, body := get(t, srv.URL+"/control/machine/"+string(ref)+"/logs", "")
+	resp, body := getWith(t, srv.URL+"/control/machine/"+string(ref)+"/logs", http.Header{"X-Auth-Signature": {"good"}})
 	if resp.StatusCode != 200 || !strings.Contains(body, `"MESSAGE":"Traceback"`) || strings.Contains(body, "program ended") {
 		t.Errorf("past logs: %d %s", resp.StatusCode, body)
 	}
 	other := "0000000000000000000000000000000000000000000000000000000000000000"
-	if resp, _ := get(t, srv.URL+"/control/machine/"+other+"/logs", ""); resp.StatusCode != 404 {
+	if resp, _ := getWith(t, srv.URL+"/control/machine/"+other+"/logs", http.Header{"X-Auth-Signature": {"good"}}); resp.StatusCode != 404 {
 		t.Errorf("unknown ref: %d", resp.StatusCode)
 	}
 }

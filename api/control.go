@@ -17,6 +17,12 @@ type Instances interface {
 	Stop(ctx context.Context, ref message.ItemHash) (bool, error)
 	Reboot(ctx context.Context, ref message.ItemHash) error
 	Erase(ctx context.Context, ref message.ItemHash) error
+	// Reinstall gives the instance a fresh root disk (and fresh volumes
+	// when eraseVolumes) and starts it.
+	Reinstall(ctx context.Context, ref message.ItemHash, eraseVolumes bool) error
+	// UpdatePorts applies its owner's port-forwarding aggregate again; it
+	// reports whether the instance runs.
+	UpdatePorts(ctx context.Context, ref message.ItemHash) (bool, error)
 	Running(ref message.ItemHash) bool
 	Allocate(ctx context.Context, desired []message.ItemHash) AllocationResult
 	Statuses(ctx context.Context) ([]InstanceStatus, error)
@@ -156,43 +162,15 @@ func (s *Server) handleNotify(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, status, res)
 }
 
-// machineRef reads the {ref} of an operator route after authenticating.
-func (s *Server) machineRef(w http.ResponseWriter, r *http.Request) (message.ItemHash, []byte, bool) {
-	body, ok := s.authed(w, r)
-	if !ok {
-		return "", nil, false
-	}
-	ref, ok := parseRef(r.PathValue("ref"))
-	if !ok {
-		writeError(w, http.StatusBadRequest, "Invalid message reference")
-		return "", nil, false
-	}
-	return ref, body, true
-}
-
-func writeText(w http.ResponseWriter, status int, text string) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.WriteHeader(status)
-	_, _ = w.Write([]byte(text))
-}
-
-func (s *Server) writeOpError(w http.ResponseWriter, err error) {
-	var se StatusError
-	if errors.As(err, &se) {
-		writeError(w, se.HTTPStatus(), se.Error())
-		return
-	}
-	writeError(w, http.StatusInternalServerError, err.Error())
-}
-
 // handleStop stops a program or an instance; an instance's disks stay.
 func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	if s.opts.Instances != nil && s.opts.Instances.Running(ref) {
-		if _, err := s.opts.Instances.Stop(context.WithoutCancel(r.Context()), ref); err != nil {
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) && s.opts.Instances.Running(ref) {
+		if _, err := s.opts.Instances.Stop(ctx, ref); err != nil {
 			s.writeOpError(w, err)
 			return
 		}
@@ -207,48 +185,75 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleReboot(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	if err := s.opts.Instances.Reboot(context.WithoutCancel(r.Context()), ref); err != nil {
-		s.writeOpError(w, err)
-		return
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) {
+		if err := s.opts.Instances.Reboot(ctx, ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+	} else {
+		if _, err := s.opts.Programs.StopWait(ctx, ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+		if err := s.bootProgram(ctx, ref); err != nil {
+			s.writeStartError(w, ref, err)
+			return
+		}
 	}
 	writeText(w, http.StatusOK, "Rebooted VM with ref "+string(ref))
 }
 
 func (s *Server) handleErase(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	s.opts.Programs.Stop(ref)
-	if err := s.opts.Instances.Erase(context.WithoutCancel(r.Context()), ref); err != nil {
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) {
+		s.opts.Programs.Stop(ref)
+		if err := s.opts.Instances.Erase(ctx, ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+	} else if err := s.eraseProgram(ctx, ref); err != nil {
 		s.writeOpError(w, err)
 		return
 	}
 	writeText(w, http.StatusOK, "Erased VM with ref "+string(ref))
 }
 
+// handleStart starts a VM: the owner route the Aleph SDKs lack (they call
+// the payment-checked /control/allocation/notify); an owner may start only
+// a VM this node hosts or hosted.
 func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	if err := s.opts.Instances.Start(context.WithoutCancel(r.Context()), ref); err != nil {
-		s.writeOpError(w, err)
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) {
+		if err := s.opts.Instances.Start(ctx, ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+	} else if err := s.bootProgram(ctx, ref); err != nil {
+		s.writeStartError(w, ref, err)
 		return
 	}
 	writeText(w, http.StatusOK, "Started VM with ref "+string(ref))
 }
 
-// handleExpire stops an instance after a timeout in seconds, given as the
-// JSON body {"timeout": 60} (signed calls carry no query string) or as
+// handleExpire stops a VM after a timeout in seconds, given as the JSON
+// body {"timeout": 60} (signed calls carry no query string) or as
 // ?timeout=60; without one it stops it now. The reference's handler reads
 // a parameter its route does not define and always answers 400.
 func (s *Server) handleExpire(w http.ResponseWriter, r *http.Request) {
-	ref, body, ok := s.machineRef(w, r)
+	ref, m, body, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
@@ -277,14 +282,40 @@ func (s *Server) handleExpire(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "Invalid timeout duration")
 		return
 	}
-	if !s.opts.Instances.Running(ref) {
+	instance := s.isInstance(m)
+	running := instance && s.opts.Instances.Running(ref)
+	if !instance {
+		for _, e := range s.opts.Programs.List() {
+			running = running || (e.Ref == ref && e.Running)
+		}
+	}
+	if !running {
 		writeText(w, http.StatusOK, "Already stopped, nothing to do")
 		return
 	}
 	time.AfterFunc(time.Duration(timeout*float64(time.Second)), func() {
+		if !instance {
+			s.opts.Programs.Stop(ref)
+			return
+		}
 		if _, err := s.opts.Instances.Stop(context.Background(), ref); err != nil {
 			s.log.Error("expire instance", "ref", ref, "err", err)
 		}
 	})
 	writeText(w, http.StatusOK, "Expiring VM with ref "+string(ref)+" in "+strconv.FormatFloat(timeout, 'f', -1, 64)+" seconds")
+}
+
+func writeText(w http.ResponseWriter, status int, text string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(text))
+}
+
+func (s *Server) writeOpError(w http.ResponseWriter, err error) {
+	var se StatusError
+	if errors.As(err, &se) {
+		writeError(w, se.HTTPStatus(), se.Error())
+		return
+	}
+	writeError(w, http.StatusInternalServerError, err.Error())
 }

@@ -37,9 +37,8 @@ type logMessage struct {
 // handleLogs streams a VM's output over a websocket, past lines first; a
 // plain GET gets the past lines as a JSON array.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
-	ref, ok := parseRef(r.PathValue("ref"))
+	ref, _, _, ok := s.machineCall(w, r)
 	if !ok {
-		writeError(w, http.StatusBadRequest, "Invalid message reference")
 		return
 	}
 	if s.opts.Logs == nil {
@@ -72,9 +71,11 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) pastLogs(w http.ResponseWriter, r *http.Request, ref message.ItemHash) {
 	type entry struct {
-		Stream  string    `json:"file"`
-		Message string    `json:"MESSAGE"`
-		Time    time.Time `json:"time"`
+		Identifier string    `json:"SYSLOG_IDENTIFIER"`
+		Stream     string    `json:"file"`
+		Message    string    `json:"MESSAGE"`
+		Timestamp  string    `json:"__REALTIME_TIMESTAMP"`
+		Time       time.Time `json:"time"`
 	}
 	lines := []entry{}
 	// A context that is already done makes Follow return after the past
@@ -82,7 +83,9 @@ func (s *Server) pastLogs(w http.ResponseWriter, r *http.Request, ref message.It
 	done, cancel := context.WithCancel(r.Context())
 	cancel()
 	found, _, _ := s.opts.Logs.Follow(done, ref, func(l LogLine) error {
-		lines = append(lines, entry{Stream: l.Stream, Message: l.Text, Time: l.Time})
+		stream := referenceStream(l.Stream)
+		lines = append(lines, entry{Identifier: "vm-" + string(ref) + "-" + stream, Stream: stream, Message: l.Text,
+			Timestamp: l.Time.UTC().Format("2006-01-02 15:04:05.000000"), Time: l.Time})
 		return nil
 	})
 	if !found {
