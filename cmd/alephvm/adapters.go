@@ -34,7 +34,34 @@ func (i instancesAPI) Reboot(ctx context.Context, ref message.ItemHash) error {
 func (i instancesAPI) Erase(ctx context.Context, ref message.ItemHash) error {
 	return i.m.Erase(ctx, ref)
 }
+func (i instancesAPI) Reinstall(ctx context.Context, ref message.ItemHash, eraseVolumes bool) error {
+	return i.m.Reinstall(ctx, ref, eraseVolumes)
+}
+func (i instancesAPI) UpdatePorts(ctx context.Context, ref message.ItemHash) (bool, error) {
+	return i.m.UpdatePorts(ctx, ref)
+}
 func (i instancesAPI) Running(ref message.ItemHash) bool { return i.m.Running(ref) }
+
+// machinesAPI tells the API who owns a VM the node hosts or hosted: the
+// address its message's content names.
+type machinesAPI struct{ n *node }
+
+func (m machinesAPI) Machine(ctx context.Context, ref message.ItemHash) (api.Machine, error) {
+	if _, err := m.n.records.Get(ctx, ref); errors.Is(err, execution.ErrNoRecord) {
+		return api.Machine{}, api.ErrUnknownMachine
+	} else if err != nil {
+		return api.Machine{}, err
+	}
+	msg, _, err := m.n.store.Message(ctx, ref)
+	if err != nil {
+		return api.Machine{}, err
+	}
+	c, ok := msg.Content.(message.ExecutableContent)
+	if !ok {
+		return api.Machine{}, api.ErrUnknownMachine
+	}
+	return api.Machine{Owner: c.Executable().Address, Type: string(msg.Type)}, nil
+}
 
 func (i instancesAPI) Allocate(ctx context.Context, desired []message.ItemHash) api.AllocationResult {
 	return api.AllocationResult(i.m.Allocate(ctx, desired))
@@ -76,7 +103,8 @@ func (l logsAPI) Follow(ctx context.Context, ref message.ItemHash, fn func(api.L
 		})
 		return true, ended, err
 	}
-	rec, err := l.n.records.Get(ctx, ref)
+	// Past lines are read with a context already done: the lookup must not fail for it.
+	rec, err := l.n.records.Get(context.WithoutCancel(ctx), ref)
 	if err != nil || rec.Kind != execution.KindInstance {
 		return false, false, nil
 	}

@@ -140,7 +140,7 @@ func TestServe(t *testing.T) {
 	if code, out, _ := runCLI(t, withToken, "vm", "stop", ref); code != 0 || !strings.Contains(out, "Stopped") {
 		t.Errorf("stop: %s", out)
 	}
-	if code, out, errOut := runCLI(t, env, "vm", "logs", ref); code != 0 || !strings.Contains(out, "VM is not running, past logs sent") {
+	if code, out, errOut := runCLI(t, withToken, "vm", "logs", "-f", ref); code != 0 || !strings.Contains(out, "VM is not running, past logs sent") {
 		t.Errorf("logs of a stopped instance: %d %s %s", code, out, errOut)
 	}
 	if code, out, _ := runCLI(t, withToken, "vm", "erase", ref); code != 0 || !strings.Contains(out, "Erased") {
