@@ -155,11 +155,11 @@ func programsEndToEnd(t *testing.T, hv string, extraEnv []string) {
 	}
 	var logsOK bool
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && !logsOK; time.Sleep(500 * time.Millisecond) {
-		_, logs := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
+		_, logs := operatorGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
 		logsOK = strings.Contains(logs, "crashing on purpose") && strings.Contains(logs, "code 3")
 	}
 	if !logsOK {
-		_, logs := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
+		_, logs := operatorGet(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/logs", port, goProg))
 		t.Errorf("the logs do not show the crash: %s", logs)
 	}
 
