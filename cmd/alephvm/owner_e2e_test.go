@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -87,6 +88,18 @@ func TestOwnerEndToEnd(t *testing.T) {
 		"ALEPH_VM_DOMAIN_NAME=127.0.0.1", "ALEPH_VM_API_SERVER="+api.URL)
 	n := startNode(t, env, port)
 	logs := func() string { return n.logs.String() }
+	// Program VMs end with the node's clean shutdown; instances outlive it
+	// and are erased first, on every path.
+	t.Cleanup(func() {
+		n.cmd.Process.Signal(syscall.SIGTERM)
+		n.cmd.Wait()
+	})
+	var inst string
+	t.Cleanup(func() {
+		if inst != "" {
+			runCLI(t, env, "vm", "erase", inst)
+		}
+	})
 
 	ownerKey := filepath.Join(dir, "owner.key")
 	strangerKey := filepath.Join(dir, "stranger.key")
@@ -109,7 +122,7 @@ func TestOwnerEndToEnd(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("instance create: %s %s", out, errOut)
 	}
-	inst := ownedBy(t, env, dir, strings.TrimSpace(out), ownerWallet)
+	inst = ownedBy(t, env, dir, strings.TrimSpace(out), ownerWallet)
 	code, out, errOut = runCLI(t, env, "program", "create", "../../examples/asgi-hello", "--entrypoint", "main:app", "--env", "GREETING=Howdy")
 	if code != 0 {
 		t.Fatalf("program create: %s %s", out, errOut)
