@@ -287,9 +287,11 @@ func (s *Server) handleExecutionsList(w http.ResponseWriter, r *http.Request) {
 // handleExecutionsListV2 answers every execution in the reference's second
 // shape, with the instances' port mappings.
 func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) {
+	// A VM with a network shows its mapped ports, {} when none, as the
+	// reference does; one without shows an empty networking.
 	type networking struct {
 		pool.Networking
-		MappedPorts map[string]MappedPort `json:"mapped_ports,omitempty"`
+		MappedPorts *map[string]MappedPort `json:"mapped_ports,omitempty"`
 	}
 	type status struct {
 		StartedAt *string `json:"started_at"`
@@ -315,7 +317,15 @@ func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) 
 			t := e.startedAt.UTC().Format("2006-01-02 15:04:05.000000+00:00")
 			started = &t
 		}
-		out[e.ref] = entry{Networking: networking{Networking: e.networking, MappedPorts: e.mappedPorts},
+		n := networking{Networking: e.networking}
+		if e.networking.IPv4Network != "" {
+			mp := e.mappedPorts
+			if mp == nil {
+				mp = map[string]MappedPort{}
+			}
+			n.MappedPorts = &mp
+		}
+		out[e.ref] = entry{Networking: n,
 			Status: status{StartedAt: started}, Running: e.running, VMType: e.vmType, VCPUs: e.vcpus, MemoryMiB: e.memoryMiB}
 	}
 	writeJSON(w, http.StatusOK, out)

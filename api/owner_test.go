@@ -143,9 +143,14 @@ func TestOwnerRoutes(t *testing.T) {
 			t.Errorf("%s of a program called the instances: %v", tc.op, r.inst.calls)
 		}
 	}
-	// Boots: start, reboot, two reinstalls; volumes erased by the full
-	// reinstall and erase.
-	if r.launcher.boots != 4 || len(r.volumes.erased) != 2 {
+	// A program with a network shows its (no) mapped ports as {}.
+	do(t, owner.Request("POST", string(progRef), "start"))
+	if _, body := get(t, r.srv.URL+"/v2/about/executions/list", ""); !strings.Contains(body, `"ipv4_network":"172.16.4.0/24","host_ipv4":"172.16.4.1","ipv4_ip":"172.16.4.2","mapped_ports":{}`) {
+		t.Errorf("v2 list: %s", body)
+	}
+	// Boots: start, reboot, two reinstalls, start; volumes erased by the
+	// full reinstall and erase.
+	if r.launcher.boots != 5 || len(r.volumes.erased) != 2 {
 		t.Errorf("%d program boots, volumes erased %v", r.launcher.boots, r.volumes.erased)
 	}
 	// Logs, past lines, in the reference's shape.
