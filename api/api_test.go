@@ -138,23 +138,18 @@ func echoHandler() http.Handler {
 
 func get(t *testing.T, u string, host string) (*http.Response, string) {
 	t.Helper()
-	req, _ := http.NewRequest("GET", u, nil)
-	if host != "" {
-		req.Host = host
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return resp, string(body)
+	return getWith(t, u, nil, host)
 }
 
-func getWith(t *testing.T, u string, h http.Header) (*http.Response, string) {
+func getWith(t *testing.T, u string, h http.Header, host ...string) (*http.Response, string) {
 	t.Helper()
 	req, _ := http.NewRequest("GET", u, nil)
-	req.Header = h
+	if h != nil {
+		req.Header = h
+	}
+	if len(host) > 0 && host[0] != "" {
+		req.Host = host[0]
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

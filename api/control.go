@@ -195,15 +195,8 @@ func (s *Server) handleReboot(w http.ResponseWriter, r *http.Request) {
 			s.writeOpError(w, err)
 			return
 		}
-	} else {
-		if _, err := s.opts.Programs.StopWait(ctx, ref); err != nil {
-			s.writeOpError(w, err)
-			return
-		}
-		if err := s.bootProgram(ctx, ref); err != nil {
-			s.writeStartError(w, ref, err)
-			return
-		}
+	} else if !s.restartProgram(ctx, w, ref, false) {
+		return
 	}
 	writeText(w, http.StatusOK, "Rebooted VM with ref "+string(ref))
 }

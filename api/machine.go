@@ -218,23 +218,31 @@ func (s *Server) handleReinstall(w http.ResponseWriter, r *http.Request) {
 			s.writeOpError(w, err)
 			return
 		}
-	} else {
-		if _, err := s.opts.Programs.StopWait(ctx, ref); err != nil {
-			s.writeOpError(w, err)
-			return
-		}
-		if eraseVolumes && s.opts.ProgramVolumes != nil {
-			if err := s.opts.ProgramVolumes.EraseVolumes(ref); err != nil {
-				s.writeOpError(w, err)
-				return
-			}
-		}
-		if err := s.bootProgram(ctx, ref); err != nil {
-			s.writeStartError(w, ref, err)
-			return
-		}
+	} else if !s.restartProgram(ctx, w, ref, eraseVolumes) {
+		return
 	}
 	writeText(w, http.StatusOK, "Reinstalled VM with ref "+string(ref))
+}
+
+// restartProgram stops program ref, waiting until its VM is gone, erases
+// its volumes if asked, and boots it again; it answers the failure and
+// returns false.
+func (s *Server) restartProgram(ctx context.Context, w http.ResponseWriter, ref message.ItemHash, eraseVolumes bool) bool {
+	if _, err := s.opts.Programs.StopWait(ctx, ref); err != nil {
+		s.writeOpError(w, err)
+		return false
+	}
+	if eraseVolumes && s.opts.ProgramVolumes != nil {
+		if err := s.opts.ProgramVolumes.EraseVolumes(ref); err != nil {
+			s.writeOpError(w, err)
+			return false
+		}
+	}
+	if err := s.bootProgram(ctx, ref); err != nil {
+		s.writeStartError(w, ref, err)
+		return false
+	}
+	return true
 }
 
 // handleUpdate reads the owner's port-forwarding aggregate again and

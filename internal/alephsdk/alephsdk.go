@@ -135,23 +135,22 @@ func (c *Client) Domain() string {
 	return u.Hostname()
 }
 
-// pyDumps writes JSON as Python's json.dumps: ", " and ": " separators,
-// keys in the given order.
-func pyDumps(kv ...any) []byte {
+// dumps writes a JSON object with its keys in the given order, values
+// []byte being JSON already, with the separators of the SDK's language.
+func dumps(comma, colon string, kv ...any) []byte {
 	var b bytes.Buffer
 	b.WriteByte('{')
 	for i := 0; i < len(kv); i += 2 {
 		if i > 0 {
-			b.WriteString(", ")
+			b.WriteString(comma)
 		}
 		k, _ := json.Marshal(kv[i])
 		b.Write(k)
-		b.WriteString(": ")
-		switch v := kv[i+1].(type) {
-		case []byte:
-			b.Write(v)
-		default:
-			enc, _ := json.Marshal(v)
+		b.WriteString(colon)
+		if raw, ok := kv[i+1].([]byte); ok {
+			b.Write(raw)
+		} else {
+			enc, _ := json.Marshal(kv[i+1])
 			b.Write(enc)
 		}
 	}
@@ -159,28 +158,11 @@ func pyDumps(kv ...any) []byte {
 	return b.Bytes()
 }
 
-// jsStringify writes JSON as JSON.stringify: no spaces, keys in order.
-func jsStringify(kv ...any) []byte {
-	var b bytes.Buffer
-	b.WriteByte('{')
-	for i := 0; i < len(kv); i += 2 {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		k, _ := json.Marshal(kv[i])
-		b.Write(k)
-		b.WriteByte(':')
-		switch v := kv[i+1].(type) {
-		case []byte:
-			b.Write(v)
-		default:
-			enc, _ := json.Marshal(v)
-			b.Write(enc)
-		}
-	}
-	b.WriteByte('}')
-	return b.Bytes()
-}
+// pyDumps writes JSON as Python's json.dumps: ", " and ": " separators.
+func pyDumps(kv ...any) []byte { return dumps(", ", ": ", kv...) }
+
+// jsStringify writes JSON as JSON.stringify: no spaces.
+func jsStringify(kv ...any) []byte { return dumps(",", ":", kv...) }
 
 func (c *Client) isoTime(t time.Time) string {
 	if c.Flavour == TypeScript {
