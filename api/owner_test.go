@@ -30,7 +30,34 @@ const (
 	operatorKey  = "7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"
 )
 
-const progRef = message.ItemHash("1111111111111111111111111111111111111111111111111111111111111111")
+const (
+	progRef = message.ItemHash("1111111111111111111111111111111111111111111111111111111111111111")
+	solRef  = message.ItemHash("3333333333333333333333333333333333333333333333333333333333333333")
+)
+
+// solOwner is a Solana wallet of a fixed seed.
+func solOwner() alephsdk.SOL {
+	seed := make([]byte, 32)
+	for i := range seed {
+		seed[i] = byte(100 + i)
+	}
+	return alephsdk.NewSOL(seed)
+}
+
+func TestSolanaOwner(t *testing.T) {
+	r := newOwnerRig(t)
+	sol := &alephsdk.Client{Wallet: solOwner(), NodeURL: r.srv.URL, Flavour: alephsdk.TypeScript}
+	if status, body, _ := do(t, sol.Request("POST", string(solRef), "start")); status != 200 {
+		t.Fatalf("Solana owner: %d %s", status, body)
+	}
+	if status, _, _ := do(t, sol.Request("POST", string(progRef), "stop")); status != 403 {
+		t.Errorf("Solana wallet on another's program: %d", status)
+	}
+	frames := streamLogs(t, r.srv, solRef, sol.AuthFrame(string(solRef)))
+	if len(frames) == 0 || frames[0] != `{"status":"connected"}` {
+		t.Errorf("Solana owner's stream: %v", frames)
+	}
+}
 
 type fakeMachines map[message.ItemHash]Machine
 
@@ -81,7 +108,8 @@ func newOwnerRig(t *testing.T) *ownerRig {
 	r.srv = httptest.NewServer(New(Options{
 		Programs: p, Instances: r.inst, Auth: tokenAuth{}, Logs: fakeLogs{}, Version: "test", Log: log,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: "127.0.0.1"}),
-		Machines:  fakeMachines{ref: {Owner: ownerAddress, Type: TypeInstance}, progRef: {Owner: ownerAddress, Type: TypeProgram}},
+		Machines: fakeMachines{ref: {Owner: ownerAddress, Type: TypeInstance}, progRef: {Owner: ownerAddress, Type: TypeProgram},
+			solRef: {Owner: solOwner().Address(), Type: TypeProgram}},
 		Grants:    aggregate.New(aggregate.Options{APIServer: r.api.URL}),
 		Operators: []string{alephsdk.NewETH(operatorKey).Address()}, ProgramVolumes: r.volumes,
 	}))
