@@ -49,6 +49,20 @@ func (id Identity) Is(addr string) bool {
 	return strings.EqualFold(id.Address, addr)
 }
 
+// CheckWalletAddress checks that addr is a wallet address the owner
+// scheme can authenticate: Ethereum (0x and 40 hex digits) or Solana
+// (base58 of a 32-byte key).
+func CheckWalletAddress(addr string) error {
+	if strings.HasPrefix(addr, "0x") {
+		_, err := ParseAddress(addr)
+		return err
+	}
+	if pub, err := base58.Decode(addr); err != nil || len(pub) != ed25519.PublicKeySize {
+		return fmt.Errorf("address %q is neither Ethereum nor Solana", addr)
+	}
+	return nil
+}
+
 // OwnerOptions configure Owner.
 type OwnerOptions struct {
 	// Domain is the node's DOMAIN_NAME, which every signed key and

@@ -393,3 +393,15 @@ func TestOperationTimes(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckWalletAddress(t *testing.T) {
+	for addr, ok := range map[string]bool{
+		ethAddress: true, strings.ToLower(ethAddress): true, solWallet().Address(): true,
+		"0x1234": false, "": false, "hello": false, "0xZZ9Fd6e51aad88F6F4ce6aB8827279cffFb92266": false,
+		"11111111111111111111111111111111111111111111111111": false,
+	} {
+		if err := CheckWalletAddress(addr); (err == nil) != ok {
+			t.Errorf("%q: %v", addr, err)
+		}
+	}
+}

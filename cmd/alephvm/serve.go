@@ -104,6 +104,11 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	if err != nil {
 		return err
 	}
+	for _, op := range cfg.OperatorAddresses {
+		if err := auth.CheckWalletAddress(op); err != nil {
+			return fmt.Errorf("OPERATOR_ADDRESSES: %w", err)
+		}
+	}
 	handler := api.New(api.Options{
 		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName}), Machines: machinesAPI{n}, Grants: n.aggregates,
