@@ -23,6 +23,8 @@ import (
 type Programs interface {
 	Acquire(ctx context.Context, ref message.ItemHash) (*pool.Lease, error)
 	Stop(ref message.ItemHash) bool
+	// StopWait stops a program and waits until its VM is gone.
+	StopWait(ctx context.Context, ref message.ItemHash) (bool, error)
 	List() []pool.ExecutionInfo
 }
 
@@ -34,6 +36,19 @@ type Options struct {
 	Instances Instances
 	// Auth checks the scheduler's and operator's calls.
 	Auth Authenticator
+	// OwnerAuth checks VM owners' calls (the Aleph SDKs' scheme); nil
+	// refuses them.
+	OwnerAuth OwnerAuthenticator
+	// Machines says which VMs the node hosts and who owns them; nil
+	// answers 404 to every owner.
+	Machines Machines
+	// Grants reads owners' security aggregates; nil grants nothing.
+	Grants Grants
+	// Operators are wallet addresses that may act on every VM through the
+	// owner scheme.
+	Operators []string
+	// ProgramVolumes erases programs' persistent volumes.
+	ProgramVolumes VolumeEraser
 	// Domain is the node's public name: GET / on it serves the index, and
 	// <base32 of a hash>.<Domain> serves that program.
 	Domain string
@@ -74,14 +89,19 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("GET /about/executions/list", s.handleExecutionsList)
 	s.mux.HandleFunc("GET /v2/about/executions/list", s.handleExecutionsListV2)
 	s.mux.HandleFunc("POST /control/machine/{ref}/stop", s.handleStop)
+	s.mux.HandleFunc("POST /control/machine/{ref}/start", s.handleStart)
+	s.mux.HandleFunc("POST /control/machine/{ref}/reboot", s.handleReboot)
+	s.mux.HandleFunc("POST /control/machine/{ref}/erase", s.handleErase)
+	s.mux.HandleFunc("POST /control/machine/{ref}/expire", s.handleExpire)
+	s.mux.HandleFunc("POST /control/machine/{ref}/reinstall", s.handleReinstall)
+	s.mux.HandleFunc("POST /control/machine/{ref}/update", s.handleUpdate)
+	// aleph-sdk-python's CrnService.update_instance_config posts here.
+	s.mux.HandleFunc("POST /control/{ref}/update", s.handleUpdate)
 	s.mux.HandleFunc("GET /control/machine/{ref}/logs", s.handleLogs)
+	s.mux.HandleFunc("GET /control/machine/{ref}/stream_logs", s.handleStreamLogs)
 	if opts.Instances != nil {
 		s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
 		s.mux.HandleFunc("POST /control/allocation/notify", s.handleNotify)
-		s.mux.HandleFunc("POST /control/machine/{ref}/start", s.handleStart)
-		s.mux.HandleFunc("POST /control/machine/{ref}/reboot", s.handleReboot)
-		s.mux.HandleFunc("POST /control/machine/{ref}/erase", s.handleErase)
-		s.mux.HandleFunc("POST /control/machine/{ref}/expire", s.handleExpire)
 	}
 	for _, prefix := range []string{"/about/", "/control/", "/status/", "/v2/"} {
 		s.mux.HandleFunc(prefix, func(w http.ResponseWriter, r *http.Request) {
@@ -283,9 +303,11 @@ func (s *Server) handleExecutionsList(w http.ResponseWriter, r *http.Request) {
 // handleExecutionsListV2 answers every execution in the reference's second
 // shape, with the instances' port mappings.
 func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) {
+	// A VM with a network shows its mapped ports, {} when none, as the
+	// reference does; one without shows an empty networking.
 	type networking struct {
 		pool.Networking
-		MappedPorts map[string]MappedPort `json:"mapped_ports,omitempty"`
+		MappedPorts *map[string]MappedPort `json:"mapped_ports,omitempty"`
 	}
 	type status struct {
 		StartedAt *string `json:"started_at"`
@@ -311,7 +333,15 @@ func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) 
 			t := e.startedAt.UTC().Format("2006-01-02 15:04:05.000000+00:00")
 			started = &t
 		}
-		out[e.ref] = entry{Networking: networking{Networking: e.networking, MappedPorts: e.mappedPorts},
+		n := networking{Networking: e.networking}
+		if e.networking.IPv4Network != "" {
+			mp := e.mappedPorts
+			if mp == nil {
+				mp = map[string]MappedPort{}
+			}
+			n.MappedPorts = &mp
+		}
+		out[e.ref] = entry{Networking: n,
 			Status: status{StartedAt: started}, Running: e.running, VMType: e.vmType, VCPUs: e.vcpus, MemoryMiB: e.memoryMiB}
 	}
 	writeJSON(w, http.StatusOK, out)

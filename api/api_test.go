@@ -138,9 +138,17 @@ func echoHandler() http.Handler {
 
 func get(t *testing.T, u string, host string) (*http.Response, string) {
 	t.Helper()
+	return getWith(t, u, nil, host)
+}
+
+func getWith(t *testing.T, u string, h http.Header, host ...string) (*http.Response, string) {
+	t.Helper()
 	req, _ := http.NewRequest("GET", u, nil)
-	if host != "" {
-		req.Host = host
+	if h != nil {
+		req.Header = h
+	}
+	if len(host) > 0 && host[0] != "" {
+		req.Host = host[0]
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

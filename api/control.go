@@ -19,6 +19,12 @@ type Instances interface {
 	Stop(ctx context.Context, ref message.ItemHash) (bool, error)
 	Reboot(ctx context.Context, ref message.ItemHash) error
 	Erase(ctx context.Context, ref message.ItemHash) error
+	// Reinstall gives the instance a fresh root disk (and fresh volumes
+	// when eraseVolumes) and starts it.
+	Reinstall(ctx context.Context, ref message.ItemHash, eraseVolumes bool) error
+	// UpdatePorts applies its owner's port-forwarding aggregate again; it
+	// reports whether the instance runs.
+	UpdatePorts(ctx context.Context, ref message.ItemHash) (bool, error)
 	Running(ref message.ItemHash) bool
 	// Run returns the id of the instance's current run, a new one each
 	// time it starts, and whether it runs.
@@ -164,43 +170,15 @@ func (s *Server) handleNotify(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, status, res)
 }
 
-// machineRef reads the {ref} of an operator route after authenticating.
-func (s *Server) machineRef(w http.ResponseWriter, r *http.Request) (message.ItemHash, []byte, bool) {
-	body, ok := s.authed(w, r)
-	if !ok {
-		return "", nil, false
-	}
-	ref, ok := parseRef(r.PathValue("ref"))
-	if !ok {
-		writeError(w, http.StatusBadRequest, "Invalid message reference")
-		return "", nil, false
-	}
-	return ref, body, true
-}
-
-func writeText(w http.ResponseWriter, status int, text string) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.WriteHeader(status)
-	_, _ = w.Write([]byte(text))
-}
-
-func (s *Server) writeOpError(w http.ResponseWriter, err error) {
-	var se StatusError
-	if errors.As(err, &se) {
-		writeError(w, se.HTTPStatus(), se.Error())
-		return
-	}
-	writeError(w, http.StatusInternalServerError, err.Error())
-}
-
 // handleStop stops a program or an instance; an instance's disks stay.
 func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	if s.opts.Instances != nil && s.opts.Instances.Running(ref) {
-		if _, err := s.opts.Instances.Stop(context.WithoutCancel(r.Context()), ref); err != nil {
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) && s.opts.Instances.Running(ref) {
+		if _, err := s.opts.Instances.Stop(ctx, ref); err != nil {
 			s.writeOpError(w, err)
 			return
 		}
@@ -215,37 +193,57 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleReboot(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	if err := s.opts.Instances.Reboot(context.WithoutCancel(r.Context()), ref); err != nil {
-		s.writeOpError(w, err)
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) {
+		if err := s.opts.Instances.Reboot(ctx, ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+	} else if !s.restartProgram(ctx, w, ref, false) {
 		return
 	}
 	writeText(w, http.StatusOK, "Rebooted VM with ref "+string(ref))
 }
 
 func (s *Server) handleErase(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	s.opts.Programs.Stop(ref)
-	if err := s.opts.Instances.Erase(context.WithoutCancel(r.Context()), ref); err != nil {
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) {
+		s.opts.Programs.Stop(ref)
+		if err := s.opts.Instances.Erase(ctx, ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+	} else if err := s.eraseProgram(ctx, ref); err != nil {
 		s.writeOpError(w, err)
 		return
 	}
 	writeText(w, http.StatusOK, "Erased VM with ref "+string(ref))
 }
 
+// handleStart starts a VM: the owner route the Aleph SDKs lack (they call
+// the payment-checked /control/allocation/notify); an owner may start only
+// a VM this node hosts or hosted.
 func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
-	ref, _, ok := s.machineRef(w, r)
+	ref, m, _, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
-	if err := s.opts.Instances.Start(context.WithoutCancel(r.Context()), ref); err != nil {
-		s.writeOpError(w, err)
+	ctx := context.WithoutCancel(r.Context())
+	if s.isInstance(m) {
+		if err := s.opts.Instances.Start(ctx, ref); err != nil {
+			s.writeOpError(w, err)
+			return
+		}
+	} else if err := s.bootProgram(ctx, ref); err != nil {
+		s.writeStartError(w, ref, err)
 		return
 	}
 	writeText(w, http.StatusOK, "Started VM with ref "+string(ref))
@@ -254,7 +252,7 @@ func (s *Server) handleStart(w http.ResponseWriter, r *http.Request) {
 // MaxExpireTimeout bounds the timeout of an expiry.
 const MaxExpireTimeout = 30 * 24 * time.Hour
 
-// expiries holds the pending expiry of each instance.
+// expiries holds the pending expiry of each VM.
 type expiries struct {
 	mu     sync.Mutex
 	timers map[message.ItemHash]*time.Timer
@@ -279,15 +277,15 @@ func (e *expiries) set(ref message.ItemHash, d time.Duration, fn func()) {
 	e.timers[ref] = t
 }
 
-// handleExpire stops an instance after a timeout in seconds, given as the
-// JSON body {"timeout": 60} (signed calls carry no query string) or as
+// handleExpire stops a VM after a timeout in seconds, given as the JSON
+// body {"timeout": 60} (signed calls carry no query string) or as
 // ?timeout=60; without one it stops it now. The timeout is at most
-// MaxExpireTimeout; a later expiry of the instance replaces it, and it
-// ends with the run it was set on (a stop, a reboot). The reference's
-// handler reads a parameter its route does not define and always answers
-// 400.
+// MaxExpireTimeout; a later expiry of the VM replaces it, and it ends with
+// the run it was set on (a stop, a reboot, a program's new boot). The
+// reference's handler reads a parameter its route does not define and
+// always answers 400.
 func (s *Server) handleExpire(w http.ResponseWriter, r *http.Request) {
-	ref, body, ok := s.machineRef(w, r)
+	ref, m, body, ok := s.machineCall(w, r)
 	if !ok {
 		return
 	}
@@ -317,19 +315,60 @@ func (s *Server) handleExpire(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("Invalid timeout duration: must be between 0 and %.0f seconds", MaxExpireTimeout.Seconds()))
 		return
 	}
-	run, running := s.opts.Instances.Run(ref)
+	var stop func() (bool, error)
+	running := false
+	if s.isInstance(m) {
+		var run uint64
+		run, running = s.opts.Instances.Run(ref)
+		stop = func() (bool, error) { return s.opts.Instances.StopRun(context.Background(), ref, run) }
+	} else if since, ok := s.programRun(ref); ok {
+		running = true
+		stop = func() (bool, error) {
+			// A program booted again since is another run.
+			if now, ok := s.programRun(ref); !ok || !now.Equal(since) {
+				return false, nil
+			}
+			return s.opts.Programs.Stop(ref), nil
+		}
+	}
 	if !running {
 		writeText(w, http.StatusOK, "Already stopped, nothing to do")
 		return
 	}
 	s.expiries.set(ref, time.Duration(timeout*float64(time.Second)), func() {
-		stopped, err := s.opts.Instances.StopRun(context.Background(), ref, run)
+		stopped, err := stop()
 		switch {
 		case err != nil:
-			s.log.Error("expire instance", "ref", ref, "err", err)
+			s.log.Error("expire VM", "ref", ref, "err", err)
 		case stopped:
-			s.log.Info("instance expired", "ref", ref)
+			s.log.Info("VM expired", "ref", ref)
 		}
 	})
 	writeText(w, http.StatusOK, "Expiring VM with ref "+string(ref)+" in "+strconv.FormatFloat(timeout, 'f', -1, 64)+" seconds")
+}
+
+// programRun says when the running program ref was booted, which tells
+// one run of it from the next.
+func (s *Server) programRun(ref message.ItemHash) (time.Time, bool) {
+	for _, e := range s.opts.Programs.List() {
+		if e.Ref == ref && e.Running {
+			return e.Since, true
+		}
+	}
+	return time.Time{}, false
+}
+
+func writeText(w http.ResponseWriter, status int, text string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(text))
+}
+
+func (s *Server) writeOpError(w http.ResponseWriter, err error) {
+	var se StatusError
+	if errors.As(err, &se) {
+		writeError(w, se.HTTPStatus(), se.Error())
+		return
+	}
+	writeError(w, http.StatusInternalServerError, err.Error())
 }

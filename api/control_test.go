@@ -98,6 +98,18 @@ func (f *fakeInstances) Erase(_ context.Context, ref message.ItemHash) error {
 	f.record("erase", ref)
 	return nil
 }
+func (f *fakeInstances) Reinstall(_ context.Context, ref message.ItemHash, eraseVolumes bool) error {
+	if eraseVolumes {
+		f.record("reinstall+volumes", ref)
+	} else {
+		f.record("reinstall", ref)
+	}
+	return nil
+}
+func (f *fakeInstances) UpdatePorts(_ context.Context, ref message.ItemHash) (bool, error) {
+	f.record("update", ref)
+	return f.Running(ref), nil
+}
 func (f *fakeInstances) Running(ref message.ItemHash) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()

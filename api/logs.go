@@ -88,15 +88,11 @@ func (f *followers) release(ref message.ItemHash) {
 }
 
 // handleLogs streams a VM's output over a websocket, past lines first; a
-// plain GET gets the past lines as a JSON array. Both take the operator's
-// credentials, as the other control routes do.
+// plain GET gets the past lines as a JSON array. Both take the VM owner's
+// or the operator's credentials, as the other operator routes do.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
-	ref, ok := parseRef(r.PathValue("ref"))
+	ref, _, _, ok := s.machineCall(w, r)
 	if !ok {
-		writeError(w, http.StatusBadRequest, "Invalid message reference")
-		return
-	}
-	if _, ok := s.authed(w, r); !ok {
 		return
 	}
 	if s.opts.Logs == nil {
@@ -141,9 +137,11 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 // the node holds one line at a time, whatever the VM's output.
 func (s *Server) pastLogs(w http.ResponseWriter, r *http.Request, ref message.ItemHash) {
 	type entry struct {
-		Stream  string    `json:"file"`
-		Message string    `json:"MESSAGE"`
-		Time    time.Time `json:"time"`
+		Identifier string    `json:"SYSLOG_IDENTIFIER"`
+		Stream     string    `json:"file"`
+		Message    string    `json:"MESSAGE"`
+		Timestamp  string    `json:"__REALTIME_TIMESTAMP"`
+		Time       time.Time `json:"time"`
 	}
 	// A context that is already done makes Follow return after the past
 	// lines.
@@ -158,7 +156,9 @@ func (s *Server) pastLogs(w http.ResponseWriter, r *http.Request, ref message.It
 			sep = "["
 		}
 		n++
-		data, err := json.Marshal(entry{Stream: l.Stream, Message: l.Text, Time: l.Time})
+		stream := referenceStream(l.Stream)
+		data, err := json.Marshal(entry{Identifier: "vm-" + string(ref) + "-" + stream, Stream: stream, Message: l.Text,
+			Timestamp: l.Time.UTC().Format("2006-01-02 15:04:05.000000"), Time: l.Time})
 		if err != nil {
 			return err
 		}

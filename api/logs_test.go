@@ -56,7 +56,7 @@ func newLogsAPI(t *testing.T, opts Options) *httptest.Server {
 }
 
 // getWith sends a GET with the given token and Origin (when not empty).
-func getWith(t *testing.T, u, token string) (*http.Response, string) {
+func getToken(t *testing.T, u, token string) (*http.Response, string) {
 	t.Helper()
 	req, _ := http.NewRequest("GET", u, nil)
 	if token != "" {
@@ -110,13 +110,13 @@ func TestLogs(t *testing.T) {
 		t.Errorf("got\n%s", strings.Join(got, "\n"))
 	}
 
-	resp, body := getWith(t, srv.URL+"/control/machine/"+string(ref)+"/logs", "good")
+	resp, body := getToken(t, srv.URL+"/control/machine/"+string(ref)+"/logs", "good")
 	var lines []map[string]any
 	if resp.StatusCode != 200 || json.Unmarshal([]byte(body), &lines) != nil || len(lines) != 2 || lines[1]["MESSAGE"] != "Traceback" {
 		t.Errorf("past logs: %d %s", resp.StatusCode, body)
 	}
 	other := "0000000000000000000000000000000000000000000000000000000000000000"
-	if resp, body := getWith(t, srv.URL+"/control/machine/"+other+"/logs", "good"); resp.StatusCode != 404 || !strings.Contains(body, "No virtual machine") {
+	if resp, body := getToken(t, srv.URL+"/control/machine/"+other+"/logs", "good"); resp.StatusCode != 404 || !strings.Contains(body, "No virtual machine") {
 		t.Errorf("unknown ref: %d %s", resp.StatusCode, body)
 	}
 }
@@ -127,7 +127,7 @@ func TestLogsNeedCredentials(t *testing.T) {
 	logs := &fakeLogs{}
 	srv := newLogsAPI(t, Options{Logs: logs})
 	for token, want := range map[string]int{"": 401, "forged": 401, "stranger": 403} {
-		if resp, body := getWith(t, srv.URL+"/control/machine/"+string(ref)+"/logs", token); resp.StatusCode != want {
+		if resp, body := getToken(t, srv.URL+"/control/machine/"+string(ref)+"/logs", token); resp.StatusCode != want {
 			t.Errorf("GET with token %q: %d %s", token, resp.StatusCode, body)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -147,7 +147,7 @@ func TestLogsNeedCredentials(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	open := httptest.NewServer(New(Options{Programs: pool.New(pool.Options{Log: log}), Logs: logs, Version: "test", Log: log}))
 	defer open.Close()
-	if resp, _ := getWith(t, open.URL+"/control/machine/"+string(ref)+"/logs", "good"); resp.StatusCode != 403 {
+	if resp, _ := getToken(t, open.URL+"/control/machine/"+string(ref)+"/logs", "good"); resp.StatusCode != 403 {
 		t.Errorf("node without credentials: %d", resp.StatusCode)
 	}
 }

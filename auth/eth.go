@@ -43,6 +43,13 @@ var halfOrder = new(big.Int).Rsh(secp256k1.S256().N, 1)
 // personal_sign, given the 65-byte signature r || s || v (v is 27/28 or
 // 0/1).
 func RecoverPersonalSign(msg, sig []byte) (Address, error) {
+	return recoverPersonalSign(msg, sig, true)
+}
+
+// recoverPersonalSign recovers a personal_sign signer; with lowSOnly false
+// a high-s signature is turned into its low-s twin, which has the other
+// recovery id.
+func recoverPersonalSign(msg, sig []byte, lowSOnly bool) (Address, error) {
 	if len(sig) != 65 {
 		return "", fmt.Errorf("signature has %d bytes, want 65", len(sig))
 	}
@@ -53,12 +60,16 @@ func RecoverPersonalSign(msg, sig []byte) (Address, error) {
 	if v > 1 {
 		return "", fmt.Errorf("signature recovery id %d is not 0 or 1", sig[64])
 	}
-	if new(big.Int).SetBytes(sig[32:64]).Cmp(halfOrder) > 0 {
-		return "", errors.New("signature is not in low-s form")
-	}
 	compact := make([]byte, 65)
-	compact[0] = 27 + v
 	copy(compact[1:], sig[:64])
+	if s := new(big.Int).SetBytes(sig[32:64]); s.Cmp(halfOrder) > 0 {
+		if lowSOnly {
+			return "", errors.New("signature is not in low-s form")
+		}
+		new(big.Int).Sub(secp256k1.S256().N, s).FillBytes(compact[33:65])
+		v ^= 1
+	}
+	compact[0] = 27 + v
 	pub, _, err := ecdsa.RecoverCompact(compact, PersonalSignHash(msg))
 	if err != nil {
 		return "", fmt.Errorf("recover signer: %w", err)

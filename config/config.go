@@ -92,6 +92,7 @@ type Config struct {
 	AllocationTokenHash string  `env:"ALLOCATION_TOKEN_HASH" yaml:"allocation_token_hash" help:"Hex sha256 of the token the scheduler may send as X-Auth-Signature (deprecated scheme); empty disables it."`
 	AllocationSigners   List    `env:"AUTHORIZED_ALLOCATION_SIGNERS" yaml:"authorized_allocation_signers" help:"Ethereum addresses allowed to sign scheduler calls (Aleph-EIP191-V1); empty means the reference's default signer."`
 	AllocationMaxAge    Seconds `env:"ALLOCATION_SIGNATURE_MAX_AGE_SECONDS" yaml:"allocation_signature_max_age_seconds" help:"How far a signed call's iat may be from now."`
+	OperatorAddresses   List    `env:"OPERATOR_ADDRESSES" yaml:"operator_addresses" help:"Wallet addresses (Ethereum or Solana) that may stop, reboot, reinstall and read the logs of every VM through the owner scheme of the Aleph SDKs, as owners do their own."`
 	AllocationToken     string  `env:"ALLOCATION_TOKEN" yaml:"allocation_token" help:"Token the CLI sends to the node as X-Auth-Signature (client side)."`
 	DeveloperSSHKeys    List    `env:"DEVELOPER_SSH_KEYS" yaml:"developer_ssh_keys" help:"SSH public keys added to every instance (a JSON list)."`
 	LogLevel            string  `env:"LOG_LEVEL" yaml:"log_level" help:"Least severe log level written: debug, info, warn or error."`

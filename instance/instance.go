@@ -14,9 +14,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/alephvm/alephvm/aggregate"
 	"github.com/alephvm/alephvm/cloudinit"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
@@ -68,8 +71,23 @@ type Options struct {
 	// MaxPublishedPorts bounds the ports an instance's message may
 	// publish; 0 means DefaultMaxPublishedPorts.
 	MaxPublishedPorts int
-	StopTimeouts      hypervisor.StopTimeouts
-	Log               *slog.Logger
+	// Ports reads the ports an instance's owner asks to be forwarded (the
+	// port-forwarding aggregate), beyond 22 and published_ports; nil
+	// means none.
+	Ports        PortSource
+	StopTimeouts hypervisor.StopTimeouts
+	Log          *slog.Logger
+}
+
+// PortSource reads the ports the owner of VM ref asks to be forwarded.
+type PortSource interface {
+	PortForwarding(ctx context.Context, owner, ref string) ([]aggregate.Port, error)
+}
+
+// forwardSetter changes the port forwards of a VM that runs
+// (network.Manager).
+type forwardSetter interface {
+	SetForwards(owner string, ports []network.PortRequest) ([]network.Forward, error)
 }
 
 // Manager runs the node's instances: persistent VMs with their own root
@@ -182,16 +200,11 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	}
 	cleanups = append(cleanups, func() { releaseDisk(disk, m.opts.Log) })
 
-	ports := []network.PortRequest{{Proto: "tcp", GuestPort: 22}}
-	for _, p := range c.Resources.PublishedPorts {
-		if p.Port != 22 || p.Protocol != "tcp" {
-			ports = append(ports, network.PortRequest{Proto: p.Protocol, GuestPort: uint16(p.Port)})
-		}
+	var held []network.Forward
+	if rec, err := m.opts.Records.Get(ctx, ref); err == nil {
+		held = rec.Forwards
 	}
-	if rec, err := m.opts.Records.Get(ctx, ref); err == nil && len(rec.Forwards) > 0 {
-		// The instance keeps its host ports from one start to the next.
-		ports = forwardsAsRequests(rec.Forwards)
-	}
+	ports := m.portRequests(ctx, ref, c, held, log)
 	att, err := m.opts.Networks.Attach(string(ref), netIndex, c.Environment.Internet, ports)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
@@ -339,6 +352,115 @@ func releaseDisk(disk storage.RawDisk, log *slog.Logger) {
 	if err := disk.Release(context.Background()); err != nil {
 		log.Error("release root disk", "disk", disk.Path, "err", err)
 	}
+}
+
+// portRequests are the forwards an instance asks for: 22/tcp, its
+// published_ports and its owner's port-forwarding aggregate. Ports held
+// before keep their host ports; when the aggregate cannot be read, the
+// ports held before stay as they were.
+func (m *Manager) portRequests(ctx context.Context, ref message.ItemHash, c *message.InstanceContent, held []network.Forward, log *slog.Logger) []network.PortRequest {
+	ports := []network.PortRequest{{Proto: "tcp", GuestPort: 22}}
+	for _, p := range c.Resources.PublishedPorts {
+		ports = append(ports, network.PortRequest{Proto: p.Protocol, GuestPort: uint16(p.Port)})
+	}
+	if m.opts.Ports != nil {
+		asked, err := m.opts.Ports.PortForwarding(ctx, c.Address, string(ref))
+		if err != nil {
+			log.Warn("port-forwarding aggregate unreadable: the ports forwarded before stay", "owner", c.Address, "err", err)
+			ports = append(ports, forwardsAsRequests(held)...)
+		}
+		for _, p := range asked {
+			if p.TCP {
+				ports = append(ports, network.PortRequest{Proto: "tcp", GuestPort: p.Port})
+			}
+			if p.UDP {
+				ports = append(ports, network.PortRequest{Proto: "udp", GuestPort: p.Port})
+			}
+		}
+	} else {
+		ports = append(ports, forwardsAsRequests(held)...)
+	}
+	hostPorts := map[string]uint16{}
+	for _, f := range held {
+		hostPorts[f.Proto+"/"+strconv.Itoa(int(f.GuestPort))] = f.HostPort
+	}
+	seen := map[string]bool{}
+	out := ports[:0]
+	for _, p := range ports {
+		key := p.Proto + "/" + strconv.Itoa(int(p.GuestPort))
+		if seen[key] {
+			continue
+		}
+		seen[key] = true
+		p.HostPort = hostPorts[key]
+		out = append(out, p)
+	}
+	return out
+}
+
+// UpdatePorts reads the instance's port-forwarding aggregate again and
+// applies it, as its owner asks after changing it. It reports whether the
+// instance runs: a stopped one gets its ports when it starts.
+func (m *Manager) UpdatePorts(ctx context.Context, ref message.ItemHash) (bool, error) {
+	defer m.lock(ref)()
+	if m.get(ref) == nil {
+		return false, nil
+	}
+	setter, ok := m.opts.Networks.(forwardSetter)
+	if !ok {
+		return true, errors.New("this node's network cannot change port forwards")
+	}
+	msg, _, err := m.opts.Store.Message(ctx, ref)
+	if err != nil {
+		return true, execution.StoreError("Message", ref, err)
+	}
+	c, ok := msg.Content.(*message.InstanceContent)
+	if !ok {
+		return true, fmt.Errorf("message %s is not an INSTANCE", ref)
+	}
+	rec, err := m.opts.Records.Get(ctx, ref)
+	if err != nil {
+		return true, err
+	}
+	log := m.opts.Log.With("ref", ref)
+	fws, err := setter.SetForwards(string(ref), m.portRequests(ctx, ref, c, rec.Forwards, log))
+	if err != nil {
+		return true, fmt.Errorf("port forwards of %s: %w", ref, err)
+	}
+	rec.Forwards = fws
+	if err := m.opts.Records.Put(ctx, rec); err != nil {
+		return true, err
+	}
+	log.Info("port forwards updated", "forwards", fws)
+	return true, nil
+}
+
+// Reinstall gives the instance a fresh root disk over its base image (read
+// again) and starts it: its data volumes are erased too, unless
+// eraseVolumes is false. Its network index and host ports stay.
+func (m *Manager) Reinstall(ctx context.Context, ref message.ItemHash, eraseVolumes bool) error {
+	defer m.lock(ref)()
+	if _, err := m.opts.Records.Get(ctx, ref); err != nil {
+		return &execution.Error{Status: 404, Msg: "No virtual machine with ref " + string(ref), Err: err}
+	}
+	if _, err := m.stop(ctx, ref); err != nil {
+		return err
+	}
+	disks := filepath.Join(m.opts.VolumesDir, string(ref))
+	entries, err := os.ReadDir(disks)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	for _, e := range entries {
+		if !eraseVolumes && strings.HasPrefix(e.Name(), "volume-") {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(disks, e.Name())); err != nil {
+			return fmt.Errorf("reinstall %s: %w", ref, err)
+		}
+	}
+	m.opts.Log.Info("instance reinstalled", "ref", ref, "volumes_erased", eraseVolumes)
+	return m.start(ctx, ref, -1)
 }
 
 func forwardsAsRequests(fws []network.Forward) []network.PortRequest {

@@ -82,13 +82,9 @@ func (m *Manager) Attach(owner string, index int, internet bool, ports []PortReq
 		delete(m.vms, owner)
 		m.pool.Release(alloc.Index)
 	}
-	for _, p := range ports {
-		fw, err := m.takePortLocked(owner, p)
-		if err != nil {
-			undo()
-			return Attachment{}, err
-		}
-		v.forwards = append(v.forwards, fw)
+	if v.forwards, err = m.takePortsLocked(owner, ports); err != nil {
+		undo()
+		return Attachment{}, err
 	}
 	if index < 0 || !tapExists(alloc.Tap) {
 		if err := CreateTap(alloc.Tap, alloc.HostPrefix()); err != nil {
@@ -125,6 +121,49 @@ func (m *Manager) Detach(owner string) error {
 	m.releasePortsLocked(owner)
 	m.pool.Release(v.alloc.Index)
 	return errors.Join(errs...)
+}
+
+// SetForwards replaces owner's port forwards with ports, as when its
+// owner changes them: a forward asked again keeps its host port, the
+// others get free ones. On failure the forwards stay as they were.
+func (m *Manager) SetForwards(owner string, ports []PortRequest) ([]Forward, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vms[owner]
+	if !ok {
+		return nil, fmt.Errorf("set port forwards: %s has no network", owner)
+	}
+	old := v.forwards
+	held := map[string]uint16{}
+	for _, f := range old {
+		held[portKey(f.Proto, f.GuestPort)] = f.HostPort
+	}
+	asked := make([]PortRequest, len(ports))
+	for i, p := range ports {
+		if p.HostPort == 0 {
+			p.HostPort = held[portKey(p.Proto, p.GuestPort)]
+		}
+		asked[i] = p
+	}
+	restore := func() {
+		m.releasePortsLocked(owner)
+		for _, f := range old {
+			m.hostPort[portKey(f.Proto, f.HostPort)] = owner
+		}
+		v.forwards = old
+	}
+	m.releasePortsLocked(owner)
+	fws, err := m.takePortsLocked(owner, asked)
+	if err != nil {
+		restore()
+		return nil, err
+	}
+	v.forwards = fws
+	if err := m.applyLocked(); err != nil {
+		restore()
+		return nil, errors.Join(err, m.applyLocked())
+	}
+	return slices.Clone(fws), nil
 }
 
 // Forwards returns owner's port forwards.
@@ -177,6 +216,34 @@ func (m *Manager) applyLocked() error {
 }
 
 func portKey(proto string, port uint16) string { return proto + "/" + strconv.Itoa(int(port)) }
+
+// takePortsLocked reserves the host ports of forwards. A port asked twice
+// is forwarded once, and a guest port forwarded for both tcp and udp gets
+// one host port for both where it is free, as the executions list shows
+// one host port per guest port.
+func (m *Manager) takePortsLocked(owner string, ports []PortRequest) ([]Forward, error) {
+	var fws []Forward
+	seen := map[string]bool{}
+	byGuest := map[uint16]uint16{}
+	for _, p := range ports {
+		if seen[portKey(p.Proto, p.GuestPort)] {
+			continue
+		}
+		if host, ok := byGuest[p.GuestPort]; ok && p.HostPort == 0 {
+			if _, taken := m.hostPort[portKey(p.Proto, host)]; !taken && portFree(p.Proto, host) {
+				p.HostPort = host
+			}
+		}
+		fw, err := m.takePortLocked(owner, p)
+		if err != nil {
+			return nil, err
+		}
+		seen[portKey(p.Proto, p.GuestPort)] = true
+		byGuest[p.GuestPort] = fw.HostPort
+		fws = append(fws, fw)
+	}
+	return fws, nil
+}
 
 // takePortLocked reserves the host port of one forward.
 func (m *Manager) takePortLocked(owner string, p PortRequest) (Forward, error) {

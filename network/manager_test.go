@@ -75,3 +75,57 @@ func TestManager(t *testing.T) {
 		t.Errorf("forwards kept after detach:\n%s", ruleset)
 	}
 }
+
+func TestSetForwards(t *testing.T) {
+	testenv.RequireIsolatedRoot(t)
+	testenv.RequireTools(t, "nft")
+	pool, _ := NewPool(netip.MustParsePrefix("172.16.0.0/12"), 24, 4)
+	fw := NewFirewall("lo", netip.MustParsePrefix("172.16.0.0/12"))
+	t.Cleanup(func() { fw.Remove() })
+	m := NewManager(pool, fw, PortRange{First: 25000, Last: 25003}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	a, err := m.Attach("vm-a", -1, false, []PortRequest{{Proto: "tcp", GuestPort: 22}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Detach("vm-a") })
+	// The owner asks for 53 over tcp and udp and 80: 22 keeps its port,
+	// 53 gets one host port for both, a port asked twice is taken once.
+	fws, err := m.SetForwards("vm-a", []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "tcp", GuestPort: 53}, {Proto: "udp", GuestPort: 53},
+		{Proto: "tcp", GuestPort: 80}, {Proto: "tcp", GuestPort: 80}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fws) != 4 || fws[0].HostPort != a.Forwards[0].HostPort || fws[1].HostPort != fws[2].HostPort || fws[3].HostPort == fws[1].HostPort {
+		t.Fatalf("forwards %+v", fws)
+	}
+	ruleset := testenv.Cmd(t, "nft", "list", "table", "inet", TableName)
+	for _, want := range []string{"tcp dport 25001 dnat ip to 172.16.4.2:53", "udp dport 25001 dnat ip to 172.16.4.2:53", "tcp dport 25002 dnat ip to 172.16.4.2:80"} {
+		if !strings.Contains(ruleset, want) {
+			t.Errorf("ruleset lacks %q:\n%s", want, ruleset)
+		}
+	}
+	// More ports than the range holds: refused, the forwards stay.
+	var many []PortRequest
+	for p := range 10 {
+		many = append(many, PortRequest{Proto: "tcp", GuestPort: uint16(1000 + p)})
+	}
+	if _, err := m.SetForwards("vm-a", many); err == nil {
+		t.Fatal("ports past the range were given")
+	}
+	if got := m.Forwards("vm-a"); len(got) != 4 || got[3] != fws[3] {
+		t.Fatalf("forwards after a failed change: %+v", got)
+	}
+	// Dropping 80 frees its host port for another VM.
+	if _, err := m.SetForwards("vm-a", []PortRequest{{Proto: "tcp", GuestPort: 22}}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Attach("vm-b", -1, false, []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "tcp", GuestPort: 80}, {Proto: "tcp", GuestPort: 443}})
+	if err != nil {
+		t.Fatalf("freed ports not reused: %v", err)
+	}
+	m.Detach("vm-b")
+	if _, err := m.SetForwards("vm-c", nil); err == nil {
+		t.Error("forwards set for a VM without network")
+	}
+	_ = b
+}

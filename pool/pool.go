@@ -380,6 +380,26 @@ func (p *Pool) Stop(ref message.ItemHash) bool {
 	return true
 }
 
+// StopWait stops the program ref as Stop does and waits until its VM is
+// gone and has released what it held, so that it can be booted again over
+// the same volumes. It reports whether it was running.
+func (p *Pool) StopWait(ctx context.Context, ref message.ItemHash) (bool, error) {
+	p.mu.Lock()
+	e := p.execs[ref]
+	if e == nil || e.state != running {
+		p.mu.Unlock()
+		return false, nil
+	}
+	p.stopLocked(e, "asked")
+	p.mu.Unlock()
+	select {
+	case <-e.prog.Done():
+		return true, nil
+	case <-ctx.Done():
+		return true, fmt.Errorf("stop program %s: %w", ref, ctx.Err())
+	}
+}
+
 // Shutdown refuses new programs, lets in-flight requests finish and stops
 // every program VM, or gives up when ctx ends.
 func (p *Pool) Shutdown(ctx context.Context) error {

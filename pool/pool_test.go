@@ -240,3 +240,29 @@ func TestStalePlanIsResolvedOnce(t *testing.T) {
 		t.Errorf("%d Plan calls for 20 concurrent requests, want 1", n)
 	}
 }
+
+func TestStopWait(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newPool(l, time.Hour)
+	if was, err := p.StopWait(context.Background(), ref); was || err != nil {
+		t.Fatalf("not running: %v %v", was, err)
+	}
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// It waits for the request in flight, then for the VM to be gone.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if was, err := p.StopWait(ctx, ref); !was || err == nil {
+		t.Fatalf("stop with a request in flight: %v %v", was, err)
+	}
+	lease.Release()
+	eventually(t, "stop", func() bool { return l.last().stopped.Load() })
+
+	lease, _ = p.Acquire(context.Background(), ref)
+	lease.Release()
+	if was, err := p.StopWait(context.Background(), ref); !was || err != nil || !l.last().stopped.Load() {
+		t.Fatalf("stop: %v %v", was, err)
+	}
+}

@@ -495,6 +495,18 @@ func (v *programVM) cleanup() {
 	}
 }
 
+// EraseVolumes deletes the persistent volumes of program ref, which must
+// not be running.
+func (p *Launcher) EraseVolumes(ref message.ItemHash) error {
+	if _, err := message.ParseItemHash(string(ref)); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(filepath.Join(p.opts.VolumesDir, string(ref))); err != nil {
+		return fmt.Errorf("erase volumes of %s: %w", ref, err)
+	}
+	return nil
+}
+
 // StopOrphans stops the program VMs an earlier node process left running
 // (programs do not survive the node), each through the backend its record
 // names, and records them stopped.

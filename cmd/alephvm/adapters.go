@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -30,10 +31,37 @@ func (i instancesAPI) Reboot(ctx context.Context, ref message.ItemHash) error {
 func (i instancesAPI) Erase(ctx context.Context, ref message.ItemHash) error {
 	return i.m.Erase(ctx, ref)
 }
-func (i instancesAPI) Running(ref message.ItemHash) bool       { return i.m.Running(ref) }
 func (i instancesAPI) Run(ref message.ItemHash) (uint64, bool) { return i.m.Run(ref) }
 func (i instancesAPI) StopRun(ctx context.Context, ref message.ItemHash, run uint64) (bool, error) {
 	return i.m.StopRun(ctx, ref, run)
+}
+func (i instancesAPI) Reinstall(ctx context.Context, ref message.ItemHash, eraseVolumes bool) error {
+	return i.m.Reinstall(ctx, ref, eraseVolumes)
+}
+func (i instancesAPI) UpdatePorts(ctx context.Context, ref message.ItemHash) (bool, error) {
+	return i.m.UpdatePorts(ctx, ref)
+}
+func (i instancesAPI) Running(ref message.ItemHash) bool { return i.m.Running(ref) }
+
+// machinesAPI tells the API who owns a VM the node hosts or hosted: the
+// address its message's content names.
+type machinesAPI struct{ n *node }
+
+func (m machinesAPI) Machine(ctx context.Context, ref message.ItemHash) (api.Machine, error) {
+	if _, err := m.n.records.Get(ctx, ref); errors.Is(err, execution.ErrNoRecord) {
+		return api.Machine{}, api.ErrUnknownMachine
+	} else if err != nil {
+		return api.Machine{}, err
+	}
+	msg, _, err := m.n.store.Message(ctx, ref)
+	if err != nil {
+		return api.Machine{}, err
+	}
+	c, ok := msg.Content.(message.ExecutableContent)
+	if !ok {
+		return api.Machine{}, api.ErrUnknownMachine
+	}
+	return api.Machine{Owner: c.Executable().Address, Type: string(msg.Type)}, nil
 }
 
 func (i instancesAPI) Allocate(ctx context.Context, desired []message.ItemHash) api.AllocationResult {

@@ -327,7 +327,11 @@ port 8080).`,
 					return err
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), msg.ItemHash)
-				fmt.Fprintf(cmd.OutOrStdout(), "%s/vm/%s/\n", a.nodeClient().base, msg.ItemHash)
+				node, err := a.nodeClient()
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%s/vm/%s/\n", node.base, msg.ItemHash)
 				return nil
 			})
 		},

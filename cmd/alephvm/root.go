@@ -25,6 +25,7 @@ type app struct {
 	configFile  string
 	globalFlags *config.Flags
 	cmdFlags    *config.Flags // settings bound on the command being run, if any
+	vmCreds     vmCredentials // alephvm vm: --key and --node
 	cfg         *config.Loaded
 	log         *slog.Logger
 }

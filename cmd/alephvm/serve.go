@@ -19,6 +19,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/alephvm/alephvm/aggregate"
 	"github.com/alephvm/alephvm/api"
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/auth"
@@ -76,6 +77,9 @@ type node struct {
 	instances *instance.Manager
 	logs      *program.LogArchive
 	plan      hostcheck.Plan
+	launcher  *program.Launcher
+	// aggregates reads owners' security and port-forwarding aggregates.
+	aggregates *aggregate.Client
 }
 
 // serve runs the node until ctx ends. started, if given, runs once the API
@@ -102,8 +106,15 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	if err != nil {
 		return err
 	}
+	for _, op := range cfg.OperatorAddresses {
+		if err := auth.CheckWalletAddress(op); err != nil {
+			return fmt.Errorf("OPERATOR_ADDRESSES: %w", err)
+		}
+	}
 	handler := api.New(api.Options{
 		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
+		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName}), Machines: machinesAPI{n}, Grants: n.aggregates,
+		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher,
 		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
 		Limits: api.Limits{
 			ReadHeaderTimeout: 30 * time.Second, ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
@@ -194,19 +205,21 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		log.Warn("no base image built: instances of bare ext4 images cannot boot (alephvm base-image build)", "err", baseErr)
 	}
 	n := &node{cfg: cfg, log: log, db: database, store: st, records: execution.NewRecords(database), networks: networks,
-		logs: program.NewLogArchive(1000), plan: plan}
+		logs: program.NewLogArchive(1000), plan: plan, aggregates: aggregate.New(aggregate.Options{APIServer: cfg.APIServer})}
 	disks := storage.Disks{Floor: int64(cfg.DiskFreeFloor)}
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
 	})
+	n.launcher = launcher
 	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: capacity(cfg, log),
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
 	n.instances = instance.New(instance.Options{
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
-		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys, MaxPublishedPorts: cfg.MaxPublishedPorts, Log: log,
+		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
+		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Log: log,
 	})
 
 	// Programs do not outlive the node: any left by a crash are stopped.

@@ -41,8 +41,7 @@ func httpGet(t testing.TB, url string) (int, string) {
 	return resp.StatusCode, string(body)
 }
 
-// operatorGet is httpGet with the token of nodeEnv, as the operator
-// routes (logs) want.
+// operatorGet is httpGet with the operator's token (nodeEnv's "test").
 func operatorGet(t testing.TB, url string) (int, string) {
 	t.Helper()
 	req, _ := http.NewRequest("GET", url, nil)
@@ -155,7 +154,7 @@ func TestServe(t *testing.T) {
 	if code, out, _ := runCLI(t, withToken, "vm", "stop", ref); code != 0 || !strings.Contains(out, "Stopped") {
 		t.Errorf("stop: %s", out)
 	}
-	if code, out, errOut := runCLI(t, env, "vm", "logs", ref); code != 0 || !strings.Contains(out, "VM is not running, past logs sent") {
+	if code, out, errOut := runCLI(t, withToken, "vm", "logs", "-f", ref); code != 0 || !strings.Contains(out, "VM is not running, past logs sent") {
 		t.Errorf("logs of a stopped instance: %d %s %s", code, out, errOut)
 	}
 	logsURL := "http://127.0.0.1:" + strconv.Itoa(port) + "/control/machine/" + ref + "/logs"

@@ -16,25 +16,36 @@ import (
 	"github.com/coder/websocket"
 	"github.com/coder/websocket/wsjson"
 	"github.com/spf13/cobra"
+
+	"github.com/alephvm/alephvm/auth"
 )
 
 // nodeClient calls a node's HTTP API.
 type nodeClient struct {
-	base  string
-	token string
-	http  *http.Client
+	base   string
+	token  string
+	signer *auth.OwnerSigner // a VM owner's wallet (--key), else the token
+	http   *http.Client
 }
 
-func (a *app) nodeClient() nodeClient {
-	host := a.cfg.SupervisorHost
-	if host == "" || host == "0.0.0.0" || host == "::" {
-		host = "127.0.0.1"
+func (a *app) nodeClient() (nodeClient, error) {
+	base := strings.TrimRight(a.vmCreds.node, "/")
+	if base == "" {
+		host := a.cfg.SupervisorHost
+		if host == "" || host == "0.0.0.0" || host == "::" {
+			host = "127.0.0.1"
+		}
+		base = "http://" + net.JoinHostPort(host, strconv.Itoa(a.cfg.SupervisorPort))
 	}
-	return nodeClient{
-		base:  "http://" + net.JoinHostPort(host, strconv.Itoa(a.cfg.SupervisorPort)),
-		token: a.cfg.AllocationToken,
-		http:  &http.Client{Timeout: 10 * time.Minute},
+	c := nodeClient{base: base, token: a.cfg.AllocationToken, http: &http.Client{Timeout: 10 * time.Minute}}
+	if a.vmCreds.keyFile != "" {
+		signer, err := walletSigner(a.vmCreds.keyFile, base)
+		if err != nil {
+			return nodeClient{}, err
+		}
+		c.signer = signer
 	}
+	return c, nil
 }
 
 // do sends a request and returns the body of a 2xx answer, or an error
@@ -44,8 +55,8 @@ func (c nodeClient) do(ctx context.Context, method, path string, body io.Reader)
 	if err != nil {
 		return nil, err
 	}
-	if c.token != "" {
-		req.Header.Set("X-Auth-Signature", c.token)
+	if err := c.sign(req); err != nil {
+		return nil, err
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
@@ -72,31 +83,51 @@ func newVMCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "vm",
 		Short: "Control the VMs of a running node (a client of its API)",
-		Long: `Control the VMs of the node at SUPERVISOR_HOST:SUPERVISOR_PORT. start, stop,
-reboot, erase and logs are operator calls: the node accepts them with the token
-whose sha256 it has as ALLOCATION_TOKEN_HASH; give the token itself as
-ALEPH_VM_ALLOCATION_TOKEN or --allocation-token.`,
+		Long: `Control the VMs of the node at --node (default: SUPERVISOR_HOST:SUPERVISOR_PORT).
+
+As a VM's owner, give --key FILE, a file holding the Ethereum private key
+(hex) of the wallet the VM's message names (or one its security aggregate
+grants): the calls are signed as the Aleph SDKs sign them, for the host name
+of the node's URL, which must be the node's DOMAIN_NAME.
+
+As the node's operator, give the allocation token whose sha256 the node has
+as ALLOCATION_TOKEN_HASH, as ALEPH_VM_ALLOCATION_TOKEN or --allocation-token:
+it acts on every VM.`,
 	}
+	cmd.PersistentFlags().StringVar(&a.vmCreds.keyFile, "key", "", "file holding the Ethereum private key (hex) of the VM owner's wallet: sign as the owner")
+	cmd.PersistentFlags().StringVar(&a.vmCreds.node, "node", "", "URL of the node (default: http://SUPERVISOR_HOST:SUPERVISOR_PORT)")
 	action := func(use, short, path string) *cobra.Command {
 		return &cobra.Command{
 			Use:   use + " HASH",
 			Short: short,
 			Args:  cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				out, err := a.nodeClient().do(cmd.Context(), "POST", "/control/machine/"+args[0]+"/"+path, nil)
-				if err != nil {
-					return err
-				}
-				fmt.Fprintln(cmd.OutOrStdout(), strings.TrimSpace(string(out)))
-				return nil
+				return a.machineCall(cmd, args[0], path, "")
 			},
 		}
 	}
+	var keepVolumes bool
+	reinstall := &cobra.Command{
+		Use:   "reinstall HASH",
+		Short: "Give a VM a fresh root disk from its base image and start it; its volumes are erased unless --keep-volumes",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			query := ""
+			if keepVolumes {
+				query = "erase_volumes=false"
+			}
+			return a.machineCall(cmd, args[0], "reinstall", query)
+		},
+	}
+	reinstall.Flags().BoolVar(&keepVolumes, "keep-volumes", false, "keep the VM's data volumes")
 	cmd.AddCommand(
-		action("start", "Start an instance (the node fetches its message and disks first)", "start"),
+		action("start", "Start a VM (the node fetches its message and disks first)", "start"),
 		action("stop", "Stop a VM; an instance's disks are kept", "stop"),
-		action("reboot", "Stop an instance cleanly and start it again", "reboot"),
-		action("erase", "Stop an instance and delete its disks", "erase"),
+		action("reboot", "Stop a VM cleanly and start it again", "reboot"),
+		action("erase", "Stop a VM and delete its disks and volumes", "erase"),
+		action("expire", "Stop a VM now", "expire"),
+		action("update", "Make the node read the owner's port-forwarding aggregate again", "update"),
+		reinstall,
 		newVMListCmd(a),
 		newVMLogsCmd(a),
 	)
@@ -106,13 +137,35 @@ ALEPH_VM_ALLOCATION_TOKEN or --allocation-token.`,
 	return cmd
 }
 
+// machineCall posts to an operator route of VM ref and prints the answer.
+func (a *app) machineCall(cmd *cobra.Command, ref, op, query string) error {
+	c, err := a.nodeClient()
+	if err != nil {
+		return err
+	}
+	path := "/control/machine/" + ref + "/" + op
+	if query != "" {
+		path += "?" + query
+	}
+	out, err := c.do(cmd.Context(), "POST", path, nil)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(cmd.OutOrStdout(), strings.TrimSpace(string(out)))
+	return nil
+}
+
 func newVMListCmd(a *app) *cobra.Command {
 	return &cobra.Command{
 		Use:   "list",
 		Short: "List the node's executions with their addresses and forwarded ports",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			data, err := a.nodeClient().do(cmd.Context(), "GET", "/v2/about/executions/list", nil)
+			c, err := a.nodeClient()
+			if err != nil {
+				return err
+			}
+			data, err := c.do(cmd.Context(), "GET", "/v2/about/executions/list", nil)
 			if err != nil {
 				return err
 			}
@@ -159,24 +212,52 @@ func newVMListCmd(a *app) *cobra.Command {
 }
 
 func newVMLogsCmd(a *app) *cobra.Command {
-	return &cobra.Command{
+	var follow bool
+	cmd := &cobra.Command{
 		Use:   "logs HASH",
-		Short: "Print a VM's output, past lines first, and follow it until it stops (Ctrl-C to leave); needs the allocation token",
+		Short: "Print a VM's past output; with -f, follow it until it stops (Ctrl-C to leave)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return followLogs(cmd.Context(), a.nodeClient(), args[0], cmd.OutOrStdout())
+			c, err := a.nodeClient()
+			if err != nil {
+				return err
+			}
+			if follow {
+				return followLogs(cmd.Context(), c, args[0], cmd.OutOrStdout())
+			}
+			return pastLogs(cmd.Context(), c, args[0], cmd.OutOrStdout())
 		},
 	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "follow the output until the VM stops")
+	return cmd
+}
+
+// pastLogs prints the lines the node keeps of a VM's output.
+func pastLogs(ctx context.Context, c nodeClient, ref string, out io.Writer) error {
+	data, err := c.do(ctx, "GET", "/control/machine/"+ref+"/logs", nil)
+	if err != nil {
+		return err
+	}
+	var lines []struct {
+		File    string `json:"file"`
+		Message string `json:"MESSAGE"`
+	}
+	if err := json.Unmarshal(data, &lines); err != nil {
+		return fmt.Errorf("read the node's answer: %w", err)
+	}
+	for _, l := range lines {
+		prefix := ""
+		if l.File != "stdout" {
+			prefix = "[" + l.File + "] "
+		}
+		fmt.Fprintln(out, prefix+l.Message)
+	}
+	return nil
 }
 
 // followLogs prints a VM's output from the node's logs websocket.
 func followLogs(ctx context.Context, c nodeClient, ref string, out io.Writer) error {
-	u := "ws" + strings.TrimPrefix(c.base, "http") + "/control/machine/" + ref + "/logs"
-	h := http.Header{}
-	if c.token != "" {
-		h.Set("X-Auth-Signature", c.token)
-	}
-	conn, _, err := websocket.Dial(ctx, u, &websocket.DialOptions{HTTPHeader: h})
+	conn, err := c.dialLogs(ctx, ref)
 	if err != nil {
 		return fmt.Errorf("follow logs: %w", err)
 	}
@@ -186,12 +267,20 @@ func followLogs(ctx context.Context, c nodeClient, ref string, out io.Writer) er
 		var m struct {
 			Type    string `json:"type"`
 			Message string `json:"message"`
+			Status  string `json:"status"`
+			Reason  string `json:"reason"`
 		}
 		if err := wsjson.Read(ctx, conn, &m); err != nil {
 			if websocket.CloseStatus(err) == websocket.StatusNormalClosure || ctx.Err() != nil {
 				return nil
 			}
 			return fmt.Errorf("follow logs: %w", err)
+		}
+		switch m.Status {
+		case "connected":
+			continue
+		case "failed":
+			return fmt.Errorf("follow logs: the node refused: %s", m.Reason)
 		}
 		prefix := ""
 		if m.Type != "stdout" && m.Type != "console" {
