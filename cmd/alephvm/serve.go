@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -337,7 +336,7 @@ func programKernel(cfg config.Config, log *slog.Logger) execution.Kernel {
 
 // startFakeInstance is the reference's developer mode: a local base image
 // and a local INSTANCE message, whose rootfs parent is made the image's
-// ref, are stored and the instance started.
+// ref (message.WithRootfsParent), are stored and the instance started.
 func startFakeInstance(ctx context.Context, n *node) (message.ItemHash, error) {
 	base := n.cfg.FakeInstanceBase
 	if base == "" {
@@ -358,19 +357,8 @@ func startFakeInstance(ctx context.Context, n *node) (message.ItemHash, error) {
 	if err != nil {
 		return "", err
 	}
-	var env map[string]any
-	if err := json.Unmarshal(raw, &env); err != nil {
+	if raw, _, err = message.WithRootfsParent(raw, message.ParentVolume{Ref: added.Ref}); err != nil {
 		return "", fmt.Errorf("%s: %w", n.cfg.FakeInstanceMessage, err)
-	}
-	content, _ := env["content"].(map[string]any)
-	rootfs, _ := content["rootfs"].(map[string]any)
-	if rootfs == nil {
-		return "", fmt.Errorf("%s is not an INSTANCE message with a rootfs", n.cfg.FakeInstanceMessage)
-	}
-	rootfs["parent"] = map[string]any{"ref": string(added.Ref), "use_latest": false}
-	raw, _ = json.Marshal(env)
-	if raw, err = message.Regenerate(raw); err != nil {
-		return "", err
 	}
 	msg, err := n.store.AddMessage(ctx, raw)
 	if err != nil {
