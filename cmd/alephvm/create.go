@@ -319,7 +319,7 @@ port 8080).`,
 					return err
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), msg.ItemHash)
-				fmt.Fprintf(cmd.OutOrStdout(), "%s/vm/%s/\n", a.nodeClient().base, msg.ItemHash)
+				fmt.Fprintf(cmd.OutOrStdout(), "%s/vm/%s/\n", a.nodeURL(), msg.ItemHash)
 				return nil
 			})
 		},

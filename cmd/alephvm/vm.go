@@ -2,70 +2,37 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"sort"
 	"strconv"
 	"strings"
 	"text/tabwriter"
-	"time"
 
-	"github.com/coder/websocket"
-	"github.com/coder/websocket/wsjson"
 	"github.com/spf13/cobra"
+
+	"github.com/alephvm/alephvm/apiclient"
+	"github.com/alephvm/alephvm/message"
 )
 
-// nodeClient calls a node's HTTP API.
-type nodeClient struct {
-	base  string
-	token string
-	http  *http.Client
-}
-
-func (a *app) nodeClient() nodeClient {
+// nodeURL is the base URL of the node this machine runs, as its
+// settings say.
+func (a *app) nodeURL() string {
 	host := a.cfg.SupervisorHost
 	if host == "" || host == "0.0.0.0" || host == "::" {
 		host = "127.0.0.1"
 	}
-	return nodeClient{
-		base:  "http://" + net.JoinHostPort(host, strconv.Itoa(a.cfg.SupervisorPort)),
-		token: a.cfg.AllocationToken,
-		http:  &http.Client{Timeout: 10 * time.Minute},
-	}
+	return "http://" + net.JoinHostPort(host, strconv.Itoa(a.cfg.SupervisorPort))
 }
 
-// do sends a request and returns the body of a 2xx answer, or an error
-// holding the node's message.
-func (c nodeClient) do(ctx context.Context, method, path string, body io.Reader) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
-	if err != nil {
-		return nil, err
+// nodeClient is a client of that node, with the scheduler's token when one
+// is set.
+func (a *app) nodeClient() (*apiclient.Client, error) {
+	var auth apiclient.Auth
+	if a.cfg.AllocationToken != "" {
+		auth = apiclient.Token(a.cfg.AllocationToken)
 	}
-	if c.token != "" {
-		req.Header.Set("X-Auth-Signature", c.token)
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("reach the node at %s: %w (is alephvm serve running?)", c.base, err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode/100 != 2 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return nil, fmt.Errorf("node answered %d: %s", resp.StatusCode, e.Error)
-		}
-		return nil, fmt.Errorf("node answered %d: %s", resp.StatusCode, strings.TrimSpace(string(data)))
-	}
-	return data, nil
+	return apiclient.New(a.nodeURL(), auth)
 }
 
 func newVMCmd(a *app) *cobra.Command {
@@ -77,26 +44,31 @@ reboot and erase are scheduler calls: the node accepts them with the token
 whose sha256 it has as ALLOCATION_TOKEN_HASH; give the token itself as
 ALEPH_VM_ALLOCATION_TOKEN or --allocation-token.`,
 	}
-	action := func(use, short, path string) *cobra.Command {
+	type operation func(*apiclient.Client, context.Context, message.ItemHash) (string, error)
+	action := func(use, short string, op operation) *cobra.Command {
 		return &cobra.Command{
 			Use:   use + " HASH",
 			Short: short,
 			Args:  cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				out, err := a.nodeClient().do(cmd.Context(), "POST", "/control/machine/"+args[0]+"/"+path, nil)
+				c, err := a.nodeClient()
 				if err != nil {
 					return err
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), strings.TrimSpace(string(out)))
+				out, err := op(c, cmd.Context(), message.ItemHash(args[0]))
+				if err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), out)
 				return nil
 			},
 		}
 	}
 	cmd.AddCommand(
-		action("start", "Start an instance (the node fetches its message and disks first)", "start"),
-		action("stop", "Stop a VM; an instance's disks are kept", "stop"),
-		action("reboot", "Stop an instance cleanly and start it again", "reboot"),
-		action("erase", "Stop an instance and delete its disks", "erase"),
+		action("start", "Start an instance (the node fetches its message and disks first)", (*apiclient.Client).Start),
+		action("stop", "Stop a VM; an instance's disks are kept", (*apiclient.Client).Stop),
+		action("reboot", "Stop an instance cleanly and start it again", (*apiclient.Client).Reboot),
+		action("erase", "Stop an instance and delete its disks", (*apiclient.Client).Erase),
 		newVMListCmd(a),
 		newVMLogsCmd(a),
 	)
@@ -112,46 +84,27 @@ func newVMListCmd(a *app) *cobra.Command {
 		Short: "List the node's executions with their addresses and forwarded ports",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			data, err := a.nodeClient().do(cmd.Context(), "GET", "/v2/about/executions/list", nil)
+			c, err := a.nodeClient()
 			if err != nil {
 				return err
 			}
-			var list map[string]struct {
-				Networking struct {
-					IPv4        string `json:"ipv4_ip"`
-					MappedPorts map[string]struct {
-						Host int  `json:"host"`
-						TCP  bool `json:"tcp"`
-						UDP  bool `json:"udp"`
-					} `json:"mapped_ports"`
-				} `json:"networking"`
-				Running bool   `json:"running"`
-				VMType  string `json:"vm_type"`
-				VCPUs   int    `json:"vcpus"`
-				Memory  int    `json:"memory"`
+			list, err := c.List(cmd.Context())
+			if err != nil {
+				return err
 			}
-			if err := json.Unmarshal(data, &list); err != nil {
-				return fmt.Errorf("read the node's answer: %w", err)
-			}
-			refs := make([]string, 0, len(list))
-			for ref := range list {
-				refs = append(refs, ref)
-			}
-			sort.Strings(refs)
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "HASH\tTYPE\tSTATE\tVCPUS\tMEMORY\tIPV4\tPORTS")
-			for _, ref := range refs {
-				e := list[ref]
+			for _, e := range list {
 				state := "stopped"
 				if e.Running {
 					state = "running"
 				}
 				var ports []string
-				for guestPort, m := range e.Networking.MappedPorts {
-					ports = append(ports, fmt.Sprintf("%d->%s", m.Host, guestPort))
+				for guestPort, m := range e.MappedPorts {
+					ports = append(ports, fmt.Sprintf("%d->%d", m.Host, guestPort))
 				}
 				sort.Strings(ports)
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%s\n", ref, e.VMType, state, e.VCPUs, e.Memory, e.Networking.IPv4, strings.Join(ports, ","))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%s\n", e.Ref, e.VMType, state, e.VCPUs, e.MemoryMiB, e.IPv4, strings.Join(ports, ","))
 			}
 			return w.Flush()
 		},
@@ -164,35 +117,19 @@ func newVMLogsCmd(a *app) *cobra.Command {
 		Short: "Print a VM's output, past lines first, and follow it until it stops (Ctrl-C to leave)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return followLogs(cmd.Context(), a.nodeClient(), args[0], cmd.OutOrStdout())
-		},
-	}
-}
-
-// followLogs prints a VM's output from the node's logs websocket.
-func followLogs(ctx context.Context, c nodeClient, ref string, out io.Writer) error {
-	u := "ws" + strings.TrimPrefix(c.base, "http") + "/control/machine/" + ref + "/logs"
-	conn, _, err := websocket.Dial(ctx, u, nil)
-	if err != nil {
-		return fmt.Errorf("follow logs: %w", err)
-	}
-	defer conn.CloseNow()
-	conn.SetReadLimit(1 << 20)
-	for {
-		var m struct {
-			Type    string `json:"type"`
-			Message string `json:"message"`
-		}
-		if err := wsjson.Read(ctx, conn, &m); err != nil {
-			if websocket.CloseStatus(err) == websocket.StatusNormalClosure || ctx.Err() != nil {
-				return nil
+			c, err := a.nodeClient()
+			if err != nil {
+				return err
 			}
-			return fmt.Errorf("follow logs: %w", err)
-		}
-		prefix := ""
-		if m.Type != "stdout" && m.Type != "console" {
-			prefix = "[" + m.Type + "] "
-		}
-		fmt.Fprintln(out, prefix+m.Message)
+			out := cmd.OutOrStdout()
+			return c.Logs(cmd.Context(), message.ItemHash(args[0]), func(l apiclient.LogLine) error {
+				prefix := ""
+				if l.Stream != "stdout" && l.Stream != "console" {
+					prefix = "[" + l.Stream + "] "
+				}
+				_, err := fmt.Fprintln(out, prefix+l.Text)
+				return err
+			})
+		},
 	}
 }
