@@ -1,14 +1,7 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"errors"
-	"io"
-	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/alephvm/alephvm/api"
@@ -48,16 +41,9 @@ func (i instancesAPI) Statuses(ctx context.Context) ([]api.InstanceStatus, error
 	out := make([]api.InstanceStatus, 0, len(recs))
 	for _, r := range recs {
 		st := api.InstanceStatus{Ref: r.Ref, Running: i.m.Running(r.Ref), StartedAt: r.StartedAt, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB,
-			IPv4Network: r.IPv4Network, IPv4: r.IPv4, MappedPorts: map[string]api.MappedPort{}}
+			IPv4Network: r.IPv4Network, IPv4: r.IPv4}
 		if st.Running {
-			for _, f := range r.Forwards {
-				key := strconv.Itoa(int(f.GuestPort))
-				mp := st.MappedPorts[key]
-				mp.Host = int(f.HostPort)
-				mp.TCP = mp.TCP || f.Proto == "tcp"
-				mp.UDP = mp.UDP || f.Proto == "udp"
-				st.MappedPorts[key] = mp
-			}
+			st.MappedPorts = api.MappedPorts(r.Forwards)
 		}
 		out = append(out, st)
 	}
@@ -80,49 +66,8 @@ func (l logsAPI) Follow(ctx context.Context, ref message.ItemHash, fn func(api.L
 	if err != nil || rec.Kind != execution.KindInstance {
 		return false, false, nil
 	}
-	console := filepath.Join(rec.VMDir, hypervisor.ConsoleLog)
-	ended, err := followFile(ctx, console, func() bool { return l.n.instances.Running(ref) }, func(text string) error {
+	ended, err := hypervisor.FollowConsole(ctx, rec.VMDir, func() bool { return l.n.instances.Running(ref) }, func(text string) error {
 		return fn(api.LogLine{Time: time.Now(), Stream: "console", Text: text})
 	})
 	return true, ended, err
-}
-
-// followFile sends the lines of path, then those appended to it while
-// running() holds; it reports whether the writer stopped.
-func followFile(ctx context.Context, path string, running func() bool, fn func(string) error) (bool, error) {
-	f, err := os.Open(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return !running(), nil
-	}
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	r := bufio.NewReader(f)
-	var partial strings.Builder
-	for {
-		line, err := r.ReadString('\n')
-		partial.WriteString(line)
-		if err == nil {
-			if err := fn(strings.TrimRight(partial.String(), "\r\n")); err != nil {
-				return false, err
-			}
-			partial.Reset()
-			continue
-		}
-		if !errors.Is(err, io.EOF) {
-			return false, err
-		}
-		if !running() {
-			if partial.Len() > 0 {
-				return true, fn(partial.String())
-			}
-			return true, nil
-		}
-		select {
-		case <-ctx.Done():
-			return false, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
