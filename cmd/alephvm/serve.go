@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -13,7 +12,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -144,6 +142,10 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if os.Geteuid() != 0 {
 		return nil, nil, errors.New("the node needs root: it creates taps, nftables rules and VMs")
 	}
+	limits, err := capacity(cfg, log)
+	if err != nil {
+		return nil, nil, err
+	}
 	runDir := filepath.Join(cfg.ExecutionRoot, "vms")
 	volumesDir := filepath.Join(cfg.ExecutionRoot, "volumes")
 	for _, d := range []string{cfg.ExecutionRoot, cfg.CacheRoot, runDir, volumesDir} {
@@ -188,7 +190,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
 	})
-	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: capacity(cfg, log),
+	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: limits,
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
 	n.instances = instance.New(instance.Options{
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
@@ -276,31 +278,17 @@ func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []neti
 
 // capacity is what the node may give to program VMs: its memory less what
 // the host keeps, and its CPUs times the overcommit factor.
-func capacity(cfg config.Config, log *slog.Logger) pool.Capacity {
-	c := pool.Capacity{VCPUs: int(float64(runtime.NumCPU()) * cfg.VCPUOvercommit)}
-	if total, err := memTotalMiB(); err == nil {
-		c.MemoryMiB = total - cfg.HostMemoryReserved
-	} else {
+func capacity(cfg config.Config, log *slog.Logger) (pool.Capacity, error) {
+	total, err := pool.MemTotalMiB()
+	if err != nil {
 		log.Warn("memory of the host unknown: no memory admission control", "err", err)
 	}
-	log.Info("capacity for VMs", "memory_mib", c.MemoryMiB, "vcpus", c.VCPUs)
-	return c
-}
-
-func memTotalMiB() (int, error) {
-	f, err := os.Open("/proc/meminfo")
+	c, err := pool.HostCapacity(total, cfg.HostMemoryReserved, runtime.NumCPU(), cfg.VCPUOvercommit)
 	if err != nil {
-		return 0, err
+		return c, fmt.Errorf("capacity for VMs (HOST_MEMORY_RESERVED_MIB, VCPU_OVERCOMMIT_FACTOR): %w", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if fields := strings.Fields(sc.Text()); len(fields) >= 2 && fields[0] == "MemTotal:" {
-			kb, err := strconv.Atoi(fields[1])
-			return kb / 1024, err
-		}
-	}
-	return 0, errors.New("no MemTotal in /proc/meminfo")
+	log.Info("capacity for VMs", "memory_mib", c.MemoryMiB, "vcpus", c.VCPUs)
+	return c, nil
 }
 
 // baseImageDir is where the default base image is built.
