@@ -294,32 +294,15 @@ func capacity(cfg config.Config, log *slog.Logger) (pool.Capacity, error) {
 // baseImageDir is where the default base image is built.
 func baseImageDir(cfg config.Config) string { return filepath.Join(cfg.CacheRoot, "base-image") }
 
-// programKernel is what program VMs boot: the kernel (bzImage for QEMU,
-// vmlinux for Firecracker) and initramfs named by LINUX_PATH,
-// LINUX_VMLINUX_PATH and INITRD_PATH, else those alephvm assets build
-// made. Without them the node serves no program, and says why.
+// programKernel is what program VMs boot: the kernel and initramfs named
+// by LINUX_PATH, LINUX_VMLINUX_PATH and INITRD_PATH, else those alephvm
+// assets build made. Without them the node serves no program, and says why.
 func programKernel(cfg config.Config, log *slog.Logger) execution.Kernel {
-	k := execution.Kernel{Kernel: cfg.ProgramKernel, Vmlinux: cfg.ProgramVmlinux, Initrd: cfg.ProgramInitrd, Cmdline: guest.KernelCmdline}
-	if k.Kernel != "" && k.Vmlinux != "" && k.Initrd != "" {
-		return k
-	}
-	m, err := assets.Load(cfg.Assets())
+	k, err := assets.FindProgramKernel(cfg.Assets(), assets.ProgramKernel{BzImage: cfg.ProgramKernel, Vmlinux: cfg.ProgramVmlinux, Initrd: cfg.ProgramInitrd})
 	if err != nil {
-		log.Warn("no guest kernel and initramfs: programs cannot run on this node (alephvm assets build, or LINUX_PATH, LINUX_VMLINUX_PATH and INITRD_PATH)", "err", err)
-		return k
+		log.Warn("guest kernel or initramfs missing: programs cannot run on this node (alephvm assets build, or LINUX_PATH, LINUX_VMLINUX_PATH and INITRD_PATH)", "err", err)
 	}
-	for _, f := range []struct {
-		path *string
-		name assets.Name
-	}{{&k.Kernel, assets.KernelBzImage}, {&k.Vmlinux, assets.KernelVmlinux}, {&k.Initrd, assets.Initramfs}} {
-		if *f.path != "" {
-			continue
-		}
-		if *f.path, err = m.Path(f.name); err != nil {
-			log.Warn("guest kernel asset missing (alephvm assets build)", "asset", f.name, "err", err)
-		}
-	}
-	return k
+	return execution.Kernel{Kernel: k.BzImage, Vmlinux: k.Vmlinux, Initrd: k.Initrd, Cmdline: guest.KernelCmdline}
 }
 
 // startFakeInstance is the reference's developer mode: a local base image
