@@ -175,6 +175,9 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if err != nil {
 		return fail(err)
 	}
+	if !plan.UEFI.Usable {
+		log.Warn("instances of UEFI disk images (debian-12) cannot boot here", "why", plan.UEFI.Why)
+	}
 	programHV, programErr := plan.ForProgram()
 	if programErr != nil {
 		log.Warn("programs cannot run on this node", "err", programErr)
@@ -218,9 +221,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 // buildHypervisors probes the host, decides which backends run here
 // (as alephvm doctor says) and starts their drivers.
 func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) (hostcheck.Plan, execution.Hypervisors, error) {
-	host := hostcheck.ProbeHost(ctx, hostcheck.Paths{
-		Firecracker: cfg.FirecrackerPath, Jailer: cfg.JailerPath, QEMU: "qemu-system-x86_64", DataDir: cfg.ExecutionRoot,
-	})
+	host := hostcheck.ProbeHost(ctx, hostPaths(cfg))
 	plan := hostcheck.Decide(host, doctorSettings(cfg))
 	hvs := execution.Hypervisors{}
 	if plan.QEMU.Usable {
