@@ -81,7 +81,7 @@ func ProbeHost(ctx context.Context, p Paths) Host {
 		Tun:          probeTun(),
 		Cgroups:      probeCgroups(),
 		Vsock:        probeVsock(ctx, vsockSocketPath(p)),
-		Firmware:     probeFirmware(p.UEFICode, p.UEFIVars, p.DataDir),
+		Firmware:     ProbeFirmware(p.UEFICode, p.UEFIVars, p.DataDir),
 	}
 	h.KVM = probeKVM(ctx, kvmDevice, p.QEMU, h.QEMU.OK)
 	return h
@@ -349,11 +349,11 @@ func existingParent(dir string) string {
 // flashBlock is the size QEMU's UEFI flash images come in multiples of.
 const flashBlock = 4096
 
-// probeFirmware checks the UEFI firmware QEMU boots UEFI disk images with:
+// ProbeFirmware checks the UEFI firmware QEMU boots UEFI disk images with:
 // code is read (a whole number of flash blocks), and the variable store
 // template vars is copied into the disks' directory dataDir, as each
 // instance gets its own copy.
-func probeFirmware(code, vars, dataDir string) Probe {
+func ProbeFirmware(code, vars, dataDir string) Probe {
 	if code == "" || vars == "" {
 		return Probe{Found: "UEFI_FIRMWARE_CODE or UEFI_FIRMWARE_VARS is empty: instances of UEFI disk images cannot boot"}
 	}

@@ -107,7 +107,7 @@ func TestProbeFirmware(t *testing.T) {
 	os.WriteFile(vars, make([]byte, 2*flashBlock), 0o644)
 	data := filepath.Join(dir, "data")
 	os.Mkdir(data, 0o755)
-	if p := probeFirmware(code, vars, data); !p.OK {
+	if p := ProbeFirmware(code, vars, data); !p.OK {
 		t.Errorf("%+v", p)
 	}
 	if left, _ := os.ReadDir(data); len(left) != 0 {
@@ -124,11 +124,11 @@ func TestProbeFirmware(t *testing.T) {
 		"a directory":      {dir, vars, "not a flash image"},
 		"unreadable store": {code, "/proc/self/mem", "not a flash image"},
 	} {
-		if p := probeFirmware(tc.code, tc.vars, data); p.OK || !strings.Contains(p.Found, tc.want) {
+		if p := ProbeFirmware(tc.code, tc.vars, data); p.OK || !strings.Contains(p.Found, tc.want) {
 			t.Errorf("%s: %+v", name, p)
 		}
 	}
-	if p := probeFirmware(code, vars, "/proc/self"); p.OK || !strings.Contains(p.Found, "cannot copy") {
+	if p := ProbeFirmware(code, vars, "/proc/self"); p.OK || !strings.Contains(p.Found, "cannot copy") {
 		t.Errorf("unwritable data directory: %+v", p)
 	}
 }
