@@ -54,7 +54,7 @@ type Config struct {
 	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
 	QEMUAccel           string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
 	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"User QEMU drops its privileges to once its devices are open; empty keeps root."`
-	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
+	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself (Debian: apt-get install ovmf)."`
 	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
 	ProgramKernel       string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
 	ProgramVmlinux      string  `env:"LINUX_VMLINUX_PATH" yaml:"linux_vmlinux_path" help:"Kernel of program VMs under Firecracker (the same kernel, an uncompressed vmlinux)."`
@@ -69,7 +69,7 @@ type Config struct {
 	UseJailer           bool    `env:"USE_JAILER" yaml:"use_jailer" help:"Run each Firecracker through the jailer (chroot, a uid of its own, PID namespace, cgroup limits); turn off for development only."`
 	JailerBaseDirectory string  `env:"JAILER_BASE_DIRECTORY" yaml:"jailer_base_directory" help:"Where the jailer makes each VM's chroot; empty means <EXECUTION_ROOT>/jail. Keep it on the filesystem of CACHE_ROOT and EXECUTION_ROOT, so that files are hard-linked into jails, not bind-mounted."`
 	JailerFirstUID      int     `env:"JAILER_FIRST_UID" yaml:"jailer_first_uid" help:"First of the 65536 uids (and gids) given to jailed VMs, one per VM."`
-	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest."`
+	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest (the node refuses to start when nothing is left)."`
 	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
 	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
 	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
