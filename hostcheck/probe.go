@@ -1,6 +1,6 @@
 // Package hostcheck finds out what this host can run (KVM, Firecracker and
 // its jailer, QEMU, device-mapper, reflinks, vsock sockets, nftables,
-// tun, cgroups, UEFI firmware) and decides from that and the node's
+// tun, cgroups, UEFI firmware, the disk tools) and decides from that and the node's
 // settings which hypervisor runs each message and how Firecracker root
 // disks are made. `alephvm doctor` prints it; the node decides by it at
 // start.
@@ -53,6 +53,7 @@ type Host struct {
 	Cgroups      Probe // the cpu and memory controllers the jailer sets
 	Vsock        Probe // the host end of Firecracker VMs' vsock: a unix socket
 	Firmware     Probe // UEFI firmware for instances of UEFI disk images (QEMU)
+	Tools        Probe // the programs the node runs to make disks
 }
 
 // Paths are where the probes look.
@@ -82,6 +83,7 @@ func ProbeHost(ctx context.Context, p Paths) Host {
 		Cgroups:      probeCgroups(),
 		Vsock:        probeVsock(ctx, vsockSocketPath(p)),
 		Firmware:     ProbeFirmware(p.UEFICode, p.UEFIVars, p.DataDir),
+		Tools:        probeTools(ctx, diskTools),
 	}
 	h.KVM = probeKVM(ctx, kvmDevice, p.QEMU, h.QEMU.OK)
 	return h
@@ -390,4 +392,42 @@ func checkFlash(path string) error {
 		return fmt.Errorf("UEFI firmware %s: %w", path, err)
 	}
 	return nil
+}
+
+// diskTool is a program the node runs, how to ask it for its version, and
+// what cannot be done without it.
+type diskTool struct {
+	name, versionFlag, pkg, needed string
+}
+
+// diskTools are the programs package storage runs.
+var diskTools = []diskTool{
+	{"qemu-img", "--version", "qemu-utils", "instances cannot start (their base images are inspected and layered with it)"},
+	{"mkfs.ext4", "-V", "e2fsprogs", "volumes cannot be made"},
+	{"e2fsck", "-V", "e2fsprogs", "Firecracker root disks cannot be grown"},
+	{"resize2fs", "", "e2fsprogs", "Firecracker root disks cannot be grown"},
+}
+
+// probeTools runs each tool (its version, where it has a flag for it).
+func probeTools(ctx context.Context, tools []diskTool) Probe {
+	var broken []string
+	for _, t := range tools {
+		bin, err := exec.LookPath(t.name)
+		if err == nil && t.versionFlag != "" {
+			vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err = exec.CommandContext(vctx, bin, t.versionFlag).Run()
+			cancel()
+		}
+		if err != nil {
+			broken = append(broken, fmt.Sprintf("%s (Debian: %s) does not run: %s", t.name, t.pkg, t.needed))
+		}
+	}
+	if len(broken) > 0 {
+		return Probe{Found: strings.Join(broken, "; ")}
+	}
+	names := make([]string, len(tools))
+	for i, t := range tools {
+		names[i] = t.name
+	}
+	return Probe{OK: true, Found: strings.Join(names, ", ") + " run"}
 }

@@ -100,6 +100,27 @@ func TestProbeVsock(t *testing.T) {
 	}
 }
 
+func TestProbeTools(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	failing := filepath.Join(dir, "failing")
+	os.WriteFile(failing, []byte("#!/bin/sh\nexit 1\n"), 0o755)
+	working := filepath.Join(dir, "working")
+	os.WriteFile(working, []byte("#!/bin/sh\nexit 0\n"), 0o755)
+	if p := probeTools(ctx, []diskTool{{working, "--version", "pkg", "x"}, {"/bin/sh", "", "pkg", "x"}}); !p.OK {
+		t.Errorf("%+v", p)
+	}
+	p := probeTools(ctx, []diskTool{
+		{working, "--version", "pkg", "fine"},
+		{failing, "--version", "broken-pkg", "volumes cannot be made"},
+		{filepath.Join(dir, "missing"), "", "missing-pkg", "instances cannot start"},
+	})
+	if p.OK || !strings.Contains(p.Found, "Debian: broken-pkg") || !strings.Contains(p.Found, "volumes cannot be made") ||
+		!strings.Contains(p.Found, "Debian: missing-pkg") || strings.Contains(p.Found, "fine") {
+		t.Errorf("%+v", p)
+	}
+}
+
 func TestProbeFirmware(t *testing.T) {
 	dir := t.TempDir()
 	code, vars := filepath.Join(dir, "CODE.fd"), filepath.Join(dir, "VARS.fd")

@@ -21,7 +21,7 @@ func newDoctorCmd(a *app) *cobra.Command {
 		Long: `Probe this host (KVM usable for ordinary guests, the firecracker and jailer
 binaries and their versions, QEMU, device-mapper, reflinks where the VMs'
 disks go, the sockets of Firecracker's vsock, nftables, tun, cgroups, the
-UEFI firmware), then say which hypervisor programs and instances will run
+UEFI firmware, the programs that make disks), then say which hypervisor programs and instances will run
 under, whether UEFI disk images boot, how Firecracker root disks will be
 made, and why. Each probe does what the node will do (boots a probe guest
 under KVM, asks device-mapper for its snapshot targets, makes a reflink, a
@@ -63,7 +63,7 @@ func writeDoctor(out io.Writer, h hostcheck.Host, p hostcheck.Plan) error {
 	}{
 		{"kvm", h.KVM}, {"firecracker", h.Firecracker}, {"jailer", h.Jailer}, {"qemu", h.QEMU},
 		{"device-mapper", h.DeviceMapper}, {"reflink", h.Reflink}, {"nftables", h.NFTables},
-		{"tun", h.Tun}, {"cgroups", h.Cgroups}, {"vsock", h.Vsock}, {"firmware", h.Firmware},
+		{"tun", h.Tun}, {"cgroups", h.Cgroups}, {"vsock", h.Vsock}, {"firmware", h.Firmware}, {"tools", h.Tools},
 	} {
 		mark := "ok"
 		if !probe.OK {

@@ -12,7 +12,7 @@ import (
 // probe is reported and the plan is said.
 func TestDoctor(t *testing.T) {
 	code, out, errOut := runCLI(t, nil, "doctor")
-	for _, want := range []string{"kvm", "firecracker", "jailer", "qemu", "device-mapper", "reflink", "nftables", "tun", "cgroups", "vsock", "firmware", "UEFI disk images",
+	for _, want := range []string{"kvm", "firecracker", "jailer", "qemu", "device-mapper", "reflink", "nftables", "tun", "cgroups", "vsock", "firmware", "tools", "UEFI disk images",
 		"programs run under", "instances that name no hypervisor run under", "root disks are"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("doctor does not mention %q", want)
