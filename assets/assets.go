@@ -1,11 +1,11 @@
-// Package assets builds, caches and finds what VMs boot from: the kernel
-// (Debian's cloud kernel, as a bzImage for QEMU and as an uncompressed
-// vmlinux for Firecracker), the initramfs holding alephvm-init and the
-// kernel modules it loads, the default program runtime (a Debian squashfs
-// with python3 and uvicorn) and the default instance base image (Debian
-// with systemd, cloud-init, openssh-server and qemu-guest-agent, as a bare
-// ext4 root filesystem and as a partitioned disk that boots with its own
-// GRUB). It also fetches files pinned by sha256 in a fetch manifest.
+// Package assets builds, caches and finds what program VMs boot from: the
+// kernel (Debian's cloud kernel, as a bzImage for QEMU and as an
+// uncompressed vmlinux for Firecracker), the initramfs holding
+// alephvm-init and the kernel modules it loads, and the default program
+// runtime (a Debian squashfs with python3 and uvicorn); FindProgramKernel
+// says which kernel and initramfs the node boots programs with. It also
+// fetches files pinned by sha256 in a fetch manifest. The instance base
+// image is package baseimage's.
 //
 // Every asset is recorded in the cache directory's manifest.json with its
 // size, sha256, the key of the inputs it was built from and, once

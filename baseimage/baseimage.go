@@ -158,6 +158,9 @@ func Build(ctx context.Context, dir string, progress io.Writer, log *slog.Logger
 	if img, err := Load(dir); err == nil {
 		return img, nil
 	}
+	if err := checkTools(exec.LookPath); err != nil {
+		return Image{}, err
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return Image{}, err
 	}

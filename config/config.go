@@ -63,7 +63,7 @@ type Config struct {
 	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"Who QEMU runs as once it has opened the VM's files and devices: empty for a uid and gid of its own per VM (from QEMU_FIRST_UID); a user name or uid:gid shared by every VM (never uid 0); or root, for debugging only (logged as a warning)."`
 	QEMUFirstUID        int     `env:"QEMU_FIRST_UID" yaml:"qemu_first_uid" help:"First of the 65536 uids (and gids) given to QEMU processes, one per VM, when QEMU_RUNAS is empty; apart from the jailer's range and from the host's users."`
 	ConsoleLogMaxSize   Bytes   `env:"CONSOLE_LOG_MAX_SIZE" yaml:"console_log_max_size" help:"Most of a VM's serial console kept on disk, in console.log and the rotated console.log.1 (half each); at least 64KiB. The guest never waits on its console: output past what the hypervisor buffers (1 MiB) while the node is down is lost."`
-	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
+	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself (Debian: apt-get install ovmf)."`
 	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
 	ProgramKernel       string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
 	ProgramVmlinux      string  `env:"LINUX_VMLINUX_PATH" yaml:"linux_vmlinux_path" help:"Kernel of program VMs under Firecracker (the same kernel, an uncompressed vmlinux)."`
@@ -78,7 +78,7 @@ type Config struct {
 	UseJailer           bool    `env:"USE_JAILER" yaml:"use_jailer" help:"Run each Firecracker through the jailer (chroot, a uid of its own, PID namespace, cgroup limits); turn off for development only."`
 	JailerBaseDirectory string  `env:"JAILER_BASE_DIRECTORY" yaml:"jailer_base_directory" help:"Where the jailer makes each VM's chroot; empty means <EXECUTION_ROOT>/jail. Keep it on the filesystem of CACHE_ROOT and EXECUTION_ROOT, so that files are hard-linked into jails, not bind-mounted."`
 	JailerFirstUID      int     `env:"JAILER_FIRST_UID" yaml:"jailer_first_uid" help:"First of the 65536 uids (and gids) given to jailed VMs, one per VM."`
-	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest."`
+	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest (the node refuses to start when nothing is left)."`
 	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
 	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
 	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`

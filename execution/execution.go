@@ -1,6 +1,8 @@
 // Package execution holds what every VM's life shares: the records the
-// node keeps of its executions, the errors a client can act on, and the
-// program launcher. Package instance runs instances.
+// node keeps of its executions, the errors a client can act on, the
+// hypervisor backends as programs and instances use them, and the kernel
+// directly booted VMs boot. Package program launches programs; package
+// instance runs instances.
 package execution
 
 import (

@@ -57,6 +57,9 @@ type Plan struct {
 	QEMURunsAs string
 	Programs   Choice
 	Instances  Choice // of an instance whose message names no hypervisor
+	// UEFI says whether instances of UEFI disk images (the base image's
+	// debian-12 form) can boot: under QEMU, with its firmware.
+	UEFI Backend
 	// RawDisks is how Firecracker instances' root disks are made.
 	RawDisks    storage.RawDiskMethod
 	RawDisksWhy string
@@ -93,6 +96,14 @@ func Decide(h Host, s Settings) Plan {
 	}
 	p.Programs = p.program()
 	p.Instances = p.instance("")
+	switch {
+	case !p.QEMU.Usable:
+		p.UEFI = Backend{Why: "they boot under QEMU, which cannot run here"}
+	case !h.Firmware.OK:
+		p.UEFI = Backend{Why: h.Firmware.Found}
+	default:
+		p.UEFI = Backend{Usable: true, Why: "under QEMU with " + h.Firmware.Found}
+	}
 	p.RawDisks = storage.ChooseRawDiskMethod(h.DeviceMapper.OK, h.Reflink.OK)
 	switch p.RawDisks {
 	case storage.DeviceMapper:
@@ -121,6 +132,9 @@ func firecrackerBackend(h Host, s Settings) Backend {
 	}
 	if !h.Firecracker.OK {
 		why = append(why, "no firecracker binary of "+firecrackerMinor)
+	}
+	if !h.Vsock.OK {
+		why = append(why, "no sockets for its VMs ("+h.Vsock.Found+")")
 	}
 	if s.UseJailer && !h.Jailer.OK {
 		why = append(why, "no jailer binary of "+firecrackerMinor+" (USE_JAILER is on)")

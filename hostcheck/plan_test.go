@@ -14,7 +14,7 @@ func goodHost() Host {
 	return Host{
 		KVM: ok("kvm runs guests"), Firecracker: ok("firecracker v1.16.1"), Jailer: ok("jailer v1.16.1"),
 		QEMU: ok("qemu 7.2"), DeviceMapper: ok("dm here"), Reflink: ok("reflinks here"),
-		NFTables: ok("nft"), Tun: ok("tun"), Cgroups: ok("cgroup v2"),
+		NFTables: ok("nft"), Tun: ok("tun"), Cgroups: ok("cgroup v2"), Vsock: ok("unix sockets"), Firmware: ok("OVMF"), Tools: ok("tools"),
 	}
 }
 

@@ -42,7 +42,7 @@ func (r *rig) withFakeFirecracker() {
 
 func everything() hostcheck.Host {
 	ok := hostcheck.Probe{OK: true}
-	return hostcheck.Host{KVM: ok, Firecracker: ok, Jailer: ok, QEMU: ok, DeviceMapper: ok, Reflink: ok, NFTables: ok, Tun: ok, Cgroups: ok}
+	return hostcheck.Host{KVM: ok, Firecracker: ok, Jailer: ok, QEMU: ok, DeviceMapper: ok, Reflink: ok, NFTables: ok, Tun: ok, Cgroups: ok, Vsock: ok}
 }
 
 // ext4Instance stores a bare ext4 base image of 64 MiB and an INSTANCE

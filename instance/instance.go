@@ -143,8 +143,9 @@ type instanceVM struct {
 func (m *Manager) Running(ref message.ItemHash) bool { return m.get(ref) != nil }
 
 // Start starts the instance ref; it does nothing if it runs.
-func (m *Manager) Start(ctx context.Context, ref message.ItemHash) error {
+func (m *Manager) Start(ctx context.Context, ref message.ItemHash) (err error) {
 	defer m.lock(ref)()
+	defer m.logFailure("start", ref, &err)
 	if m.get(ref) != nil {
 		return nil
 	}
@@ -531,9 +532,18 @@ func (m *Manager) StopRun(ctx context.Context, ref message.ItemHash, run uint64)
 
 // Stop stops the instance, through the guest's own shutdown first (ACPI
 // power-off under QEMU, ctrl-alt-del under Firecracker); its disks stay. It reports whether it was running.
-func (m *Manager) Stop(ctx context.Context, ref message.ItemHash) (bool, error) {
+func (m *Manager) Stop(ctx context.Context, ref message.ItemHash) (_ bool, err error) {
 	defer m.lock(ref)()
+	defer m.logFailure("stop", ref, &err)
 	return m.stop(ctx, ref)
+}
+
+// logFailure logs an operation on an instance that failed, with its
+// reason: the caller gets the error, the operator reads the node's log.
+func (m *Manager) logFailure(op string, ref message.ItemHash, err *error) {
+	if *err != nil {
+		m.opts.Log.Error("instance "+op+" failed", "ref", ref, "err", *err)
+	}
 }
 
 func (m *Manager) stop(ctx context.Context, ref message.ItemHash) (bool, error) {
@@ -549,8 +559,9 @@ func (m *Manager) stop(ctx context.Context, ref message.ItemHash) (bool, error) 
 }
 
 // Reboot stops the instance cleanly and starts it again.
-func (m *Manager) Reboot(ctx context.Context, ref message.ItemHash) error {
+func (m *Manager) Reboot(ctx context.Context, ref message.ItemHash) (err error) {
 	defer m.lock(ref)()
+	defer m.logFailure("reboot", ref, &err)
 	if _, err := m.stop(ctx, ref); err != nil {
 		return err
 	}
@@ -558,8 +569,9 @@ func (m *Manager) Reboot(ctx context.Context, ref message.ItemHash) error {
 }
 
 // Erase stops the instance and deletes its disks and its record.
-func (m *Manager) Erase(ctx context.Context, ref message.ItemHash) error {
+func (m *Manager) Erase(ctx context.Context, ref message.ItemHash) (err error) {
 	defer m.lock(ref)()
+	defer m.logFailure("erase", ref, &err)
 	if _, err := m.stop(ctx, ref); err != nil {
 		return err
 	}

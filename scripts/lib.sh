@@ -7,7 +7,7 @@ die() { echo "error: $*" >&2; exit 1; }
 
 # need_root re-runs nothing: it tells the operator what to do.
 need_root() {
-	[ "$(id -u)" -eq 0 ] || die "run this as root (sudo $0): it installs Debian packages and, for VM tests, creates network namespaces"
+	[ "$(id -u)" -eq 0 ] || die "run this as root: it installs Debian packages and, for VM tests, creates network namespaces"
 }
 
 # ensure_go puts a Go toolchain of at least $GO_VERSION on PATH.

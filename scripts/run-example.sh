@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 
 need_root
 ensure_go
-apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs squashfs-tools mmdebstrap curl ca-certificates
+# Everything the commands this leads to need too (README): the node and its
+# VM assets, "alephvm base-image build" (mmdebstrap, e2fsprogs) and the
+# instances of its UEFI form (ovmf, the firmware QEMU boots them with).
+apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs squashfs-tools mmdebstrap ovmf curl ca-certificates
 
 echo "== building alephvm, the guest init and the Go example"
 mkdir -p bin
@@ -60,4 +63,6 @@ for ref in "$asgi" "$gohello"; do
 done
 echo "== the node's executions"
 ip netns exec "$ns" ./bin/alephvm vm list
+echo "== what this host can run"
+./bin/alephvm doctor || true
 echo "== done; the node's log is $dir/node.log"

@@ -102,3 +102,26 @@ func TestReflinkOnXFS(t *testing.T) {
 		t.Errorf("clone's extents are not shared:\n%s", out)
 	}
 }
+
+// The reflink probe clones for real: on tmpfs, which has no reflinks, it
+// says no and leaves nothing behind; a directory it cannot write in is an
+// error, not a no.
+func TestSupportsReflinkNegative(t *testing.T) {
+	if st, err := os.Stat("/dev/shm"); err != nil || !st.IsDir() {
+		t.Skip("no /dev/shm tmpfs here")
+	}
+	dir, err := os.MkdirTemp("/dev/shm", "alephvm-reflink-")
+	if err != nil {
+		t.Skip(err)
+	}
+	defer os.RemoveAll(dir)
+	if ok, err := SupportsReflink(dir); ok || err != nil {
+		t.Errorf("tmpfs: %v %v", ok, err)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("the probe left %d files", len(left))
+	}
+	if _, err := SupportsReflink(filepath.Join(dir, "missing")); err == nil {
+		t.Error("a missing directory probed without error")
+	}
+}

@@ -35,24 +35,6 @@ const (
 	PlainCopy RawDiskMethod = "copy"
 )
 
-// deviceMapperControl is the device-mapper's control node; it exists when
-// the kernel has device-mapper.
-const deviceMapperControl = "/dev/mapper/control"
-
-// HasDeviceMapper reports whether device-mapper snapshots can be made
-// here: the kernel's control node and the dmsetup and losetup tools.
-func HasDeviceMapper() (bool, string) {
-	if _, err := os.Stat(deviceMapperControl); err != nil {
-		return false, "no " + deviceMapperControl + ": the kernel has no device-mapper (modprobe dm_snapshot)"
-	}
-	for _, tool := range []string{"dmsetup", "losetup"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return false, tool + " is not installed (Debian: dmsetup, mount)"
-		}
-	}
-	return true, deviceMapperControl + " exists"
-}
-
 // ChooseRawDiskMethod is the rule: a device-mapper snapshot where the
 // host has device-mapper, else a reflink where the filesystem has them,
 // else a copy.

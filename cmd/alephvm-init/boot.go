@@ -33,12 +33,7 @@ func uptime() time.Duration {
 // boot runs the init to the end: it never returns.
 func boot() {
 	start := uptime()
-	defer func() {
-		if r := recover(); r != nil {
-			logf("panic: %v", r)
-			powerOff(guest.HaltPowerOff)
-		}
-	}()
+	defer recoverPanic()
 	if err := mountEarly(); err != nil {
 		fatal(fmt.Errorf("mount /dev, /proc, /sys: %w", err))
 	}
@@ -52,7 +47,7 @@ func boot() {
 	}
 	// Filesystem modules load while the devices are probed.
 	fsLoaded := make(chan error, 1)
-	go func() { fsLoaded <- loader.loadFilesystems() }()
+	goSafe(func() { fsLoaded <- loader.loadFilesystems() })
 	have, err := loader.loadForDevices()
 	if err != nil {
 		fatal(err)
@@ -71,7 +66,7 @@ func boot() {
 	in.cfg = cfg
 	in.milestone(func(b *guest.Boot) { b.Config = uptime() })
 	in.trace("started at %v, modules loaded at %v, config read", ms(start), ms(in.Status().Boot.Modules))
-	go in.serveControl(have)
+	goSafe(func() { in.serveControl(have) })
 
 	waitStart := uptime()
 	err = <-fsLoaded
@@ -90,7 +85,7 @@ func boot() {
 	if err != nil {
 		in.failed(err)
 	}
-	go in.recordKernelHandoff()
+	goSafe(in.recordKernelHandoff)
 	in.supervise()
 }
 

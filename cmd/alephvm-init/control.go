@@ -27,7 +27,7 @@ func (in *Init) serveControl(have devices) {
 			logf("control port: %v", err)
 		} else {
 			in.milestone(func(b *guest.Boot) { b.Control = uptime() })
-			go in.serveSerial(ctx, f)
+			goSafe(func() { in.serveSerial(ctx, f) })
 		}
 	}
 	if have.vsock {
@@ -37,19 +37,19 @@ func (in *Init) serveControl(have devices) {
 			return
 		}
 		in.milestone(func(b *guest.Boot) { b.Control = uptime() })
-		go func() {
+		goSafe(func() {
 			for {
 				conn, err := l.Accept()
 				if err != nil {
 					logf("control vsock: %v", err)
 					return
 				}
-				go func() {
+				goSafe(func() {
 					defer conn.Close()
-					guest.ServeSession(ctx, conn, conn, initVersion(), in)
-				}()
+					guest.ServeSession(ctx, conn, conn, initVersion(), guardedAgent{in})
+				})
 			}
-		}()
+		})
 	}
 }
 
@@ -90,10 +90,10 @@ func (in *Init) serveSerial(ctx context.Context, port *os.File) {
 			if session == nil {
 				r, pw := io.Pipe()
 				session = pw
-				go func() {
-					guest.ServeSession(ctx, r, w, initVersion(), in)
+				goSafe(func() {
+					guest.ServeSession(ctx, r, w, initVersion(), guardedAgent{in})
 					r.Close()
-				}()
+				})
 			}
 			if _, err := session.Write(buf[:n]); err != nil {
 				session = nil // the session ended on its own; the next bytes start another

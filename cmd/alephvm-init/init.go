@@ -127,13 +127,13 @@ func (in *Init) Subscribe(ctx context.Context) (guest.Status, <-chan guest.Event
 	in.subs[ch] = struct{}{}
 	st := in.statusLocked()
 	in.mu.Unlock()
-	go func() {
+	goSafe(func() {
 		<-ctx.Done()
 		in.mu.Lock()
 		delete(in.subs, ch)
 		close(ch)
 		in.mu.Unlock()
-	}()
+	})
 	return st, ch
 }
 
@@ -199,12 +199,12 @@ func (in *Init) supervise() {
 				in.reaper.reap()
 			case unix.SIGINT, unix.SIGPWR:
 				logf("%v: halting", s)
-				go func() {
+				goSafe(func() {
 					if err := in.Halt(context.Background()); err != nil {
 						logf("halt: %v", err)
 					}
 					in.PowerOff()
-				}()
+				})
 			default:
 				in.Signal(s.(syscall.Signal))
 			}

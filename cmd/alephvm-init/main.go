@@ -32,8 +32,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, "alephvm-init: must run as PID 1 of a VM")
 		os.Exit(2)
 	}
-	// PID 1 must never exit: a panic anywhere ends in a power-off with the
-	// reason on the console instead of a kernel panic.
+	// PID 1 must never exit: a panic in the init's code, on any of its
+	// goroutines, ends in a power-off with the reason on the console
+	// instead of a kernel panic (panic.go).
 	runtime.LockOSThread()
 	debug.SetTraceback("all")
 	boot()

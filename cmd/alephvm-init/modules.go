@@ -96,10 +96,10 @@ func (l *moduleLoader) loadAll(names ...string) error {
 	var wg sync.WaitGroup
 	for i, name := range names {
 		wg.Add(1)
-		go func() {
+		goSafe(func() {
 			defer wg.Done()
 			errs[i] = l.load(name)
-		}()
+		})
 	}
 	wg.Wait()
 	return errors.Join(errs...)

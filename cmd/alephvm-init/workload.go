@@ -202,8 +202,8 @@ func (in *Init) startWorkload() error {
 	if err != nil {
 		return err
 	}
-	go in.logs.copy(guest.Stdout, stdoutR, echo)
-	go in.logs.copy(guest.Stderr, stderrR, echo)
+	goSafe(func() { in.logs.copy(guest.Stdout, stdoutR, echo) })
+	goSafe(func() { in.logs.copy(guest.Stderr, stderrR, echo) })
 
 	in.mu.Lock()
 	in.pid = cmd.Process.Pid
@@ -211,12 +211,12 @@ func (in *Init) startWorkload() error {
 	in.boot.Started = uptime()
 	in.mu.Unlock()
 
-	go in.waitReady()
-	go func() {
+	goSafe(in.waitReady)
+	goSafe(func() {
 		ws := <-wait
 		cmd.Process.Release()
 		in.workloadExited(ws)
-	}()
+	})
 	return nil
 }
 
@@ -333,10 +333,10 @@ func (in *Init) Exec(ctx context.Context, req guest.ExecRequest) (guest.ExecResu
 		src *os.File
 	}{{stdout, outR}, {stderr, errR}} {
 		copying.Add(1)
-		go func() {
+		goSafe(func() {
 			defer copying.Done()
 			io.Copy(c.dst, c.src)
-		}()
+		})
 	}
 	var res guest.ExecResult
 	var ws unix.WaitStatus
@@ -350,7 +350,7 @@ func (in *Init) Exec(ctx context.Context, req guest.ExecRequest) (guest.ExecResu
 	cmd.Process.Release()
 	// Output still held open by a background child is not waited for long.
 	copied := make(chan struct{})
-	go func() { copying.Wait(); close(copied) }()
+	goSafe(func() { copying.Wait(); close(copied) })
 	select {
 	case <-copied:
 	case <-time.After(100 * time.Millisecond):
@@ -370,10 +370,10 @@ func feed(data []byte) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	go func() {
+	goSafe(func() {
 		w.Write(data)
 		w.Close()
-	}()
+	})
 	return r, nil
 }
 

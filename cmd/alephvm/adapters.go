@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/alephvm/alephvm/api"
@@ -76,16 +75,9 @@ func (i instancesAPI) Statuses(ctx context.Context) ([]api.InstanceStatus, error
 	out := make([]api.InstanceStatus, 0, len(recs))
 	for _, r := range recs {
 		st := api.InstanceStatus{Ref: r.Ref, Running: i.m.Running(r.Ref), StartedAt: r.StartedAt, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB,
-			IPv4Network: r.IPv4Network, IPv4: r.IPv4, MappedPorts: map[string]api.MappedPort{}}
+			IPv4Network: r.IPv4Network, IPv4: r.IPv4}
 		if st.Running {
-			for _, f := range r.Forwards {
-				key := strconv.Itoa(int(f.GuestPort))
-				mp := st.MappedPorts[key]
-				mp.Host = int(f.HostPort)
-				mp.TCP = mp.TCP || f.Proto == "tcp"
-				mp.UDP = mp.UDP || f.Proto == "udp"
-				st.MappedPorts[key] = mp
-			}
+			st.MappedPorts = api.MappedPorts(r.Forwards)
 		}
 		out = append(out, st)
 	}

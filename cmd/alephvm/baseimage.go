@@ -3,11 +3,13 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/alephvm/alephvm/baseimage"
+	"github.com/alephvm/alephvm/hostcheck"
 	"github.com/alephvm/alephvm/store"
 )
 
@@ -27,7 +29,11 @@ sources: Debian ` + baseimage.Suite + ` with systemd, cloud-init, openssh-server
 qemu-guest-agent, as a UEFI-bootable GPT disk ("` + imageDebian + `") and as a bare ext4 root
 ("` + imageDebianExt4 + `", booted with the kernel kept beside it). Both are added to the
 store; their refs are printed. An image already built from the same recipe is
-reused. Needs root (mmdebstrap) and takes a few minutes.`,
+reused. Needs root, mmdebstrap and e2fsprogs, and takes a few minutes.
+
+The "` + imageDebian + `" form boots under QEMU with the UEFI firmware (Debian's ovmf,
+UEFI_FIRMWARE_CODE and UEFI_FIRMWARE_VARS); the build says when this host has
+none.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			started := time.Now()
@@ -44,6 +50,11 @@ reused. Needs root (mmdebstrap) and takes a few minutes.`,
 					fmt.Fprintf(cmd.OutOrStdout(), "%s\t%s\t%s\n", form.name, added.Ref, form.path)
 				}
 				a.log.Info("base image ready", "took", time.Since(started).Round(time.Second))
+				c := a.cfg.Config
+				if fw := hostcheck.ProbeFirmware(c.UEFICode, c.UEFIVars, filepath.Join(c.ExecutionRoot, "volumes")); !fw.OK {
+					fmt.Fprintf(cmd.ErrOrStderr(), "note: instances of %s cannot boot on this host: %s\n", imageDebian, fw.Found)
+				}
+				fmt.Fprintf(cmd.ErrOrStderr(), "next: alephvm instance create --image %s --ssh-key ~/.ssh/id_ed25519.pub, then alephvm vm start HASH against a running node\n", imageDebian)
 				return nil
 			})
 		},

@@ -3,7 +3,6 @@ package main
 import (
 	"archive/zip"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -27,18 +26,9 @@ import (
 // unsigned and never leave it.
 const localAddress = store.LocalSender
 
-// newMessage wraps content into an inline message of type t, regenerated
-// as the reference's create_new_message does.
-func newMessage(t message.Type, content map[string]any) ([]byte, error) {
-	env := map[string]any{
-		"chain": "ETH", "sender": localAddress, "type": string(t), "time": float64(time.Now().UnixMilli()) / 1000,
-		"item_type": "inline", "signature": nil, "channel": "alephvm-local", "content": content,
-	}
-	raw, err := json.Marshal(env)
-	if err != nil {
-		return nil, err
-	}
-	return message.Regenerate(raw)
+// localHeader is the header of the messages made on this node.
+func localHeader() message.Header {
+	return message.Header{Sender: localAddress, Channel: "alephvm-local", Time: time.Now()}
 }
 
 // itemRef returns the store ref of arg: a ref as it is, or a local file,
@@ -79,11 +69,12 @@ in an allocation.`,
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
 			}
-			environment := map[string]any{"internet": internet, "aleph_api": false}
+			environment := message.Environment{Internet: internet}
 			switch hv {
 			case "":
 			case execution.QEMU, execution.Firecracker:
-				environment["hypervisor"] = hv
+				h := message.Hypervisor(hv)
+				environment.Hypervisor = &h
 			default:
 				return fmt.Errorf("--hypervisor: %q is neither qemu nor firecracker", hv)
 			}
@@ -109,20 +100,19 @@ in an allocation.`,
 				if err != nil {
 					return fmt.Errorf("--image: %w", err)
 				}
-				published := []any{}
+				var published []message.PublishedPort
 				for _, p := range ports {
-					published = append(published, map[string]any{"protocol": "tcp", "port": p})
+					published = append(published, message.PublishedPort{Protocol: "tcp", Port: p})
 				}
-				content := map[string]any{
-					"address": localAddress, "time": float64(time.Now().Unix()), "allow_amend": false,
-					"metadata":        map[string]any{"name": name},
-					"authorized_keys": authorized,
-					"environment":     environment,
-					"resources":       map[string]any{"vcpus": vcpus, "memory": memory, "seconds": 30, "published_ports": published},
-					"rootfs":          map[string]any{"parent": map[string]any{"ref": string(parent), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
-					"volumes":         []any{},
-				}
-				raw, err := newMessage(message.TypeInstance, content)
+				raw, _, err := message.NewInstance(localHeader(), message.InstanceContent{
+					ExecutableBase: message.ExecutableBase{
+						Metadata:       map[string]any{"name": name},
+						AuthorizedKeys: authorized,
+						Resources:      message.MachineResources{VCPUs: int64(vcpus), MemoryMiB: int64(memory), Seconds: 30, PublishedPorts: published},
+					},
+					Environment: environment,
+					Rootfs:      message.RootfsVolume{Parent: message.ParentVolume{Ref: parent}, Persistence: message.PersistenceHost, SizeMiB: sizeMiB},
+				})
 				if err != nil {
 					return err
 				}
@@ -279,11 +269,14 @@ port 8080).`,
 				return err
 			}
 			defer os.Remove(code)
-			variables := map[string]any{}
+			var variables map[string]string
 			for _, kv := range env {
 				k, v, ok := strings.Cut(kv, "=")
 				if !ok {
 					return fmt.Errorf("--env %q: want NAME=VALUE", kv)
+				}
+				if variables == nil {
+					variables = map[string]string{}
 				}
 				variables[k] = v
 			}
@@ -302,23 +295,22 @@ port 8080).`,
 				if err != nil {
 					return fmt.Errorf("--runtime: %w", err)
 				}
-				codeContent := map[string]any{"encoding": encoding, "entrypoint": entrypoint, "ref": string(codeAdded.Ref), "use_latest": false}
+				codeContent := message.CodeContent{Encoding: message.Encoding(encoding), Entrypoint: entrypoint, Ref: codeAdded.Ref}
 				if iface != "" {
-					codeContent["interface"] = iface
+					i := message.Interface(iface)
+					codeContent.Interface = &i
 				}
-				content := map[string]any{
-					"address": localAddress, "time": float64(time.Now().Unix()), "type": "vm-function", "allow_amend": false,
-					"code":        codeContent,
-					"runtime":     map[string]any{"ref": string(runtime), "use_latest": false, "comment": "alephvm runtime"},
-					"on":          map[string]any{"http": true},
-					"environment": map[string]any{"reproducible": false, "internet": internet, "aleph_api": false, "shared_cache": false},
-					"resources":   map[string]any{"vcpus": vcpus, "memory": memory, "seconds": seconds},
-					"volumes":     []any{},
-				}
-				if len(variables) > 0 {
-					content["variables"] = variables
-				}
-				raw, err := newMessage(message.TypeProgram, content)
+				raw, _, err := message.NewProgram(localHeader(), message.ProgramContent{
+					ExecutableBase: message.ExecutableBase{
+						Variables: variables,
+						Resources: message.MachineResources{VCPUs: int64(vcpus), MemoryMiB: int64(memory), Seconds: int64(seconds)},
+					},
+					Type:        "vm-function",
+					Environment: message.Environment{Internet: internet},
+					Code:        codeContent,
+					Runtime:     message.FunctionRuntime{Ref: runtime, Comment: "alephvm runtime"},
+					On:          message.FunctionTriggers{HTTP: true},
+				})
 				if err != nil {
 					return err
 				}
@@ -327,11 +319,7 @@ port 8080).`,
 					return err
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), msg.ItemHash)
-				node, err := a.nodeClient()
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%s/vm/%s/\n", node.base, msg.ItemHash)
+				fmt.Fprintf(cmd.OutOrStdout(), "%s/vm/%s/\n", a.nodeURL(), msg.ItemHash)
 				return nil
 			})
 		},

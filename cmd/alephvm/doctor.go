@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 
@@ -19,19 +20,30 @@ func newDoctorCmd(a *app) *cobra.Command {
 		Short: "Check what this host can run, and say which hypervisors and disk methods the node will use",
 		Long: `Probe this host (KVM usable for ordinary guests, the firecracker and jailer
 binaries and their versions, QEMU, device-mapper, reflinks where the VMs'
-disks go, nftables, tun, cgroups), then say which hypervisor programs and
-instances will run under, how Firecracker root disks will be made, and why.
-The exit status is 1 when something stops VMs from running.`,
+disks go, the sockets of Firecracker's vsock, nftables, tun, cgroups, the
+UEFI firmware, the programs that make disks), then say which hypervisor programs and instances will run
+under, whether UEFI disk images boot, how Firecracker root disks will be
+made, and why. Each probe does what the node will do (boots a probe guest
+under KVM, asks device-mapper for its snapshot targets, makes a reflink, a
+cgroup, a socket, a copy of the firmware's variables) rather than look for
+a file. Run it as root, as the node runs. The exit status is 1 when
+something stops VMs from running.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c := a.cfg.Config
-			host := hostcheck.ProbeHost(cmd.Context(), hostcheck.Paths{
-				Firecracker: c.FirecrackerPath, Jailer: c.JailerPath,
-				QEMU: "qemu-system-x86_64", DataDir: c.ExecutionRoot,
-			})
+			host := hostcheck.ProbeHost(cmd.Context(), hostPaths(c))
 			plan := hostcheck.Decide(host, doctorSettings(c))
 			return writeDoctor(cmd.OutOrStdout(), host, plan)
 		},
+	}
+}
+
+// hostPaths are where the host probes look, for the node's settings.
+func hostPaths(c config.Config) hostcheck.Paths {
+	return hostcheck.Paths{
+		Firecracker: c.FirecrackerPath, Jailer: c.JailerPath, QEMU: "qemu-system-x86_64",
+		DataDir: filepath.Join(c.ExecutionRoot, "volumes"), RunDir: filepath.Join(c.ExecutionRoot, "vms"),
+		UseJailer: c.UseJailer, JailerBase: c.JailerBase(), UEFICode: c.UEFICode, UEFIVars: c.UEFIVars,
 	}
 }
 
@@ -51,7 +63,7 @@ func writeDoctor(out io.Writer, h hostcheck.Host, p hostcheck.Plan) error {
 	}{
 		{"kvm", h.KVM}, {"firecracker", h.Firecracker}, {"jailer", h.Jailer}, {"qemu", h.QEMU},
 		{"device-mapper", h.DeviceMapper}, {"reflink", h.Reflink}, {"nftables", h.NFTables},
-		{"tun", h.Tun}, {"cgroups", h.Cgroups},
+		{"tun", h.Tun}, {"cgroups", h.Cgroups}, {"vsock", h.Vsock}, {"firmware", h.Firmware}, {"tools", h.Tools},
 	} {
 		mark := "ok"
 		if !probe.OK {
@@ -73,6 +85,11 @@ func writeDoctor(out io.Writer, h hostcheck.Host, p hostcheck.Plan) error {
 		if _, err := p.ForInstance(hv); err != nil {
 			fmt.Fprintf(out, "  instances that ask for %s are refused\n", hv)
 		}
+	}
+	if p.UEFI.Usable {
+		fmt.Fprintf(out, "  instances of UEFI disk images (debian-12) boot %s\n", p.UEFI.Why)
+	} else {
+		fmt.Fprintf(out, "  instances of UEFI disk images (debian-12) cannot boot: %s\n", p.UEFI.Why)
 	}
 	fmt.Fprintf(out, "  Firecracker instances' root disks are %s\n", p.RawDisksWhy)
 	fmt.Fprintln(out, "  QEMU instances' root disks are qcow2 layers over their base image")

@@ -12,7 +12,7 @@ import (
 // probe is reported and the plan is said.
 func TestDoctor(t *testing.T) {
 	code, out, errOut := runCLI(t, nil, "doctor")
-	for _, want := range []string{"kvm", "firecracker", "jailer", "qemu", "device-mapper", "reflink", "nftables", "tun", "cgroups",
+	for _, want := range []string{"kvm", "firecracker", "jailer", "qemu", "device-mapper", "reflink", "nftables", "tun", "cgroups", "vsock", "firmware", "tools", "UEFI disk images",
 		"programs run under", "instances that name no hypervisor run under", "root disks are"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("doctor does not mention %q", want)
@@ -31,6 +31,9 @@ func TestDoctorFailsWhenNoVMCanRun(t *testing.T) {
 	err := writeDoctor(&out, h, p)
 	if err == nil || !strings.Contains(err.Error(), "no hypervisor runs here") || !strings.Contains(err.Error(), "tun") {
 		t.Errorf("error %v", err)
+	}
+	if !strings.Contains(out.String(), "UEFI disk images (debian-12) cannot boot") {
+		t.Errorf("no word on UEFI firmware:\n%s", out.String())
 	}
 	if !strings.Contains(out.String(), "instances that ask for firecracker are refused") {
 		t.Errorf("output:\n%s", out.String())

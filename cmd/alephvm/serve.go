@@ -1,10 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,7 +12,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -164,6 +161,10 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if os.Geteuid() != 0 {
 		return nil, nil, errors.New("the node needs root: it creates taps, nftables rules and VMs")
 	}
+	limits, err := capacity(cfg, log)
+	if err != nil {
+		return nil, nil, err
+	}
 	runDir := filepath.Join(cfg.ExecutionRoot, "vms")
 	volumesDir := filepath.Join(cfg.ExecutionRoot, "volumes")
 	for _, d := range []string{cfg.ExecutionRoot, cfg.CacheRoot, runDir, volumesDir} {
@@ -195,6 +196,9 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if err != nil {
 		return fail(err)
 	}
+	if !plan.UEFI.Usable {
+		log.Warn("instances of UEFI disk images (debian-12) cannot boot here", "why", plan.UEFI.Why)
+	}
 	programHV, programErr := plan.ForProgram()
 	if programErr != nil {
 		log.Warn("programs cannot run on this node", "err", programErr)
@@ -212,7 +216,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
 	})
 	n.launcher = launcher
-	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: capacity(cfg, log),
+	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: limits,
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
 	n.instances = instance.New(instance.Options{
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
@@ -243,9 +247,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 // buildHypervisors probes the host, decides which backends run here
 // (as alephvm doctor says) and starts their drivers.
 func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) (hostcheck.Plan, execution.Hypervisors, error) {
-	host := hostcheck.ProbeHost(ctx, hostcheck.Paths{
-		Firecracker: cfg.FirecrackerPath, Jailer: cfg.JailerPath, QEMU: "qemu-system-x86_64", DataDir: cfg.ExecutionRoot,
-	})
+	host := hostcheck.ProbeHost(ctx, hostPaths(cfg))
 	plan := hostcheck.Decide(host, doctorSettings(cfg))
 	hvs := execution.Hypervisors{}
 	if plan.QEMU.Usable {
@@ -303,67 +305,36 @@ func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []neti
 
 // capacity is what the node may give to program VMs: its memory less what
 // the host keeps, and its CPUs times the overcommit factor.
-func capacity(cfg config.Config, log *slog.Logger) pool.Capacity {
-	c := pool.Capacity{VCPUs: int(float64(runtime.NumCPU()) * cfg.VCPUOvercommit)}
-	if total, err := memTotalMiB(); err == nil {
-		c.MemoryMiB = total - cfg.HostMemoryReserved
-	} else {
+func capacity(cfg config.Config, log *slog.Logger) (pool.Capacity, error) {
+	total, err := pool.MemTotalMiB()
+	if err != nil {
 		log.Warn("memory of the host unknown: no memory admission control", "err", err)
 	}
-	log.Info("capacity for VMs", "memory_mib", c.MemoryMiB, "vcpus", c.VCPUs)
-	return c
-}
-
-func memTotalMiB() (int, error) {
-	f, err := os.Open("/proc/meminfo")
+	c, err := pool.HostCapacity(total, cfg.HostMemoryReserved, runtime.NumCPU(), cfg.VCPUOvercommit)
 	if err != nil {
-		return 0, err
+		return c, fmt.Errorf("capacity for VMs (HOST_MEMORY_RESERVED_MIB, VCPU_OVERCOMMIT_FACTOR): %w", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if fields := strings.Fields(sc.Text()); len(fields) >= 2 && fields[0] == "MemTotal:" {
-			kb, err := strconv.Atoi(fields[1])
-			return kb / 1024, err
-		}
-	}
-	return 0, errors.New("no MemTotal in /proc/meminfo")
+	log.Info("capacity for VMs", "memory_mib", c.MemoryMiB, "vcpus", c.VCPUs)
+	return c, nil
 }
 
 // baseImageDir is where the default base image is built.
 func baseImageDir(cfg config.Config) string { return filepath.Join(cfg.CacheRoot, "base-image") }
 
-// programKernel is what program VMs boot: the kernel (bzImage for QEMU,
-// vmlinux for Firecracker) and initramfs named by LINUX_PATH,
-// LINUX_VMLINUX_PATH and INITRD_PATH, else those alephvm assets build
-// made. Without them the node serves no program, and says why.
+// programKernel is what program VMs boot: the kernel and initramfs named
+// by LINUX_PATH, LINUX_VMLINUX_PATH and INITRD_PATH, else those alephvm
+// assets build made. Without them the node serves no program, and says why.
 func programKernel(cfg config.Config, log *slog.Logger) execution.Kernel {
-	k := execution.Kernel{Kernel: cfg.ProgramKernel, Vmlinux: cfg.ProgramVmlinux, Initrd: cfg.ProgramInitrd, Cmdline: guest.KernelCmdline}
-	if k.Kernel != "" && k.Vmlinux != "" && k.Initrd != "" {
-		return k
-	}
-	m, err := assets.Load(cfg.Assets())
+	k, err := assets.FindProgramKernel(cfg.Assets(), assets.ProgramKernel{BzImage: cfg.ProgramKernel, Vmlinux: cfg.ProgramVmlinux, Initrd: cfg.ProgramInitrd})
 	if err != nil {
-		log.Warn("no guest kernel and initramfs: programs cannot run on this node (alephvm assets build, or LINUX_PATH, LINUX_VMLINUX_PATH and INITRD_PATH)", "err", err)
-		return k
+		log.Warn("guest kernel or initramfs missing: programs cannot run on this node (alephvm assets build, or LINUX_PATH, LINUX_VMLINUX_PATH and INITRD_PATH)", "err", err)
 	}
-	for _, f := range []struct {
-		path *string
-		name assets.Name
-	}{{&k.Kernel, assets.KernelBzImage}, {&k.Vmlinux, assets.KernelVmlinux}, {&k.Initrd, assets.Initramfs}} {
-		if *f.path != "" {
-			continue
-		}
-		if *f.path, err = m.Path(f.name); err != nil {
-			log.Warn("guest kernel asset missing (alephvm assets build)", "asset", f.name, "err", err)
-		}
-	}
-	return k
+	return execution.Kernel{Kernel: k.BzImage, Vmlinux: k.Vmlinux, Initrd: k.Initrd, Cmdline: guest.KernelCmdline}
 }
 
 // startFakeInstance is the reference's developer mode: a local base image
 // and a local INSTANCE message, whose rootfs parent is made the image's
-// ref, are stored and the instance started.
+// ref (message.WithRootfsParent), are stored and the instance started.
 func startFakeInstance(ctx context.Context, n *node) (message.ItemHash, error) {
 	base := n.cfg.FakeInstanceBase
 	if base == "" {
@@ -384,19 +355,8 @@ func startFakeInstance(ctx context.Context, n *node) (message.ItemHash, error) {
 	if err != nil {
 		return "", err
 	}
-	var env map[string]any
-	if err := json.Unmarshal(raw, &env); err != nil {
+	if raw, _, err = message.WithRootfsParent(raw, message.ParentVolume{Ref: added.Ref}); err != nil {
 		return "", fmt.Errorf("%s: %w", n.cfg.FakeInstanceMessage, err)
-	}
-	content, _ := env["content"].(map[string]any)
-	rootfs, _ := content["rootfs"].(map[string]any)
-	if rootfs == nil {
-		return "", fmt.Errorf("%s is not an INSTANCE message with a rootfs", n.cfg.FakeInstanceMessage)
-	}
-	rootfs["parent"] = map[string]any{"ref": string(added.Ref), "use_latest": false}
-	raw, _ = json.Marshal(env)
-	if raw, err = message.Regenerate(raw); err != nil {
-		return "", err
 	}
 	msg, err := n.store.AddMessage(ctx, raw)
 	if err != nil {

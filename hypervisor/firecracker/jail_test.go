@@ -264,3 +264,20 @@ func TestFreeUID(t *testing.T) {
 		t.Errorf("got %d, %v; want 5002", uid, err)
 	}
 }
+
+// SocketPaths says where Start makes a VM's sockets.
+func TestSocketPaths(t *testing.T) {
+	spec := hypervisor.Spec{Name: "inst-0123456789ab", Dir: "/run/vms/i-x", Boot: hypervisor.Boot{Kernel: "/k"}}
+	j, _, err := PlanJail(spec, "/srv/jailer", "firecracker", 1, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	api, vsock := SocketPaths(true, "/srv/jailer", "/usr/bin/firecracker", spec.Dir, spec.Name)
+	if api != j.HostPath(jailAPI) || vsock != j.HostPath(jailVsock) {
+		t.Errorf("jailed: %s %s", api, vsock)
+	}
+	api, vsock = SocketPaths(false, "/srv/jailer", "/usr/bin/firecracker", spec.Dir, spec.Name)
+	if api != "/run/vms/i-x/firecracker.sock" || vsock != "/run/vms/i-x/v.sock" {
+		t.Errorf("unjailed: %s %s", api, vsock)
+	}
+}
