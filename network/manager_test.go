@@ -38,7 +38,7 @@ func TestManager(t *testing.T) {
 		t.Fatalf("%+v %v", b, err)
 	}
 	ruleset := testenv.Cmd(t, "nft", "list", "table", "inet", TableName)
-	for _, want := range []string{"tcp dport 24000 dnat ip to 172.16.4.2:22", "udp dport 24000 dnat ip to 172.16.4.2:53", "tcp dport 24001 dnat ip to 172.16.5.2:22", `iifname "avm4" oifname "lo" accept`} {
+	for _, want := range []string{"tcp dport 24000 dnat ip to 172.16.4.2:22", "udp dport 24000 dnat ip to 172.16.4.2:53", "tcp dport 24001 dnat ip to 172.16.5.2:22", `iifname "avm4" oifname "lo" jump egress`, "ether saddr != 06:00:ac:10:04:02 drop", "ip saddr 172.16.5.2 accept"} {
 		if !strings.Contains(ruleset, want) {
 			t.Errorf("ruleset lacks %q:\n%s", want, ruleset)
 		}
