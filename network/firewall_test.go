@@ -323,6 +323,11 @@ func TestFirewallIsolation(t *testing.T) {
 		}
 	}
 
+	// A forbidden network is refused at once, not left to time out.
+	if _, err := testenv.Dial(vmA, "169.254.169.254:80"); err == nil || !strings.Contains(err.Error(), "no route to host") {
+		t.Errorf("the metadata service is not refused with an ICMP error: %v", err)
+	}
+
 	if err := fw.Remove(); err != nil {
 		t.Fatal(err)
 	}

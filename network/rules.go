@@ -191,8 +191,11 @@ func buildTable(s tableSpec) nftTable {
 		for _, p := range s.allowed {
 			egress.add(addrMatch(destination, expr.CmpOpEq, p), accept)
 		}
+		// Refused rather than dropped: a guest's probe of a forbidden
+		// network (a cloud-init looking for a metadata service) fails at
+		// once instead of waiting for its timeout.
 		for _, p := range s.blocked {
-			egress.add(addrMatch(destination, expr.CmpOpEq, p), drop)
+			egress.add(addrMatch(destination, expr.CmpOpEq, p), rejectProhibited())
 		}
 		egress.add(accept)
 	}
@@ -267,7 +270,11 @@ func addrMatch(dir direction, op expr.CmpOp, p netip.Prefix) match {
 	if op == expr.CmpOpNeq {
 		text = "!= " + text
 	}
-	text = fmt.Sprintf("%s %s %s", kw, map[direction]string{source: "saddr", destination: "daddr"}[dir], text)
+	field := "saddr"
+	if dir == destination {
+		field = "daddr"
+	}
+	text = kw + " " + field + " " + text
 	addr := p.Addr().AsSlice()
 	var exprs []expr.Any
 	if p.Bits()%8 == 0 {
@@ -384,6 +391,14 @@ func ctDNAT() match {
 func verdict(k expr.VerdictKind) match {
 	return match{text: map[expr.VerdictKind]string{expr.VerdictAccept: "accept", expr.VerdictDrop: "drop"}[k],
 		exprs: []expr.Any{&expr.Verdict{Kind: k}}}
+}
+
+// rejectProhibited answers with an ICMP (or ICMPv6) "administratively
+// prohibited" error.
+func rejectProhibited() match {
+	return match{text: "reject with icmpx admin-prohibited", exprs: []expr.Any{
+		&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED},
+	}}
 }
 
 func jump(chain string) match {
