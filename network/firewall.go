@@ -9,6 +9,9 @@ import (
 	"sync"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -126,7 +129,14 @@ func (f *Firewall) Apply(vms []VMRules) error {
 		uplink: f.uplink, pool: f.pool, vms: vms,
 		blocked: blockedDestinations(routes), allowed: f.egress.Allowed, dns: f.egress.DNS,
 	})
-	conn, table, err := deleteTable()
+	messages := 1
+	for _, m := range t.maps {
+		messages += 1 + len(m.keys)/256 + 1
+	}
+	for _, c := range t.chains {
+		messages += 1 + len(c.rules)
+	}
+	conn, table, err := deleteTable(messages)
 	if err != nil {
 		return err
 	}
@@ -139,6 +149,28 @@ func (f *Firewall) Apply(vms []VMRules) error {
 			nc.Type, nc.Hooknum, nc.Priority, nc.Policy = c.base.typ, c.base.hook, c.base.prio, &accept
 		}
 		chains[c] = conn.AddChain(nc)
+	}
+	for _, m := range t.maps {
+		// Named and host-ordered, as nft makes a map of names, so that nft
+		// prints its keys.
+		set := &nftables.Set{Table: table, Name: m.name, IsMap: true,
+			KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, KeyByteOrder: binaryutil.NativeEndian}
+		elems := make([]nftables.SetElement, len(m.keys))
+		for i, k := range m.keys {
+			key := make([]byte, unix.IFNAMSIZ)
+			copy(key, k)
+			elems[i] = nftables.SetElement{Key: key, VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: m.chains[i]}}
+		}
+		if err := conn.AddSet(set, nil); err != nil {
+			return fmt.Errorf("nftables map %s: %w", m.name, err)
+		}
+		// A netlink attribute holds at most 64 KiB: the elements go in
+		// several messages.
+		for chunk := range slices.Chunk(elems, 256) {
+			if err := conn.SetAddElements(set, chunk); err != nil {
+				return fmt.Errorf("nftables map %s: %w", m.name, err)
+			}
+		}
 	}
 	for _, c := range t.chains {
 		for _, r := range c.rules {
@@ -155,7 +187,7 @@ func (f *Firewall) Apply(vms []VMRules) error {
 func (f *Firewall) Remove() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	conn, _, err := deleteTable()
+	conn, _, err := deleteTable(0)
 	if err != nil {
 		return err
 	}
@@ -167,8 +199,21 @@ func (f *Firewall) Remove() error {
 
 // deleteTable opens a batch that starts by deleting the node's table.
 // Adding it first makes the delete valid whether or not the table exists.
-func deleteTable() (*nftables.Conn, *nftables.Table, error) {
-	conn, err := nftables.New()
+// messages is how many more the batch will hold: the kernel takes the
+// whole batch in one message and answers each part with an
+// acknowledgement, so the socket's buffers must hold them all (the
+// defaults fail past about a hundred VMs).
+func deleteTable(messages int) (*nftables.Conn, *nftables.Table, error) {
+	size := max(1<<20, messages*batchBytesPerMessage)
+	conn, err := nftables.New(nftables.WithSockOptions(func(c *netlink.Conn) error {
+		if err := c.SetWriteBuffer(size); err != nil {
+			return fmt.Errorf("netlink write buffer: %w", err)
+		}
+		if err := c.SetReadBuffer(size); err != nil {
+			return fmt.Errorf("netlink read buffer: %w", err)
+		}
+		return nil
+	}))
 	if err != nil {
 		return nil, nil, fmt.Errorf("nftables: %w", err)
 	}
@@ -177,6 +222,11 @@ func deleteTable() (*nftables.Conn, *nftables.Table, error) {
 	conn.DelTable(table)
 	return conn, table, nil
 }
+
+// batchBytesPerMessage bounds the socket buffer one message of a batch
+// needs: the largest rule the table holds, or the kernel's accounting of
+// one acknowledgement.
+const batchBytesPerMessage = 4096
 
 func (vm VMRules) validate() error {
 	var errs []error

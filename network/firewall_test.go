@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/alephvm/alephvm/internal/testenv"
 )
@@ -90,6 +91,12 @@ func TestRulesGolden(t *testing.T) {
 	})
 	testenv.Golden(t, goldenTable, []byte(table.String()))
 
+	// nft prints a map's keys in its own order, which the rendering follows.
+	if m := tapMap("taps", []string{"avm7", "avm4", "avm12", "avm100", "avm33", "avm1000", "avm40", "avm41"}, guardChain); fmt.Sprint(m.keys) !=
+		"[avm4 avm7 avm40 avm41 avm12 avm33 avm100 avm1000]" {
+		t.Errorf("map keys in the order %v", m.keys)
+	}
+
 	// Without VMs the table still drops what comes from any tap.
 	empty := buildTable(tableSpec{uplink: "up0", pool: testPool}).String()
 	for _, want := range []string{"\t\tiifname \"avm*\" drop\n\t}\n\n\tchain forward", "ip saddr 172.16.0.0/12 oifname \"up0\" masquerade"} {
@@ -97,7 +104,7 @@ func TestRulesGolden(t *testing.T) {
 			t.Errorf("table without VMs lacks %q:\n%s", want, empty)
 		}
 	}
-	if strings.Contains(empty, "chain egress") || strings.Contains(empty, "icmpv6") {
+	if strings.Contains(empty, "chain from_") || strings.Contains(empty, "icmpv6") {
 		t.Errorf("table without VMs has rules for none:\n%s", empty)
 	}
 	// Without an uplink nothing leaves and nothing is masqueraded.
@@ -181,7 +188,7 @@ func TestSetEgressRefuses(t *testing.T) {
 
 // testNode builds the network around the test's namespace (see the
 // variables above) and returns the internet and lan namespaces.
-func testNode(t *testing.T) (internet, lan string) {
+func testNode(t testing.TB) (internet, lan string) {
 	t.Helper()
 	testenv.RequireIsolatedRoot(t)
 	testenv.RequireTools(t, "ip", "nft")
@@ -336,5 +343,49 @@ func TestFirewallIsolation(t *testing.T) {
 	}
 	if err := fw.Remove(); err != nil {
 		t.Errorf("second Remove: %v", err)
+	}
+}
+
+// TestApplyEveryVMOfThePool writes the table for as many VMs as the
+// default pool holds, each with internet and two forwards: one netlink
+// batch of tens of thousands of messages.
+func TestApplyEveryVMOfThePool(t *testing.T) {
+	testenv.RequireIsolatedRoot(t)
+	testenv.RequireTools(t, "nft")
+	pool, err := NewPool(testPool, 24, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vms []VMRules
+	for i := 4; i < 4096; i++ {
+		a, err := pool.At(i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vms = append(vms, VMRules{Tap: a.Tap, MAC: a.MAC(), Guest: a.Guest, Internet: true, Forwards: []Forward{
+			{Proto: "tcp", HostPort: uint16(20000 + i), GuestPort: 22}, {Proto: "udp", HostPort: uint16(20000 + i), GuestPort: 53},
+		}})
+	}
+	fw := NewFirewall("up0", testPool)
+	t.Cleanup(func() { _ = fw.Remove() })
+	start := time.Now()
+	if err := fw.Apply(vms); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("table of %d VMs written in %s", len(vms), time.Since(start).Round(time.Millisecond))
+	routes, err := hostRoutes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := buildTable(tableSpec{uplink: "up0", pool: testPool, vms: vms, blocked: blockedDestinations(routes)}).String()
+	if listed := testenv.Cmd(t, "nft", "list", "table", "inet", TableName); listed != want {
+		t.Errorf("nft lists %d bytes, other than the %d rendered", len(listed), len(want))
+	}
+	if err := fw.Apply(vms[:1]); err != nil {
+		t.Fatal(err)
+	}
+	listed := testenv.Cmd(t, "nft", "list", "table", "inet", TableName)
+	if n := strings.Count(listed, "chain from_avm"); n != 1 {
+		t.Errorf("%d VM chains after shrinking to one VM", n)
 	}
 }

@@ -188,7 +188,7 @@ type guestTap struct {
 	tapMAC net.HardwareAddr // the host's end: where the guest sends
 }
 
-func openGuestTap(t *testing.T, rules VMRules) *guestTap {
+func openGuestTap(t testing.TB, rules VMRules) *guestTap {
 	t.Helper()
 	var vm testVM
 	for _, v := range testVMs(t) {
@@ -218,7 +218,7 @@ func openGuestTap(t *testing.T, rules VMRules) *guestTap {
 	return &guestTap{vm: vm, f: f, tapMAC: iface.HardwareAddr}
 }
 
-func (g *guestTap) write(t *testing.T, frame []byte) {
+func (g *guestTap) write(t testing.TB, frame []byte) {
 	t.Helper()
 	if _, err := g.f.Write(frame); err != nil {
 		t.Fatalf("write a frame into %s: %v", g.vm.Tap, err)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -19,9 +20,21 @@ import (
 // compares what nft prints back with the same file, so the two cannot
 // drift apart.
 
-// nftTable is the node's table: its chains in the order they are made
-// (and printed).
-type nftTable struct{ chains []*nftChain }
+// nftTable is the node's table: its maps and its chains in the order they
+// are made (and printed).
+type nftTable struct {
+	maps   []*nftMap
+	chains []*nftChain
+}
+
+// nftMap is a named map from interface names to the chains their packets
+// jump to. Its keys are in the order nft prints them: their bytes read as
+// a little-endian number.
+type nftMap struct {
+	name   string
+	keys   []string
+	chains []string
+}
 
 // nftChain is a chain; base is nil for a regular chain (one jumped to).
 type nftChain struct {
@@ -76,8 +89,26 @@ func (c *nftChain) add(ms ...match) {
 func (t nftTable) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "table inet %s {\n", TableName)
-	for i, c := range t.chains {
+	for i, m := range t.maps {
 		if i > 0 {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "\tmap %s {\n\t\ttype ifname : verdict\n", m.name)
+		for j, k := range m.keys {
+			sep := ",\n"
+			if j == len(m.keys)-1 {
+				sep = " }\n"
+			}
+			lead := "\t\t\t     "
+			if j == 0 {
+				lead = "\t\telements = { "
+			}
+			fmt.Fprintf(&b, "%s%q : jump %s%s", lead, k, m.chains[j], sep)
+		}
+		b.WriteString("\t}\n")
+	}
+	for i, c := range t.chains {
+		if i > 0 || len(t.maps) > 0 {
 			b.WriteString("\n")
 		}
 		fmt.Fprintf(&b, "\tchain %s {\n", c.name)
@@ -110,6 +141,10 @@ const egressChain = "egress"
 // guardChain names the chain that admits what comes in from a VM's tap.
 func guardChain(tap string) string { return "from_" + tap }
 
+// publishedChain names the chain that admits connections to a VM's
+// published ports.
+func publishedChain(tap string) string { return "to_" + tap }
+
 // buildTable makes the node's table (see Firewall.Apply for what it does).
 func buildTable(s tableSpec) nftTable {
 	accept, drop := verdict(expr.VerdictAccept), verdict(expr.VerdictDrop)
@@ -134,14 +169,37 @@ func buildTable(s tableSpec) nftTable {
 		post.add(addrMatch(source, expr.CmpOpEq, s.pool), ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, s.uplink), masquerade())
 	}
 
+	// Per packet, one lookup in a map of the taps, however many VMs there
+	// are; then a few rules of the VM's own.
+	var taps, internet, published []string
+	for _, vm := range s.vms {
+		taps = append(taps, vm.Tap)
+		if vm.Internet {
+			internet = append(internet, vm.Tap)
+		}
+		if len(vm.Forwards) > 0 {
+			published = append(published, vm.Tap)
+		}
+	}
+	fromTaps := tapMap("taps", taps, guardChain)
+	t.maps = append(t.maps, fromTaps)
+	var toInternet *nftMap
+	if s.uplink != "" {
+		toInternet = tapMap("internet", internet, func(string) string { return egressChain })
+		t.maps = append(t.maps, toInternet)
+	}
+	toTaps := tapMap("published", published, publishedChain)
+	t.maps = append(t.maps, toTaps)
+
 	// What comes in from a tap is the VM's own traffic or is dropped, before
 	// conntrack sees it: a forged packet can neither leave nor join another
 	// VM's connection.
+	guard.add(ifnameVmap(expr.MetaKeyIIFNAME, fromTaps))
+	guard.add(ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, tapPrefix), drop)
 	anyIPv6 := false
 	for _, vm := range s.vms {
 		from := &nftChain{name: guardChain(vm.Tap)}
 		t.chains = append(t.chains, from)
-		guard.add(ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, vm.Tap), jump(from.name))
 		from.add(etherSource(expr.CmpOpNeq, vm.MAC), drop)
 		from.add(addrMatch(source, expr.CmpOpEq, netip.PrefixFrom(vm.Guest, 32)), accept)
 		if vm.Guest6.IsValid() {
@@ -155,32 +213,34 @@ func buildTable(s tableSpec) nftTable {
 			from.add(addrMatch(source, expr.CmpOpEq, netip.PrefixFrom(netip.IPv6Unspecified(), 128)), hopLimit255(), icmpv6Type(ndNeighborSolicit), accept)
 		}
 		from.add(drop)
-	}
-	guard.add(ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, tapPrefix), drop)
 
-	fwd.add(ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), accept)
-	needEgress := false
-	for _, vm := range s.vms {
-		if vm.Internet && s.uplink != "" {
-			needEgress = true
-			fwd.add(ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, vm.Tap), ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, s.uplink), jump(egressChain))
+		if len(vm.Forwards) == 0 {
+			continue
 		}
+		to := &nftChain{name: publishedChain(vm.Tap)}
+		t.chains = append(t.chains, to)
 		for _, fw := range vm.Forwards {
-			fwd.add(ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, vm.Tap), ctDNAT(), port(fw.Proto, fw.GuestPort), accept)
+			to.add(ctDNAT(), port(fw.Proto, fw.GuestPort), accept)
 		}
 		// IPv6 is routed, not translated: the published ports are open on
 		// the guest's own address, from outside only.
 		if vm.Guest6.IsValid() && s.uplink != "" {
 			for _, fw := range vm.Forwards {
-				fwd.add(ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, s.uplink), ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, vm.Tap),
+				to.add(ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, s.uplink),
 					addrMatch(destination, expr.CmpOpEq, netip.PrefixFrom(vm.Guest6, 128)), port(fw.Proto, fw.GuestPort), accept)
 			}
 		}
 	}
+
+	fwd.add(ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), accept)
+	if toInternet != nil {
+		fwd.add(ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, s.uplink), ifnameVmap(expr.MetaKeyIIFNAME, toInternet))
+	}
+	fwd.add(ifnameVmap(expr.MetaKeyOIFNAME, toTaps))
 	fwd.add(ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, tapPrefix), drop)
 	fwd.add(ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, tapPrefix), drop)
 
-	if needEgress {
+	if toInternet != nil {
 		egress := &nftChain{name: egressChain}
 		t.chains = append(t.chains, egress)
 		for _, r := range s.dns {
@@ -230,6 +290,43 @@ func ifname(key expr.MetaKey, op expr.CmpOp, name string) match {
 	return match{text: kw + " " + text, exprs: []expr.Any{
 		&expr.Meta{Key: key, Register: 1},
 		&expr.Cmp{Op: op, Register: 1, Data: data},
+	}}
+}
+
+// tapMap maps each of taps to the chain its packets jump to.
+func tapMap(name string, taps []string, chain func(tap string) string) *nftMap {
+	key := func(name string) []byte {
+		b := make([]byte, unix.IFNAMSIZ)
+		copy(b, name)
+		return b
+	}
+	taps = slices.Clone(taps)
+	slices.SortFunc(taps, func(a, b string) int {
+		ka, kb := key(a), key(b)
+		for i := len(ka) - 1; i >= 0; i-- {
+			if ka[i] != kb[i] {
+				return int(ka[i]) - int(kb[i])
+			}
+		}
+		return 0
+	})
+	m := &nftMap{name: name, keys: taps}
+	for _, tap := range taps {
+		m.chains = append(m.chains, chain(tap))
+	}
+	return m
+}
+
+// ifnameVmap gives the verdict the map holds for the packet's input or
+// output interface.
+func ifnameVmap(key expr.MetaKey, m *nftMap) match {
+	kw := "iifname"
+	if key == expr.MetaKeyOIFNAME {
+		kw = "oifname"
+	}
+	return match{text: kw + " vmap @" + m.name, exprs: []expr.Any{
+		&expr.Meta{Key: key, Register: 1},
+		&expr.Lookup{SourceRegister: 1, SetName: m.name, IsDestRegSet: true},
 	}}
 }
 
