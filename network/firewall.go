@@ -100,12 +100,14 @@ func (f *Firewall) SetEgress(e Egress) error {
 //   - output (nat): the same forwards for connections the node itself
 //     opens to one of its own addresses;
 //   - postrouting (nat): masquerade of VM traffic leaving by the uplink;
-//   - guard (filter, before conntrack) and a chain per VM: what comes in
-//     from a tap must carry the VM's own MAC and IPv4 (or IPv6) source
-//     address, else it is dropped; so is everything from a tap of no VM;
+//   - guard (filter, before conntrack) and a chain per VM (from_TAP, found
+//     through the map "taps"): what comes in from a tap must carry the VM's
+//     own MAC and IPv4 (or IPv6) source address, else it is dropped; so is
+//     everything from a tap of no VM;
 //   - forward (filter): established traffic, each VM's egress to the uplink
-//     when it has internet (through the egress chain), and forwarded ports
-//     into each VM; every other packet from or to a VM is dropped, so VMs
+//     when it has internet (through the map "internet" to the egress chain),
+//     and forwarded ports into each VM (through the map "published" to its
+//     to_TAP chain); every other packet from or to a VM is dropped, so VMs
 //     cannot reach each other nor the host's other networks;
 //   - egress: the guests' DNS servers and the allowed networks, then no
 //     private, link-local, loopback, multicast or reserved range and no
