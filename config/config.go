@@ -36,51 +36,51 @@ const DefaultFile = "/etc/alephvm/config.yaml"
 // one), its yaml tag its key in the config file, and its help tag what it
 // does. The flag of a setting is its env name in lower case with dashes.
 type Config struct {
-	SupervisorHost       string  `env:"SUPERVISOR_HOST" yaml:"supervisor_host" help:"Address the node's HTTP API listens on."`
-	SupervisorPort       int     `env:"SUPERVISOR_PORT" yaml:"supervisor_port" help:"Port the node's HTTP API listens on."`
-	DomainName           string  `env:"DOMAIN_NAME" yaml:"domain_name" help:"Public domain name of the node; programs are also served at <base32 of hash>.<domain>."`
-	ExecutionRoot        string  `env:"EXECUTION_ROOT" yaml:"execution_root" help:"Directory of the node's state: its database, VM runtime files and persistent volumes."`
-	CacheRoot            string  `env:"CACHE_ROOT" yaml:"cache_root" help:"Directory of the content store: downloaded and built items, kept by hash."`
-	AssetsDir            string  `env:"ASSETS_DIR" yaml:"assets_dir" help:"Directory of the VM assets: kernel, initramfs, default runtime and base image (alephvm assets build); empty means <CACHE_ROOT>/assets."`
-	APIServer            string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
-	IPFSGateway          string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
-	CacheMaxSize         Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
-	StallTimeout         Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
-	ReuseTimeout         Seconds `env:"REUSE_TIMEOUT" yaml:"reuse_timeout" help:"How long a program VM stays warm after its last request (seconds, or a duration such as 10m); 0 stops it after each request."`
-	NetworkInterface     string  `env:"NETWORK_INTERFACE" yaml:"network_interface" help:"Interface towards the outside world, where VM traffic is masqueraded and port forwards arrive; empty means the interface of the default route."`
-	IPv4AddressPool      string  `env:"IPV4_ADDRESS_POOL" yaml:"ipv4_address_pool" help:"IPv4 range the VMs' networks are taken from."`
-	IPv4PrefixLength     int     `env:"IPV4_NETWORK_PREFIX_LENGTH" yaml:"ipv4_network_prefix_length" help:"Prefix length of each VM's network; the host is .1 and the guest .2 of it."`
-	IPv6AddressPool      string  `env:"IPV6_ADDRESS_POOL" yaml:"ipv6_address_pool" help:"IPv6 /64 (or larger) from which each VM gets a /124 derived from its hash; empty means no IPv6."`
-	DNSNameservers       List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
-	GuestAllowedNetworks List    `env:"GUEST_ALLOWED_NETWORKS" yaml:"guest_allowed_networks" help:"Networks VMs with internet may reach through the uplink although they are private (RFC 1918, ULA, 100.64.0.0/10), link-local (169.254.0.0/16, where clouds serve their metadata) or routed by the host other than by its default route: prefixes or addresses, a JSON list or commas; empty means none. The guests' DNS servers are reachable on port 53 in any case."`
-	QEMUAccel            string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
-	QEMURunAs            string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"User QEMU drops its privileges to once its devices are open; empty keeps root."`
-	UEFICode             string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
-	UEFIVars             string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
-	ProgramKernel        string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
-	ProgramVmlinux       string  `env:"LINUX_VMLINUX_PATH" yaml:"linux_vmlinux_path" help:"Kernel of program VMs under Firecracker (the same kernel, an uncompressed vmlinux)."`
-	ProgramInitrd        string  `env:"INITRD_PATH" yaml:"initrd_path" help:"Initramfs of program VMs, holding the guest init."`
-	FakeInstanceBase     string  `env:"FAKE_INSTANCE_BASE" yaml:"fake_instance_base" help:"Developer mode (serve --run-fake-instance): the base image file of the fake instance; empty means the built base image's UEFI disk."`
-	FakeInstanceMessage  string  `env:"FAKE_INSTANCE_MESSAGE" yaml:"fake_instance_message" help:"Developer mode: the INSTANCE message file of the fake instance; its rootfs parent is replaced by the fake base image."`
-	InstanceHypervisor   string  `env:"INSTANCE_DEFAULT_HYPERVISOR" yaml:"instance_default_hypervisor" help:"Hypervisor of instances whose message names none: qemu or firecracker."`
-	ProgramHypervisor    string  `env:"PROGRAM_HYPERVISOR" yaml:"program_hypervisor" help:"Hypervisor of programs: auto (firecracker where this host runs it, else qemu), firecracker or qemu."`
-	Hypervisors          List    `env:"HYPERVISORS" yaml:"hypervisors" help:"Hypervisors this node may use (qemu, firecracker); a message that asks for another is refused."`
-	FirecrackerPath      string  `env:"FIRECRACKER_PATH" yaml:"firecracker_path" help:"Firecracker binary (v1.16.1): a path, or a name looked up in PATH."`
-	JailerPath           string  `env:"JAILER_PATH" yaml:"jailer_path" help:"Firecracker's jailer binary: a path, or a name looked up in PATH."`
-	UseJailer            bool    `env:"USE_JAILER" yaml:"use_jailer" help:"Run each Firecracker through the jailer (chroot, a uid of its own, PID namespace, cgroup limits); turn off for development only."`
-	JailerBaseDirectory  string  `env:"JAILER_BASE_DIRECTORY" yaml:"jailer_base_directory" help:"Where the jailer makes each VM's chroot; empty means <EXECUTION_ROOT>/jail. Keep it on the filesystem of CACHE_ROOT and EXECUTION_ROOT, so that files are hard-linked into jails, not bind-mounted."`
-	JailerFirstUID       int     `env:"JAILER_FIRST_UID" yaml:"jailer_first_uid" help:"First of the 65536 uids (and gids) given to jailed VMs, one per VM."`
-	HostMemoryReserved   int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest."`
-	VCPUOvercommit       float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
-	InitTimeout          Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
-	MaxRequestBody       Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
-	AllocationTokenHash  string  `env:"ALLOCATION_TOKEN_HASH" yaml:"allocation_token_hash" help:"Hex sha256 of the token the scheduler may send as X-Auth-Signature (deprecated scheme); empty disables it."`
-	AllocationSigners    List    `env:"AUTHORIZED_ALLOCATION_SIGNERS" yaml:"authorized_allocation_signers" help:"Ethereum addresses allowed to sign scheduler calls (Aleph-EIP191-V1); empty means the reference's default signer."`
-	AllocationMaxAge     Seconds `env:"ALLOCATION_SIGNATURE_MAX_AGE_SECONDS" yaml:"allocation_signature_max_age_seconds" help:"How far a signed call's iat may be from now."`
-	AllocationToken      string  `env:"ALLOCATION_TOKEN" yaml:"allocation_token" help:"Token the CLI sends to the node as X-Auth-Signature (client side)."`
-	DeveloperSSHKeys     List    `env:"DEVELOPER_SSH_KEYS" yaml:"developer_ssh_keys" help:"SSH public keys added to every instance (a JSON list)."`
-	LogLevel             string  `env:"LOG_LEVEL" yaml:"log_level" help:"Least severe log level written: debug, info, warn or error."`
-	LogFormat            string  `env:"LOG_FORMAT" yaml:"log_format" help:"Log format: text (for a terminal) or json."`
+	SupervisorHost      string  `env:"SUPERVISOR_HOST" yaml:"supervisor_host" help:"Address the node's HTTP API listens on."`
+	SupervisorPort      int     `env:"SUPERVISOR_PORT" yaml:"supervisor_port" help:"Port the node's HTTP API listens on."`
+	DomainName          string  `env:"DOMAIN_NAME" yaml:"domain_name" help:"Public domain name of the node; programs are also served at <base32 of hash>.<domain>."`
+	ExecutionRoot       string  `env:"EXECUTION_ROOT" yaml:"execution_root" help:"Directory of the node's state: its database, VM runtime files and persistent volumes."`
+	CacheRoot           string  `env:"CACHE_ROOT" yaml:"cache_root" help:"Directory of the content store: downloaded and built items, kept by hash."`
+	AssetsDir           string  `env:"ASSETS_DIR" yaml:"assets_dir" help:"Directory of the VM assets: kernel, initramfs, default runtime and base image (alephvm assets build); empty means <CACHE_ROOT>/assets."`
+	APIServer           string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
+	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
+	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
+	StallTimeout        Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
+	ReuseTimeout        Seconds `env:"REUSE_TIMEOUT" yaml:"reuse_timeout" help:"How long a program VM stays warm after its last request (seconds, or a duration such as 10m); 0 stops it after each request."`
+	NetworkInterface    string  `env:"NETWORK_INTERFACE" yaml:"network_interface" help:"Interface towards the outside world, where VM traffic is masqueraded and port forwards arrive; empty means the interface of the default route."`
+	IPv4AddressPool     string  `env:"IPV4_ADDRESS_POOL" yaml:"ipv4_address_pool" help:"IPv4 range the VMs' networks are taken from."`
+	IPv4PrefixLength    int     `env:"IPV4_NETWORK_PREFIX_LENGTH" yaml:"ipv4_network_prefix_length" help:"Prefix length of each VM's network; the host is .1 and the guest .2 of it."`
+	IPv6AddressPool     string  `env:"IPV6_ADDRESS_POOL" yaml:"ipv6_address_pool" help:"IPv6 /64 (or larger) from which each VM gets a /124 derived from its hash; empty means no IPv6."`
+	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
+	GuestAllowedNets    List    `env:"GUEST_ALLOWED_NETWORKS" yaml:"guest_allowed_networks" help:"Networks VMs with internet may reach through the uplink although they are private (RFC 1918, ULA, 100.64.0.0/10), link-local (169.254.0.0/16, where clouds serve their metadata) or routed by the host other than by its default route: prefixes or addresses, a JSON list or commas; empty means none. The guests' DNS servers are reachable on port 53 in any case."`
+	QEMUAccel           string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
+	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"User QEMU drops its privileges to once its devices are open; empty keeps root."`
+	UEFICode            string  `env:"UEFI_FIRMWARE_CODE" yaml:"uefi_firmware_code" help:"UEFI firmware code (read-only) for instances whose base image boots by itself."`
+	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
+	ProgramKernel       string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
+	ProgramVmlinux      string  `env:"LINUX_VMLINUX_PATH" yaml:"linux_vmlinux_path" help:"Kernel of program VMs under Firecracker (the same kernel, an uncompressed vmlinux)."`
+	ProgramInitrd       string  `env:"INITRD_PATH" yaml:"initrd_path" help:"Initramfs of program VMs, holding the guest init."`
+	FakeInstanceBase    string  `env:"FAKE_INSTANCE_BASE" yaml:"fake_instance_base" help:"Developer mode (serve --run-fake-instance): the base image file of the fake instance; empty means the built base image's UEFI disk."`
+	FakeInstanceMessage string  `env:"FAKE_INSTANCE_MESSAGE" yaml:"fake_instance_message" help:"Developer mode: the INSTANCE message file of the fake instance; its rootfs parent is replaced by the fake base image."`
+	InstanceHypervisor  string  `env:"INSTANCE_DEFAULT_HYPERVISOR" yaml:"instance_default_hypervisor" help:"Hypervisor of instances whose message names none: qemu or firecracker."`
+	ProgramHypervisor   string  `env:"PROGRAM_HYPERVISOR" yaml:"program_hypervisor" help:"Hypervisor of programs: auto (firecracker where this host runs it, else qemu), firecracker or qemu."`
+	Hypervisors         List    `env:"HYPERVISORS" yaml:"hypervisors" help:"Hypervisors this node may use (qemu, firecracker); a message that asks for another is refused."`
+	FirecrackerPath     string  `env:"FIRECRACKER_PATH" yaml:"firecracker_path" help:"Firecracker binary (v1.16.1): a path, or a name looked up in PATH."`
+	JailerPath          string  `env:"JAILER_PATH" yaml:"jailer_path" help:"Firecracker's jailer binary: a path, or a name looked up in PATH."`
+	UseJailer           bool    `env:"USE_JAILER" yaml:"use_jailer" help:"Run each Firecracker through the jailer (chroot, a uid of its own, PID namespace, cgroup limits); turn off for development only."`
+	JailerBaseDirectory string  `env:"JAILER_BASE_DIRECTORY" yaml:"jailer_base_directory" help:"Where the jailer makes each VM's chroot; empty means <EXECUTION_ROOT>/jail. Keep it on the filesystem of CACHE_ROOT and EXECUTION_ROOT, so that files are hard-linked into jails, not bind-mounted."`
+	JailerFirstUID      int     `env:"JAILER_FIRST_UID" yaml:"jailer_first_uid" help:"First of the 65536 uids (and gids) given to jailed VMs, one per VM."`
+	HostMemoryReserved  int     `env:"HOST_MEMORY_RESERVED_MIB" yaml:"host_memory_reserved_mib" help:"Memory (MiB) kept for the host: VMs get the rest."`
+	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
+	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
+	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
+	AllocationTokenHash string  `env:"ALLOCATION_TOKEN_HASH" yaml:"allocation_token_hash" help:"Hex sha256 of the token the scheduler may send as X-Auth-Signature (deprecated scheme); empty disables it."`
+	AllocationSigners   List    `env:"AUTHORIZED_ALLOCATION_SIGNERS" yaml:"authorized_allocation_signers" help:"Ethereum addresses allowed to sign scheduler calls (Aleph-EIP191-V1); empty means the reference's default signer."`
+	AllocationMaxAge    Seconds `env:"ALLOCATION_SIGNATURE_MAX_AGE_SECONDS" yaml:"allocation_signature_max_age_seconds" help:"How far a signed call's iat may be from now."`
+	AllocationToken     string  `env:"ALLOCATION_TOKEN" yaml:"allocation_token" help:"Token the CLI sends to the node as X-Auth-Signature (client side)."`
+	DeveloperSSHKeys    List    `env:"DEVELOPER_SSH_KEYS" yaml:"developer_ssh_keys" help:"SSH public keys added to every instance (a JSON list)."`
+	LogLevel            string  `env:"LOG_LEVEL" yaml:"log_level" help:"Least severe log level written: debug, info, warn or error."`
+	LogFormat           string  `env:"LOG_FORMAT" yaml:"log_format" help:"Log format: text (for a terminal) or json."`
 }
 
 // Default returns the settings used where nothing else is given.
@@ -374,7 +374,7 @@ func (c Config) Validate() error {
 func (c Config) GuestAllowedPrefixes() ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	var errs []error
-	for _, s := range c.GuestAllowedNetworks {
+	for _, s := range c.GuestAllowedNets {
 		var p netip.Prefix
 		var err error
 		if strings.Contains(s, "/") {
