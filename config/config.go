@@ -59,6 +59,7 @@ type Config struct {
 	IPv6AddressPool     string  `env:"IPV6_ADDRESS_POOL" yaml:"ipv6_address_pool" help:"IPv6 /64 (or larger) from which each VM gets a /124 derived from its hash; empty means no IPv6."`
 	MaxPublishedPorts   int     `env:"MAX_PUBLISHED_PORTS" yaml:"max_published_ports" help:"Most ports one instance may publish (forward from the host); a message asking for more is refused with 400."`
 	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
+	GuestAllowedNets    List    `env:"GUEST_ALLOWED_NETWORKS" yaml:"guest_allowed_networks" help:"Networks VMs with internet may reach through the uplink although they are private (RFC 1918, ULA, 100.64.0.0/10), link-local (169.254.0.0/16, where clouds serve their metadata) or routed by the host other than by its default route: prefixes or addresses, a JSON list or commas; empty means none. The guests' DNS servers are reachable on port 53 in any case."`
 	QEMUAccel           string  `env:"QEMU_ACCEL" yaml:"qemu_accel" help:"QEMU accelerator: kvm, tcg, or auto (kvm when a probe guest runs under it)."`
 	QEMURunAs           string  `env:"QEMU_RUNAS" yaml:"qemu_runas" help:"Who QEMU runs as once it has opened the VM's files and devices: empty for a uid and gid of its own per VM (from QEMU_FIRST_UID); a user name or uid:gid shared by every VM (never uid 0); or root, for debugging only (logged as a warning)."`
 	QEMUFirstUID        int     `env:"QEMU_FIRST_UID" yaml:"qemu_first_uid" help:"First of the 65536 uids (and gids) given to QEMU processes, one per VM, when QEMU_RUNAS is empty; apart from the jailer's range and from the host's users."`
@@ -367,6 +368,9 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%sDNS_NAMESERVERS: %q is not an IP address", EnvPrefix, a))
 		}
 	}
+	if _, err := c.GuestAllowedPrefixes(); err != nil {
+		errs = append(errs, fmt.Errorf("%sGUEST_ALLOWED_NETWORKS: %w", EnvPrefix, err))
+	}
 	switch c.QEMUAccel {
 	case "auto", "kvm", "tcg":
 	default:
@@ -437,6 +441,38 @@ func (c Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// GuestAllowedPrefixes returns GUEST_ALLOWED_NETWORKS as prefixes; an
+// address stands for itself alone.
+func (c Config) GuestAllowedPrefixes() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	var errs []error
+	for _, s := range c.GuestAllowedNets {
+		var p netip.Prefix
+		var err error
+		if strings.Contains(s, "/") {
+			p, err = netip.ParsePrefix(s)
+		} else {
+			var a netip.Addr
+			if a, err = netip.ParseAddr(s); err == nil && a.Zone() == "" {
+				p = netip.PrefixFrom(a, a.BitLen())
+			}
+		}
+		switch {
+		case err != nil || !p.IsValid():
+			errs = append(errs, fmt.Errorf("%q is not a network such as 10.1.2.0/24 or fd00:1::/64, nor an address", s))
+		case p.Addr().Is4In6():
+			errs = append(errs, fmt.Errorf("%q: write an IPv4 network as such (%s)", s, netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0)).Masked()))
+		case p != p.Masked():
+			errs = append(errs, fmt.Errorf("%q has bits set past its length: %s?", s, p.Masked()))
+		case p.Bits() == 0:
+			errs = append(errs, fmt.Errorf("%q allows every address, the cloud's metadata service and the host's own networks included: list the networks themselves", s))
+		default:
+			out = append(out, p)
+		}
+	}
+	return out, errors.Join(errs...)
 }
 
 // JailerBase returns the jailer's chroot base directory.

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -136,6 +137,14 @@ func TestErrors(t *testing.T) {
 		{"no follower per VM", "", []string{"ALEPH_VM_LOGS_MAX_FOLLOWERS_PER_VM=0"}, "LOGS_MAX_FOLLOWERS_PER_VM"},
 		{"every origin", "", []string{"ALEPH_VM_WEBSOCKET_ALLOWED_ORIGINS=*"}, "WEBSOCKET_ALLOWED_ORIGINS"},
 		{"bad origin pattern", "", []string{"ALEPH_VM_WEBSOCKET_ALLOWED_ORIGINS=[a"}, "WEBSOCKET_ALLOWED_ORIGINS"},
+		{"allowed network not a network", "", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=10.0.0.0/8,banana"}, `"banana" is not a network`},
+		{"allowed network host bits", "guest_allowed_networks: [10.1.2.3/24]\n", nil, "10.1.2.0/24?"},
+		{"allowed network too long", "", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=10.0.0.0/33"}, "GUEST_ALLOWED_NETWORKS"},
+		{"allowed network everything", "", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=0.0.0.0/0"}, "allows every address"},
+		{"allowed network everything v6", "", []string{`ALEPH_VM_GUEST_ALLOWED_NETWORKS=["::/0"]`}, "allows every address"},
+		{"allowed network zoned", "", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=fe80::1%eth0"}, "is not a network"},
+		{"allowed network mapped", "", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=::ffff:10.0.0.0/104"}, "(10.0.0.0/8)"},
+		{"allowed network bad JSON", "", []string{`ALEPH_VM_GUEST_ALLOWED_NETWORKS=["10.0.0.0/8"`}, "GUEST_ALLOWED_NETWORKS"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -163,6 +172,20 @@ func TestDocsUpToDate(t *testing.T) {
 	}
 	if !strings.Contains(string(data), Markdown()) {
 		t.Errorf("docs/configuration.md is out of date: paste the output of `alephvm config doc` into it")
+	}
+}
+
+func TestGuestAllowedNetworks(t *testing.T) {
+	l, err := Load("", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=10.1.0.0/16, 192.168.7.9,fd00:1::/64"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := l.GuestAllowedPrefixes()
+	if err != nil || fmt.Sprint(got) != "[10.1.0.0/16 192.168.7.9/32 fd00:1::/64]" {
+		t.Errorf("%v %v", got, err)
+	}
+	if got, err := Default().GuestAllowedPrefixes(); err != nil || got != nil {
+		t.Errorf("default: %v %v", got, err)
 	}
 }
 

@@ -3,6 +3,7 @@ package network
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
@@ -10,6 +11,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,8 +26,10 @@ const tapPrefix = "avm"
 // VMRules is what the firewall must do for one VM.
 type VMRules struct {
 	Tap      string
-	Guest    netip.Addr
-	Internet bool // the VM may open connections to the outside world
+	MAC      net.HardwareAddr // the guest NIC's: frames from another are dropped
+	Guest    netip.Addr       // the guest's IPv4 address
+	Guest6   netip.Addr       // the guest's IPv6 address; invalid when it has none
+	Internet bool             // the VM may open connections to the outside world
 	Forwards []Forward
 }
 
@@ -36,17 +40,54 @@ type Forward struct {
 	GuestPort uint16 `json:"guest_port"`
 }
 
+// Egress is what VMs with internet may reach through the uplink besides
+// the public internet.
+type Egress struct {
+	// Allowed lists networks the VMs may reach although they are private,
+	// link-local or routed by the host other than by its default route.
+	Allowed []netip.Prefix
+	// DNS lists the resolvers the guests are given: reachable on port 53
+	// wherever they are.
+	DNS []netip.Addr
+}
+
 // Firewall writes the node's nftables table.
 type Firewall struct {
 	uplink string       // the interface towards the outside world
 	pool   netip.Prefix // every VM address is in it
 	mu     sync.Mutex
+	egress Egress
 }
 
 // NewFirewall returns a firewall for VMs in pool reaching the outside
 // world through uplink.
 func NewFirewall(uplink string, pool netip.Prefix) *Firewall {
 	return &Firewall{uplink: uplink, pool: pool.Masked()}
+}
+
+// SetEgress sets the exceptions to what VMs may not reach; it takes
+// effect at the next Apply.
+func (f *Firewall) SetEgress(e Egress) error {
+	var errs []error
+	for _, p := range e.Allowed {
+		if !p.IsValid() {
+			errs = append(errs, fmt.Errorf("allowed network %v is not a prefix", p))
+		} else if p != p.Masked() {
+			errs = append(errs, fmt.Errorf("allowed network %s has bits set past its length (%s?)", p, p.Masked()))
+		}
+	}
+	for _, a := range e.DNS {
+		if !a.IsValid() || a.Is4In6() {
+			errs = append(errs, fmt.Errorf("DNS server %v: want an IPv4 or IPv6 address", a))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.egress = Egress{Allowed: slices.Clone(e.Allowed), DNS: slices.Clone(e.DNS)}
+	return nil
 }
 
 // Apply replaces the node's table with the rules for vms, in one netlink
@@ -59,65 +100,85 @@ func NewFirewall(uplink string, pool netip.Prefix) *Firewall {
 //   - output (nat): the same forwards for connections the node itself
 //     opens to one of its own addresses;
 //   - postrouting (nat): masquerade of VM traffic leaving by the uplink;
+//   - guard (filter, before conntrack) and a chain per VM (from_TAP, found
+//     through the map "taps"): what comes in from a tap must carry the VM's
+//     own MAC and IPv4 (or IPv6) source address, else it is dropped; so is
+//     everything from a tap of no VM;
 //   - forward (filter): established traffic, each VM's egress to the uplink
-//     when it has internet, and forwarded ports into each VM; every other
-//     packet from or to a VM is dropped, so VMs cannot reach each other;
+//     when it has internet (through the map "internet" to the egress chain),
+//     and forwarded ports into each VM (through the map "published" to its
+//     to_TAP chain); every other packet from or to a VM is dropped, so VMs
+//     cannot reach each other nor the host's other networks;
+//   - egress: the guests' DNS servers and the allowed networks, then no
+//     private, link-local, loopback, multicast or reserved range and no
+//     network the host has a route to other than its default route;
 //   - input (filter): a VM may answer the host but not open connections to
-//     any of the host's own services.
+//     any of the host's own services (IPv6 neighbour discovery aside).
 //
 // The base chains' policy is accept: traffic that is not a VM's is left to
 // the host's own rules.
 func (f *Firewall) Apply(vms []VMRules) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for _, vm := range vms {
-		if err := vm.validate(); err != nil {
-			return err
-		}
+	if err := validateAll(vms); err != nil {
+		return err
 	}
-	conn, table, err := deleteTable()
+	routes, err := hostRoutes()
+	if err != nil {
+		return err
+	}
+	t := buildTable(tableSpec{
+		uplink: f.uplink, pool: f.pool, vms: vms,
+		blocked: blockedDestinations(routes), allowed: f.egress.Allowed, dns: f.egress.DNS,
+	})
+	messages := 1
+	for _, m := range t.maps {
+		messages += 1 + len(m.keys)/256 + 1
+	}
+	for _, c := range t.chains {
+		messages += 1 + len(c.rules)
+	}
+	conn, table, err := deleteTable(messages)
 	if err != nil {
 		return err
 	}
 	conn.AddTable(table)
-	accept := nftables.ChainPolicyAccept
-	chain := func(name string, typ nftables.ChainType, hook *nftables.ChainHook, prio *nftables.ChainPriority) *nftables.Chain {
-		return conn.AddChain(&nftables.Chain{Name: name, Table: table, Type: typ, Hooknum: hook, Priority: prio, Policy: &accept})
+	chains := map[*nftChain]*nftables.Chain{}
+	for _, c := range t.chains {
+		nc := &nftables.Chain{Name: c.name, Table: table}
+		if c.base != nil {
+			accept := nftables.ChainPolicyAccept
+			nc.Type, nc.Hooknum, nc.Priority, nc.Policy = c.base.typ, c.base.hook, c.base.prio, &accept
+		}
+		chains[c] = conn.AddChain(nc)
 	}
-	pre := chain("prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
-	out := chain("output", nftables.ChainTypeNAT, nftables.ChainHookOutput, nftables.ChainPriorityNATDest)
-	post := chain("postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
-	fwd := chain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
-	in := chain("input", nftables.ChainTypeFilter, nftables.ChainHookInput, nftables.ChainPriorityFilter)
-	rule := func(c *nftables.Chain, exprs ...[]expr.Any) {
-		conn.AddRule(&nftables.Rule{Table: table, Chain: c, Exprs: slices.Concat(exprs...)})
-	}
-
-	for _, vm := range vms {
-		for _, fw := range vm.Forwards {
-			rule(pre, ifname(expr.MetaKeyIIFNAME, expr.CmpOpNeq, tapPrefix), ipv4(), l4(fw.Proto), dport(fw.HostPort), dnat(vm.Guest, fw.GuestPort))
-			rule(out, ipv4(), localDestination(), l4(fw.Proto), dport(fw.HostPort), dnat(vm.Guest, fw.GuestPort))
+	for _, m := range t.maps {
+		// Named and host-ordered, as nft makes a map of names, so that nft
+		// prints its keys.
+		set := &nftables.Set{Table: table, Name: m.name, IsMap: true,
+			KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, KeyByteOrder: binaryutil.NativeEndian}
+		elems := make([]nftables.SetElement, len(m.keys))
+		for i, k := range m.keys {
+			key := make([]byte, unix.IFNAMSIZ)
+			copy(key, k)
+			elems[i] = nftables.SetElement{Key: key, VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: m.chains[i]}}
+		}
+		if err := conn.AddSet(set, nil); err != nil {
+			return fmt.Errorf("nftables map %s: %w", m.name, err)
+		}
+		// A netlink attribute holds at most 64 KiB: the elements go in
+		// several messages.
+		for chunk := range slices.Chunk(elems, 256) {
+			if err := conn.SetAddElements(set, chunk); err != nil {
+				return fmt.Errorf("nftables map %s: %w", m.name, err)
+			}
 		}
 	}
-	if f.uplink != "" {
-		rule(post, ipv4(), saddrIn(f.pool), ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, f.uplink), masquerade())
-	}
-
-	rule(fwd, ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), verdict(expr.VerdictAccept))
-	for _, vm := range vms {
-		if vm.Internet && f.uplink != "" {
-			rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, vm.Tap), ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, f.uplink), verdict(expr.VerdictAccept))
-		}
-		for _, fw := range vm.Forwards {
-			rule(fwd, ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, vm.Tap), ctDNAT(), l4(fw.Proto), dport(fw.GuestPort), verdict(expr.VerdictAccept))
+	for _, c := range t.chains {
+		for _, r := range c.rules {
+			conn.AddRule(&nftables.Rule{Table: table, Chain: chains[c], Exprs: r.exprs})
 		}
 	}
-	rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, tapPrefix), verdict(expr.VerdictDrop))
-	rule(fwd, ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, tapPrefix), verdict(expr.VerdictDrop))
-
-	rule(in, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, tapPrefix), ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), verdict(expr.VerdictAccept))
-	rule(in, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, tapPrefix), verdict(expr.VerdictDrop))
-
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("write nftables table %s: %w", TableName, err)
 	}
@@ -128,7 +189,7 @@ func (f *Firewall) Apply(vms []VMRules) error {
 func (f *Firewall) Remove() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	conn, _, err := deleteTable()
+	conn, _, err := deleteTable(0)
 	if err != nil {
 		return err
 	}
@@ -140,8 +201,21 @@ func (f *Firewall) Remove() error {
 
 // deleteTable opens a batch that starts by deleting the node's table.
 // Adding it first makes the delete valid whether or not the table exists.
-func deleteTable() (*nftables.Conn, *nftables.Table, error) {
-	conn, err := nftables.New()
+// messages is how many more the batch will hold: the kernel takes the
+// whole batch in one message and answers each part with an
+// acknowledgement, so the socket's buffers must hold them all (the
+// defaults fail past about a hundred VMs).
+func deleteTable(messages int) (*nftables.Conn, *nftables.Table, error) {
+	size := max(1<<20, messages*batchBytesPerMessage)
+	conn, err := nftables.New(nftables.WithSockOptions(func(c *netlink.Conn) error {
+		if err := c.SetWriteBuffer(size); err != nil {
+			return fmt.Errorf("netlink write buffer: %w", err)
+		}
+		if err := c.SetReadBuffer(size); err != nil {
+			return fmt.Errorf("netlink read buffer: %w", err)
+		}
+		return nil
+	}))
 	if err != nil {
 		return nil, nil, fmt.Errorf("nftables: %w", err)
 	}
@@ -151,13 +225,24 @@ func deleteTable() (*nftables.Conn, *nftables.Table, error) {
 	return conn, table, nil
 }
 
+// batchBytesPerMessage bounds the socket buffer one message of a batch
+// needs: the largest rule the table holds, or the kernel's accounting of
+// one acknowledgement.
+const batchBytesPerMessage = 4096
+
 func (vm VMRules) validate() error {
 	var errs []error
-	if len(vm.Tap) <= len(tapPrefix) || vm.Tap[:len(tapPrefix)] != tapPrefix {
-		errs = append(errs, fmt.Errorf("tap %q does not start with %q", vm.Tap, tapPrefix))
+	if len(vm.Tap) <= len(tapPrefix) || len(vm.Tap) >= unix.IFNAMSIZ || vm.Tap[:len(tapPrefix)] != tapPrefix {
+		errs = append(errs, fmt.Errorf("tap %q is not %q followed by at most %d characters", vm.Tap, tapPrefix, unix.IFNAMSIZ-1-len(tapPrefix)))
+	}
+	if len(vm.MAC) != 6 || vm.MAC[0]&1 != 0 {
+		errs = append(errs, fmt.Errorf("tap %s: guest MAC %q is not a unicast Ethernet address", vm.Tap, vm.MAC))
 	}
 	if !vm.Guest.Is4() {
 		errs = append(errs, fmt.Errorf("guest address %s is not IPv4", vm.Guest))
+	}
+	if vm.Guest6.IsValid() && (!vm.Guest6.Is6() || vm.Guest6.Is4In6() || vm.Guest6.Zone() != "") {
+		errs = append(errs, fmt.Errorf("guest IPv6 address %s is not a plain IPv6 address", vm.Guest6))
 	}
 	for _, fw := range vm.Forwards {
 		if fw.Proto != "tcp" && fw.Proto != "udp" {
@@ -170,94 +255,27 @@ func (vm VMRules) validate() error {
 	return errors.Join(errs...)
 }
 
-// ifname matches an interface name; a name equal to tapPrefix matches every
-// name that starts with it, as nft's "avm*" does.
-func ifname(key expr.MetaKey, op expr.CmpOp, name string) []expr.Any {
-	data := []byte(name)
-	if name != tapPrefix {
-		data = make([]byte, unix.IFNAMSIZ)
-		copy(data, name)
+// validateAll checks each VM's rules, and that no two VMs share a tap or
+// an address: the rules of one would admit the other's traffic.
+func validateAll(vms []VMRules) error {
+	var errs []error
+	taps := map[string]bool{}
+	addrs := map[netip.Addr]bool{}
+	for _, vm := range vms {
+		if err := vm.validate(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if taps[vm.Tap] {
+			errs = append(errs, fmt.Errorf("tap %s is given to two VMs", vm.Tap))
+		}
+		taps[vm.Tap] = true
+		for _, a := range []netip.Addr{vm.Guest, vm.Guest6} {
+			if a.IsValid() && addrs[a] {
+				errs = append(errs, fmt.Errorf("address %s is given to two VMs", a))
+			}
+			addrs[a] = true
+		}
 	}
-	return []expr.Any{
-		&expr.Meta{Key: key, Register: 1},
-		&expr.Cmp{Op: op, Register: 1, Data: data},
-	}
+	return errors.Join(errs...)
 }
-
-func ipv4() []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
-	}
-}
-
-func saddrIn(p netip.Prefix) []expr.Any {
-	addr := p.Addr().As4()
-	mask := netip.PrefixFrom(netip.AddrFrom4([4]byte{255, 255, 255, 255}), p.Bits()).Masked().Addr().As4()
-	return []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask[:], Xor: []byte{0, 0, 0, 0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr[:]},
-	}
-}
-
-func l4(proto string) []expr.Any {
-	p := byte(unix.IPPROTO_TCP)
-	if proto == "udp" {
-		p = unix.IPPROTO_UDP
-	}
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}},
-	}
-}
-
-func dport(port uint16) []expr.Any {
-	return []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
-	}
-}
-
-func dnat(to netip.Addr, port uint16) []expr.Any {
-	addr := to.As4()
-	return []expr.Any{
-		&expr.Immediate{Register: 1, Data: addr[:]},
-		&expr.Immediate{Register: 2, Data: binaryutil.BigEndian.PutUint16(port)},
-		&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1, RegProtoMin: 2, Specified: true},
-	}
-}
-
-func masquerade() []expr.Any { return []expr.Any{&expr.Masq{}} }
-
-// localDestination matches packets to one of the host's own addresses.
-func localDestination() []expr.Any {
-	const rtnLocal = 2
-	return []expr.Any{
-		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(rtnLocal)},
-	}
-}
-
-func ctState(bits uint32) []expr.Any {
-	return []expr.Any{
-		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(bits), Xor: binaryutil.NativeEndian.PutUint32(0)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
-	}
-}
-
-// ctDNAT matches connections whose destination was rewritten by a port
-// forward.
-func ctDNAT() []expr.Any {
-	const ipsDstNAT = 1 << 5
-	return []expr.Any{
-		&expr.Ct{Register: 1, Key: expr.CtKeySTATUS},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(ipsDstNAT), Xor: binaryutil.NativeEndian.PutUint32(0)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
-	}
-}
-
-func verdict(k expr.VerdictKind) []expr.Any { return []expr.Any{&expr.Verdict{Kind: k}} }

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Uplink returns the name of the interface of the default IPv4 route.
@@ -121,4 +122,41 @@ func StaticIPv6(pool netip.Prefix, vmType int, hash string) (network netip.Prefi
 	}
 	network = netip.PrefixFrom(addr, 124)
 	return network, addr, addr.Next(), nil
+}
+
+// hostRoutes returns the destinations of the host's unicast routes in
+// every routing table but the local one, other than default routes and
+// routes to VM taps: the networks the operator's host reaches besides the
+// internet.
+func hostRoutes() ([]netip.Prefix, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	taps := map[int]bool{}
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, tapPrefix) {
+			taps[l.Attrs().Index] = true
+		}
+	}
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	var out []netip.Prefix
+	for _, r := range routes {
+		if r.Table == unix.RT_TABLE_LOCAL || r.Type != unix.RTN_UNICAST || r.Dst == nil || taps[r.LinkIndex] {
+			continue
+		}
+		addr, ok := netip.AddrFromSlice(r.Dst.IP)
+		ones, bits := r.Dst.Mask.Size()
+		if addr.Is4In6() && bits == 128 {
+			ones -= 96
+		}
+		if !ok || ones <= 0 {
+			continue
+		}
+		out = append(out, netip.PrefixFrom(addr.Unmap(), ones))
+	}
+	return out, nil
 }

@@ -91,6 +91,9 @@ func (m *Manager) Attach(owner string, index int, internet bool, ports []PortReq
 			undo()
 			return Attachment{}, err
 		}
+	} else if err := hardenTap(alloc.Tap); err != nil { // a tap made by an older node
+		undo()
+		return Attachment{}, err
 	}
 	m.vms[owner] = v
 	if err := m.applyLocked(); err != nil {
@@ -209,7 +212,7 @@ func (m *Manager) Apply() error {
 func (m *Manager) applyLocked() error {
 	rules := make([]VMRules, 0, len(m.vms))
 	for _, v := range m.vms {
-		rules = append(rules, VMRules{Tap: v.alloc.Tap, Guest: v.alloc.Guest, Internet: v.internet, Forwards: v.forwards})
+		rules = append(rules, VMRules{Tap: v.alloc.Tap, MAC: v.alloc.MAC(), Guest: v.alloc.Guest, Internet: v.internet, Forwards: v.forwards})
 	}
 	slices.SortFunc(rules, func(a, b VMRules) int { return a.Guest.Compare(b.Guest) })
 	return m.fw.Apply(rules)

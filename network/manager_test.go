@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
@@ -38,17 +39,22 @@ func TestManager(t *testing.T) {
 		t.Fatalf("%+v %v", b, err)
 	}
 	ruleset := testenv.Cmd(t, "nft", "list", "table", "inet", TableName)
-	for _, want := range []string{"tcp dport 24000 dnat ip to 172.16.4.2:22", "udp dport 24000 dnat ip to 172.16.4.2:53", "tcp dport 24001 dnat ip to 172.16.5.2:22", `iifname "avm4" oifname "lo" accept`} {
+	for _, want := range []string{"tcp dport 24000 dnat ip to 172.16.4.2:22", "udp dport 24000 dnat ip to 172.16.4.2:53", "tcp dport 24001 dnat ip to 172.16.5.2:22", `"avm4" : jump egress`, `oifname "lo" iifname vmap @internet`, "ether saddr != 06:00:ac:10:04:02 drop", "ip saddr 172.16.5.2 accept"} {
 		if !strings.Contains(ruleset, want) {
 			t.Errorf("ruleset lacks %q:\n%s", want, ruleset)
 		}
 	}
-	if strings.Contains(ruleset, `iifname "avm5" oifname`) {
+	if strings.Contains(ruleset, `"avm5" : jump egress`) {
 		t.Error("vm-b has internet")
 	}
 
-	// The node restarts: a new manager finds vm-a again, keeping its tap.
+	// The node restarts: a new manager finds vm-a again, keeping its tap,
+	// and hardens it as a tap made by an older node may not be.
 	before, _ := net.InterfaceByName("avm4")
+	rpFilter := "/proc/sys/net/ipv4/conf/avm4/rp_filter"
+	if err := os.WriteFile(rpFilter, []byte("0"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	pool2, _ := NewPool(netip.MustParsePrefix("172.16.0.0/12"), 24, 4)
 	m2 := NewManager(pool2, fw, PortRange{First: 24000, Last: 24002}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	again, err := m2.Attach("vm-a", a.Index, true, []PortRequest{{Proto: "tcp", GuestPort: 22, HostPort: 24000}, {Proto: "udp", GuestPort: 53, HostPort: 24000}})
@@ -58,6 +64,9 @@ func TestManager(t *testing.T) {
 	after, _ := net.InterfaceByName("avm4")
 	if before.Index != after.Index {
 		t.Error("the running VM's tap was recreated")
+	}
+	if v, err := os.ReadFile(rpFilter); err != nil || strings.TrimSpace(string(v)) != "1" {
+		t.Errorf("rp_filter of a tap found again: %q %v", v, err)
 	}
 	if err := m2.RemoveOrphanTaps(); err != nil {
 		t.Fatal(err)

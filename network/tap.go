@@ -3,7 +3,10 @@ package network
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
+	"os"
+	"path/filepath"
 
 	"github.com/vishvananda/netlink"
 )
@@ -34,6 +37,9 @@ func CreateTap(name string, hostAddr netip.Prefix) error {
 			_ = DeleteTap(name)
 		}
 	}()
+	if err := hardenTap(name); err != nil {
+		return err
+	}
 	link, err := netlink.LinkByName(name)
 	if err != nil {
 		return fmt.Errorf("find tap %s: %w", name, err)
@@ -65,6 +71,39 @@ func DeleteTap(name string) error {
 	}
 	if err := netlink.LinkDel(link); err != nil {
 		return fmt.Errorf("delete tap %s: %w", name, err)
+	}
+	return nil
+}
+
+// tapSysctls are the kernel settings of a VM's tap, behind the firewall's
+// own checks: strict reverse-path filtering drops IPv4 packets (and ARP
+// requests) whose source the host would not route back through this tap;
+// the host takes no router advertisement nor redirect from a guest, which
+// could otherwise give the host a route through the guest.
+var tapSysctls = []struct {
+	path, value string
+	ipv6        bool // absent when the host runs without IPv6
+}{
+	{"ipv4/conf/%s/rp_filter", "1", false},
+	{"ipv4/conf/%s/accept_redirects", "0", false},
+	{"ipv6/conf/%s/accept_ra", "0", true},
+	{"ipv6/conf/%s/accept_redirects", "0", true},
+}
+
+// sysctlRoot is where the kernel's network settings are.
+const sysctlRoot = "/proc/sys/net"
+
+// hardenTap applies tapSysctls to the tap named name.
+func hardenTap(name string) error {
+	for _, s := range tapSysctls {
+		path := filepath.Join(sysctlRoot, fmt.Sprintf(s.path, name))
+		err := os.WriteFile(path, []byte(s.value+"\n"), 0o644)
+		if s.ipv6 && errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("tap %s: set %s: %w", name, path, err)
+		}
 	}
 	return nil
 }

@@ -110,7 +110,13 @@ func TestNetworkWithVMs(t *testing.T) {
 	}
 	internet := testenv.NetNS(t, "inet")
 	testenv.Veth(t, "up0", "10.99.0.1/24", internet, "eth0", "10.99.0.2/24", "")
-	testenv.Listen(t, internet, "10.99.0.2:80")
+	// The internet is beyond the node's default route; 10.99.0.0/24 is the
+	// operator's network, which VMs may not reach, and so is the cloud's
+	// metadata service.
+	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "203.0.113.10/32", "dev", "lo")
+	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "169.254.169.254/32", "dev", "lo")
+	testenv.Cmd(t, "ip", "route", "add", "default", "via", "10.99.0.2")
+	testenv.Listen(t, internet, ":80")
 	testenv.Listen(t, "", "0.0.0.0:9999") // a service of the node's host
 
 	dir, port, env := nodeEnv(t, "up0", "10.99.0.2")
@@ -149,11 +155,14 @@ func TestNetworkWithVMs(t *testing.T) {
 
 	checks := func(when string) {
 		t.Helper()
-		if !canConnect(key, ipA, "10.99.0.2:80") {
+		if !canConnect(key, ipA, "203.0.113.10:80") {
 			t.Errorf("%s: A (internet on) cannot reach the outside", when)
 		}
-		if canConnect(key, ipB, "10.99.0.2:80") {
+		if canConnect(key, ipB, "203.0.113.10:80") {
 			t.Errorf("%s: B (internet off) reaches the outside", when)
+		}
+		if canConnect(key, ipA, "10.99.0.2:80") || canConnect(key, ipA, "169.254.169.254:80") {
+			t.Errorf("%s: A reaches the operator's network or the metadata service", when)
 		}
 		if canConnect(key, ipA, ipB+":22") || canConnect(key, ipB, ipA+":22") {
 			t.Errorf("%s: VMs reach each other", when)

@@ -299,8 +299,16 @@ func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []neti
 			log.Warn("guests get no DNS server", "err", err)
 		}
 	}
-	log.Info("network", "uplink", uplink, "pool", poolPrefix, "dns", dns)
-	return network.NewManager(netPool, network.NewFirewall(uplink, poolPrefix), network.DefaultPorts, log), dns, nil
+	allowed, err := cfg.GuestAllowedPrefixes()
+	if err != nil {
+		return nil, nil, err
+	}
+	fw := network.NewFirewall(uplink, poolPrefix)
+	if err := fw.SetEgress(network.Egress{Allowed: allowed, DNS: dns}); err != nil {
+		return nil, nil, err
+	}
+	log.Info("network", "uplink", uplink, "pool", poolPrefix, "dns", dns, "guest_allowed_networks", allowed)
+	return network.NewManager(netPool, fw, network.DefaultPorts, log), dns, nil
 }
 
 // capacity is what the node may give to program VMs: its memory less what
