@@ -319,3 +319,40 @@ func (w *tailWriter) Write(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
+
+// A follower that sends a data message is closed with a policy violation
+// and gives its place back at once: coder/websocket's CloseRead would wait
+// 15 s on itself first (coder/websocket#429), holding the slot and the
+// handler.
+func TestLogFollowerSendingDataLeavesAtOnce(t *testing.T) {
+	logs := &blockingLogs{}
+	srv := newLogsAPI(t, Options{Logs: logs, MaxLogFollowers: 3, MaxLogFollowersPerVM: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, _, err := dialLogs(ctx, srv, ref, "good", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	if _, _, err := c.Read(ctx); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := c.Write(ctx, websocket.MessageText, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.Read(ctx); websocket.CloseStatus(err) != websocket.StatusPolicyViolation {
+		t.Errorf("after a data message: %v, want a policy violation close", err)
+	}
+	for logs.following.Load() > 0 {
+		if time.Since(start) > 3*time.Second {
+			t.Fatal("the handler still follows 3 s after its client was closed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	next, resp, err := dialLogs(ctx, srv, ref, "good", "")
+	if err != nil {
+		t.Fatalf("the next follower is refused: %v %v", resp, err)
+	}
+	next.CloseNow()
+}

@@ -91,7 +91,7 @@ func (s *Server) handleStreamLogs(w http.ResponseWriter, r *http.Request) {
 		fail(r.Context(), "unauthorized sender")
 		return
 	}
-	ctx := c.CloseRead(r.Context())
+	ctx := readControlFrames(r.Context(), c)
 	if err := wsjson.Write(ctx, c, map[string]string{"status": "connected"}); err != nil {
 		return
 	}
