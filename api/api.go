@@ -210,7 +210,7 @@ func (s *Server) runProgram(w http.ResponseWriter, r *http.Request, ref message.
 			writeError(w, http.StatusRequestEntityTooLarge, "Request body is larger than the node accepts")
 			return
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, s.opts.MaxBodyBytes)
+		limitBody(w, r, s.opts.MaxBodyBytes)
 	}
 	lease, err := s.opts.Programs.Acquire(r.Context(), ref)
 	if err != nil {

@@ -77,6 +77,18 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 // server's own writer.
 func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter }
 
+// limitBody bounds r's body to n bytes. Past them a read fails with an
+// *http.MaxBytesError, and the server, told so through its own writer
+// (not a wrapper), closes the connection gracefully: a client still
+// sending the rest of its body then reads the answer (413) instead of
+// losing it to a reset.
+func limitBody(w http.ResponseWriter, r *http.Request, n int64) {
+	if d, ok := w.(*deadlineWriter); ok {
+		w = d.ResponseWriter
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, n)
+}
+
 // streaming lifts the read and write deadlines of a request that streams
 // (a program's, a logs websocket): it lasts as long as it needs.
 func streaming(w http.ResponseWriter) {

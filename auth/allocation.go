@@ -217,7 +217,12 @@ func parseParams(params string) (sig, payload string, err error) {
 
 func readBody(r *http.Request) ([]byte, error) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodyBytes+1))
-	if err != nil {
+	var limited *http.MaxBytesError
+	switch {
+	case errors.As(err, &limited):
+		// The caller bounded the body itself (http.MaxBytesReader).
+		return nil, tooLarge()
+	case err != nil:
 		return nil, &Error{Status: http.StatusBadRequest, Reason: "read body: " + err.Error()}
 	}
 	if len(body) > MaxBodyBytes {
