@@ -123,18 +123,32 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 	c.SetReadLimit(4 << 10) // clients send nothing but control frames
 	ctx := readControlFrames(r.Context(), c)
 	found, ended, err := s.opts.Logs.Follow(ctx, ref, func(l LogLine) error {
-		return wsjson.Write(ctx, c, logMessage{Type: l.Stream, Message: l.Text})
+		return s.sendFrame(ctx, c, logMessage{Type: l.Stream, Message: l.Text})
 	})
 	release()
 	switch {
 	case err != nil:
 		return
 	case !found:
-		_ = wsjson.Write(ctx, c, logMessage{Type: "system", Message: "No virtual machine with ref " + string(ref)})
+		_ = s.sendFrame(ctx, c, logMessage{Type: "system", Message: "No virtual machine with ref " + string(ref)})
 	case ended:
-		_ = wsjson.Write(ctx, c, logMessage{Type: "system", Message: "VM is not running, past logs sent"})
+		_ = s.sendFrame(ctx, c, logMessage{Type: "system", Message: "VM is not running, past logs sent"})
 	}
 	c.Close(websocket.StatusNormalClosure, "")
+}
+
+// sendFrame writes v as one JSON frame of a logs websocket. A client that
+// takes longer than the write timeout to take it is dropped (the library
+// closes the connection when the write's context ends): one that stops
+// reading would otherwise hold its follower's place, a goroutine and a
+// connection for as long as it keeps the connection open.
+func (s *Server) sendFrame(ctx context.Context, c *websocket.Conn, v any) error {
+	if d := s.opts.Limits.WriteTimeout; d > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
+	}
+	return wsjson.Write(ctx, c, v)
 }
 
 // readControlFrames reads what the client of a logs websocket sends, which
