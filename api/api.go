@@ -207,6 +207,7 @@ func (s *Server) runProgram(w http.ResponseWriter, r *http.Request, ref message.
 	streaming(w)
 	if s.opts.MaxBodyBytes > 0 {
 		if r.ContentLength > s.opts.MaxBodyBytes {
+			refuseBody(w, r)
 			writeError(w, http.StatusRequestEntityTooLarge, "Request body is larger than the node accepts")
 			return
 		}

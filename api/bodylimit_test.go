@@ -49,6 +49,10 @@ func TestOversizedBodiesAreAnswered(t *testing.T) {
 			req.Header.Set("Authorization", "Aleph-EIP191-V1 sig=0x00,payload=0x00")
 			return req
 		}},
+		{"program request, its length announced", func() *http.Request {
+			req, _ := http.NewRequest("POST", srv.URL+"/vm/"+string(ref)+"/upload", bytes.NewReader(body))
+			return req
+		}},
 		{"owner's call", func() *http.Request {
 			signed := owner.Request("POST", string(ref), "expire")
 			req, _ := http.NewRequest("POST", signed.URL.String(), bytes.NewReader(body))

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
 	"sync"
@@ -91,9 +90,7 @@ func (s *Server) authed(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 			status = se.HTTPStatus()
 		}
 		if status == http.StatusRequestEntityTooLarge {
-			// Refused for its announced length: reading on to the limit
-			// tells the server to close gracefully (limitBody).
-			_, _ = io.Copy(io.Discard, r.Body)
+			refuseBody(w, r)
 		}
 		writeError(w, status, err.Error())
 		return nil, false

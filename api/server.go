@@ -3,6 +3,7 @@ package api
 import (
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"golang.org/x/net/netutil"
@@ -87,6 +88,18 @@ func limitBody(w http.ResponseWriter, r *http.Request, n int64) {
 		w = d.ResponseWriter
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, n)
+}
+
+// refuseBody is for a body refused for its announced length: one byte of
+// it read past a limit of nothing tells the server to close gracefully, as
+// limitBody does. A client that waits for "100 Continue" has sent nothing
+// and is told no without being asked for it.
+func refuseBody(w http.ResponseWriter, r *http.Request) {
+	if strings.EqualFold(r.Header.Get("Expect"), "100-continue") {
+		return
+	}
+	limitBody(w, r, 0)
+	_, _ = r.Body.Read(make([]byte, 1))
 }
 
 // streaming lifts the read and write deadlines of a request that streams
