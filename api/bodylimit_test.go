@@ -1,14 +1,19 @@
 package api
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/alephvm/alephvm/auth"
 	"github.com/alephvm/alephvm/pool"
@@ -60,6 +65,21 @@ func TestOversizedBodiesAreAnswered(t *testing.T) {
 			return req
 		}},
 	} {
+		if tc.name == "program request, its length announced" {
+			// A client that announces a body and sends none is answered
+			// all the same.
+			conn, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.SetDeadline(time.Now().Add(5 * time.Second))
+			fmt.Fprintf(conn, "POST /vm/%s/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", ref, 2<<30)
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil || resp.StatusCode != http.StatusRequestEntityTooLarge {
+				t.Errorf("a client that sends no body: %v %v", resp, err)
+			}
+			conn.Close()
+		}
 		resets := 0
 		for range 50 {
 			resp, err := client.Do(tc.req())

@@ -92,15 +92,19 @@ func limitBody(w http.ResponseWriter, r *http.Request, n int64) {
 
 // refuseBody is for a body refused for its announced length: one byte of
 // it read past a limit of nothing tells the server to close gracefully, as
-// limitBody does. A client that waits for "100 Continue" has sent nothing
-// and is told no without being asked for it.
+// limitBody does. The read waits refuseWait at most: a client that sends
+// nothing (one that waits for "100 Continue" is not even asked) gets its
+// answer all the same.
 func refuseBody(w http.ResponseWriter, r *http.Request) {
 	if strings.EqualFold(r.Header.Get("Expect"), "100-continue") {
 		return
 	}
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(refuseWait))
 	limitBody(w, r, 0)
 	_, _ = r.Body.Read(make([]byte, 1))
 }
+
+const refuseWait = 200 * time.Millisecond
 
 // streaming lifts the read and write deadlines of a request that streams
 // (a program's, a logs websocket): it lasts as long as it needs.
