@@ -207,10 +207,11 @@ func (s *Server) runProgram(w http.ResponseWriter, r *http.Request, ref message.
 	streaming(w)
 	if s.opts.MaxBodyBytes > 0 {
 		if r.ContentLength > s.opts.MaxBodyBytes {
+			refuseBody(w, r)
 			writeError(w, http.StatusRequestEntityTooLarge, "Request body is larger than the node accepts")
 			return
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, s.opts.MaxBodyBytes)
+		limitBody(w, r, s.opts.MaxBodyBytes)
 	}
 	lease, err := s.opts.Programs.Acquire(r.Context(), ref)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/alephvm/alephvm/auth"
 	"github.com/alephvm/alephvm/message"
 )
 
@@ -80,12 +81,16 @@ func (s *Server) authed(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 		writeError(w, http.StatusForbidden, "This node accepts no scheduler calls: no allocation token or signer is configured")
 		return nil, false
 	}
+	limitBody(w, r, auth.MaxBodyBytes)
 	body, err := s.opts.Auth.Verify(r)
 	if err != nil {
 		status := http.StatusUnauthorized
 		var se StatusError
 		if errors.As(err, &se) {
 			status = se.HTTPStatus()
+		}
+		if status == http.StatusRequestEntityTooLarge {
+			refuseBody(w, r)
 		}
 		writeError(w, status, err.Error())
 		return nil, false

@@ -109,7 +109,10 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusTooManyRequests, why)
 		return
 	}
-	defer s.followers.release(ref)
+	// The place is given back as soon as the follower stops following,
+	// before the close handshake, which a client may drag out.
+	release := sync.OnceFunc(func() { s.followers.release(ref) })
+	defer release()
 	// A websocket lasts as long as the client follows.
 	streaming(w)
 	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: s.opts.WebsocketOrigins})
@@ -118,19 +121,54 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 	}
 	defer c.CloseNow()
 	c.SetReadLimit(4 << 10) // clients send nothing but control frames
-	ctx := c.CloseRead(r.Context())
+	ctx := readControlFrames(r.Context(), c)
 	found, ended, err := s.opts.Logs.Follow(ctx, ref, func(l LogLine) error {
-		return wsjson.Write(ctx, c, logMessage{Type: l.Stream, Message: l.Text})
+		return s.sendFrame(ctx, c, logMessage{Type: l.Stream, Message: l.Text})
 	})
+	release()
 	switch {
 	case err != nil:
 		return
 	case !found:
-		_ = wsjson.Write(ctx, c, logMessage{Type: "system", Message: "No virtual machine with ref " + string(ref)})
+		_ = s.sendFrame(ctx, c, logMessage{Type: "system", Message: "No virtual machine with ref " + string(ref)})
 	case ended:
-		_ = wsjson.Write(ctx, c, logMessage{Type: "system", Message: "VM is not running, past logs sent"})
+		_ = s.sendFrame(ctx, c, logMessage{Type: "system", Message: "VM is not running, past logs sent"})
 	}
 	c.Close(websocket.StatusNormalClosure, "")
+}
+
+// sendFrame writes v as one JSON frame of a logs websocket. A client that
+// takes longer than the write timeout to take it is dropped (the library
+// closes the connection when the write's context ends): one that stops
+// reading would otherwise hold its follower's place, a goroutine and a
+// connection for as long as it keeps the connection open.
+func (s *Server) sendFrame(ctx context.Context, c *websocket.Conn, v any) error {
+	if d := s.opts.Limits.WriteTimeout; d > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
+	}
+	return wsjson.Write(ctx, c, v)
+}
+
+// readControlFrames reads what the client of a logs websocket sends, which
+// must be nothing but control frames (pings, pongs, its close), and
+// returns a context that ends with the connection. A data message closes
+// the connection with a policy violation, which ends the context. It stands for coder/websocket's CloseRead,
+// which after a data message waits 15 s on itself before it closes the
+// connection and ends its context (coder/websocket#429): the handler, its
+// follower's place and the connection stayed that long.
+func readControlFrames(ctx context.Context, c *websocket.Conn) context.Context {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		defer cancel()
+		if _, _, err := c.Read(ctx); err == nil {
+			// Closed before the context ends: a write under way on it
+			// would drop the connection without a close frame.
+			c.Close(websocket.StatusPolicyViolation, "unexpected data message")
+		}
+	}()
+	return ctx
 }
 
 // pastLogs answers the past lines as a JSON array, written as they come:

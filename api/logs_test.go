@@ -17,7 +17,9 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/alephvm/alephvm/auth"
 	"github.com/alephvm/alephvm/hypervisor/console"
+	"github.com/alephvm/alephvm/internal/alephsdk"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/pool"
 )
@@ -318,4 +320,98 @@ func (w *tailWriter) Write(p []byte) (int, error) {
 		w.last = append([]byte(nil), w.last[len(w.last)-256:]...)
 	}
 	return len(p), nil
+}
+
+// A follower that sends a data message is closed with a policy violation
+// and gives its place back at once: coder/websocket's CloseRead would wait
+// 15 s on itself first (coder/websocket#429), holding the slot and the
+// handler.
+func TestLogFollowerSendingDataLeavesAtOnce(t *testing.T) {
+	logs := &blockingLogs{}
+	srv := newLogsAPI(t, Options{Logs: logs, MaxLogFollowers: 3, MaxLogFollowersPerVM: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, _, err := dialLogs(ctx, srv, ref, "good", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	if _, _, err := c.Read(ctx); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := c.Write(ctx, websocket.MessageText, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.Read(ctx); websocket.CloseStatus(err) != websocket.StatusPolicyViolation {
+		t.Errorf("after a data message: %v, want a policy violation close", err)
+	}
+	for logs.following.Load() > 0 {
+		if time.Since(start) > 3*time.Second {
+			t.Fatal("the handler still follows 3 s after its client was closed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	next, resp, err := dialLogs(ctx, srv, ref, "good", "")
+	if err != nil {
+		t.Fatalf("the next follower is refused: %v %v", resp, err)
+	}
+	next.CloseNow()
+}
+
+// floodLogs sends lines of 64 KiB until its client stops taking them.
+type floodLogs struct{ following atomic.Int32 }
+
+func (f *floodLogs) Follow(ctx context.Context, _ message.ItemHash, fn func(LogLine) error) (bool, bool, error) {
+	f.following.Add(1)
+	defer f.following.Add(-1)
+	line := strings.Repeat("x", 64<<10)
+	for {
+		if err := fn(LogLine{Stream: "stdout", Text: line}); err != nil {
+			return true, false, err
+		}
+	}
+}
+
+// A follower that stops reading is dropped once one line waits longer
+// than the write timeout: it would otherwise hold its place, a goroutine
+// and a connection for as long as it keeps the connection open.
+func TestLogFollowerThatStopsReadingIsDropped(t *testing.T) {
+	for _, route := range []string{"logs", "stream_logs"} {
+		t.Run(route, func(t *testing.T) {
+			logs := &floodLogs{}
+			srv := newLogsAPI(t, Options{Logs: logs, Limits: Limits{WriteTimeout: 200 * time.Millisecond}, MaxLogFollowersPerVM: 1,
+				OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: "127.0.0.1"}), Machines: fakeMachines{ref: {Owner: ownerAddress, Type: TypeInstance}}})
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			var c *websocket.Conn
+			if route == "logs" {
+				var err error
+				if c, _, err = dialLogs(ctx, srv, ref, "good", ""); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				owner := (&ownerRig{srv: srv}).client(ownerKey, alephsdk.Python)
+				var err error
+				if c, _, err = websocket.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http")+"/control/machine/"+string(ref)+"/stream_logs", nil); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.Write(ctx, websocket.MessageText, owner.AuthFrame(string(ref))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			defer c.CloseNow()
+			// The client reads nothing more.
+			start := time.Now()
+			for logs.following.Load() == 0 && time.Since(start) < 5*time.Second {
+				time.Sleep(10 * time.Millisecond)
+			}
+			for logs.following.Load() > 0 {
+				if time.Since(start) > 10*time.Second {
+					t.Fatal("the node still writes to a client that reads nothing, 10 s on")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
 }

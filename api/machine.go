@@ -94,9 +94,15 @@ func (s *Server) machineCall(w http.ResponseWriter, r *http.Request) (ref messag
 	if m, ok = s.authorize(w, r, ref, id); !ok {
 		return "", Machine{}, nil, false
 	}
-	body, err = io.ReadAll(io.LimitReader(r.Body, maxOwnerBody+1))
-	if err != nil || len(body) > maxOwnerBody {
+	limitBody(w, r, maxOwnerBody)
+	body, err = io.ReadAll(r.Body)
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
 		writeError(w, http.StatusRequestEntityTooLarge, "Request body too large")
+		return "", Machine{}, nil, false
+	case err != nil:
+		writeError(w, http.StatusBadRequest, "Could not read the request body: "+err.Error())
 		return "", Machine{}, nil, false
 	}
 	return ref, m, body, true

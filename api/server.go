@@ -3,6 +3,7 @@ package api
 import (
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"golang.org/x/net/netutil"
@@ -76,6 +77,34 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 // Unwrap gives http.ResponseController (flushes, hijacks, deadlines) the
 // server's own writer.
 func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter }
+
+// limitBody bounds r's body to n bytes. Past them a read fails with an
+// *http.MaxBytesError, and the server, told so through its own writer
+// (not a wrapper), closes the connection gracefully: a client still
+// sending the rest of its body then reads the answer (413) instead of
+// losing it to a reset.
+func limitBody(w http.ResponseWriter, r *http.Request, n int64) {
+	if d, ok := w.(*deadlineWriter); ok {
+		w = d.ResponseWriter
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, n)
+}
+
+// refuseBody is for a body refused for its announced length: one byte of
+// it read past a limit of nothing tells the server to close gracefully, as
+// limitBody does. The read waits refuseWait at most: a client that sends
+// nothing (one that waits for "100 Continue" is not even asked) gets its
+// answer all the same.
+func refuseBody(w http.ResponseWriter, r *http.Request) {
+	if strings.EqualFold(r.Header.Get("Expect"), "100-continue") {
+		return
+	}
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(refuseWait))
+	limitBody(w, r, 0)
+	_, _ = r.Body.Read(make([]byte, 1))
+}
+
+const refuseWait = 200 * time.Millisecond
 
 // streaming lifts the read and write deadlines of a request that streams
 // (a program's, a logs websocket): it lasts as long as it needs.

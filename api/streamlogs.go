@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	"github.com/coder/websocket/wsjson"
 
 	"github.com/alephvm/alephvm/auth"
 )
@@ -57,7 +56,7 @@ func (s *Server) handleStreamLogs(w http.ResponseWriter, r *http.Request) {
 	defer c.CloseNow()
 	c.SetReadLimit(64 << 10)
 	fail := func(ctx context.Context, reason string) {
-		_ = wsjson.Write(ctx, c, map[string]string{"status": "failed", "reason": reason})
+		_ = s.sendFrame(ctx, c, map[string]string{"status": "failed", "reason": reason})
 		c.Close(websocket.StatusNormalClosure, "")
 	}
 	authCtx, cancel := context.WithTimeout(r.Context(), authTimeout)
@@ -91,18 +90,18 @@ func (s *Server) handleStreamLogs(w http.ResponseWriter, r *http.Request) {
 		fail(r.Context(), "unauthorized sender")
 		return
 	}
-	ctx := c.CloseRead(r.Context())
-	if err := wsjson.Write(ctx, c, map[string]string{"status": "connected"}); err != nil {
+	ctx := readControlFrames(r.Context(), c)
+	if err := s.sendFrame(ctx, c, map[string]string{"status": "connected"}); err != nil {
 		return
 	}
 	found, ended, err := s.opts.Logs.Follow(ctx, ref, func(l LogLine) error {
-		return wsjson.Write(ctx, c, logMessage{Type: referenceStream(l.Stream), Message: l.Text})
+		return s.sendFrame(ctx, c, logMessage{Type: referenceStream(l.Stream), Message: l.Text})
 	})
 	switch {
 	case err != nil:
 		return
 	case !found || ended:
-		_ = wsjson.Write(ctx, c, logMessage{Type: "system", Message: "VM is not running, past logs sent"})
+		_ = s.sendFrame(ctx, c, logMessage{Type: "system", Message: "VM is not running, past logs sent"})
 	}
 	c.Close(websocket.StatusNormalClosure, "")
 }

@@ -134,7 +134,7 @@ func (a *Allocation) Verify(r *http.Request) ([]byte, error) {
 		return nil, unauthorized("Content-Length is required")
 	}
 	if r.ContentLength > MaxBodyBytes {
-		return nil, unauthorized("body larger than %d bytes", MaxBodyBytes)
+		return nil, tooLarge()
 	}
 	payload, err := hex.DecodeString(strings.TrimPrefix(payloadHex, "0x"))
 	if err != nil {
@@ -217,11 +217,22 @@ func parseParams(params string) (sig, payload string, err error) {
 
 func readBody(r *http.Request) ([]byte, error) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodyBytes+1))
-	if err != nil {
+	var limited *http.MaxBytesError
+	switch {
+	case errors.As(err, &limited):
+		// The caller bounded the body itself (http.MaxBytesReader).
+		return nil, tooLarge()
+	case err != nil:
 		return nil, &Error{Status: http.StatusBadRequest, Reason: "read body: " + err.Error()}
 	}
 	if len(body) > MaxBodyBytes {
-		return nil, unauthorized("body larger than %d bytes", MaxBodyBytes)
+		return nil, tooLarge()
 	}
 	return body, nil
+}
+
+// tooLarge is a body past MaxBodyBytes: not a bad credential but a
+// request too large, as the reference's aiohttp answers it.
+func tooLarge() *Error {
+	return &Error{Status: http.StatusRequestEntityTooLarge, Reason: fmt.Sprintf("Request body is larger than the %d bytes a scheduler call may have", MaxBodyBytes)}
 }

@@ -118,6 +118,14 @@ func TestAllocationAuth(t *testing.T) {
 	legacyWrong.Header.Set("X-Auth-Signature", "nope")
 	both := good.request(t, "POST", path, body, iat, func(p map[string]any) { p["path"] = "/elsewhere" })
 	both.Header.Set("X-Auth-Signature", "test")
+	// A body past MaxBodyBytes is too large, not a bad credential: 413,
+	// as the reference's aiohttp answers it.
+	huge := bytes.Repeat([]byte(" "), MaxBodyBytes+1)
+	legacyHuge := httptest.NewRequest("POST", path, bytes.NewReader(huge))
+	legacyHuge.Header.Set("X-Auth-Signature", "test")
+	legacyHugeChunked := httptest.NewRequest("POST", path, bytes.NewReader(huge))
+	legacyHugeChunked.ContentLength = -1
+	legacyHugeChunked.Header.Set("X-Auth-Signature", "test")
 
 	cases := []struct {
 		name   string
@@ -139,6 +147,9 @@ func TestAllocationAuth(t *testing.T) {
 		{"iat not an integer", good.request(t, "POST", path, body, iat, func(p map[string]any) { p["iat"] = 1.8e9 + 0.5 }), 401},
 		{"high s", highS, 401},
 		{"signature header skips the legacy token", both, 401},
+		{"signed, body too large", good.request(t, "POST", path, huge, iat, nil), 413},
+		{"legacy token, body too large", legacyHuge, 413},
+		{"legacy token, body too large, no length", legacyHugeChunked, 413},
 	}
 	for _, tc := range cases {
 		got, err := a.Verify(tc.req)

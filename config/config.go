@@ -84,7 +84,7 @@ type Config struct {
 	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
 	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
 	HTTPReadTimeout     Seconds `env:"HTTP_READ_TIMEOUT" yaml:"http_read_timeout" help:"How long a client may take to send a whole request, body included, on the routes that do not stream (program requests and logs websockets stream)."`
-	HTTPWriteTimeout    Seconds `env:"HTTP_WRITE_TIMEOUT" yaml:"http_write_timeout" help:"How long a client may take to read an answer that does not stream, from its first byte."`
+	HTTPWriteTimeout    Seconds `env:"HTTP_WRITE_TIMEOUT" yaml:"http_write_timeout" help:"How long a client may take to read an answer that does not stream, from its first byte, and a logs websocket client to take one line."`
 	HTTPIdleTimeout     Seconds `env:"HTTP_IDLE_TIMEOUT" yaml:"http_idle_timeout" help:"How long a kept-alive connection may wait for its next request."`
 	HTTPMaxConnections  int     `env:"HTTP_MAX_CONNECTIONS" yaml:"http_max_connections" help:"Most connections the HTTP API serves at once; more wait to be accepted."`
 	WebsocketOrigins    List    `env:"WEBSOCKET_ALLOWED_ORIGINS" yaml:"websocket_allowed_origins" help:"Web origins (host patterns such as console.example.com or *.example.com) whose pages may open a logs websocket; clients that send no Origin and the node's own pages always may."`
@@ -432,6 +432,17 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%sWEBSOCKET_ALLOWED_ORIGINS: %q is not a host pattern (and * would let every site in)", EnvPrefix, o))
 		}
 	}
+	for _, t := range []struct {
+		name  string
+		value Seconds
+	}{{"INIT_TIMEOUT", c.InitTimeout}, {"ALLOCATION_SIGNATURE_MAX_AGE_SECONDS", c.AllocationMaxAge}} {
+		if t.value <= 0 {
+			errs = append(errs, fmt.Errorf("%s%s: must be positive", EnvPrefix, t.name))
+		}
+	}
+	if c.MaxRequestBody <= 0 {
+		errs = append(errs, fmt.Errorf("%sMAX_REQUEST_BODY: must be positive", EnvPrefix))
+	}
 	if c.ReuseTimeout < 0 {
 		errs = append(errs, fmt.Errorf("%sREUSE_TIMEOUT: must not be negative", EnvPrefix))
 	}
@@ -507,7 +518,12 @@ type Seconds time.Duration
 // UnmarshalText implements encoding.TextUnmarshaler.
 func (s *Seconds) UnmarshalText(b []byte) error {
 	text := strings.TrimSpace(string(b))
-	if f, err := strconv.ParseFloat(text, 64); err == nil {
+	if f, err := strconv.ParseFloat(text, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+		// NaN, the infinities and more than a time.Duration holds (292
+		// years) would convert to whatever the CPU makes of them.
+		if d := f * float64(time.Second); err != nil || math.IsNaN(d) || math.Abs(d) >= math.MaxInt64 {
+			return fmt.Errorf("want a finite number of seconds, at most %d, got %q", int64(math.MaxInt64/time.Second), text)
+		}
 		*s = Seconds(f * float64(time.Second))
 		return nil
 	}
@@ -554,7 +570,9 @@ func (b *Bytes) UnmarshalText(text []byte) error {
 		}
 	}
 	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || f < 0 || f*factor > math.MaxInt64 {
+	// Written so that NaN fails too; float64(math.MaxInt64) is 2^63,
+	// which an int64 does not hold.
+	if err != nil || !(f >= 0) || f*factor >= math.MaxInt64 {
 		return fmt.Errorf("want a size such as 50GiB, 500MB or 1073741824, got %q", text)
 	}
 	*b = Bytes(f * factor)

@@ -145,6 +145,16 @@ func TestErrors(t *testing.T) {
 		{"allowed network zoned", "", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=fe80::1%eth0"}, "is not a network"},
 		{"allowed network mapped", "", []string{"ALEPH_VM_GUEST_ALLOWED_NETWORKS=::ffff:10.0.0.0/104"}, "(10.0.0.0/8)"},
 		{"allowed network bad JSON", "", []string{`ALEPH_VM_GUEST_ALLOWED_NETWORKS=["10.0.0.0/8"`}, "GUEST_ALLOWED_NETWORKS"},
+		// Numbers that do not fit: refused for what they are, not taken
+		// as whatever a float's conversion to an integer makes of them.
+		{"NaN seconds", "", []string{"ALEPH_VM_REUSE_TIMEOUT=NaN"}, "REUSE_TIMEOUT: invalid value \"NaN\": want a finite number"},
+		{"infinite seconds", "", []string{"ALEPH_VM_HTTP_IDLE_TIMEOUT=+Inf"}, "HTTP_IDLE_TIMEOUT: invalid value"},
+		{"seconds past a duration", "", []string{"ALEPH_VM_HTTP_READ_TIMEOUT=1e300"}, "HTTP_READ_TIMEOUT: invalid value \"1e300\": want a finite number"},
+		{"NaN bytes", "", []string{"ALEPH_VM_CACHE_MAX_SIZE=NaN"}, "CACHE_MAX_SIZE: invalid value"},
+		{"bytes past an int64", "", []string{"ALEPH_VM_STORE_MAX_ITEM_SIZE=9223372036854775807"}, "STORE_MAX_ITEM_SIZE: invalid value"},
+		{"negative init timeout", "", []string{"ALEPH_VM_INIT_TIMEOUT=-1"}, "INIT_TIMEOUT: must be positive"},
+		{"zero signature age", "", []string{"ALEPH_VM_ALLOCATION_SIGNATURE_MAX_AGE_SECONDS=0"}, "ALLOCATION_SIGNATURE_MAX_AGE_SECONDS: must be positive"},
+		{"no request body", "", []string{"ALEPH_VM_MAX_REQUEST_BODY=0"}, "MAX_REQUEST_BODY: must be positive"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

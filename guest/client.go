@@ -20,11 +20,11 @@ var ErrClosed = errors.New("guest control connection closed")
 //
 // The guest is not trusted: a line longer than the protocol allows ends
 // the session with an error wrapping ErrProtocol; texts are cut to their
-// bounds (MaxLogText, MaxErrorText); what the client keeps for slow readers
-// is bounded in lines and bytes; and the guest's lines are read at most at
-// guestRate bytes a second (past a burst), so that a guest that floods its
-// channel costs the node a bounded share of a CPU and the guest's writes
-// wait.
+// bounds (MaxLogText, MaxErrorText, and 64 bytes for a state or an event
+// type); what the client keeps for slow readers is bounded in lines and
+// bytes; and the guest's lines are read at most at guestRate bytes a
+// second (past a burst), so that a guest that floods its channel costs
+// the node a bounded share of a CPU and the guest's writes wait.
 type Client struct {
 	conn  io.ReadWriteCloser
 	wmu   sync.Mutex
@@ -449,6 +449,7 @@ func (r *reply) bound() {
 		r.Status.bound()
 	}
 	if r.Event != nil {
+		r.Event.Type = EventType(cut(string(r.Event.Type), maxWordText))
 		r.Event.Status.bound()
 	}
 	if r.Log != nil {
@@ -456,7 +457,10 @@ func (r *reply) bound() {
 	}
 }
 
-func (s *Status) bound() { s.Error = cut(s.Error, MaxErrorText) }
+func (s *Status) bound() {
+	s.State = State(cut(string(s.State), maxWordText))
+	s.Error = cut(s.Error, MaxErrorText)
+}
 
 // logQueue hands a call's log lines from the reader, which never waits,
 // to the caller's function. Past maxLines or maxBytes the newest lines

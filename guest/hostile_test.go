@@ -431,3 +431,32 @@ func TestThrottle(t *testing.T) {
 		t.Error("an interrupted wait reported success")
 	}
 }
+
+// A state or an event type is a word; a guest that sends a megabyte there
+// has it cut, as the other texts are, so that it is never kept or logged
+// whole.
+func TestHostileStateAndEventTypeAreCut(t *testing.T) {
+	host, vm := net.Pipe()
+	defer vm.Close()
+	huge := strings.Repeat("s", 1<<20)
+	hostileGuest(vm, func(w io.Writer) {
+		line, _ := json.Marshal(reply{Event: &Event{Type: EventType(huge), Status: Status{State: State(huge)}}})
+		w.Write(append(line, '\n'))
+	}, func(req request, w io.Writer) {
+		line, _ := json.Marshal(reply{ID: req.ID, Done: true, Status: &Status{State: State(huge)}})
+		w.Write(append(line, '\n'))
+	})
+	c := hostileClient(t, host, unthrottled())
+	select {
+	case ev := <-c.Events():
+		if len(ev.Type) > maxWordText || len(ev.Status.State) > maxWordText {
+			t.Errorf("event type of %d bytes, state of %d", len(ev.Type), len(ev.Status.State))
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no event")
+	}
+	st, err := c.Status(context.Background())
+	if err != nil || len(st.State) > maxWordText {
+		t.Errorf("status state of %d bytes, %v", len(st.State), err)
+	}
+}

@@ -224,6 +224,9 @@ const (
 	MaxErrorText = 4 << 10
 	// maxVersionText caps Hello.InitVersion.
 	maxVersionText = 256
+	// maxWordText caps the words of the protocol a guest sends: a
+	// Status.State and an Event.Type.
+	maxWordText = 64
 	// maxSysinfoEntries caps Sysinfo.Mounts and Sysinfo.Network, and
 	// maxSysinfoName each path or interface name in them.
 	maxSysinfoEntries = 1024

@@ -88,7 +88,7 @@ func checkItemContent(c *checker, p path, v any, sib map[string]any) (any, bool)
 		c.fail(p, "message too long: %d characters of inline content, at most %d; use storage or ipfs", n, MaxInlineContentLength)
 		return nil, false
 	}
-	if err := checkDepth([]byte(s)); err != nil {
+	if err := checkShape([]byte(s)); err != nil {
 		c.fail(p, "%v", err)
 		return nil, false
 	}
@@ -238,7 +238,7 @@ func Parse(data []byte) (*Message, error) {
 	if len(data) > MaxMessageSize {
 		return nil, fmt.Errorf("message is %d bytes, more than the %d allowed", len(data), MaxMessageSize)
 	}
-	if err := checkDepth(data); err != nil {
+	if err := checkShape(data); err != nil {
 		return nil, fmt.Errorf("message is not valid JSON: %w", err)
 	}
 	var doc any

@@ -2,6 +2,7 @@ package message
 
 import (
 	"encoding/json"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -372,6 +373,25 @@ func TestHostileInput(t *testing.T) {
 			if _, err := Regenerate([]byte(doc)); err == nil {
 				t.Error("regenerate accepted deep nesting")
 			}
+		}
+	})
+	t.Run("two million values", func(t *testing.T) {
+		// Within MaxMessageSize, but decoding, validating and typing it
+		// allocated about 400 MiB, 100 MiB of them live at once.
+		list := "[" + strings.Repeat("1,", 2_000_000) + "1]"
+		doc := []byte(`{"chain":"ETH","content":{"metadata":{"x":` + list + `}}}`)
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		_, err := Parse(doc)
+		runtime.ReadMemStats(&after)
+		if err == nil || !strings.Contains(err.Error(), "more than 100000 values") {
+			t.Errorf("err = %v", err)
+		}
+		if n := after.TotalAlloc - before.TotalAlloc; n > 1<<20 {
+			t.Errorf("%d MiB allocated to refuse it", n>>20)
+		}
+		if _, err := Regenerate(doc); err == nil {
+			t.Error("regenerate accepted two million values")
 		}
 	})
 	t.Run("not an object", func(t *testing.T) {

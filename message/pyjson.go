@@ -29,7 +29,7 @@ type orderedObject struct {
 // decodeOrdered reads one JSON value keeping object key order. Values are
 // orderedObject, []any, string, json.Number, bool or nil.
 func decodeOrdered(data []byte) (any, error) {
-	if err := checkDepth(data); err != nil {
+	if err := checkShape(data); err != nil {
 		return nil, err
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
@@ -94,10 +94,19 @@ func readOrdered(dec *json.Decoder) (any, error) {
 // can read is deeper.
 const MaxDepth = 1000
 
-// checkDepth refuses JSON nested deeper than MaxDepth before any decoder
-// builds a tree of it.
-func checkDepth(data []byte) error {
-	depth, inString, escaped := 0, false, false
+// MaxValues bounds the values (objects, arrays, members, elements) of a
+// message's JSON. The largest message of the reference's fixtures has
+// fewer than a hundred; within MaxMessageSize, two million small values
+// cost decoding, validating and typing them about 400 MiB of allocations,
+// 100 MiB of them live at once.
+const MaxValues = 100_000
+
+// checkShape refuses JSON nested deeper than MaxDepth, or holding more
+// than MaxValues values, before any decoder builds a tree of it.
+func checkShape(data []byte) error {
+	// Each container and each separator starts a value (a container's
+	// first comes with it): values counts them.
+	depth, values, inString, escaped := 0, 0, false, false
 	for _, b := range data {
 		switch {
 		case inString:
@@ -113,11 +122,17 @@ func checkDepth(data []byte) error {
 			inString = true
 		case b == '{' || b == '[':
 			depth++
+			values++
 			if depth > MaxDepth {
 				return fmt.Errorf("invalid JSON: nested deeper than %d levels", MaxDepth)
 			}
 		case b == '}' || b == ']':
 			depth--
+		case b == ',':
+			values++
+		}
+		if values > MaxValues {
+			return fmt.Errorf("invalid JSON: more than %d values", MaxValues)
 		}
 	}
 	return nil
