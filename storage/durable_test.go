@@ -65,10 +65,12 @@ func TestDisksAreSyncedAroundRename(t *testing.T) {
 			log, _ := os.ReadFile(trace)
 			calls := nodeCalls(string(log), exe)
 			tmp, disk := filepath.Join(dir, "disk.tmp"), filepath.Join(dir, "disk")
+			// A call another thread interrupts ends in "<unfinished ...>"
+			// rather than ")", hence no closing parenthesis here.
 			want := []*regexp.Regexp{
-				regexp.MustCompile(`^f(data)?sync\(\d+<` + regexp.QuoteMeta(tmp) + `>\)`),
+				regexp.MustCompile(`^f(data)?sync\(\d+<` + regexp.QuoteMeta(tmp) + `>`),
 				regexp.MustCompile(`^rename(at2?)?\(.*"` + regexp.QuoteMeta(tmp) + `".*"` + regexp.QuoteMeta(disk) + `"`),
-				regexp.MustCompile(`^f(data)?sync\(\d+<` + regexp.QuoteMeta(dir) + `>\)`),
+				regexp.MustCompile(`^f(data)?sync\(\d+<` + regexp.QuoteMeta(dir) + `>`),
 			}
 			i := 0
 			for _, c := range calls {
