@@ -4,11 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
+	"github.com/alephvm/alephvm/assets"
+	"github.com/alephvm/alephvm/baseimage"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/hostcheck"
 )
@@ -20,8 +23,10 @@ func newDoctorCmd(a *app) *cobra.Command {
 		Long: `Probe this host (KVM usable for ordinary guests, the firecracker and jailer
 binaries and their versions, QEMU, device-mapper, reflinks where the VMs'
 disks go, nftables, tun, cgroups), then say which hypervisor programs and
-instances will run under, how Firecracker root disks will be made, and why.
-The exit status is 1 when something stops VMs from running.`,
+instances will run under, how Firecracker root disks will be made, and why;
+then whether the program assets and the instance base image are built, and
+how to build what is missing. The exit status is 1 when something of the
+host stops VMs from running.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c := a.cfg.Config
@@ -30,7 +35,9 @@ The exit status is 1 when something stops VMs from running.`,
 				QEMU: "qemu-system-x86_64", DataDir: c.ExecutionRoot,
 			})
 			plan := hostcheck.Decide(host, doctorSettings(c))
-			return writeDoctor(cmd.OutOrStdout(), host, plan)
+			err := writeDoctor(cmd.OutOrStdout(), host, plan)
+			writeNodeFiles(cmd.OutOrStdout(), c)
+			return err
 		},
 	}
 }
@@ -102,4 +109,42 @@ func choice(c hostcheck.Choice) string {
 		return "nothing: " + c.Err.Error()
 	}
 	return c.Hypervisor + " (" + c.Why + ")"
+}
+
+// writeNodeFiles says whether what VMs boot from is built: the program
+// assets (alephvm assets build) and the default base image (alephvm
+// base-image build). Neither changes doctor's exit status: a node without
+// them still runs what it can, and says so.
+func writeNodeFiles(out io.Writer, c config.Config) {
+	fmt.Fprintln(out, "\nThis node's files:")
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	defer w.Flush()
+	if c.ProgramKernel != "" && c.ProgramInitrd != "" {
+		fmt.Fprintf(w, "  program kernel\tset\t%s and %s (LINUX_PATH, INITRD_PATH)\n", c.ProgramKernel, c.ProgramInitrd)
+	} else {
+		var missing []string
+		m, err := assets.Load(c.Assets())
+		for _, name := range []assets.Name{assets.KernelBzImage, assets.KernelVmlinux, assets.Initramfs, assets.Runtime} {
+			if _, perr := m.Path(name); err != nil || perr != nil {
+				missing = append(missing, string(name))
+			}
+		}
+		switch {
+		case err != nil:
+			fmt.Fprintf(w, "  program assets\tno\t%v: run \"alephvm assets build\"\n", err)
+		case len(missing) > 0:
+			fmt.Fprintf(w, "  program assets\tno\t%s missing in %s: programs cannot run until \"alephvm assets build\" builds them\n", strings.Join(missing, ", "), c.Assets())
+		default:
+			fmt.Fprintf(w, "  program assets\tok\tkernel, initramfs and runtime in %s\n", c.Assets())
+		}
+	}
+	if _, err := baseimage.Load(baseImageDir(c)); err != nil {
+		why := "not built in " + baseImageDir(c)
+		if !errors.Is(err, os.ErrNotExist) {
+			why = err.Error()
+		}
+		fmt.Fprintf(w, "  base image\tno\t%s: instances of the default image cannot boot until \"alephvm base-image build\" builds it\n", why)
+	} else {
+		fmt.Fprintf(w, "  base image\tok\tin %s\n", baseImageDir(c))
+	}
 }
