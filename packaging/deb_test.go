@@ -99,8 +99,10 @@ func TestDebianPackage(t *testing.T) {
 	if example := c.stdout(t, nil, "alephvm", "config", "example"); readFile(t, filepath.Join(c.root, "etc/alephvm/config.yaml")) != example {
 		t.Error("/etc/alephvm/config.yaml is not what alephvm config example prints")
 	}
-	if _, err := os.Stat(filepath.Join(c.root, "usr/lib/alephvm/alephvm-init")); err != nil {
-		t.Errorf("no guest init: %v", err)
+	for _, installed := range []string{"usr/lib/alephvm/alephvm-init", "etc/logrotate.d/alephvm", "usr/share/doc/alephvm/packaging.md"} {
+		if _, err := os.Stat(filepath.Join(c.root, installed)); err != nil {
+			t.Errorf("not installed: %v", err)
+		}
 	}
 	phase("version N installed, node up")
 
@@ -187,7 +189,7 @@ func TestDebianPackage(t *testing.T) {
 			t.Errorf("/%s is still there after removal", gone)
 		}
 	}
-	for _, kept := range []string{"etc/alephvm/config.yaml", "var/lib/alephvm/alephvm.sqlite3", "var/lib/alephvm/volumes/" + ref} {
+	for _, kept := range []string{"etc/alephvm/config.yaml", "etc/logrotate.d/alephvm", "var/lib/alephvm/alephvm.sqlite3", "var/lib/alephvm/volumes/" + ref} {
 		if _, err := os.Stat(filepath.Join(c.root, kept)); err != nil {
 			t.Errorf("removal did not keep /%s: %v", kept, err)
 		}
@@ -211,8 +213,10 @@ func TestDebianPackage(t *testing.T) {
 
 	// Purge removes the config, never the VMs' data.
 	out = c.must(t, nil, "apt-get", "purge", "-y", "alephvm")
-	if _, err := os.Stat(filepath.Join(c.root, "etc/alephvm")); !os.IsNotExist(err) {
-		t.Errorf("/etc/alephvm is still there after purge: %v", err)
+	for _, gone := range []string{"etc/alephvm", "etc/logrotate.d/alephvm"} {
+		if _, err := os.Stat(filepath.Join(c.root, gone)); !os.IsNotExist(err) {
+			t.Errorf("/%s is still there after purge: %v", gone, err)
+		}
 	}
 	if _, err := os.Stat(filepath.Join(c.root, "var/lib/alephvm/volumes", ref)); err != nil {
 		t.Errorf("purge removed the instance's disks: %v", err)

@@ -1,12 +1,15 @@
 package packaging
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/alephvm/alephvm/internal/testenv"
 )
 
 func TestRootPackages(t *testing.T) {
@@ -82,5 +85,51 @@ func TestMaintainerScripts(t *testing.T) {
 	prerm, _ := os.ReadFile(filepath.Join("deb", "prerm"))
 	if !strings.Contains(string(prerm), `if [ "$1" = remove ]`) {
 		t.Error("prerm must stop the node on removal only")
+	}
+}
+
+// TestLogrotate runs logrotate with the package's rule over a VM
+// directory whose qemu.log a QEMU-like writer holds open: the log is
+// rotated past 1 MiB and the writer goes on at its start.
+func TestLogrotate(t *testing.T) {
+	testenv.RequireTools(t, "logrotate")
+	data, err := os.ReadFile(filepath.Join("deb", "alephvm.logrotate"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	rule := strings.ReplaceAll(string(data), "/var/lib/alephvm", root)
+	if rule == string(data) {
+		t.Fatal("the rule does not name /var/lib/alephvm")
+	}
+	config := filepath.Join(root, "logrotate.conf")
+	os.WriteFile(config, []byte(rule), 0o644)
+	big, small := filepath.Join(root, "vms", "i-big", "qemu.log"), filepath.Join(root, "vms", "i-small", "qemu.log")
+	for _, p := range []string{big, small} {
+		os.MkdirAll(filepath.Dir(p), 0o755)
+	}
+	os.WriteFile(small, []byte("a warning\n"), 0o600)
+	qemu, err := os.OpenFile(big, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer qemu.Close()
+	qemu.Write(bytes.Repeat([]byte("warning: the guest did something odd\n"), 40000))
+
+	if out, err := exec.Command("logrotate", "--state", filepath.Join(root, "state"), config).CombinedOutput(); err != nil {
+		t.Fatalf("logrotate: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(big + ".1.gz"); err != nil {
+		t.Errorf("the big log was not rotated: %v", err)
+	}
+	qemu.WriteString("after rotation\n")
+	if got, _ := os.ReadFile(big); string(got) != "after rotation\n" {
+		t.Errorf("after rotation the log holds %d bytes, starting %q", len(got), got[:min(len(got), 20)])
+	}
+	if got, _ := os.ReadFile(small); string(got) != "a warning\n" {
+		t.Errorf("the small log changed: %q", got)
+	}
+	if _, err := os.Stat(small + ".1.gz"); err == nil {
+		t.Error("the small log was rotated")
 	}
 }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Debian package of alephvm with dpkg-deb: the node and CLI
 # (/usr/bin/alephvm), the guest init (/usr/lib/alephvm/alephvm-init), the
-# systemd unit, the commented config file (made by "alephvm config
-# example") and the maintainer scripts of packaging/deb/. See
-# docs/packaging.md.
+# systemd unit, the logrotate rule of qemu.log, the commented config file
+# (made by "alephvm config example") and the maintainer scripts of
+# packaging/deb/. See docs/packaging.md.
 #
 #   scripts/build-deb.sh [-v VERSION] [-o DIR]
 #
@@ -52,6 +52,7 @@ go build -trimpath -ldflags "-s -w -X main.version=$version" -o "$root/usr/bin/a
 go build -trimpath -ldflags "-s -w" -o "$root/usr/lib/alephvm/alephvm-init" ./cmd/alephvm-init
 
 install -D -m 0644 packaging/deb/alephvm.service "$root/lib/systemd/system/alephvm.service"
+install -D -m 0644 packaging/deb/alephvm.logrotate "$root/etc/logrotate.d/alephvm"
 mkdir -p "$root/etc/alephvm"
 "$root/usr/bin/alephvm" config example >"$root/etc/alephvm/config.yaml"
 chmod 0644 "$root/etc/alephvm/config.yaml"
@@ -63,7 +64,7 @@ mkdir -p "$root/DEBIAN"
 for script in postinst prerm postrm; do
 	install -m 0755 "packaging/deb/$script" "$root/DEBIAN/$script"
 done
-echo /etc/alephvm/config.yaml >"$root/DEBIAN/conffiles"
+printf '%s\n' /etc/alephvm/config.yaml /etc/logrotate.d/alephvm >"$root/DEBIAN/conffiles"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 maintainer=${DEB_MAINTAINER:-alephvm developers <alephvm@localhost>}
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@INSTALLED_SIZE@/$size/" \
