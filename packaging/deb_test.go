@@ -65,13 +65,15 @@ func TestDebianPackage(t *testing.T) {
 	phase("built version N")
 
 	baseDir := filepath.Dir(base.Ext4)
+	sum := sha256.Sum256([]byte(testToken))
+	// The service's own settings, as an operator would give them: no uplink
+	// and no KVM in the container.
+	serviceEnv := fmt.Sprintf("ALEPH_VM_QEMU_ACCEL=tcg\nALEPH_VM_NETWORK_INTERFACE=lo\nALEPH_VM_DNS_NAMESERVERS=10.0.0.53\nALEPH_VM_ALLOCATION_TOKEN_HASH=%s\n",
+		hex.EncodeToString(sum[:]))
 	c := bootContainer(t, lower, []string{baseDir}, func(root string) {
-		sum := sha256.Sum256([]byte(testToken))
-		// The service's own settings, as an operator would give them: no
-		// uplink and no KVM in the container.
-		writeFile(t, filepath.Join(root, "etc/default/alephvm"), fmt.Sprintf(
-			"ALEPH_VM_QEMU_ACCEL=tcg\nALEPH_VM_NETWORK_INTERFACE=lo\nALEPH_VM_DNS_NAMESERVERS=10.0.0.53\nALEPH_VM_ALLOCATION_TOKEN_HASH=%s\n",
-			hex.EncodeToString(sum[:])))
+		// First a setting the node refuses: the installation must go
+		// through all the same.
+		writeFile(t, filepath.Join(root, "etc/default/alephvm"), serviceEnv+"ALEPH_VM_SUPERVISOR_PORT=http\n")
 		// The node finds the base image the tests built where "alephvm
 		// base-image build" would have put it.
 		if err := os.MkdirAll(filepath.Join(root, "var/cache/alephvm"), 0o755); err != nil {
@@ -87,11 +89,17 @@ func TestDebianPackage(t *testing.T) {
 
 	// Version N.
 	out := c.must(t, nil, "apt-get", "install", "-y", filepath.Join(debDir, filepath.Base(debN)))
-	for _, want := range []string{"alephvm doctor", "This host:", "qemu           ok", "base image      ok", `"alephvm assets build"`, "/etc/alephvm/config.yaml"} {
+	for _, want := range []string{"alephvm doctor", "This host:", "qemu           ok", "base image      ok", `"alephvm assets build"`,
+		"/etc/alephvm/config.yaml", "the node did not start: journalctl -u alephvm.service says why"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("the installation does not say %q:\n%s", want, out)
 		}
 	}
+	if journal, _ := c.run(nil, "journalctl", "-u", "alephvm", "--no-pager", "-o", "cat"); !strings.Contains(journal, "ALEPH_VM_SUPERVISOR_PORT") {
+		t.Errorf("the journal does not say why the node did not start:\n%s", tail(journal, 20))
+	}
+	writeFile(t, filepath.Join(c.root, "etc/default/alephvm"), serviceEnv)
+	c.must(t, nil, "systemctl", "restart", "alephvm")
 	checkNode(t, c, client, versionN)
 	if got := c.must(t, nil, "systemctl", "is-enabled", "alephvm"); strings.TrimSpace(got) != "enabled" {
 		t.Errorf("the unit is %q after the installation", got)
@@ -122,7 +130,7 @@ func TestDebianPackage(t *testing.T) {
 		built <- err
 	}()
 	var held net.Conn
-	deadline := time.Now().Add(8 * time.Minute)
+	deadline := time.Now().Add(10 * time.Minute)
 	for held == nil {
 		conn, banner, err := c.sshBanner(net.JoinHostPort(ip, "22"))
 		if err == nil {
