@@ -667,3 +667,72 @@ func Markdown() string {
 	}
 	return b.String()
 }
+
+// Example is a config file that lists every setting with its default and
+// its help, each setting commented out: the file the Debian package
+// installs as DefaultFile. Uncommenting a setting's line sets it to its
+// default; changing the value there sets it.
+func Example() string {
+	var b strings.Builder
+	b.WriteString(`# alephvm node settings (YAML).
+#
+# Every setting is listed below with its default value, commented out:
+# uncomment its line and change the value to set it. Each setting also has an
+# environment variable (named below; for the service, /etc/default/alephvm can
+# set them) and a flag (the variable's name after ALEPH_VM_, in lower case with
+# dashes), which override this file. "alephvm config show" prints the
+# effective settings and where each came from; "alephvm config doc" prints
+# this reference as a table.
+`)
+	def := reflect.ValueOf(Default())
+	for _, s := range Settings() {
+		b.WriteString("\n")
+		for _, line := range wrap(s.Help, 76) {
+			b.WriteString("# " + line + "\n")
+		}
+		fmt.Fprintf(&b, "# Environment: %s\n", s.Env)
+		fmt.Fprintf(&b, "#%s: %s\n", s.YAML, yamlScalar(def.Field(s.field)))
+	}
+	return b.String()
+}
+
+// yamlScalar writes a setting's value as it reads back from YAML: lists as
+// flow sequences, strings quoted where YAML needs it, and everything else
+// (numbers, booleans, sizes, durations) as its text form, which the
+// setting's type parses.
+func yamlScalar(v reflect.Value) string {
+	switch x := v.Interface().(type) {
+	case List:
+		if len(x) == 0 {
+			return "[]"
+		}
+		return x.String()
+	case string:
+		out, err := yaml.Marshal(x)
+		if err != nil {
+			return strconv.Quote(x)
+		}
+		return strings.TrimSuffix(string(out), "\n")
+	}
+	return formatValue(v)
+}
+
+// wrap splits text into lines of at most width characters, at spaces.
+func wrap(text string, width int) []string {
+	var lines []string
+	line := ""
+	for _, word := range strings.Fields(text) {
+		if line != "" && len(line)+1+len(word) > width {
+			lines = append(lines, line)
+			line = ""
+		}
+		if line != "" {
+			line += " "
+		}
+		line += word
+	}
+	if line != "" {
+		lines = append(lines, line)
+	}
+	return lines
+}

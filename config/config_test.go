@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -213,5 +215,66 @@ func TestList(t *testing.T) {
 	}
 	if _, err := Load("", []string{"ALEPH_VM_DNS_NAMESERVERS=not-an-ip"}); err == nil {
 		t.Error("bad resolver accepted")
+	}
+}
+
+// TestExample checks the commented config file the package installs: as
+// it is, it sets nothing; with every setting's line uncommented, it sets
+// every setting to its default, from the file.
+func TestExample(t *testing.T) {
+	example := Example()
+	l, err := Load(writeFile(t, example), nil)
+	if err != nil {
+		t.Fatalf("the example does not load: %v", err)
+	}
+	for key, source := range l.Sources {
+		if source != FromDefault {
+			t.Errorf("the commented example sets %s", key)
+		}
+	}
+	var uncommented []string
+	settingLine := regexp.MustCompile(`^#([a-z0-9_]+): `)
+	seen := map[string]int{}
+	for _, line := range strings.Split(example, "\n") {
+		if m := settingLine.FindStringSubmatch(line); m != nil {
+			seen[m[1]]++
+			line = strings.TrimPrefix(line, "#")
+		} else if line != "" && !strings.HasPrefix(line, "# ") && line != "#" {
+			t.Errorf("line neither prose nor a setting: %q", line)
+		}
+		if len(line) > 80 {
+			t.Errorf("line longer than 80 characters: %q", line)
+		}
+		uncommented = append(uncommented, line)
+	}
+	l, err = Load(writeFile(t, strings.Join(uncommented, "\n")), nil)
+	if err != nil {
+		t.Fatalf("the uncommented example does not load: %v", err)
+	}
+	for _, s := range Settings() {
+		if seen[s.YAML] != 1 {
+			t.Errorf("%s appears %d times in the example", s.YAML, seen[s.YAML])
+		}
+		if got := s.Value(l.Config); got != s.Default || l.Sources[s.Key] != FromFile {
+			t.Errorf("%s: uncommented it reads back as %q from %s, want the default %q from the file", s.YAML, got, l.Sources[s.Key], s.Default)
+		}
+		if !strings.Contains(example, s.Env) {
+			t.Errorf("the example does not name %s", s.Env)
+		}
+	}
+}
+
+func TestYAMLScalar(t *testing.T) {
+	for _, tc := range []struct {
+		in   any
+		want string
+	}{
+		{"", `""`}, {"127.0.0.1", "127.0.0.1"}, {"yes", `"yes"`}, {"a: b", `'a: b'`}, {"#x", `'#x'`},
+		{List(nil), "[]"}, {List{"a b", `c"d`}, `["a b","c\"d"]`}, {Bytes(50 << 30), "50GiB"}, {Seconds(90 * time.Second), "90"},
+		{4.5, "4.5"}, {true, "true"}, {4020, "4020"},
+	} {
+		if got := yamlScalar(reflect.ValueOf(tc.in)); got != tc.want {
+			t.Errorf("%#v: %s, want %s", tc.in, got, tc.want)
+		}
 	}
 }

@@ -13,7 +13,8 @@ echo "== $(go version)"
 if [ "$(id -u)" -eq 0 ]; then
 	echo "== system packages"
 	apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs xfsprogs \
-		squashfs-tools genisoimage util-linux mmdebstrap ovmf openssh-client cpio dmsetup strace
+		squashfs-tools genisoimage util-linux mmdebstrap ovmf openssh-client cpio dmsetup strace \
+		systemd-container logrotate
 fi
 
 echo "== static checks"

@@ -60,7 +60,7 @@ instance base image is built by "alephvm base-image build".`,
 			})
 		},
 	}
-	build.Flags().StringVar(&opts.Init, "init", "", "static alephvm-init binary to put in the initramfs (default: alephvm-init beside this program, else on PATH)")
+	build.Flags().StringVar(&opts.Init, "init", "", "static alephvm-init binary to put in the initramfs (default: alephvm-init beside this program, else in ../lib/alephvm/ from it, else on PATH)")
 	build.Flags().StringVar(&opts.Suite, "suite", "bookworm", "Debian suite of the runtime")
 	build.Flags().StringVar(&opts.KernelPackage, "kernel-package", "linux-image-cloud-amd64", "Debian kernel package (metapackage or versioned)")
 	build.Flags().BoolVar(&skipRuntime, "skip-runtime", false, "do not build the program runtime")
@@ -108,19 +108,27 @@ right sha256 are not downloaded again.`,
 	return cmd
 }
 
-// findInit looks for alephvm-init beside the running program, then on
-// PATH.
+// findInit looks for alephvm-init beside the running program, then where
+// the Debian package puts it (../lib/alephvm/ from the program: the init is
+// a guest's PID 1, not a command of the host), then on PATH.
 func findInit() (string, error) {
-	if self, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(self), "alephvm-init")
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
+	self, _ := os.Executable()
+	return findInitFrom(self)
+}
+
+func findInitFrom(self string) (string, error) {
+	if self != "" {
+		dir := filepath.Dir(self)
+		for _, p := range []string{filepath.Join(dir, "alephvm-init"), filepath.Join(dir, "..", "lib", "alephvm", "alephvm-init")} {
+			if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+				return filepath.Clean(p), nil
+			}
 		}
 	}
 	if p, err := exec.LookPath("alephvm-init"); err == nil {
 		return p, nil
 	}
-	return "", errors.New("no alephvm-init beside alephvm or on PATH: build it with CGO_ENABLED=0 go build ./cmd/alephvm-init, or pass --init")
+	return "", errors.New("no alephvm-init beside alephvm, in ../lib/alephvm/ or on PATH: build it with CGO_ENABLED=0 go build ./cmd/alephvm-init, or pass --init")
 }
 
 func printAssets(cmd *cobra.Command, m assets.Manifest) error {

@@ -48,3 +48,31 @@ func TestAssetsBuildNeedsInit(t *testing.T) {
 		t.Errorf("exit %d, %s", code, errOut)
 	}
 }
+
+// TestFindInit finds the init beside alephvm (a build tree) and where the
+// Debian package installs it, and says where it looked when it is in
+// neither place.
+func TestFindInit(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	root := t.TempDir()
+	self := filepath.Join(root, "usr", "bin", "alephvm")
+	packaged := filepath.Join(root, "usr", "lib", "alephvm", "alephvm-init")
+	if _, err := findInitFrom(self); err == nil || !strings.Contains(err.Error(), "../lib/alephvm/") {
+		t.Errorf("no init anywhere: %v", err)
+	}
+	os.MkdirAll(packaged, 0o755) // a directory of that name is not the init
+	if p, err := findInitFrom(self); err == nil {
+		t.Errorf("took the directory %s", p)
+	}
+	os.Remove(packaged)
+	os.WriteFile(packaged, []byte("init"), 0o755)
+	if p, err := findInitFrom(self); err != nil || p != packaged {
+		t.Errorf("packaged: %q %v", p, err)
+	}
+	beside := filepath.Join(root, "usr", "bin", "alephvm-init")
+	os.MkdirAll(filepath.Dir(beside), 0o755)
+	os.WriteFile(beside, []byte("init"), 0o755)
+	if p, err := findInitFrom(self); err != nil || p != beside {
+		t.Errorf("beside: %q %v", p, err)
+	}
+}

@@ -43,7 +43,23 @@ environment, exactly as they do for "alephvm serve".`,
 			return err
 		},
 	}
-	cmd.AddCommand(show, doc)
+	example := &cobra.Command{
+		Use:   "example",
+		Short: "Print a config file listing every setting, commented out, with its default and meaning",
+		Long: `Print a YAML config file in which every setting appears with its help and
+its default value, commented out: the file the Debian package installs as
+` + config.DefaultFile + `. It shows the defaults, whatever the environment
+and the current config file say.`,
+		Args: cobra.NoArgs,
+		// The defaults do not depend on the settings in force: an invalid
+		// setting must not stop the file from being printed.
+		PersistentPreRunE: func(*cobra.Command, []string) error { return nil },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			_, err := fmt.Fprint(cmd.OutOrStdout(), config.Example())
+			return err
+		},
+	}
+	cmd.AddCommand(show, doc, example)
 	return cmd
 }
 

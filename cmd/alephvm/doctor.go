@@ -4,12 +4,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
+	"github.com/alephvm/alephvm/assets"
+	"github.com/alephvm/alephvm/baseimage"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/hostcheck"
 )
@@ -23,17 +26,20 @@ binaries and their versions, QEMU, device-mapper, reflinks where the VMs'
 disks go, the sockets of Firecracker's vsock, nftables, tun, cgroups, the
 UEFI firmware, the programs that make disks), then say which hypervisor programs and instances will run
 under, whether UEFI disk images boot, how Firecracker root disks will be
-made, and why. Each probe does what the node will do (boots a probe guest
+made, and why; then whether the program assets and the instance base
+image are built, and how to build what is missing. Each probe does what the node will do (boots a probe guest
 under KVM, asks device-mapper for its snapshot targets, makes a reflink, a
 cgroup, a socket, a copy of the firmware's variables) rather than look for
 a file. Run it as root, as the node runs. The exit status is 1 when
-something stops VMs from running.`,
+something of the host stops VMs from running.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c := a.cfg.Config
 			host := hostcheck.ProbeHost(cmd.Context(), hostPaths(c))
 			plan := hostcheck.Decide(host, doctorSettings(c))
-			return writeDoctor(cmd.OutOrStdout(), host, plan)
+			err := writeDoctor(cmd.OutOrStdout(), host, plan)
+			writeNodeFiles(cmd.OutOrStdout(), c)
+			return err
 		},
 	}
 }
@@ -119,4 +125,42 @@ func choice(c hostcheck.Choice) string {
 		return "nothing: " + c.Err.Error()
 	}
 	return c.Hypervisor + " (" + c.Why + ")"
+}
+
+// writeNodeFiles says whether what VMs boot from is built: the program
+// assets (alephvm assets build) and the default base image (alephvm
+// base-image build). Neither changes doctor's exit status: a node without
+// them still runs what it can, and says so.
+func writeNodeFiles(out io.Writer, c config.Config) {
+	fmt.Fprintln(out, "\nThis node's files:")
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	defer w.Flush()
+	if c.ProgramKernel != "" && c.ProgramInitrd != "" {
+		fmt.Fprintf(w, "  program kernel\tset\t%s and %s (LINUX_PATH, INITRD_PATH)\n", c.ProgramKernel, c.ProgramInitrd)
+	} else {
+		var missing []string
+		m, err := assets.Load(c.Assets())
+		for _, name := range []assets.Name{assets.KernelBzImage, assets.KernelVmlinux, assets.Initramfs, assets.Runtime} {
+			if _, perr := m.Path(name); err != nil || perr != nil {
+				missing = append(missing, string(name))
+			}
+		}
+		switch {
+		case err != nil:
+			fmt.Fprintf(w, "  program assets\tno\t%v: run \"alephvm assets build\"\n", err)
+		case len(missing) > 0:
+			fmt.Fprintf(w, "  program assets\tno\t%s missing in %s: programs cannot run until \"alephvm assets build\" builds them\n", strings.Join(missing, ", "), c.Assets())
+		default:
+			fmt.Fprintf(w, "  program assets\tok\tkernel, initramfs and runtime in %s\n", c.Assets())
+		}
+	}
+	if _, err := baseimage.Load(baseImageDir(c)); err != nil {
+		why := "not built in " + baseImageDir(c)
+		if !errors.Is(err, os.ErrNotExist) {
+			why = err.Error()
+		}
+		fmt.Fprintf(w, "  base image\tno\t%s: instances of the default image cannot boot until \"alephvm base-image build\" builds it\n", why)
+	} else {
+		fmt.Fprintf(w, "  base image\tok\tin %s\n", baseImageDir(c))
+	}
 }

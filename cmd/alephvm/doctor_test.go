@@ -2,9 +2,12 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/hostcheck"
 )
 
@@ -37,5 +40,34 @@ func TestDoctorFailsWhenNoVMCanRun(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "instances that ask for firecracker are refused") {
 		t.Errorf("output:\n%s", out.String())
+	}
+}
+
+// TestDoctorNodeFiles says what is missing of the program assets and the
+// base image, and how to build it.
+func TestDoctorNodeFiles(t *testing.T) {
+	cache := t.TempDir()
+	c := config.Default()
+	c.CacheRoot = cache
+	var out bytes.Buffer
+	writeNodeFiles(&out, c)
+	for _, want := range []string{`program assets  no`, `"alephvm assets build"`, `base image      no`, `"alephvm base-image build"`, filepath.Join(cache, "base-image")} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("no %q in:\n%s", want, out.String())
+		}
+	}
+	// A manifest that is not JSON is reported, not fatal.
+	os.MkdirAll(c.Assets(), 0o755)
+	os.WriteFile(filepath.Join(c.Assets(), "manifest.json"), []byte("{"), 0o644)
+	out.Reset()
+	writeNodeFiles(&out, c)
+	if !strings.Contains(out.String(), "manifest") || !strings.Contains(out.String(), `"alephvm assets build"`) {
+		t.Errorf("broken manifest:\n%s", out.String())
+	}
+	c.ProgramKernel, c.ProgramInitrd = "/k", "/i"
+	out.Reset()
+	writeNodeFiles(&out, c)
+	if !strings.Contains(out.String(), "program kernel  set") {
+		t.Errorf("kernel given by the settings:\n%s", out.String())
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/internal/testenv"
 )
 
@@ -58,6 +59,15 @@ func TestConfigShow(t *testing.T) {
 	code, _, errOut = runCLI(t, []string{"ALEPH_VM_LOG_FORMAT=xml"}, "version")
 	if code != 1 || !strings.Contains(errOut, "ALEPH_VM_LOG_FORMAT") {
 		t.Errorf("bad setting: exit %d, %s", code, errOut)
+	}
+}
+
+func TestConfigExample(t *testing.T) {
+	// The example is the defaults: a broken setting in the environment or a
+	// config file that does not exist change nothing.
+	code, out, errOut := runCLI(t, []string{"ALEPH_VM_SUPERVISOR_PORT=http", "ALEPH_VM_CONFIG=/nonexistent.yaml"}, "config", "example")
+	if code != 0 || out != config.Example() || errOut != "" {
+		t.Errorf("exit %d\n%s%s", code, out, errOut)
 	}
 }
 

@@ -29,6 +29,7 @@ import (
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/instance"
+	"github.com/alephvm/alephvm/internal/sdnotify"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
@@ -129,6 +130,12 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(handler.Listener(ln)) }()
 	log.Info("node serving", "addr", ln.Addr().String(), "version", buildVersion())
+	// Under systemd (Type=notify) the start ends here: the instances are
+	// taken back and the API answers.
+	notify := sdnotify.Socket(a.environ)
+	if err := sdnotify.Notify(notify, sdnotify.Ready, "STATUS=serving on "+ln.Addr().String()); err != nil {
+		log.Warn("tell systemd the node is ready", "err", err)
+	}
 
 	var startErr error
 	if started != nil {
@@ -142,6 +149,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		}
 	}
 	log.Info("shutting down: finishing requests in flight")
+	_ = sdnotify.Notify(notify, sdnotify.Stopping, "STATUS=finishing requests, stopping programs")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {

@@ -122,14 +122,30 @@ func TestServe(t *testing.T) {
 	testenv.RequireIsolatedRoot(t)
 	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img", "nft", "mkfs.ext4")
 	dir, port, env := nodeEnv(t, "lo", "10.0.0.53")
+	// systemd's Type=notify: the node says when it is ready and stopping.
+	notifyPath := filepath.Join(dir, "notify")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	notified := func() string {
+		buf := make([]byte, 4096)
+		notify.SetReadDeadline(time.Now().Add(10 * time.Second))
+		n, _ := notify.Read(buf)
+		return string(buf[:n])
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var serveErr syncBuffer
 	served := make(chan int, 1)
 	go func() {
 		var out syncBuffer
-		served <- run(ctx, []string{"serve"}, &out, &serveErr, env)
+		served <- run(ctx, []string{"serve"}, &out, &serveErr, append(slices.Clone(env), "NOTIFY_SOCKET="+notifyPath))
 	}()
 	waitListening(t, port, serveErr.String)
+	if got := notified(); !strings.HasPrefix(got, "READY=1\n") {
+		t.Errorf("systemd was told %q once the node listened", got)
+	}
 
 	base := filepath.Join(dir, "base.img")
 	img := make([]byte, 16<<20)
@@ -171,6 +187,9 @@ func TestServe(t *testing.T) {
 		t.Errorf("disks left after erase: %v", err)
 	}
 	cancel()
+	if got := notified(); !strings.HasPrefix(got, "STOPPING=1\n") {
+		t.Errorf("systemd was told %q when the node stopped", got)
+	}
 	select {
 	case code := <-served:
 		if code != 0 {

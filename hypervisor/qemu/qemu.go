@@ -283,7 +283,7 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 		return nil, fmt.Errorf("vm %s: write command line: %w", spec.Name, err)
 	}
 	logPath := filepath.Join(spec.Dir, QEMULog)
-	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	logFile, err := openQEMULog(logPath)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
 	}
@@ -324,6 +324,14 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 	vm := newVM(spec.Dir, cmd.Process.Pid, qmp, exited, d.consoleMax, d.log)
 	d.log.Info("vm started", "vm", spec.Name, "pid", vm.pid, "accel", d.accel, "uid", id.uid, "took", time.Since(started).Round(time.Millisecond))
 	return vm, nil
+}
+
+// openQEMULog opens a new QEMU's log (its stderr) for it, empty. The
+// file is in append mode so that rotating it by truncation (logrotate's
+// copytruncate, as the Debian package does) makes QEMU write at its new
+// end, not at its old offset past a hole.
+func openQEMULog(path string) (*os.File, error) {
+	return os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
 }
 
 // waitForQMP connects to QEMU's QMP socket as soon as it accepts.

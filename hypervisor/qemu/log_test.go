@@ -1,0 +1,31 @@
+package qemu
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestQEMULogSurvivesTruncation: once the log is truncated behind QEMU's
+// back (logrotate's copytruncate), QEMU's next message lands at the start
+// of the file, with no hole before it.
+func TestQEMULogSurvivesTruncation(t *testing.T) {
+	path := filepath.Join(t.TempDir(), QEMULog)
+	os.WriteFile(path, []byte("an earlier run's messages\n"), 0o600)
+	f, err := openQEMULog(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	f.WriteString("first message\n")
+	if data, _ := os.ReadFile(path); string(data) != "first message\n" {
+		t.Errorf("the log of a new QEMU starts with %q", data)
+	}
+	if err := os.Truncate(path, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("after rotation\n")
+	if data, _ := os.ReadFile(path); string(data) != "after rotation\n" {
+		t.Errorf("after truncation the log holds %q", data)
+	}
+}
