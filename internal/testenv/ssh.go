@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,14 +25,44 @@ func SSHKey(t testing.TB) (private, public string) {
 	return private, strings.TrimSpace(string(pub))
 }
 
-// SSH runs command as root on host with key, trusting any host key.
+// SSH runs command as root on host with key, trusting any host key. A
+// starved TCG guest can take more than a few seconds for the banner
+// exchange, so a connection that failed before the command ran (ssh's exit
+// 255 with a connect or banner error) is tried twice more.
 func SSH(key, host, command string) (string, error) {
+	var out string
+	var err error
+	for try := 0; try < 3; try++ {
+		out, err = sshOnce(key, host, command)
+		if !sshConnectFailed(out, err) {
+			break
+		}
+	}
+	return out, err
+}
+
+func sshOnce(key, host, command string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-		"-o", "ConnectTimeout=5", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@"+host, command)
+		"-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@"+host, command)
 	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
+}
+
+// sshConnectFailed tells a connection that never reached the command from
+// a command that failed.
+func sshConnectFailed(out string, err error) bool {
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 255 {
+		return false
+	}
+	for _, s := range []string{"banner exchange", "Connection timed out", "Connection refused", "Connection reset", "closed by remote host", "No route to host"} {
+		if strings.Contains(out, s) {
+			return true
+		}
+	}
+	return false
 }
 
 // WaitSSH waits until host answers over SSH and its cloud-init is done,
