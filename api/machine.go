@@ -43,7 +43,7 @@ type Machines interface {
 // OwnerAuthenticator verifies the owner scheme (auth.Owner).
 type OwnerAuthenticator interface {
 	Verify(r *http.Request) (auth.Identity, error)
-	VerifyCredentials(c auth.Credentials, method, path string) (auth.Identity, error)
+	VerifyCredentials(ctx context.Context, c auth.Credentials, method, path string) (auth.Identity, error)
 }
 
 // Grants tells whether an owner's security aggregate lets address act on

@@ -81,7 +81,7 @@ func (s *Server) handleStreamLogs(w http.ResponseWriter, r *http.Request) {
 		fail(r.Context(), "This node accepts no owner calls")
 		return
 	}
-	id, err := s.opts.OwnerAuth.VerifyCredentials(*first.Auth, http.MethodGet, r.URL.Path)
+	id, err := s.opts.OwnerAuth.VerifyCredentials(r.Context(), *first.Auth, http.MethodGet, r.URL.Path)
 	if err != nil {
 		fail(r.Context(), err.Error())
 		return

@@ -67,7 +67,7 @@ type AllocationOptions struct {
 
 // NewAllocation builds the verifier.
 func NewAllocation(o AllocationOptions) (*Allocation, error) {
-	a := &Allocation{signers: map[Address]bool{}, maxAge: o.MaxAge, now: o.Now, replays: &memoryReplays{seen: map[string]time.Time{}}}
+	a := &Allocation{signers: map[Address]bool{}, maxAge: o.MaxAge, now: o.Now, replays: newMemoryReplays(1 << 16)}
 	if o.DB != nil {
 		a.replays = dbReplays{o.DB}
 	}

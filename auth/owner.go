@@ -1,10 +1,12 @@
 package auth
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -73,19 +75,23 @@ type OwnerOptions struct {
 	MaxSkew time.Duration
 	// MaxKeys bounds the verified public keys kept (1024 when zero).
 	MaxKeys int
-	// MaxOperations bounds the operations remembered against replay
-	// (65536 when zero).
+	// MaxOperations bounds the operations remembered against replay in
+	// memory (65536 when zero).
 	MaxOperations int
 	Now           func() time.Time
+	// DB is the node's database, which keeps the operations accepted (with
+	// the scheduler's calls) so that a restarted node refuses their replays
+	// too; nil keeps them in memory.
+	DB *sql.DB
 }
 
 // Owner verifies the owner scheme's headers and websocket frames.
 type Owner struct {
 	opts OwnerOptions
 
-	mu   sync.Mutex
-	keys map[[32]byte]*verifiedKey // by hash of the signed key's payload and signature
-	ops  map[[32]byte]time.Time    // operations seen, until they are stale
+	mu      sync.Mutex
+	keys    map[[32]byte]*verifiedKey // by hash of the signed key's payload and signature
+	replays replays                   // operations seen, until they are stale
 }
 
 type verifiedKey struct {
@@ -108,7 +114,11 @@ func NewOwner(o OwnerOptions) *Owner {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Owner{opts: o, keys: map[[32]byte]*verifiedKey{}, ops: map[[32]byte]time.Time{}}
+	var r replays = newMemoryReplays(o.MaxOperations)
+	if o.DB != nil {
+		r = dbReplays{o.DB}
+	}
+	return &Owner{opts: o, keys: map[[32]byte]*verifiedKey{}, replays: r}
 }
 
 // HasCredentials reports whether r carries the owner scheme's headers
@@ -140,7 +150,7 @@ func (o *Owner) Verify(r *http.Request) (Identity, error) {
 	if op == "" {
 		return Identity{}, badRequest("Missing X-SignedOperation header")
 	}
-	return o.operation(key, []byte(op), r.Method, r.URL.Path)
+	return o.operation(r.Context(), key, []byte(op), r.Method, r.URL.Path)
 }
 
 // Credentials is the "auth" object of a websocket's first frame: the two
@@ -152,7 +162,7 @@ type Credentials struct {
 
 // VerifyCredentials authenticates a websocket's first frame. The SDKs sign
 // the stream_logs path with GET, which is checked like a request's.
-func (o *Owner) VerifyCredentials(c Credentials, method, path string) (Identity, error) {
+func (o *Owner) VerifyCredentials(ctx context.Context, c Credentials, method, path string) (Identity, error) {
 	if len(c.PubKey) == 0 {
 		return Identity{}, badRequest("Missing X-SignedPubKey header")
 	}
@@ -163,7 +173,7 @@ func (o *Owner) VerifyCredentials(c Credentials, method, path string) (Identity,
 	if err != nil {
 		return Identity{}, err
 	}
-	return o.operation(key, c.Operation, method, path)
+	return o.operation(ctx, key, c.Operation, method, path)
 }
 
 // signedHeader is the shape of both headers; SDKs add sender and content,
@@ -306,7 +316,7 @@ type operationPayload struct {
 
 // operation verifies an X-SignedOperation against the verified key and
 // the request it came with.
-func (o *Owner) operation(key *verifiedKey, raw []byte, method, path string) (Identity, error) {
+func (o *Owner) operation(ctx context.Context, key *verifiedKey, raw []byte, method, path string) (Identity, error) {
 	invalid := badRequest("Invalid X-SignedOperation fields")
 	var h signedHeader
 	if err := json.Unmarshal(raw, &h); err != nil || h.Payload == nil || h.Signature == nil {
@@ -350,7 +360,11 @@ func (o *Owner) operation(key *verifiedKey, raw []byte, method, path string) (Id
 	if !verifyES256(key.pub, payload, sig) {
 		return Identity{}, denied("Signature could not verified")
 	}
-	if !o.firstUse(key, payload, at, now) {
+	fresh, err := o.firstUse(ctx, key, payload, at, now)
+	if err != nil {
+		return Identity{}, replayCacheError(err)
+	}
+	if !fresh {
 		return Identity{}, denied("Signed operation already used")
 	}
 	return key.id, nil
@@ -360,33 +374,12 @@ func (o *Owner) operation(key *verifiedKey, raw []byte, method, path string) (Id
 // second time: the reference does not, and a reinstall replayed within its
 // two minutes would wipe the disk again. The payload is hashed rather than
 // the signature, which ECDSA makes malleable.
-func (o *Owner) firstUse(key *verifiedKey, payload []byte, at, now time.Time) bool {
+func (o *Owner) firstUse(ctx context.Context, key *verifiedKey, payload []byte, at, now time.Time) (bool, error) {
 	h := sha256.New()
 	h.Write(key.pub.X.Bytes())
 	h.Write(key.pub.Y.Bytes())
 	h.Write(payload)
-	var k [32]byte
-	h.Sum(k[:0])
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if _, seen := o.ops[k]; seen {
-		return false
-	}
-	if len(o.ops) >= o.opts.MaxOperations {
-		for s, until := range o.ops {
-			if now.After(until) {
-				delete(o.ops, s)
-			}
-		}
-		for s := range o.ops {
-			if len(o.ops) < o.opts.MaxOperations {
-				break
-			}
-			delete(o.ops, s)
-		}
-	}
-	o.ops[k] = at.Add(o.opts.MaxSkew)
-	return true
+	return o.replays.remember(context.WithoutCancel(ctx), h.Sum(nil), now, at.Add(o.opts.MaxSkew))
 }
 
 // parseTime reads an ISO 8601 time as the SDKs write it: Python's

@@ -1,14 +1,19 @@
 package auth
 
 import (
+	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/alephvm/alephvm/db"
 	"github.com/alephvm/alephvm/internal/alephsdk"
 )
 
@@ -94,7 +99,7 @@ func TestSDKHeadersAccepted(t *testing.T) {
 			if err := json.Unmarshal(c.AuthFrame(vm), &frame); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := o.VerifyCredentials(frame.Auth, "GET", "/control/machine/"+vm+"/stream_logs"); err != nil {
+			if _, err := o.VerifyCredentials(context.Background(), frame.Auth, "GET", "/control/machine/"+vm+"/stream_logs"); err != nil {
 				t.Fatalf("websocket frame: %v", err)
 			}
 		})
@@ -131,7 +136,7 @@ func TestSignerHeadersAccepted(t *testing.T) {
 	if err := json.Unmarshal(frame, &f); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := o.VerifyCredentials(f.Auth, "GET", "/control/machine/"+vm+"/stream_logs"); err != nil {
+	if _, err := o.VerifyCredentials(context.Background(), f.Auth, "GET", "/control/machine/"+vm+"/stream_logs"); err != nil {
 		t.Fatal(err)
 	}
 	for _, bad := range []string{"", "0x1234", strings.Repeat("zz", 32), strings.Repeat("00", 32), strings.Repeat("ff", 32)} {
@@ -361,8 +366,8 @@ func TestOwnerKeyCache(t *testing.T) {
 			now = now.Add(time.Millisecond)
 		}
 	}
-	if len(o.keys) > 2 || len(o.ops) > 3 {
-		t.Fatalf("caches hold %d keys and %d operations, past their bounds", len(o.keys), len(o.ops))
+	if len(o.keys) > 2 || o.replays.(*memoryReplays).len() > 3 {
+		t.Fatalf("caches hold %d keys and %d operations, past their bounds", len(o.keys), o.replays.(*memoryReplays).len())
 	}
 	// A cached key still expires.
 	now = testNow.Add(25 * time.Hour)
@@ -403,5 +408,44 @@ func TestCheckWalletAddress(t *testing.T) {
 		if err := CheckWalletAddress(addr); (err == nil) != ok {
 			t.Errorf("%q: %v", addr, err)
 		}
+	}
+}
+
+// An owner's operation is remembered in the node's database, so that a
+// restarted node refuses its replay within the time window too.
+func TestOwnerReplayAfterARestart(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "node.db")
+	log := slog.New(slog.DiscardHandler)
+	database, err := db.Open(ctx, path, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := sdk(alephsdk.NewETH(ethKey), alephsdk.Python)
+	r := serverSide(c.Request("POST", vm, "reinstall"))
+	replay := r.Clone(r.Context())
+	o := NewOwner(OwnerOptions{Domain: domain, Now: func() time.Time { return testNow }, DB: database})
+	if _, err := o.Verify(r); err != nil {
+		t.Fatalf("first use: %v", err)
+	}
+	database.Close()
+
+	database, err = db.Open(ctx, path, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer database.Close()
+	restarted := NewOwner(OwnerOptions{Domain: domain, Now: func() time.Time { return testNow }, DB: database})
+	var aerr *Error
+	if _, err := restarted.Verify(replay); !errors.As(err, &aerr) || aerr.Status != http.StatusUnauthorized {
+		t.Fatalf("replay after a restart: %v, want 401", err)
+	}
+
+	// A cache that cannot be written refuses the call rather than let a
+	// replay through.
+	database.Close()
+	c.Now = func() time.Time { return testNow.Add(time.Second) }
+	if _, err := restarted.Verify(serverSide(c.Request("POST", vm, "stop"))); !errors.As(err, &aerr) || aerr.Status != http.StatusServiceUnavailable {
+		t.Errorf("with the database gone: %v, want 503", err)
 	}
 }

@@ -16,25 +16,45 @@ type replays interface {
 	remember(ctx context.Context, key []byte, now, expires time.Time) (bool, error)
 }
 
-// memoryReplays keeps them in memory, for a node without a database.
+// memoryReplays keeps them in memory, for a node without a database, at
+// most max of them: past it, the expired go first, then any.
 type memoryReplays struct {
 	mu   sync.Mutex
+	max  int
 	seen map[string]time.Time
+}
+
+func newMemoryReplays(max int) *memoryReplays {
+	return &memoryReplays{max: max, seen: map[string]time.Time{}}
 }
 
 func (m *memoryReplays) remember(_ context.Context, key []byte, now, expires time.Time) (bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for k, exp := range m.seen {
-		if !now.Before(exp) {
+	if exp, ok := m.seen[string(key)]; ok && now.Before(exp) {
+		return false, nil
+	}
+	if len(m.seen) >= m.max {
+		for k, exp := range m.seen {
+			if !now.Before(exp) {
+				delete(m.seen, k)
+			}
+		}
+		for k := range m.seen {
+			if len(m.seen) < m.max {
+				break
+			}
 			delete(m.seen, k)
 		}
 	}
-	if _, ok := m.seen[string(key)]; ok {
-		return false, nil
-	}
 	m.seen[string(key)] = expires
 	return true, nil
+}
+
+func (m *memoryReplays) len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.seen)
 }
 
 // dbReplays keeps them in the node's database (table auth_replays), so

@@ -111,7 +111,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	}
 	handler := api.New(api.Options{
 		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
-		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName}), Machines: machinesAPI{n}, Grants: n.aggregates,
+		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
 		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher,
 		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
 		Limits: api.Limits{
