@@ -147,7 +147,14 @@ func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, err
 	}
 	vm := &programVM{opts: &p.opts, ref: plan.Ref, done: make(chan struct{}), log: p.opts.Log.With("ref", plan.Ref)}
 	if err := vm.start(ctx, pp.content, boot); err != nil {
-		vm.cleanup()
+		// A VM that started and then failed (no control channel, not
+		// ready, a record not written) is stopped too: nothing else would
+		// ever reclaim it.
+		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		defer cancel()
+		if stopErr := vm.Stop(stopCtx); stopErr != nil {
+			vm.log.Error("stop a program VM whose start failed", "err", stopErr)
+		}
 		return nil, err
 	}
 	return vm, nil
@@ -249,6 +256,17 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		Control:   true, ControlPort: guest.ControlPortName,
 		RebootExits: true,
 	}
+	// The record comes before the hypervisor starts, so that a node that
+	// dies while the VM boots leaves a VM the next one finds (StopOrphans).
+	rec := execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateStarting, Hypervisor: v.opts.Hypervisor.Name(),
+		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap, IPv4Network: att.Network.String(),
+		IPv4: att.Guest.String(), VMDir: v.dir}
+	if v.opts.Records != nil {
+		if err := v.opts.Records.Put(ctx, rec); err != nil {
+			return err
+		}
+		v.recorded = true
+	}
 	started := time.Now()
 	vm, err := v.opts.Hypervisor.Start(ctx, spec)
 	if err != nil {
@@ -269,13 +287,9 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 	}
 	v.log.Info("program ready", "took", time.Since(started).Round(time.Millisecond), "kernel_to_ready", st.Boot.Ready, "ip", v.att.Guest)
 	if v.opts.Records != nil {
-		err := v.opts.Records.Put(ctx, execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateRunning, Hypervisor: v.opts.Hypervisor.Name(),
-			VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap, IPv4Network: att.Network.String(),
-			IPv4: att.Guest.String(), VMDir: v.dir, StartedAt: time.Now()})
-		if err != nil {
+		if err := v.opts.Records.SetState(ctx, v.ref, execution.StateRunning); err != nil {
 			return err
 		}
-		v.recorded = true
 	}
 	go v.watch()
 	return nil
@@ -306,10 +320,14 @@ func (v *programVM) connect(ctx context.Context) error {
 // watch stops the VM when its workload ends or the VM dies: the pool then
 // boots a fresh one for the next request.
 func (v *programVM) watch() {
+	events := v.client.Events()
 	for {
 		select {
-		case ev, ok := <-v.client.Events():
+		case ev, ok := <-events:
 			if !ok {
+				// The channel closed (the guest hung up): only the VM's
+				// end is left to wait for.
+				events = nil
 				continue
 			}
 			if ev.Type == guest.EventExited || ev.Type == guest.EventFailed {

@@ -1,0 +1,198 @@
+package program
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/internal/teststore"
+)
+
+// fakeAgent is a guest init whose workload is ready at once.
+type fakeAgent struct{ state guest.State }
+
+func (a *fakeAgent) Subscribe(ctx context.Context) (guest.Status, <-chan guest.Event) {
+	return a.Status(), make(chan guest.Event)
+}
+func (a *fakeAgent) Status() guest.Status { return guest.Status{State: a.state} }
+func (a *fakeAgent) Logs(ctx context.Context, follow bool, _ func(guest.LogLine) error) error {
+	if follow {
+		<-ctx.Done()
+	}
+	return nil
+}
+func (a *fakeAgent) Signal(syscall.Signal) error { return nil }
+func (a *fakeAgent) Exec(context.Context, guest.ExecRequest) (guest.ExecResult, error) {
+	return guest.ExecResult{}, nil
+}
+func (a *fakeAgent) Sysinfo() (guest.Sysinfo, error) { return guest.Sysinfo{}, nil }
+func (a *fakeAgent) Halt(context.Context) error      { return nil }
+func (a *fakeAgent) PowerOff()                       {}
+
+// fakeVM is a started VM whose control channel a fakeAgent serves, or
+// fails as the test asks.
+type fakeVM struct {
+	agent    *fakeAgent
+	dialErr  error
+	done     chan struct{}
+	stopOnce sync.Once
+	stopped  bool
+	guestEnd net.Conn
+}
+
+func (v *fakeVM) Pid() int              { return 0 }
+func (v *fakeVM) Done() <-chan struct{} { return v.done }
+func (v *fakeVM) ConsoleLog() string    { return "/nonexistent/console.log" }
+func (v *fakeVM) Close()                {}
+func (v *fakeVM) DialControl(context.Context) (net.Conn, error) {
+	if v.dialErr != nil {
+		return nil, v.dialErr
+	}
+	host, g := net.Pipe()
+	v.guestEnd = g
+	go guest.ServeSession(context.Background(), g, g, "test", v.agent)
+	return host, nil
+}
+func (v *fakeVM) Stop(context.Context, func(context.Context) error, hypervisor.StopTimeouts) error {
+	v.stopOnce.Do(func() {
+		v.stopped = true
+		close(v.done)
+	})
+	return nil
+}
+
+// startingHypervisor starts fakeVMs, and checks that the VM's record
+// exists before it does.
+type startingHypervisor struct {
+	records    *execution.Records
+	vm         *fakeVM
+	failRecord bool // the record is not there when the VM starts
+}
+
+func (h *startingHypervisor) Name() string { return execution.QEMU }
+func (h *startingHypervisor) Start(ctx context.Context, spec hypervisor.Spec) (execution.VM, error) {
+	if h.records != nil {
+		recs, err := h.records.List(ctx, execution.KindProgram)
+		if err != nil || len(recs) != 1 || recs[0].State != execution.StateStarting || recs[0].VMDir != spec.Dir {
+			h.failRecord = true
+		}
+	}
+	return h.vm, nil
+}
+func (h *startingHypervisor) Attach(context.Context, string) (execution.VM, error) {
+	return nil, errNoVM
+}
+
+// TestBootFailuresLeaveNothing: a VM that fails after its hypervisor
+// started is stopped, and its network, directory and record released;
+// its record was written before the hypervisor started, so that a node
+// dying meanwhile leaves a VM the next node finds.
+func TestBootFailuresLeaveNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		vm   *fakeVM
+		want string
+	}{
+		{"no control channel", &fakeVM{dialErr: errors.New("no init")}, "control channel"},
+		{"workload failed", &fakeVM{agent: &fakeAgent{state: guest.StateFailed}}, "program did not start"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st, ref := programStore(t)
+			_, db := teststore.Open(t, t.TempDir())
+			records := execution.NewRecords(db)
+			tc.vm.done = make(chan struct{})
+			hv := &startingHypervisor{records: records, vm: tc.vm}
+			nets := &fakeNetworks{}
+			run := t.TempDir()
+			l := New(Options{Store: st, Hypervisor: hv, Networks: nets, Records: records, Kernel: testKernel, RunDir: run,
+				VolumesDir: t.TempDir(), ReadyTimeout: 5 * time.Second, Logs: NewLogArchive(10), Log: slog.New(slog.DiscardHandler)})
+			ctx := context.Background()
+			plan, err := l.Plan(ctx, ref)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := l.Boot(ctx, plan); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("boot: %v, want an error saying %q", err, tc.want)
+			}
+			if hv.failRecord {
+				t.Error("the hypervisor started before the VM's record was written")
+			}
+			if !tc.vm.stopped {
+				t.Error("the VM was left running")
+			}
+			if len(nets.detached) != 1 {
+				t.Errorf("network released %d times", len(nets.detached))
+			}
+			if entries, _ := os.ReadDir(run); len(entries) != 0 {
+				t.Errorf("runtime files left: %v", entries)
+			}
+			rec, err := records.Get(ctx, ref)
+			if err != nil || rec.State != execution.StateStopped {
+				t.Errorf("record %+v (%v), want stopped", rec, err)
+			}
+		})
+	}
+}
+
+// TestClosedControlChannelDoesNotSpin: a guest that hangs up its control
+// channel leaves the node waiting for the VM's end, not looping on the
+// closed channel.
+func TestClosedControlChannelDoesNotSpin(t *testing.T) {
+	st, ref := programStore(t)
+	vm := &fakeVM{agent: &fakeAgent{state: guest.StateReady}, done: make(chan struct{})}
+	hv := &startingHypervisor{vm: vm}
+	l := New(Options{Store: st, Hypervisor: hv, Networks: &fakeNetworks{}, Kernel: testKernel, RunDir: t.TempDir(),
+		VolumesDir: t.TempDir(), ReadyTimeout: 5 * time.Second, Logs: NewLogArchive(10), Log: slog.New(slog.DiscardHandler)})
+	ctx := context.Background()
+	plan, err := l.Plan(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog, err := l.Boot(ctx, plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Stop(ctx)
+	client := prog.(*programVM).client
+	vm.guestEnd.Close()
+	<-client.Done()
+	// A goroutine looping on a closed channel is never seen blocked in
+	// its select; one waiting for the VM always is, once it has seen the
+	// close.
+	deadline := time.Now().Add(10 * time.Second)
+	for !watchBlocked() {
+		if time.Now().After(deadline) {
+			t.Fatal("the watch of a program whose guest hung up never blocks: it spins")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case <-prog.Done():
+		t.Fatal("the program was stopped: a closed control channel is not the VM's end")
+	default:
+	}
+}
+
+// watchBlocked reports whether programVM.watch's goroutine is blocked in
+// its select.
+func watchBlocked() bool {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "(*programVM).watch") {
+			return strings.Contains(strings.SplitN(g, "\n", 2)[0], "[select")
+		}
+	}
+	return false
+}
