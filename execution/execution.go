@@ -20,6 +20,9 @@ import (
 type Store interface {
 	Message(ctx context.Context, hash message.ItemHash) (*message.Message, []byte, error)
 	Fetch(ctx context.Context, ref message.ItemHash, useLatest bool) (*store.Item, error)
+	// Resolve names the STORE message of ref (its latest amend with
+	// useLatest) without downloading its file.
+	Resolve(ctx context.Context, ref message.ItemHash, useLatest bool) (*message.Message, error)
 }
 
 // Networks attaches VMs to the network.

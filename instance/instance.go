@@ -76,7 +76,11 @@ type Options struct {
 	// means none.
 	Ports        PortSource
 	StopTimeouts hypervisor.StopTimeouts
-	Log          *slog.Logger
+	// Admission accounts the memory and vCPUs of the node's VMs, programs
+	// included: an instance the node cannot hold is refused (503) before
+	// anything is made for it. Nil admits every instance.
+	Admission *execution.Admission
+	Log       *slog.Logger
 }
 
 // PortSource reads the ports the owner of VM ref asks to be forwarded.
@@ -131,12 +135,13 @@ func (m *Manager) get(ref message.ItemHash) *instanceVM {
 
 // instanceVM is one running instance.
 type instanceVM struct {
-	ref    message.ItemHash
-	vm     execution.VM
-	parent *store.Item
-	disk   storage.RawDisk // a Firecracker root disk, released once the VM is gone
-	done   chan struct{}   // closed once the VM is gone and cleaned up
-	run    uint64          // this run's id, set by track
+	ref      message.ItemHash
+	vm       execution.VM
+	parent   *store.Item
+	disk     storage.RawDisk // a Firecracker root disk, released once the VM is gone
+	releases []func()        // its volumes' and its admission's, run once the VM is gone
+	done     chan struct{}   // closed once the VM is gone and cleaned up
+	run      uint64          // this run's id, set by track
 }
 
 // Running reports whether the instance runs.
@@ -181,6 +186,18 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 			}
 		}
 	}()
+	// What the running VM releases when it is gone (beside its parent,
+	// disk and network, which track and release handle).
+	var releases []func()
+	need := execution.Capacity{MemoryMiB: int(c.Resources.MemoryMiB), VCPUs: int(c.Resources.VCPUs)}
+	if m.opts.Admission != nil {
+		release, err := m.opts.Admission.Admit("instance "+string(ref), need)
+		if err != nil {
+			return &execution.Error{Status: 503, Msg: err.Error(), Err: err}
+		}
+		cleanups = append(cleanups, release)
+		releases = append(releases, release)
+	}
 	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
 	if err != nil {
 		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
@@ -236,6 +253,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		}
 		if release != nil {
 			cleanups = append(cleanups, release)
+			releases = append(releases, release)
 		}
 		drives = append(drives, d)
 	}
@@ -279,7 +297,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		return err
 	}
 	log.Info("instance started", "hypervisor", hv.Name(), "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form)
-	m.track(&instanceVM{ref: ref, vm: vm, parent: parent, disk: disk, done: make(chan struct{})})
+	m.track(&instanceVM{ref: ref, vm: vm, parent: parent, disk: disk, releases: releases, done: make(chan struct{})})
 	return nil
 }
 
@@ -503,6 +521,9 @@ func (m *Manager) release(iv *instanceVM, why string) {
 	}
 	iv.parent.Release()
 	releaseDisk(iv.disk, m.opts.Log)
+	for i := len(iv.releases) - 1; i >= 0; i-- {
+		iv.releases[i]()
+	}
 	if err := m.opts.Records.SetState(ctx, iv.ref, execution.StateStopped); err != nil {
 		m.opts.Log.Error("record instance stop", "ref", iv.ref, "err", err)
 	}
@@ -632,7 +653,12 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 	}
 	log.Info("instance found running", "hypervisor", hv.Name(), "pid", vm.Pid(), "tap", rec.Tap)
 	disk, _ := storage.FindRawDisk(filepath.Join(m.opts.VolumesDir, string(rec.Ref)), diskName(rec.Ref))
-	m.track(&instanceVM{ref: rec.Ref, vm: vm, parent: parent, disk: disk, done: make(chan struct{})})
+	var releases []func()
+	if m.opts.Admission != nil {
+		// It runs: it holds its share whatever the node can hold now.
+		releases = append(releases, m.opts.Admission.Hold(execution.Capacity{MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs}))
+	}
+	m.track(&instanceVM{ref: rec.Ref, vm: vm, parent: parent, disk: disk, releases: releases, done: make(chan struct{})})
 	return nil
 }
 

@@ -402,3 +402,49 @@ func processAlive(pid int) bool {
 	err := syscall.Kill(pid, 0)
 	return err == nil || err == syscall.EPERM
 }
+
+// TestInstanceAdmission: instances are admitted into the node's capacity,
+// which programs share: one that does not fit is refused 503 before
+// anything is made, and a stopped instance gives its share back.
+func TestInstanceAdmission(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	m := r.manager()
+	adm := execution.NewAdmission(execution.Capacity{MemoryMiB: 200, VCPUs: 4})
+	m.opts.Admission = adm
+	first := r.instanceMessage(64)
+	second := r.storeInstance(map[string]any{
+		"address": "0x1", "time": 1700000003, "allow_amend": false,
+		"environment": map[string]any{"internet": false, "hypervisor": "qemu"},
+		"resources":   map[string]any{"vcpus": 1, "memory": 128, "seconds": 30},
+		"rootfs":      map[string]any{"parent": map[string]any{"ref": string(r.mbrBase()), "use_latest": false}, "persistence": "host", "size_mib": 64},
+	})
+	if err := m.Start(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	if used := adm.Used(); used != (execution.Capacity{MemoryMiB: 128, VCPUs: 1}) {
+		t.Errorf("a running instance holds %+v", used)
+	}
+	var e *execution.Error
+	if err := m.Start(ctx, second); !asError(err, &e) || e.Status != 503 || !errors.Is(err, execution.ErrInsufficientCapacity) {
+		t.Fatalf("an instance past the capacity: %v, want 503", err)
+	}
+	if files, _ := filepath.Glob(filepath.Join(r.dir, "volumes", string(second), "*")); len(files) > 0 {
+		t.Errorf("the refused instance has disks: %v", files)
+	}
+	if _, err := r.records.Get(ctx, second); err == nil {
+		t.Error("the refused instance has a record")
+	}
+	if _, err := m.Stop(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	if used := adm.Used(); used != (execution.Capacity{}) {
+		t.Errorf("stopped, the node still holds %+v", used)
+	}
+	if err := m.Start(ctx, second); err != nil {
+		t.Fatalf("once the first stopped: %v", err)
+	}
+	if _, err := m.Stop(ctx, second); err != nil {
+		t.Fatal(err)
+	}
+}

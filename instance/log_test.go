@@ -22,6 +22,10 @@ func (noStore) Fetch(context.Context, message.ItemHash, bool) (*store.Item, erro
 	return nil, store.ErrNotFound
 }
 
+func (noStore) Resolve(context.Context, message.ItemHash, bool) (*message.Message, error) {
+	return nil, store.ErrNotFound
+}
+
 // A failed start, whether asked alone, by an allocation or by a reboot,
 // is in the node's log with its reason, not only in the caller's answer.
 func TestFailuresAreLogged(t *testing.T) {

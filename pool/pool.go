@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sync/singleflight"
 
+	vms "github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/message"
 )
 
@@ -68,16 +69,16 @@ type Launcher interface {
 	Boot(ctx context.Context, plan *Plan) (Program, error)
 }
 
-// Capacity is what the node may give to program VMs.
-type Capacity struct {
-	MemoryMiB int
-	VCPUs     int
-}
+// Capacity is what the node may give to VMs.
+type Capacity = vms.Capacity
 
 // Options configure a pool.
 type Options struct {
 	Launcher Launcher
-	Capacity Capacity
+	// Admission accounts the node's VMs, programs and instances alike;
+	// nil makes one of Capacity for the pool alone.
+	Admission *vms.Admission
+	Capacity  Capacity
 	// ReuseTimeout is how long a program stays warm after its last request;
 	// 0 stops it when its last request ends.
 	ReuseTimeout time.Duration
@@ -93,7 +94,7 @@ type Options struct {
 
 // ErrInsufficientCapacity is returned when booting a program would
 // overcommit the node's memory or vCPUs.
-var ErrInsufficientCapacity = errors.New("insufficient capacity")
+var ErrInsufficientCapacity = vms.ErrInsufficientCapacity
 
 // ErrDraining is returned once the pool is shutting down.
 var ErrDraining = errors.New("the node is shutting down")
@@ -105,6 +106,7 @@ type Pool struct {
 
 	mu       sync.Mutex
 	execs    map[message.ItemHash]*execution
+	leaving  map[message.ItemHash]*execution // VMs stopping, until they are gone
 	plans    map[message.ItemHash]cachedPlan
 	planning singleflight.Group
 	draining bool
@@ -134,6 +136,9 @@ type execution struct {
 	inflight int
 	timer    *time.Timer
 	since    time.Time
+	release  func()        // frees its admission
+	after    chan struct{} // the end of the ref's previous VM, which the boot waits for
+	gone     chan struct{} // closed once its VM is stopped and released
 }
 
 // New returns an empty pool.
@@ -147,7 +152,11 @@ func New(opts Options) *Pool {
 	if opts.StopTimeout == 0 {
 		opts.StopTimeout = time.Minute
 	}
-	return &Pool{opts: opts, log: opts.Log, execs: map[message.ItemHash]*execution{}, plans: map[message.ItemHash]cachedPlan{}}
+	if opts.Admission == nil {
+		opts.Admission = vms.NewAdmission(opts.Capacity)
+	}
+	return &Pool{opts: opts, log: opts.Log, execs: map[message.ItemHash]*execution{},
+		leaving: map[message.ItemHash]*execution{}, plans: map[message.ItemHash]cachedPlan{}}
 }
 
 // Lease is the use of a running program by one request. Release it when
@@ -219,11 +228,17 @@ func (p *Pool) Acquire(ctx context.Context, ref message.ItemHash) (*Lease, error
 		e = nil
 	}
 	if e == nil {
-		if err := p.admitLocked(plan); err != nil {
+		release, err := p.opts.Admission.Admit("program "+string(ref), Capacity{MemoryMiB: plan.MemoryMiB, VCPUs: plan.VCPUs})
+		if err != nil {
 			p.mu.Unlock()
 			return nil, err
 		}
-		e = &execution{plan: plan, state: booting, ready: make(chan struct{}), since: time.Now()}
+		e = &execution{plan: plan, state: booting, ready: make(chan struct{}), since: time.Now(), release: release, gone: make(chan struct{})}
+		// A VM of this ref still stopping keeps its network and
+		// directory until it is gone: the new one boots after that.
+		if prev := p.leaving[ref]; prev != nil {
+			e.after = prev.gone
+		}
 		p.execs[ref] = e
 		go p.boot(e)
 	}
@@ -247,19 +262,16 @@ func (p *Pool) Acquire(ctx context.Context, ref message.ItemHash) (*Lease, error
 	return &Lease{pool: p, exec: e}, nil
 }
 
-// admitLocked refuses a boot that would overcommit the node.
-func (p *Pool) admitLocked(plan *Plan) error {
-	mem, cpus := plan.MemoryMiB, plan.VCPUs
-	for _, e := range p.execs {
-		mem += e.plan.MemoryMiB
-		cpus += e.plan.VCPUs
+// bootAfter boots e's VM once the ref's previous VM, if any, is gone.
+func (p *Pool) bootAfter(ctx context.Context, e *execution) (Program, error) {
+	if e.after != nil {
+		select {
+		case <-e.after:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("program %s: its previous VM is still stopping: %w", e.plan.Ref, ctx.Err())
+		}
 	}
-	c := p.opts.Capacity
-	if (c.MemoryMiB > 0 && mem > c.MemoryMiB) || (c.VCPUs > 0 && cpus > c.VCPUs) {
-		return fmt.Errorf("%w: program %s needs %d MiB and %d vCPUs; the node has %d MiB and %d vCPUs for programs, %d MiB and %d in use",
-			ErrInsufficientCapacity, plan.Ref, plan.MemoryMiB, plan.VCPUs, c.MemoryMiB, c.VCPUs, mem-plan.MemoryMiB, cpus-plan.VCPUs)
-	}
-	return nil
+	return p.opts.Launcher.Boot(ctx, e.plan)
 }
 
 func (p *Pool) boot(e *execution) {
@@ -267,7 +279,7 @@ func (p *Pool) boot(e *execution) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.BootTimeout)
 	defer cancel()
 	started := time.Now()
-	prog, err := p.opts.Launcher.Boot(ctx, e.plan)
+	prog, err := p.bootAfter(ctx, e)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if err != nil {
@@ -276,6 +288,8 @@ func (p *Pool) boot(e *execution) {
 		if p.execs[e.plan.Ref] == e {
 			delete(p.execs, e.plan.Ref)
 		}
+		e.release()
+		close(e.gone)
 		close(e.ready)
 		return
 	}
@@ -337,9 +351,20 @@ func (p *Pool) stopLocked(e *execution, why string) {
 	if p.execs[e.plan.Ref] == e {
 		delete(p.execs, e.plan.Ref)
 	}
+	p.leaving[e.plan.Ref] = e
 	p.stopping.Add(1)
 	go func() {
 		defer p.stopping.Done()
+		defer func() {
+			// Stop has released what the VM held, even when it failed.
+			e.release()
+			p.mu.Lock()
+			if p.leaving[e.plan.Ref] == e {
+				delete(p.leaving, e.plan.Ref)
+			}
+			p.mu.Unlock()
+			close(e.gone)
+		}()
 		p.waitIdle(e)
 		ctx, cancel := context.WithTimeout(context.Background(), p.opts.StopTimeout)
 		defer cancel()

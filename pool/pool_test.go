@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	vms "github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/message"
 )
 
@@ -18,6 +19,7 @@ type fakeProgram struct {
 	done    chan struct{}
 	once    sync.Once
 	stopped atomic.Bool
+	gate    chan struct{} // when set, Stop waits for it to close
 }
 
 func (f *fakeProgram) Target() *url.URL       { return &url.URL{Scheme: "http", Host: "127.0.0.1:1"} }
@@ -25,6 +27,9 @@ func (f *fakeProgram) Done() <-chan struct{}  { return f.done }
 func (f *fakeProgram) Networking() Networking { return Networking{IPv4: "172.16.4.2"} }
 func (f *fakeProgram) exit()                  { f.once.Do(func() { close(f.done) }) }
 func (f *fakeProgram) Stop(context.Context) error {
+	if f.gate != nil {
+		<-f.gate
+	}
 	f.stopped.Store(true)
 	f.exit()
 	return nil
@@ -38,6 +43,7 @@ type fakeLauncher struct {
 	bootWait time.Duration
 	fail     error
 	progs    []*fakeProgram
+	stopGate chan struct{} // given to the programs it boots
 }
 
 func (l *fakeLauncher) Plan(_ context.Context, ref message.ItemHash) (*Plan, error) {
@@ -52,8 +58,8 @@ func (l *fakeLauncher) Boot(_ context.Context, _ *Plan) (Program, error) {
 	if l.fail != nil {
 		return nil, l.fail
 	}
-	p := &fakeProgram{done: make(chan struct{})}
 	l.mu.Lock()
+	p := &fakeProgram{done: make(chan struct{}), gate: l.stopGate}
 	l.progs = append(l.progs, p)
 	l.mu.Unlock()
 	return p, nil
@@ -264,5 +270,74 @@ func TestStopWait(t *testing.T) {
 	lease.Release()
 	if was, err := p.StopWait(context.Background(), ref); !was || err != nil || !l.last().stopped.Load() {
 		t.Fatalf("stop: %v %v", was, err)
+	}
+}
+
+// TestRestartWaitsForThePreviousVM: a ref asked for while its previous VM
+// is still stopping boots once that VM is gone, so that the two never
+// share a network or a directory; the stopping VM's memory counts until
+// then.
+func TestRestartWaitsForThePreviousVM(t *testing.T) {
+	l := &fakeLauncher{revision: "a", memory: 400}
+	p := newPool(l, time.Hour)
+	ctx := context.Background()
+	lease, err := p.Acquire(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease.Release()
+	gate := make(chan struct{})
+	l.last().gate = gate
+	if !p.Stop(ref) {
+		t.Fatal("not running")
+	}
+	if used := p.opts.Admission.Used(); used.MemoryMiB != 400 {
+		t.Fatalf("a stopping VM holds %d MiB, want 400", used.MemoryMiB)
+	}
+	acquired := make(chan error, 1)
+	go func() {
+		lease, err := p.Acquire(ctx, ref)
+		if err == nil {
+			lease.Release()
+		}
+		acquired <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	if n := l.boots.Load(); n != 1 {
+		t.Fatalf("%d boots while the previous VM was stopping, want 1", n)
+	}
+	close(gate)
+	if err := <-acquired; err != nil {
+		t.Fatal(err)
+	}
+	if n := l.boots.Load(); n != 2 {
+		t.Fatalf("%d boots, want 2", n)
+	}
+	if used := p.opts.Admission.Used(); used.MemoryMiB != 400 {
+		t.Fatalf("%d MiB held with one VM running, want 400", used.MemoryMiB)
+	}
+}
+
+// TestAdmissionCountsOtherVMs: programs are admitted into the capacity the
+// node's instances share.
+func TestAdmissionCountsOtherVMs(t *testing.T) {
+	l := &fakeLauncher{revision: "a", memory: 512}
+	adm := vms.NewAdmission(Capacity{MemoryMiB: 1024, VCPUs: 8})
+	p := New(Options{Launcher: l, Admission: adm, ReuseTimeout: time.Hour, PlanTTL: time.Nanosecond, Log: slog.New(slog.DiscardHandler)})
+	instance, err := adm.Admit("instance", Capacity{MemoryMiB: 768, VCPUs: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Acquire(context.Background(), ref); !errors.Is(err, ErrInsufficientCapacity) {
+		t.Fatalf("with an instance holding 768 MiB of 1024: %v, want %v", err, ErrInsufficientCapacity)
+	}
+	instance()
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease.Release()
+	if _, err := adm.Admit("instance", Capacity{MemoryMiB: 768, VCPUs: 2}); !errors.Is(err, ErrInsufficientCapacity) {
+		t.Fatalf("an instance past a running program: %v", err)
 	}
 }

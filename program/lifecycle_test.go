@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -17,6 +18,9 @@ import (
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/internal/teststore"
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/pool"
+	"github.com/alephvm/alephvm/store"
 )
 
 // fakeAgent is a guest init whose workload is ready at once.
@@ -195,4 +199,31 @@ func watchBlocked() bool {
 		}
 	}
 	return false
+}
+
+// countingStore counts the files fetched.
+type countingStore struct {
+	*store.Store
+	fetches atomic.Int32
+}
+
+func (s *countingStore) Fetch(ctx context.Context, ref message.ItemHash, useLatest bool) (*store.Item, error) {
+	s.fetches.Add(1)
+	return s.Store.Fetch(ctx, ref, useLatest)
+}
+
+// TestNothingDownloadedBeforeAdmission: a program the node has no room
+// for is refused before any of its files is fetched.
+func TestNothingDownloadedBeforeAdmission(t *testing.T) {
+	st, ref := programStore(t)
+	counting := &countingStore{Store: st}
+	l := New(Options{Store: counting, Hypervisor: &fakeHypervisor{name: execution.QEMU}, Networks: &fakeNetworks{}, Kernel: testKernel,
+		RunDir: t.TempDir(), VolumesDir: t.TempDir(), Logs: NewLogArchive(10), Log: slog.New(slog.DiscardHandler)})
+	p := pool.New(pool.Options{Launcher: l, Capacity: pool.Capacity{MemoryMiB: 128, VCPUs: 4}, Log: slog.New(slog.DiscardHandler)})
+	if _, err := p.Acquire(context.Background(), ref); !errors.Is(err, pool.ErrInsufficientCapacity) {
+		t.Fatalf("a 256 MiB program on a 128 MiB node: %v", err)
+	}
+	if n := counting.fetches.Load(); n != 0 {
+		t.Errorf("%d files fetched for a program refused admission", n)
+	}
 }

@@ -100,8 +100,9 @@ type itemRef struct {
 }
 
 // Plan implements pool.Launcher: it reads the program's message and
-// resolves its items (downloading what is missing), so that the plan's
-// revision changes when an amend replaces one of them.
+// resolves its items, so that the plan's revision changes when an amend
+// replaces one of them. Nothing is downloaded before the pool admits the
+// program: Boot fetches the files.
 func (p *Launcher) Plan(ctx context.Context, ref message.ItemHash) (*pool.Plan, error) {
 	msg, _, err := p.opts.Store.Message(ctx, ref)
 	if err != nil {
@@ -113,12 +114,11 @@ func (p *Launcher) Plan(ctx context.Context, ref message.ItemHash) (*pool.Plan, 
 	}
 	h := sha256.New()
 	for _, it := range programItems(content) {
-		item, err := p.opts.Store.Fetch(ctx, it.ref, it.useLatest)
+		item, err := p.opts.Store.Resolve(ctx, it.ref, it.useLatest)
 		if err != nil {
 			return nil, execution.StoreError("Item", it.ref, err)
 		}
-		fmt.Fprintf(h, "%s=%s;", it.what, item.Ref)
-		item.Release()
+		fmt.Fprintf(h, "%s=%s;", it.what, item.ItemHash)
 	}
 	res := content.Resources
 	return &pool.Plan{

@@ -66,21 +66,32 @@ type record struct {
 	verified bool
 }
 
+// Resolve returns the STORE message that ref names (with useLatest, its
+// latest amend) without downloading its file: what a plan needs to know
+// before the node admits what the file is for.
+func (s *Store) Resolve(ctx context.Context, ref message.ItemHash, useLatest bool) (*message.Message, error) {
+	msg, _, err := s.Message(ctx, ref)
+	if err != nil {
+		return nil, fmt.Errorf("resolve %s: %w", ref, err)
+	}
+	if msg.Type != message.TypeStore {
+		return nil, fmt.Errorf("resolve %s: it is a %s message: %w", ref, msg.Type, ErrNotStore)
+	}
+	if useLatest {
+		if msg, err = s.latest(ctx, msg); err != nil {
+			return nil, fmt.Errorf("resolve %s: %w", ref, err)
+		}
+	}
+	return msg, nil
+}
+
 // Fetch returns the file named by the STORE message ref (with useLatest,
 // by its latest amend), downloading and verifying it first if needed. The
 // caller must Release the item.
 func (s *Store) Fetch(ctx context.Context, ref message.ItemHash, useLatest bool) (*Item, error) {
-	msg, _, err := s.Message(ctx, ref)
+	msg, err := s.Resolve(ctx, ref, useLatest)
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", ref, err)
-	}
-	if msg.Type != message.TypeStore {
-		return nil, fmt.Errorf("fetch %s: it is a %s message: %w", ref, msg.Type, ErrNotStore)
-	}
-	if useLatest {
-		if msg, err = s.latest(ctx, msg); err != nil {
-			return nil, fmt.Errorf("fetch %s: %w", ref, err)
-		}
+		return nil, fmt.Errorf("fetch: %w", err)
 	}
 	c := msg.Content.(*message.StoreContent)
 	item, err := s.file(ctx, c)

@@ -224,14 +224,16 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
 	})
 	n.launcher = launcher
-	n.programs = pool.New(pool.Options{Launcher: launcher, Capacity: limits,
+	// Programs and instances are admitted into one capacity.
+	admission := execution.NewAdmission(limits)
+	n.programs = pool.New(pool.Options{Launcher: launcher, Admission: admission,
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
 	n.instances = instance.New(instance.Options{
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
 		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
-		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Log: log,
+		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, Log: log,
 	})
 
 	// Programs do not outlive the node: any left by a crash are stopped.
@@ -319,7 +321,7 @@ func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []neti
 	return network.NewManager(netPool, fw, network.DefaultPorts, log), dns, nil
 }
 
-// capacity is what the node may give to program VMs: its memory less what
+// capacity is what the node may give to VMs: its memory less what
 // the host keeps, and its CPUs times the overcommit factor.
 func capacity(cfg config.Config, log *slog.Logger) (pool.Capacity, error) {
 	total, err := pool.MemTotalMiB()
