@@ -70,17 +70,23 @@ type record struct {
 // latest amend) without downloading its file: what a plan needs to know
 // before the node admits what the file is for.
 func (s *Store) Resolve(ctx context.Context, ref message.ItemHash, useLatest bool) (*message.Message, error) {
-	msg, _, err := s.Message(ctx, ref)
+	msg, err := s.resolve(ctx, ref, useLatest)
 	if err != nil {
 		return nil, fmt.Errorf("resolve %s: %w", ref, err)
 	}
+	return msg, nil
+}
+
+func (s *Store) resolve(ctx context.Context, ref message.ItemHash, useLatest bool) (*message.Message, error) {
+	msg, _, err := s.Message(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
 	if msg.Type != message.TypeStore {
-		return nil, fmt.Errorf("resolve %s: it is a %s message: %w", ref, msg.Type, ErrNotStore)
+		return nil, fmt.Errorf("it is a %s message: %w", msg.Type, ErrNotStore)
 	}
 	if useLatest {
-		if msg, err = s.latest(ctx, msg); err != nil {
-			return nil, fmt.Errorf("resolve %s: %w", ref, err)
-		}
+		return s.latest(ctx, msg)
 	}
 	return msg, nil
 }
@@ -89,9 +95,9 @@ func (s *Store) Resolve(ctx context.Context, ref message.ItemHash, useLatest boo
 // by its latest amend), downloading and verifying it first if needed. The
 // caller must Release the item.
 func (s *Store) Fetch(ctx context.Context, ref message.ItemHash, useLatest bool) (*Item, error) {
-	msg, err := s.Resolve(ctx, ref, useLatest)
+	msg, err := s.resolve(ctx, ref, useLatest)
 	if err != nil {
-		return nil, fmt.Errorf("fetch: %w", err)
+		return nil, fmt.Errorf("fetch %s: %w", ref, err)
 	}
 	c := msg.Content.(*message.StoreContent)
 	item, err := s.file(ctx, c)
