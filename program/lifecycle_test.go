@@ -81,7 +81,8 @@ func (v *fakeVM) Stop(context.Context, func(context.Context) error, hypervisor.S
 type startingHypervisor struct {
 	records    *execution.Records
 	vm         *fakeVM
-	failRecord bool // the record is not there when the VM starts
+	failRecord bool   // the record is not there when the VM starts
+	onStart    func() // called once the VM has started
 }
 
 func (h *startingHypervisor) Name() string { return execution.QEMU }
@@ -91,6 +92,9 @@ func (h *startingHypervisor) Start(ctx context.Context, spec hypervisor.Spec) (e
 		if err != nil || len(recs) != 1 || recs[0].State != execution.StateStarting || recs[0].VMDir != spec.Dir {
 			h.failRecord = true
 		}
+	}
+	if h.onStart != nil {
+		h.onStart()
 	}
 	return h.vm, nil
 }
@@ -104,12 +108,14 @@ func (h *startingHypervisor) Attach(context.Context, string) (execution.VM, erro
 // dying meanwhile leaves a VM the next node finds.
 func TestBootFailuresLeaveNothing(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		vm   *fakeVM
-		want string
+		name     string
+		vm       *fakeVM
+		want     string
+		brokenDB bool // the database fails once the VM has started
 	}{
-		{"no control channel", &fakeVM{dialErr: errors.New("no init")}, "control channel"},
-		{"workload failed", &fakeVM{agent: &fakeAgent{state: guest.StateFailed}}, "program did not start"},
+		{"no control channel", &fakeVM{dialErr: errors.New("no init")}, "control channel", false},
+		{"workload failed", &fakeVM{agent: &fakeAgent{state: guest.StateFailed}}, "program did not start", false},
+		{"record not written", &fakeVM{agent: &fakeAgent{state: guest.StateReady}}, "record execution", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			st, ref := programStore(t)
@@ -117,6 +123,9 @@ func TestBootFailuresLeaveNothing(t *testing.T) {
 			records := execution.NewRecords(db)
 			tc.vm.done = make(chan struct{})
 			hv := &startingHypervisor{records: records, vm: tc.vm}
+			if tc.brokenDB {
+				hv.onStart = func() { db.Close() }
+			}
 			nets := &fakeNetworks{}
 			run := t.TempDir()
 			l := New(Options{Store: st, Hypervisor: hv, Networks: nets, Records: records, Kernel: testKernel, RunDir: run,
@@ -140,6 +149,9 @@ func TestBootFailuresLeaveNothing(t *testing.T) {
 			}
 			if entries, _ := os.ReadDir(run); len(entries) != 0 {
 				t.Errorf("runtime files left: %v", entries)
+			}
+			if tc.brokenDB {
+				return
 			}
 			rec, err := records.Get(ctx, ref)
 			if err != nil || rec.State != execution.StateStopped {

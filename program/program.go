@@ -26,6 +26,7 @@ import (
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/internal/release"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
@@ -152,9 +153,7 @@ func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, err
 		// ever reclaim it.
 		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
-		if stopErr := vm.Stop(stopCtx); stopErr != nil {
-			vm.log.Error("stop a program VM whose start failed", "err", stopErr)
-		}
+		_ = vm.Stop(stopCtx) // logged by Stop
 		return nil, err
 	}
 	return vm, nil
@@ -162,17 +161,17 @@ func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, err
 
 // programVM is one running program.
 type programVM struct {
-	opts     *Options
-	ref      message.ItemHash
-	log      *slog.Logger
-	dir      string
-	att      network.Attachment
-	attached bool
-	items    []*store.Item
-	vm       execution.VM
-	client   *guest.Client
-	logs     *LogBuffer
-	recorded bool
+	opts   *Options
+	ref    message.ItemHash
+	log    *slog.Logger
+	dir    string
+	att    network.Attachment
+	vm     execution.VM
+	client *guest.Client
+	logs   *LogBuffer
+	// made holds the release of everything start made, added as it is
+	// made; a failed start and Stop release it.
+	made release.List
 
 	stopOnce sync.Once
 	stopErr  error
@@ -184,7 +183,8 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	v.att, v.attached = att, true
+	v.att = att
+	v.made.Add("network", func(context.Context) error { return v.opts.Networks.Detach(string(v.ref)) })
 	v.dir = filepath.Join(v.opts.RunDir, att.Tap)
 	if err := os.RemoveAll(v.dir); err != nil {
 		return err
@@ -192,6 +192,7 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 	if err := os.MkdirAll(v.dir, 0o700); err != nil {
 		return fmt.Errorf("runtime directory: %w", err)
 	}
+	v.made.Add("runtime directory", func(context.Context) error { return os.RemoveAll(v.dir) })
 
 	cfg := guest.Config{
 		Version:  guest.ConfigVersion,
@@ -265,7 +266,9 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		if err := v.opts.Records.Put(ctx, rec); err != nil {
 			return err
 		}
-		v.recorded = true
+		v.made.Add("record", func(ctx context.Context) error {
+			return v.opts.Records.SetState(context.WithoutCancel(ctx), v.ref, execution.StateStopped)
+		})
 	}
 	started := time.Now()
 	vm, err := v.opts.Hypervisor.Start(ctx, spec)
@@ -273,6 +276,22 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		return err
 	}
 	v.vm = vm
+	// The init is asked to halt when the control channel is up; QEMU
+	// escalates if it does not. The channel closes once the VM is gone.
+	v.made.Add("vm", func(ctx context.Context) error {
+		var halt func(context.Context) error
+		if v.client != nil {
+			halt = v.client.Halt
+		}
+		err := vm.Stop(ctx, halt, stopTimeouts)
+		if v.client != nil {
+			v.client.Close()
+		}
+		if v.logs != nil {
+			v.opts.Logs.Finish(v.ref, v.logs)
+		}
+		return err
+	})
 	if err := v.connect(ctx); err != nil {
 		return err
 	}
@@ -394,7 +413,7 @@ func (v *programVM) fetch(ctx context.Context, what string, ref message.ItemHash
 	if err != nil {
 		return nil, execution.StoreError(strings.ToUpper(what[:1])+what[1:], ref, err)
 	}
-	v.items = append(v.items, item)
+	v.made.AddFunc(what, item.Release)
 	return item, nil
 }
 
@@ -469,48 +488,13 @@ var stopTimeouts = hypervisor.StopTimeouts{Halt: 15 * time.Second, Shutdown: tim
 // released.
 func (v *programVM) Stop(ctx context.Context) error {
 	v.stopOnce.Do(func() {
-		if v.vm != nil {
-			var halt func(context.Context) error
-			if v.client != nil {
-				halt = v.client.Halt
-			}
-			v.stopErr = v.vm.Stop(ctx, halt, stopTimeouts)
+		v.stopErr = v.made.Release(ctx)
+		if v.stopErr != nil {
+			v.log.Error("release program VM", "err", v.stopErr)
 		}
-		v.cleanup()
 		close(v.done)
 	})
 	return v.stopErr
-}
-
-// cleanup releases what start took, in reverse order; it is safe after a
-// partial start.
-func (v *programVM) cleanup() {
-	if v.client != nil {
-		v.client.Close()
-	}
-	if v.logs != nil {
-		v.opts.Logs.Finish(v.ref, v.logs)
-	}
-	for _, it := range v.items {
-		it.Release()
-	}
-	v.items = nil
-	if v.dir != "" {
-		if err := os.RemoveAll(v.dir); err != nil {
-			v.log.Error("remove VM directory", "dir", v.dir, "err", err)
-		}
-	}
-	if v.attached {
-		if err := v.opts.Networks.Detach(string(v.ref)); err != nil {
-			v.log.Error("release network", "err", err)
-		}
-		v.attached = false
-	}
-	if v.recorded {
-		if err := v.opts.Records.SetState(context.Background(), v.ref, execution.StateStopped); err != nil {
-			v.log.Error("record program stop", "err", err)
-		}
-	}
 }
 
 // EraseVolumes deletes the persistent volumes of program ref, which must
