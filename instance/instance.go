@@ -23,10 +23,10 @@ import (
 	"github.com/alephvm/alephvm/cloudinit"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
+	"github.com/alephvm/alephvm/internal/release"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/storage"
-	"github.com/alephvm/alephvm/store"
 )
 
 // Chooser says which hypervisor runs an instance whose message asks for
@@ -135,13 +135,13 @@ func (m *Manager) get(ref message.ItemHash) *instanceVM {
 
 // instanceVM is one running instance.
 type instanceVM struct {
-	ref      message.ItemHash
-	vm       execution.VM
-	parent   *store.Item
-	disk     storage.RawDisk // a Firecracker root disk, released once the VM is gone
-	releases []func()        // its volumes' and its admission's, run once the VM is gone
-	done     chan struct{}   // closed once the VM is gone and cleaned up
-	run      uint64          // this run's id, set by track
+	ref message.ItemHash
+	vm  execution.VM
+	// made releases what its start took (admission, base image pin,
+	// Firecracker root disk, network, volumes) once the VM is gone.
+	made *release.List
+	done chan struct{} // closed once the VM is gone and cleaned up
+	run  uint64        // this run's id, set by track
 }
 
 // Running reports whether the instance runs.
@@ -178,31 +178,29 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		return &execution.Error{Status: 400, Msg: fmt.Sprintf("the instance publishes %d ports: this node publishes at most %d per VM", len(c.Resources.PublishedPorts), limit)}
 	}
 
-	var cleanups []func()
+	// Each release is added as what it releases is made: a failed start
+	// runs them, a started VM runs them once it is gone.
+	made := &release.List{}
 	defer func() {
 		if err != nil {
-			for i := len(cleanups) - 1; i >= 0; i-- {
-				cleanups[i]()
+			if rerr := made.Release(context.WithoutCancel(ctx)); rerr != nil {
+				log.Error("release a failed instance start", "err", rerr)
 			}
 		}
 	}()
-	// What the running VM releases when it is gone (beside its parent,
-	// disk and network, which track and release handle).
-	var releases []func()
 	need := execution.Capacity{MemoryMiB: int(c.Resources.MemoryMiB), VCPUs: int(c.Resources.VCPUs)}
 	if m.opts.Admission != nil {
 		release, err := m.opts.Admission.Admit("instance "+string(ref), need)
 		if err != nil {
 			return &execution.Error{Status: 503, Msg: err.Error(), Err: err}
 		}
-		cleanups = append(cleanups, release)
-		releases = append(releases, release)
+		made.AddFunc("admission", release)
 	}
 	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
 	if err != nil {
 		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
 	}
-	cleanups = append(cleanups, parent.Release)
+	made.AddFunc("base image", parent.Release)
 
 	disks := filepath.Join(m.opts.VolumesDir, string(ref))
 	if err := os.MkdirAll(disks, 0o700); err != nil {
@@ -216,7 +214,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	if err != nil {
 		return err
 	}
-	cleanups = append(cleanups, func() { releaseDisk(disk, m.opts.Log) })
+	made.AddFunc("root disk", func() { releaseDisk(disk, m.opts.Log) })
 
 	var held []network.Forward
 	if rec, err := m.opts.Records.Get(ctx, ref); err == nil {
@@ -227,7 +225,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	cleanups = append(cleanups, func() { _ = m.opts.Networks.Detach(string(ref)) })
+	made.Add("network", func(context.Context) error { return m.opts.Networks.Detach(string(ref)) })
 
 	runDir := filepath.Join(m.opts.RunDir, "i-"+string(ref)[:16])
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
@@ -252,8 +250,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 			return fmt.Errorf("volume %d: %w", i, err)
 		}
 		if release != nil {
-			cleanups = append(cleanups, release)
-			releases = append(releases, release)
+			made.AddFunc(fmt.Sprintf("volume %d", i), release)
 		}
 		drives = append(drives, d)
 	}
@@ -297,7 +294,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		return err
 	}
 	log.Info("instance started", "hypervisor", hv.Name(), "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form)
-	m.track(&instanceVM{ref: ref, vm: vm, parent: parent, disk: disk, releases: releases, done: make(chan struct{})})
+	m.track(&instanceVM{ref: ref, vm: vm, made: made, done: make(chan struct{})})
 	return nil
 }
 
@@ -516,13 +513,8 @@ func (m *Manager) release(iv *instanceVM, why string) {
 	delete(m.running, iv.ref)
 	m.mu.Unlock()
 	ctx := context.Background()
-	if err := m.opts.Networks.Detach(string(iv.ref)); err != nil {
-		m.opts.Log.Error("release instance network", "ref", iv.ref, "err", err)
-	}
-	iv.parent.Release()
-	releaseDisk(iv.disk, m.opts.Log)
-	for i := len(iv.releases) - 1; i >= 0; i-- {
-		iv.releases[i]()
+	if err := iv.made.Release(ctx); err != nil {
+		m.opts.Log.Error("release instance", "ref", iv.ref, "err", err)
 	}
 	if err := m.opts.Records.SetState(ctx, iv.ref, execution.StateStopped); err != nil {
 		m.opts.Log.Error("record instance stop", "ref", iv.ref, "err", err)
@@ -647,18 +639,22 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 	if err != nil {
 		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
 	}
+	made := &release.List{}
+	if m.opts.Admission != nil {
+		// It runs: it holds its share whatever the node can hold now.
+		made.AddFunc("admission", m.opts.Admission.Hold(execution.Capacity{MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs}))
+	}
+	made.AddFunc("base image", parent.Release)
 	if _, err := m.opts.Networks.Attach(string(rec.Ref), rec.NetIndex, c.Environment.Internet, forwardsAsRequests(rec.Forwards)); err != nil {
-		parent.Release()
+		_ = made.Release(ctx)
 		return fmt.Errorf("network: %w", err)
 	}
 	log.Info("instance found running", "hypervisor", hv.Name(), "pid", vm.Pid(), "tap", rec.Tap)
-	disk, _ := storage.FindRawDisk(filepath.Join(m.opts.VolumesDir, string(rec.Ref)), diskName(rec.Ref))
-	var releases []func()
-	if m.opts.Admission != nil {
-		// It runs: it holds its share whatever the node can hold now.
-		releases = append(releases, m.opts.Admission.Hold(execution.Capacity{MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs}))
+	if disk, ok := storage.FindRawDisk(filepath.Join(m.opts.VolumesDir, string(rec.Ref)), diskName(rec.Ref)); ok {
+		made.AddFunc("root disk", func() { releaseDisk(disk, m.opts.Log) })
 	}
-	m.track(&instanceVM{ref: rec.Ref, vm: vm, parent: parent, disk: disk, releases: releases, done: make(chan struct{})})
+	made.Add("network", func(context.Context) error { return m.opts.Networks.Detach(string(rec.Ref)) })
+	m.track(&instanceVM{ref: rec.Ref, vm: vm, made: made, done: make(chan struct{})})
 	return nil
 }
 
