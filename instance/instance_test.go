@@ -448,3 +448,52 @@ func TestInstanceAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestStoppedInstanceReleasesItsVolumes: an instance's immutable volume
+// is pinned in the store while the VM runs and released once it stops.
+func TestStoppedInstanceReleasesItsVolumes(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	m := r.manager()
+	volFile := filepath.Join(r.dir, "volume.img")
+	if err := os.WriteFile(volFile, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	vol, err := r.st.AddFile(ctx, volFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := r.storeInstance(map[string]any{
+		"address": "0x1", "time": 1700000004, "allow_amend": false,
+		"environment": map[string]any{"internet": false, "hypervisor": "qemu"},
+		"resources":   map[string]any{"vcpus": 1, "memory": 128, "seconds": 30},
+		"rootfs":      map[string]any{"parent": map[string]any{"ref": string(r.mbrBase()), "use_latest": false}, "persistence": "host", "size_mib": 64},
+		"volumes":     []any{map[string]any{"ref": string(vol.Ref), "use_latest": false, "mount": "/opt/v"}},
+	})
+	item, err := r.st.Fetch(ctx, vol.Ref, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := item.Path
+	item.Release()
+	pinned := func() bool {
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		return syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil
+	}
+	if err := m.Start(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	if !pinned() {
+		t.Error("the volume of a running instance is not pinned")
+	}
+	if _, err := m.Stop(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	if pinned() {
+		t.Error("the volume of a stopped instance is still pinned")
+	}
+}
