@@ -179,6 +179,7 @@ type programVM struct {
 }
 
 func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot hypervisor.Boot) error {
+	timing := execution.StartTiming()
 	att, err := v.opts.Networks.Attach(string(v.ref), -1, c.Environment.Internet, nil)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
@@ -193,70 +194,30 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		return fmt.Errorf("runtime directory: %w", err)
 	}
 	v.made.Add("runtime directory", func(context.Context) error { return os.RemoveAll(v.dir) })
+	timing.Done("network")
 
-	cfg := guest.Config{
-		Version:  guest.ConfigVersion,
-		Hostname: "vm-" + string(v.ref)[:8],
-		Network: &guest.Network{
-			Address: att.GuestPrefix(), Gateway: att.Host, DNS: v.opts.DNS,
-		},
-		Workload: guest.Workload{
-			Interface:  guest.Interface(c.Code.InferredInterface()),
-			Entrypoint: c.Code.Entrypoint,
-			Args:       c.Code.Args,
-			Variables:  c.Variables,
-		},
-	}
-	var drives []hypervisor.Drive
-	addDrive := func(path string, gd guest.Drive) {
-		drives = append(drives, hypervisor.Drive{Path: path, ReadOnly: gd.ReadOnly, Serial: string(gd.Role) + strconv.Itoa(len(drives))})
-		cfg.Drives = append(cfg.Drives, gd)
-	}
-
-	runtime, err := v.fetch(ctx, "runtime", c.Runtime.Ref, c.Runtime.UseLatest)
+	files, err := v.fetchAll(ctx, c)
 	if err != nil {
 		return err
 	}
-	addDrive(runtime.Path, guest.Drive{Role: guest.RoleRuntime, Format: guest.FormatSquashfs, Mount: "/", ReadOnly: true})
-
-	code, err := v.fetch(ctx, "code", c.Code.Ref, c.Code.UseLatest)
-	if err != nil {
-		return err
-	}
-	addDrive(code.Path, codeDrive(c.Code, code.Size))
-
-	if c.Data != nil {
-		data, err := v.fetch(ctx, "data", c.Data.Ref, c.Data.UseLatest != nil && *c.Data.UseLatest)
-		if err != nil {
-			return err
-		}
-		// The reference unpacks the data at /data whatever data.mount says.
-		addDrive(data.Path, guest.Drive{Role: guest.RoleData, Format: encodingFormat(c.Data.Encoding), Mount: "/data", Size: data.Size})
-	}
-
+	timing.Done("fetch")
+	drives := files.drives
 	for i, vol := range c.Volumes {
-		path, gd, err := v.volume(ctx, i, vol)
+		if d, ok := files.volumes[i]; ok {
+			drives = append(drives, d)
+			continue
+		}
+		d, err := v.volume(ctx, i, vol)
 		if err != nil {
 			return fmt.Errorf("volume %d: %w", i, err)
 		}
-		addDrive(path, gd)
+		drives = append(drives, d)
 	}
-
-	cfgPath := filepath.Join(v.dir, "config.img")
-	if err := guest.WriteConfigDrive(cfgPath, cfg); err != nil {
+	cfg, spec := programSpec(specInputs{Ref: v.ref, Content: c, Drives: drives, Network: att, DNS: v.opts.DNS, Boot: boot, Dir: v.dir})
+	if err := guest.WriteConfigDrive(spec.Drives[0].Path, cfg); err != nil {
 		return err
 	}
-	spec := hypervisor.Spec{
-		Name:      "prog-" + string(v.ref)[:12],
-		Dir:       v.dir,
-		VCPUs:     int(c.Resources.VCPUs),
-		MemoryMiB: int(c.Resources.MemoryMiB),
-		Boot:      boot,
-		Drives:    append([]hypervisor.Drive{{Path: cfgPath, ReadOnly: true, Serial: "config"}}, drives...),
-		NICs:      []hypervisor.NIC{{Tap: att.Tap, MAC: att.MAC()}},
-		Control:   true, ControlPort: guest.ControlPortName,
-		RebootExits: true,
-	}
+	timing.Done("disks")
 	// The record comes before the hypervisor starts, so that a node that
 	// dies while the VM boots leaves a VM the next one finds (StopOrphans).
 	rec := execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateStarting, Hypervisor: v.opts.Hypervisor.Name(),
@@ -270,12 +231,12 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 			return v.opts.Records.SetState(context.WithoutCancel(ctx), v.ref, execution.StateStopped)
 		})
 	}
-	started := time.Now()
 	vm, err := v.opts.Hypervisor.Start(ctx, spec)
 	if err != nil {
 		return err
 	}
 	v.vm = vm
+	timing.Done("hypervisor")
 	// The init is asked to halt when the control channel is up; QEMU
 	// escalates if it does not. The channel closes once the VM is gone.
 	v.made.Add("vm", func(ctx context.Context) error {
@@ -295,6 +256,7 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 	if err := v.connect(ctx); err != nil {
 		return err
 	}
+	timing.Done("control")
 	readyCtx, cancel := context.WithTimeout(ctx, v.opts.ReadyTimeout)
 	defer cancel()
 	st, err := v.client.WaitFor(readyCtx, func(s guest.Status) bool { return s.State != guest.StateStarting && s.State != guest.StateRunning })
@@ -304,7 +266,8 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 	if st.State != guest.StateReady {
 		return &execution.Error{Status: 502, Msg: "program did not start: " + describeStatus(st) + lastLines(v.logs)}
 	}
-	v.log.Info("program ready", "took", time.Since(started).Round(time.Millisecond), "kernel_to_ready", st.Boot.Ready, "ip", v.att.Guest)
+	timing.Done("ready")
+	v.log.Info("program started", "phases", timing, "kernel_to_ready", st.Boot.Ready, "ip", v.att.Guest)
 	if v.opts.Records != nil {
 		if err := v.opts.Records.SetState(ctx, v.ref, execution.StateRunning); err != nil {
 			return err
@@ -417,52 +380,97 @@ func (v *programVM) fetch(ctx context.Context, what string, ref message.ItemHash
 	return item, nil
 }
 
-// volume prepares one volume of the message: an immutable one is fetched,
-// an ephemeral one made fresh in the VM's directory, a persistent one kept
-// under VolumesDir for the program. A volume without a mount point is
-// mounted at /mnt/<name>, as the reference does.
-func (v *programVM) volume(ctx context.Context, i int, vol message.MachineVolume) (string, guest.Drive, error) {
-	name := fmt.Sprintf("volume-%d", i)
-	if vol.Name != nil && *vol.Name != "" {
-		name = execution.SafeName.ReplaceAllString(*vol.Name, "_")
+// programFiles are the files of a program fetched from the store, as
+// drives of its VM.
+type programFiles struct {
+	drives  []drivePlan       // runtime, code, data
+	volumes map[int]drivePlan // immutable volumes, by their index in the message
+}
+
+// fetchAll fetches (downloading what is missing) every file the program
+// names, and pins it until the VM is gone.
+func (v *programVM) fetchAll(ctx context.Context, c *message.ProgramContent) (programFiles, error) {
+	f := programFiles{volumes: map[int]drivePlan{}}
+	runtime, err := v.fetch(ctx, "runtime", c.Runtime.Ref, c.Runtime.UseLatest)
+	if err != nil {
+		return f, err
 	}
-	mount := "/mnt/" + name
-	if vol.Mount != nil && *vol.Mount != "" {
-		mount = *vol.Mount
+	f.drives = append(f.drives, drivePlan{runtime.Path, guest.Drive{Role: guest.RoleRuntime, Format: guest.FormatSquashfs, Mount: "/", ReadOnly: true}})
+	code, err := v.fetch(ctx, "code", c.Code.Ref, c.Code.UseLatest)
+	if err != nil {
+		return f, err
 	}
-	switch vol.Kind() {
-	case message.VolumeImmutable:
+	f.drives = append(f.drives, drivePlan{code.Path, codeDrive(c.Code, code.Size)})
+	if c.Data != nil {
+		data, err := v.fetch(ctx, "data", c.Data.Ref, c.Data.UseLatest != nil && *c.Data.UseLatest)
+		if err != nil {
+			return f, err
+		}
+		// The reference unpacks the data at /data whatever data.mount says.
+		f.drives = append(f.drives, drivePlan{data.Path, guest.Drive{Role: guest.RoleData, Format: encodingFormat(c.Data.Encoding), Mount: "/data", Size: data.Size}})
+	}
+	for i, vol := range c.Volumes {
+		if vol.Kind() != message.VolumeImmutable {
+			continue
+		}
 		item, err := v.fetch(ctx, "volume", vol.Ref, vol.UseLatest)
 		if err != nil {
-			return "", guest.Drive{}, err
+			return f, fmt.Errorf("volume %d: %w", i, err)
 		}
-		return item.Path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatSquashfs, Mount: mount, ReadOnly: true}, nil
+		f.volumes[i] = drivePlan{item.Path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatSquashfs, Mount: volumeMount(i, vol), ReadOnly: true}}
+	}
+	return f, nil
+}
+
+// volumeMount is where a volume is mounted: its mount point, else
+// /mnt/<name>, as the reference does.
+func volumeMount(i int, vol message.MachineVolume) string {
+	if vol.Mount != nil && *vol.Mount != "" {
+		return *vol.Mount
+	}
+	return "/mnt/" + volumeName(i, vol)
+}
+
+func volumeName(i int, vol message.MachineVolume) string {
+	if vol.Name != nil && *vol.Name != "" {
+		return execution.SafeName.ReplaceAllString(*vol.Name, "_")
+	}
+	return fmt.Sprintf("volume-%d", i)
+}
+
+// volume makes one writable volume of the message: an ephemeral one
+// fresh in the VM's directory, a persistent one kept under VolumesDir for
+// the program.
+func (v *programVM) volume(ctx context.Context, i int, vol message.MachineVolume) (drivePlan, error) {
+	mount := volumeMount(i, vol)
+	switch vol.Kind() {
 	case message.VolumeEphemeral:
 		path := filepath.Join(v.dir, fmt.Sprintf("ephemeral-%d.ext4", i))
 		if err := v.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, ""); err != nil {
-			return "", guest.Drive{}, err
+			return drivePlan{}, err
 		}
-		return path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount}, nil
+		return drivePlan{path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount}}, nil
 	default:
 		if vol.Persistence != nil && *vol.Persistence == message.PersistenceStore {
-			return "", guest.Drive{}, &execution.Error{Status: 400, Msg: "persistent volumes kept on the network (persistence: store) are not supported"}
+			return drivePlan{}, &execution.Error{Status: 400, Msg: "persistent volumes kept on the network (persistence: store) are not supported"}
 		}
 		if vol.Parent != nil {
-			return "", guest.Drive{}, &execution.Error{Status: 400, Msg: "persistent volumes with a parent are not supported for programs"}
+			return drivePlan{}, &execution.Error{Status: 400, Msg: "persistent volumes with a parent are not supported for programs"}
 		}
 		dir := filepath.Join(v.opts.VolumesDir, string(v.ref))
 		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return "", guest.Drive{}, err
+			return drivePlan{}, err
 		}
 		file := storage.VolumeFileName("", i)
 		if vol.Name != nil {
 			file = storage.VolumeFileName(*vol.Name, i)
 		}
 		path := filepath.Join(dir, file+".ext4")
+		name := volumeName(i, vol)
 		if err := v.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, name); err != nil {
-			return "", guest.Drive{}, err
+			return drivePlan{}, err
 		}
-		return path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount, Persistent: true, Name: name}, nil
+		return drivePlan{path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount, Persistent: true, Name: name}}, nil
 	}
 }
 
