@@ -33,8 +33,8 @@ type Plan struct {
 	// (resources.seconds).
 	Timeout time.Duration
 	CodeRef message.ItemHash
-	// Payload is the launcher's own data, from Plan to Boot.
-	Payload any
+	// Message is the program's message, which Plan read and Boot runs.
+	Message *message.Message
 }
 
 // Program is a booted program VM.

@@ -71,12 +71,6 @@ func New(opts Options) *Launcher {
 	return &Launcher{opts: opts}
 }
 
-// programPlan is what Plan resolved and Boot uses.
-type programPlan struct {
-	msg     *message.Message
-	content *message.ProgramContent
-}
-
 // items are the refs a program is made of, with their use_latest flags.
 func programItems(c *message.ProgramContent) []itemRef {
 	items := []itemRef{
@@ -129,15 +123,15 @@ func (p *Launcher) Plan(ctx context.Context, ref message.ItemHash) (*pool.Plan, 
 		MemoryMiB: int(res.MemoryMiB),
 		Timeout:   time.Duration(res.Seconds) * time.Second,
 		CodeRef:   content.Code.Ref,
-		Payload:   &programPlan{msg: msg, content: content},
+		Message:   msg,
 	}, nil
 }
 
 // Boot implements pool.Launcher.
 func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, error) {
-	pp, ok := plan.Payload.(*programPlan)
+	content, ok := plan.Message.Content.(*message.ProgramContent)
 	if !ok {
-		return nil, errors.New("plan was not made by this launcher")
+		return nil, fmt.Errorf("plan of %s: not a PROGRAM message", plan.Ref)
 	}
 	if p.opts.Hypervisor == nil {
 		return nil, &execution.Error{Status: 503, Msg: "this node cannot run programs", Err: p.opts.Unavailable}
@@ -147,7 +141,7 @@ func (p *Launcher) Boot(ctx context.Context, plan *pool.Plan) (pool.Program, err
 		return nil, &execution.Error{Status: 503, Msg: "this node cannot run programs: it has no guest kernel (alephvm assets build, or LINUX_PATH and INITRD_PATH)", Err: err}
 	}
 	vm := &programVM{opts: &p.opts, ref: plan.Ref, done: make(chan struct{}), log: p.opts.Log.With("ref", plan.Ref)}
-	if err := vm.start(ctx, pp.content, boot); err != nil {
+	if err := vm.start(ctx, content, boot); err != nil {
 		// A VM that started and then failed (no control channel, not
 		// ready, a record not written) is stopped too: nothing else would
 		// ever reclaim it.
