@@ -5,16 +5,7 @@ import (
 	"fmt"
 	"net"
 
-	"github.com/alephvm/alephvm/hostcheck"
 	"github.com/alephvm/alephvm/hypervisor"
-	"github.com/alephvm/alephvm/hypervisor/firecracker"
-	"github.com/alephvm/alephvm/hypervisor/qemu"
-)
-
-// The hypervisors, by the names messages, settings and records use.
-const (
-	QEMU        = hostcheck.QEMU
-	Firecracker = hostcheck.Firecracker
 )
 
 // VM is a running VM, whatever its hypervisor.
@@ -55,43 +46,6 @@ func (h Hypervisors) Get(name string) (Hypervisor, error) {
 	return nil, &Error{Status: 503, Msg: fmt.Sprintf("this node does not run %s VMs (see alephvm doctor)", name)}
 }
 
-// QEMUBackend adapts the QEMU driver.
-func QEMUBackend(d *qemu.Driver) Hypervisor { return backend[*qemu.VM]{QEMU, d} }
-
-// FirecrackerBackend adapts the Firecracker driver.
-func FirecrackerBackend(d *firecracker.Driver) Hypervisor {
-	return backend[*firecracker.VM]{Firecracker, d}
-}
-
-// driver is a backend's driver, whose VMs are of its own type V.
-type driver[V VM] interface {
-	Start(ctx context.Context, spec hypervisor.Spec) (V, error)
-	Attach(ctx context.Context, dir string) (V, error)
-}
-
-type backend[V VM] struct {
-	name string
-	d    driver[V]
-}
-
-func (b backend[V]) Name() string { return b.name }
-
-func (b backend[V]) Start(ctx context.Context, spec hypervisor.Spec) (VM, error) {
-	return orNil(b.d.Start(ctx, spec))
-}
-
-func (b backend[V]) Attach(ctx context.Context, dir string) (VM, error) {
-	return orNil(b.d.Attach(ctx, dir))
-}
-
-// orNil keeps a failed start's nil pointer from becoming a non-nil VM.
-func orNil[V VM](vm V, err error) (VM, error) {
-	if err != nil {
-		return nil, err
-	}
-	return vm, nil
-}
-
 // Kernel is what VMs booted directly boot: a kernel (compressed for QEMU,
 // the same one uncompressed for Firecracker), its initramfs, and the
 // command line.
@@ -106,7 +60,7 @@ type Kernel struct {
 // when the node has no image of it for hv.
 func (k Kernel) Boot(hv string) (hypervisor.Boot, error) {
 	image := k.Kernel
-	if hv == Firecracker {
+	if hv == hypervisor.Firecracker {
 		image = k.Vmlinux
 	}
 	if image == "" || k.Initrd == "" {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 )
@@ -56,7 +57,7 @@ type Record struct {
 // before Firecracker was wired in name none, and ran under QEMU.
 func (r Record) HypervisorName() string {
 	if r.Hypervisor == "" {
-		return QEMU
+		return hypervisor.QEMU
 	}
 	return r.Hypervisor
 }

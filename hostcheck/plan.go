@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/storage"
@@ -13,8 +14,8 @@ import (
 
 // The hypervisors.
 const (
-	QEMU        = "qemu"
-	Firecracker = "firecracker"
+	QEMU        = hypervisor.QEMU
+	Firecracker = hypervisor.Firecracker
 )
 
 // firecrackerMinor is the Firecracker release line the node's config

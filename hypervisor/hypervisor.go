@@ -11,6 +11,12 @@ import (
 	"strings"
 )
 
+// The hypervisors, by the names messages, settings and records use.
+const (
+	QEMU        = "qemu"
+	Firecracker = "firecracker"
+)
+
 // Spec describes one VM.
 type Spec struct {
 	// Name identifies the VM in logs and process listings.

@@ -14,6 +14,7 @@ import (
 	"github.com/alephvm/alephvm/hostcheck"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
+	"github.com/alephvm/alephvm/internal/backends"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/message"
@@ -45,11 +46,11 @@ func TestInstanceEndToEnd(t *testing.T) {
 	forms := []struct {
 		name, image, hypervisor string
 	}{
-		{"disk", base.Disk, execution.QEMU},
-		{"ext4", base.Ext4, execution.QEMU},
-		{"firecracker-ext4", base.Ext4, execution.Firecracker},
+		{"disk", base.Disk, hypervisor.QEMU},
+		{"ext4", base.Ext4, hypervisor.QEMU},
+		{"firecracker-ext4", base.Ext4, hypervisor.Firecracker},
 	}
-	r.choose = hostcheck.Decide(everything(), hostcheck.Settings{InstanceDefault: execution.QEMU, UseJailer: true})
+	r.choose = hostcheck.Decide(everything(), hostcheck.Settings{InstanceDefault: hypervisor.QEMU, UseJailer: true})
 	// One manager per node process, shared by both forms as on a node.
 	opts := func(m *Manager) *Manager {
 		m.opts.DirectBoot = execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline}
@@ -73,7 +74,7 @@ func TestInstanceEndToEnd(t *testing.T) {
 
 	for _, form := range forms {
 		t.Run(form.name, func(t *testing.T) {
-			if form.hypervisor == execution.Firecracker {
+			if form.hypervisor == hypervisor.Firecracker {
 				r.realFirecracker(t)
 			}
 			ctx := context.Background()
@@ -132,7 +133,7 @@ func (r *rig) realFirecracker(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.hvs[execution.Firecracker] = execution.FirecrackerBackend(driver)
+	r.hvs[hypervisor.Firecracker] = backends.FirecrackerBackend(driver)
 }
 
 // messageFor stores an image and an INSTANCE message over it, to run under
@@ -165,7 +166,7 @@ func BenchmarkAllocationToSSH(b *testing.B) {
 	ctx := context.Background()
 	var total time.Duration
 	for i := range b.N {
-		ref := r.messageFor(base.Disk, execution.QEMU, 2048+i, pub)
+		ref := r.messageFor(base.Disk, hypervisor.QEMU, 2048+i, pub)
 		start := time.Now()
 		if err := m.Start(ctx, ref); err != nil {
 			b.Fatal(err)

@@ -12,7 +12,9 @@ import (
 
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hostcheck"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
+	"github.com/alephvm/alephvm/internal/backends"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/message"
 )
@@ -28,8 +30,8 @@ func (r *rig) withFakeFirecracker() {
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	r.hvs[execution.Firecracker] = execution.FirecrackerBackend(driver)
-	r.choose = hostcheck.Decide(everything(), hostcheck.Settings{ProgramHypervisor: "auto", InstanceDefault: execution.QEMU, UseJailer: true})
+	r.hvs[hypervisor.Firecracker] = backends.FirecrackerBackend(driver)
+	r.choose = hostcheck.Decide(everything(), hostcheck.Settings{ProgramHypervisor: "auto", InstanceDefault: hypervisor.QEMU, UseJailer: true})
 	// The fake boots nothing: these stand for the base image's kernel.
 	for _, f := range []string{"vmlinuz", "vmlinux", "initrd.img"} {
 		if err := os.WriteFile(filepath.Join(r.dir, f), []byte(f), 0o644); err != nil {
@@ -74,13 +76,13 @@ func TestFirecrackerInstance(t *testing.T) {
 	testenv.RequireTools(t, "e2fsck", "resize2fs", "dumpe2fs")
 	r.withFakeFirecracker()
 	ctx := context.Background()
-	ref := r.ext4Instance(execution.Firecracker, 256)
+	ref := r.ext4Instance(hypervisor.Firecracker, 256)
 	m := r.manager()
 	if err := m.Start(ctx, ref); err != nil {
 		t.Fatal(err)
 	}
 	rec, err := r.records.Get(ctx, ref)
-	if err != nil || rec.Hypervisor != execution.Firecracker || rec.State != execution.StateRunning {
+	if err != nil || rec.Hypervisor != hypervisor.Firecracker || rec.State != execution.StateRunning {
 		t.Fatalf("record %+v %v", rec, err)
 	}
 	disks := filepath.Join(r.dir, "volumes", string(ref))
@@ -173,8 +175,8 @@ func TestFirecrackerRefusals(t *testing.T) {
 
 	// No Firecracker on this node (as on the machine these tests run on).
 	r.choose = hostcheck.Decide(hostcheck.Host{QEMU: hostcheck.Probe{OK: true}, Tun: hostcheck.Probe{OK: true}, NFTables: hostcheck.Probe{OK: true}},
-		hostcheck.Settings{ProgramHypervisor: "auto", InstanceDefault: execution.QEMU, UseJailer: true})
-	ref := r.ext4Instance(execution.Firecracker, 128)
+		hostcheck.Settings{ProgramHypervisor: "auto", InstanceDefault: hypervisor.QEMU, UseJailer: true})
+	ref := r.ext4Instance(hypervisor.Firecracker, 128)
 	err := r.manager().Start(ctx, ref)
 	var e *execution.Error
 	if !asError(err, &e) || e.Status != 503 || !strings.Contains(err.Error(), "no KVM that runs ordinary guests") || !strings.Contains(err.Error(), "firecracker") {

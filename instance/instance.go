@@ -314,13 +314,13 @@ func (m *Manager) hypervisor(ctx context.Context, ref message.ItemHash, c *messa
 	if c.Environment.Hypervisor != nil {
 		asked = string(*c.Environment.Hypervisor)
 	}
-	name := execution.QEMU
+	name := hypervisor.QEMU
 	if m.opts.Choose != nil {
 		var err error
 		if name, err = m.opts.Choose.ForInstance(asked); err != nil {
 			return nil, &execution.Error{Status: 503, Msg: fmt.Sprintf("instance %s cannot run on this node (see alephvm doctor)", ref), Err: err}
 		}
-	} else if asked != "" && asked != execution.QEMU {
+	} else if asked != "" && asked != hypervisor.QEMU {
 		return nil, &execution.Error{Status: 503, Msg: fmt.Sprintf("instance %s asks for %s, which this node does not run", ref, asked)}
 	}
 	return m.opts.Hypervisors.Get(name)
@@ -341,7 +341,7 @@ func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv executi
 		}
 		return err
 	}
-	if hv.Name() != execution.Firecracker {
+	if hv.Name() != hypervisor.Firecracker {
 		rootfs := filepath.Join(disks, "rootfs.qcow2")
 		if err := m.opts.Disks.CreateOverlay(ctx, base, rootfs, sizeMiB); err != nil {
 			return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)

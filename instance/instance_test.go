@@ -21,6 +21,7 @@ import (
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/internal/backends"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/internal/teststore"
@@ -65,7 +66,7 @@ func newRig(t testing.TB) *rig {
 	fw := network.NewFirewall("lo", netip.MustParsePrefix("172.16.0.0/12"))
 	t.Cleanup(func() { fw.Remove() })
 	return &rig{t: t, dir: dir, st: st, records: execution.NewRecords(database),
-		hvs: execution.Hypervisors{execution.QEMU: execution.QEMUBackend(driver)}, fw: fw, log: log}
+		hvs: execution.Hypervisors{hypervisor.QEMU: backends.QEMUBackend(driver)}, fw: fw, log: log}
 }
 
 // manager is one node process's instance manager; a second one over the

@@ -85,7 +85,7 @@ type startingHypervisor struct {
 	onStart    func() // called once the VM has started
 }
 
-func (h *startingHypervisor) Name() string { return execution.QEMU }
+func (h *startingHypervisor) Name() string { return hypervisor.QEMU }
 func (h *startingHypervisor) Start(ctx context.Context, spec hypervisor.Spec) (execution.VM, error) {
 	if h.records != nil {
 		recs, err := h.records.List(ctx, execution.KindProgram)
@@ -229,7 +229,7 @@ func (s *countingStore) Fetch(ctx context.Context, ref message.ItemHash, useLate
 func TestNothingDownloadedBeforeAdmission(t *testing.T) {
 	st, ref := programStore(t)
 	counting := &countingStore{Store: st}
-	l := New(Options{Store: counting, Hypervisor: &fakeHypervisor{name: execution.QEMU}, Networks: &fakeNetworks{}, Kernel: testKernel,
+	l := New(Options{Store: counting, Hypervisor: &fakeHypervisor{name: hypervisor.QEMU}, Networks: &fakeNetworks{}, Kernel: testKernel,
 		RunDir: t.TempDir(), VolumesDir: t.TempDir(), Logs: NewLogArchive(10), Log: slog.New(slog.DiscardHandler)})
 	p := pool.New(pool.Options{Launcher: l, Capacity: pool.Capacity{MemoryMiB: 128, VCPUs: 4}, Log: slog.New(slog.DiscardHandler)})
 	if _, err := p.Acquire(context.Background(), ref); !errors.Is(err, pool.ErrInsufficientCapacity) {

@@ -110,8 +110,8 @@ func TestBootSpec(t *testing.T) {
 		t.Skip("mkfs.ext4 is not installed (Debian: e2fsprogs): the ephemeral volume needs it")
 	}
 	for _, tc := range []struct{ hv, kernel string }{
-		{execution.QEMU, "/k/bzImage"},
-		{execution.Firecracker, "/k/vmlinux"},
+		{hypervisor.QEMU, "/k/bzImage"},
+		{hypervisor.Firecracker, "/k/vmlinux"},
 	} {
 		t.Run(tc.hv, func(t *testing.T) {
 			st, ref := programStore(t)
@@ -160,7 +160,7 @@ func TestBootRefusals(t *testing.T) {
 		want string
 	}{
 		{"no hypervisor", Options{Unavailable: why, Kernel: testKernel}, "no KVM"},
-		{"no vmlinux for firecracker", Options{Hypervisor: &fakeHypervisor{name: execution.Firecracker},
+		{"no vmlinux for firecracker", Options{Hypervisor: &fakeHypervisor{name: hypervisor.Firecracker},
 			Kernel: execution.Kernel{Kernel: "/k/bzImage", Initrd: "/k/initramfs"}}, "no kernel image for firecracker"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -189,7 +189,7 @@ func TestBootRefusals(t *testing.T) {
 func bootWith(t *testing.T, st *store.Store, ref message.ItemHash, volumes string, disks storage.Disks) (hypervisor.Spec, *fakeNetworks, error) {
 	t.Helper()
 	nets := &fakeNetworks{}
-	hv := &fakeHypervisor{name: execution.QEMU}
+	hv := &fakeHypervisor{name: hypervisor.QEMU}
 	l := New(Options{Store: st, Hypervisor: hv, Networks: nets, Kernel: testKernel, RunDir: t.TempDir(),
 		VolumesDir: volumes, Disks: disks, Logs: NewLogArchive(10), Log: slog.New(slog.DiscardHandler)})
 	ctx := context.Background()

@@ -17,7 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/alephvm/alephvm/assets"
-	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/store"
 )
@@ -72,7 +72,7 @@ in an allocation.`,
 			environment := message.Environment{Internet: internet}
 			switch hv {
 			case "":
-			case execution.QEMU, execution.Firecracker:
+			case hypervisor.QEMU, hypervisor.Firecracker:
 				h := message.Hypervisor(hv)
 				environment.Hypervisor = &h
 			default:
@@ -133,7 +133,7 @@ in an allocation.`,
 	create.Flags().BoolVar(&internet, "internet", false, "let the VM open connections to the outside world")
 	create.Flags().IntSliceVar(&ports, "publish", nil, "guest TCP ports to forward from the host, besides 22 (repeatable)")
 	create.Flags().StringVar(&name, "name", "", "a name for the instance, kept in its metadata")
-	create.Flags().StringVar(&hv, "hypervisor", execution.QEMU, "qemu or firecracker; empty: the node's INSTANCE_DEFAULT_HYPERVISOR")
+	create.Flags().StringVar(&hv, "hypervisor", hypervisor.QEMU, "qemu or firecracker; empty: the node's INSTANCE_DEFAULT_HYPERVISOR")
 	_ = create.MarkFlagRequired("image")
 	cmd.AddCommand(create)
 	return cmd

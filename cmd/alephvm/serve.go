@@ -26,9 +26,11 @@ import (
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hostcheck"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/instance"
+	"github.com/alephvm/alephvm/internal/backends"
 	"github.com/alephvm/alephvm/internal/sdnotify"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
@@ -265,7 +267,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 		if err != nil {
 			return plan, nil, err
 		}
-		hvs[execution.QEMU] = execution.QEMUBackend(driver)
+		hvs[hypervisor.QEMU] = backends.QEMUBackend(driver)
 	}
 	if plan.Firecracker.Usable {
 		driver, err := firecracker.New(firecracker.Options{
@@ -275,7 +277,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 		if err != nil {
 			return plan, nil, err
 		}
-		hvs[execution.Firecracker] = execution.FirecrackerBackend(driver)
+		hvs[hypervisor.Firecracker] = backends.FirecrackerBackend(driver)
 	}
 	log.Info("hypervisors", "qemu", plan.QEMU.Why, "firecracker", plan.Firecracker.Why,
 		"programs", plan.Programs.Hypervisor, "instances_default", plan.Instances.Hypervisor, "firecracker_disks", plan.RawDisks)
