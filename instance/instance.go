@@ -196,11 +196,13 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		}
 		made.AddFunc("admission", release)
 	}
+	timing := execution.StartTiming()
 	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
 	if err != nil {
 		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
 	}
 	made.AddFunc("base image", parent.Release)
+	timing.Done("fetch")
 
 	disks := filepath.Join(m.opts.VolumesDir, string(ref))
 	if err := os.MkdirAll(disks, 0o700); err != nil {
@@ -215,6 +217,11 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		return err
 	}
 	made.AddFunc("root disk", func() { releaseDisk(disk, m.opts.Log) })
+	boot, err := m.boot(form, hv, disks)
+	if err != nil {
+		return err
+	}
+	timing.Done("root disk")
 
 	var held []network.Forward
 	if rec, err := m.opts.Records.Get(ctx, ref); err == nil {
@@ -226,24 +233,13 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		return fmt.Errorf("network: %w", err)
 	}
 	made.Add("network", func(context.Context) error { return m.opts.Networks.Detach(string(ref)) })
+	timing.Done("network")
 
 	runDir := filepath.Join(m.opts.RunDir, "i-"+string(ref)[:16])
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return err
 	}
-	seed := filepath.Join(disks, "cidata.iso")
-	keys := append(append([]string{}, c.AuthorizedKeys...), m.opts.DeveloperKeys...)
-	err = cloudinit.WriteSeed(seed, cloudinit.Config{
-		InstanceID:     "iid-alephvm-" + string(ref)[:16],
-		Hostname:       "vm-" + string(ref)[:8],
-		AuthorizedKeys: keys,
-		Internet:       c.Environment.Internet,
-		Network:        cloudinit.Network{MAC: att.MAC(), Address: att.GuestPrefix(), Gateway: att.Host, DNS: m.opts.DNS},
-	})
-	if err != nil {
-		return err
-	}
-	drives := []hypervisor.Drive{root, {Path: seed, ReadOnly: true, Serial: "cidata"}}
+	var volumes []hypervisor.Drive
 	for i, vol := range c.Volumes {
 		d, release, err := m.volume(ctx, ref, disks, runDir, i, vol)
 		if err != nil {
@@ -252,31 +248,15 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		if release != nil {
 			made.AddFunc(fmt.Sprintf("volume %d", i), release)
 		}
-		drives = append(drives, d)
+		volumes = append(volumes, d)
 	}
-	spec := hypervisor.Spec{
-		Name: "inst-" + string(ref)[:12], Dir: runDir,
-		VCPUs: int(c.Resources.VCPUs), MemoryMiB: int(c.Resources.MemoryMiB),
-		Drives: drives,
-		NICs:   []hypervisor.NIC{{Tap: att.Tap, MAC: att.MAC()}},
+	seed, spec := instanceSpec(instanceInputs{Ref: ref, Content: c, Root: root, Seed: filepath.Join(disks, "cidata.iso"), Volumes: volumes,
+		Network: att, Boot: boot, RunDir: runDir, DNS: m.opts.DNS, DeveloperKeys: m.opts.DeveloperKeys})
+	if err := cloudinit.WriteSeed(spec.Drives[1].Path, seed); err != nil {
+		return err
 	}
-	switch form {
-	case formExt4:
-		if spec.Boot, err = m.opts.DirectBoot.Boot(hv.Name()); err != nil {
-			return &execution.Error{Status: 503, Msg: "this node has no kernel to boot a bare ext4 base image (alephvm base-image build)", Err: err}
-		}
-	case formUEFI:
-		if m.opts.UEFICode == "" {
-			return &execution.Error{Status: 503, Msg: "this node has no UEFI firmware to boot a GPT base image (UEFI_FIRMWARE_CODE)"}
-		}
-		vars := filepath.Join(disks, "efivars.fd")
-		if _, err := os.Stat(vars); errors.Is(err, os.ErrNotExist) {
-			if _, err := storage.CloneFile(m.opts.UEFIVars, vars); err != nil {
-				return fmt.Errorf("UEFI variable store: %w", err)
-			}
-		}
-		spec.Boot = hypervisor.Boot{FirmwareCode: m.opts.UEFICode, FirmwareVars: vars}
-	}
+	timing.Done("volumes")
+
 	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: hv.Name(),
 		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap,
 		IPv4Network: att.Network.String(), IPv4: att.Guest.String(), VMDir: runDir, Forwards: att.Forwards}
@@ -284,18 +264,47 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	if err := m.opts.Records.Put(ctx, rec); err != nil {
 		return err
 	}
+	made.Add("record", func(ctx context.Context) error {
+		return m.opts.Records.SetState(context.WithoutCancel(ctx), ref, execution.StateStopped)
+	})
 	vm, err := hv.Start(ctx, spec)
 	if err != nil {
-		_ = m.opts.Records.SetState(context.WithoutCancel(ctx), ref, execution.StateStopped)
 		return err
 	}
 	if err := m.opts.Records.SetState(ctx, ref, execution.StateRunning); err != nil {
 		_ = vm.Stop(context.WithoutCancel(ctx), nil, hypervisor.StopTimeouts{Quit: 5 * time.Second, Kill: 5 * time.Second})
 		return err
 	}
-	log.Info("instance started", "hypervisor", hv.Name(), "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form)
+	timing.Done("hypervisor")
+	log.Info("instance started", "hypervisor", hv.Name(), "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form, "phases", timing)
 	m.track(&instanceVM{ref: ref, vm: vm, made: made, done: make(chan struct{})})
 	return nil
+}
+
+// boot is how an instance of base image form boots under hv: the node's
+// direct kernel for a bare ext4 image, its UEFI firmware (with the
+// instance's own variable store in disks) for a partitioned one.
+func (m *Manager) boot(form baseForm, hv execution.Hypervisor, disks string) (hypervisor.Boot, error) {
+	switch form {
+	case formExt4:
+		boot, err := m.opts.DirectBoot.Boot(hv.Name())
+		if err != nil {
+			return boot, &execution.Error{Status: 503, Msg: "this node has no kernel to boot a bare ext4 base image (alephvm base-image build)", Err: err}
+		}
+		return boot, nil
+	case formUEFI:
+		if m.opts.UEFICode == "" {
+			return hypervisor.Boot{}, &execution.Error{Status: 503, Msg: "this node has no UEFI firmware to boot a GPT base image (UEFI_FIRMWARE_CODE)"}
+		}
+		vars := filepath.Join(disks, "efivars.fd")
+		if _, err := os.Stat(vars); errors.Is(err, os.ErrNotExist) {
+			if _, err := storage.CloneFile(m.opts.UEFIVars, vars); err != nil {
+				return hypervisor.Boot{}, fmt.Errorf("UEFI variable store: %w", err)
+			}
+		}
+		return hypervisor.Boot{FirmwareCode: m.opts.UEFICode, FirmwareVars: vars}, nil
+	}
+	return hypervisor.Boot{}, nil
 }
 
 // hypervisor returns the backend of instance ref. An instance keeps the
@@ -516,9 +525,6 @@ func (m *Manager) release(iv *instanceVM, why string) {
 	if err := iv.made.Release(ctx); err != nil {
 		m.opts.Log.Error("release instance", "ref", iv.ref, "err", err)
 	}
-	if err := m.opts.Records.SetState(ctx, iv.ref, execution.StateStopped); err != nil {
-		m.opts.Log.Error("record instance stop", "ref", iv.ref, "err", err)
-	}
 	m.opts.Log.Info("instance stopped", "ref", iv.ref, "why", why)
 	close(iv.done)
 }
@@ -654,6 +660,9 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		made.AddFunc("root disk", func() { releaseDisk(disk, m.opts.Log) })
 	}
 	made.Add("network", func(context.Context) error { return m.opts.Networks.Detach(string(rec.Ref)) })
+	made.Add("record", func(ctx context.Context) error {
+		return m.opts.Records.SetState(ctx, rec.Ref, execution.StateStopped)
+	})
 	m.track(&instanceVM{ref: rec.Ref, vm: vm, made: made, done: make(chan struct{})})
 	return nil
 }

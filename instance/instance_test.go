@@ -498,3 +498,80 @@ func TestStoppedInstanceReleasesItsVolumes(t *testing.T) {
 		t.Error("the volume of a stopped instance is still pinned")
 	}
 }
+
+// failingBackend is a backend whose VMs never start.
+type failingBackend struct{ execution.Hypervisor }
+
+func (failingBackend) Start(context.Context, hypervisor.Spec) (execution.VM, error) {
+	return nil, errors.New("the hypervisor refused the VM")
+}
+
+// TestStartFailuresLeaveNothing: an instance whose start fails after its
+// admission, base image, root disk and network were taken gives each back.
+func TestStartFailuresLeaveNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		rig  func(*rig)
+		want string
+	}{
+		{"hypervisor fails", func(r *rig) { r.hvs[hypervisor.QEMU] = failingBackend{r.hvs[hypervisor.QEMU]} }, "refused the VM"},
+		{"volume cannot be made", nil, "volume 0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t)
+			ctx := context.Background()
+			ref := r.instanceMessage(64)
+			if tc.rig != nil {
+				tc.rig(r)
+			} else {
+				// The disk keeps all but 512 MiB free: the root disk fits,
+				// a volume of 2 GiB does not.
+				var fs syscall.Statfs_t
+				if err := syscall.Statfs(r.dir, &fs); err != nil {
+					t.Fatal(err)
+				}
+				r.disks = storage.Disks{Floor: int64(fs.Bavail)*fs.Bsize - 512<<20}
+				ref = r.storeInstance(map[string]any{
+					"address": "0x1", "time": 1700000005, "allow_amend": false,
+					"environment": map[string]any{"internet": false, "hypervisor": "qemu"},
+					"resources":   map[string]any{"vcpus": 1, "memory": 128, "seconds": 30},
+					"rootfs":      map[string]any{"parent": map[string]any{"ref": string(r.mbrBase()), "use_latest": false}, "persistence": "host", "size_mib": 64},
+					"volumes":     []any{map[string]any{"name": "big", "persistence": "host", "size_mib": 2048, "mount": "/big"}},
+				})
+			}
+			m := r.manager()
+			adm := execution.NewAdmission(execution.Capacity{MemoryMiB: 1024, VCPUs: 4})
+			m.opts.Admission = adm
+			if err := m.Start(ctx, ref); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("start: %v, want an error saying %q", err, tc.want)
+			}
+			if used := adm.Used(); used != (execution.Capacity{}) {
+				t.Errorf("the failed start holds %+v", used)
+			}
+			if _, err := net.InterfaceByName("avm4"); err == nil {
+				t.Error("tap left")
+			}
+			if rec, err := r.records.Get(ctx, ref); err == nil && rec.State != execution.StateStopped {
+				t.Errorf("record %s", rec.State)
+			}
+			if m.Running(ref) {
+				t.Error("running")
+			}
+			msg, _, _ := r.st.Message(ctx, ref)
+			item, err := r.st.Fetch(ctx, msg.Content.(*message.InstanceContent).Rootfs.Parent.Ref, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := item.Path
+			item.Release()
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+				t.Error("the base image is still pinned")
+			}
+		})
+	}
+}
