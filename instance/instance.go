@@ -241,7 +241,7 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 	}
 	var volumes []hypervisor.Drive
 	for i, vol := range c.Volumes {
-		d, release, err := m.volume(ctx, ref, disks, runDir, i, vol)
+		d, release, err := m.volume(ctx, disks, runDir, i, vol)
 		if err != nil {
 			return fmt.Errorf("volume %d: %w", i, err)
 		}
@@ -745,36 +745,21 @@ func rawForm(path string) (baseForm, error) {
 }
 
 // volume prepares one volume of an instance.
-func (m *Manager) volume(ctx context.Context, ref message.ItemHash, disks, runDir string, i int, vol message.MachineVolume) (hypervisor.Drive, func(), error) {
+func (m *Manager) volume(ctx context.Context, disks, runDir string, i int, vol message.MachineVolume) (hypervisor.Drive, func(), error) {
 	serial := fmt.Sprintf("vol%d", i)
-	switch vol.Kind() {
-	case message.VolumeImmutable:
-		item, err := m.opts.Store.Fetch(ctx, vol.Ref, vol.UseLatest)
-		if err != nil {
-			return hypervisor.Drive{}, nil, execution.StoreError("Volume", vol.Ref, err)
-		}
-		return hypervisor.Drive{Path: item.Path, ReadOnly: true, Serial: serial}, item.Release, nil
-	case message.VolumeEphemeral:
-		path := filepath.Join(runDir, serial+".ext4")
-		_ = os.Remove(path)
-		if err := m.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, serial); err != nil {
-			return hypervisor.Drive{}, nil, err
-		}
-		return hypervisor.Drive{Path: path, Serial: serial}, func() { _ = os.Remove(path) }, nil
-	default:
-		if vol.Persistence != nil && *vol.Persistence == message.PersistenceStore {
-			return hypervisor.Drive{}, nil, &execution.Error{Status: 400, Msg: "volumes kept on the network (persistence: store) are not supported"}
-		}
+	place := execution.VolumePlace{Path: filepath.Join(runDir, serial+".ext4"), Label: serial}
+	if vol.Kind() == message.VolumePersistent {
 		name, label := "", serial
 		if vol.Name != nil && *vol.Name != "" {
 			name, label = *vol.Name, execution.SafeName.ReplaceAllString(*vol.Name, "_")
 		}
-		path := filepath.Join(disks, "volume-"+storage.VolumeFileName(name, i)+".ext4")
-		if err := m.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, label); err != nil {
-			return hypervisor.Drive{}, nil, err
-		}
-		return hypervisor.Drive{Path: path, Serial: serial}, nil, nil
+		place = execution.VolumePlace{Path: filepath.Join(disks, "volume-"+storage.VolumeFileName(name, i)+".ext4"), Label: label}
 	}
+	v, err := execution.PrepareVolume(ctx, m.opts.Store, m.opts.Disks, vol, place)
+	if err != nil {
+		return hypervisor.Drive{}, nil, err
+	}
+	return hypervisor.Drive{Path: v.Path, ReadOnly: v.ReadOnly, Serial: serial}, v.Release, nil
 }
 
 // AllocationResult is the reference's answer to an allocation.

@@ -407,11 +407,11 @@ func (v *programVM) fetchAll(ctx context.Context, c *message.ProgramContent) (pr
 		if vol.Kind() != message.VolumeImmutable {
 			continue
 		}
-		item, err := v.fetch(ctx, "volume", vol.Ref, vol.UseLatest)
+		d, err := v.volume(ctx, i, vol)
 		if err != nil {
 			return f, fmt.Errorf("volume %d: %w", i, err)
 		}
-		f.volumes[i] = drivePlan{item.Path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatSquashfs, Mount: volumeMount(i, vol), ReadOnly: true}}
+		f.volumes[i] = d
 	}
 	return f, nil
 }
@@ -432,40 +432,35 @@ func volumeName(i int, vol message.MachineVolume) string {
 	return fmt.Sprintf("volume-%d", i)
 }
 
-// volume makes one writable volume of the message: an ephemeral one
-// fresh in the VM's directory, a persistent one kept under VolumesDir for
-// the program.
+// volume prepares one volume of the message: an immutable one fetched,
+// an ephemeral one made fresh in the VM's directory, a persistent one kept
+// under VolumesDir for the program.
 func (v *programVM) volume(ctx context.Context, i int, vol message.MachineVolume) (drivePlan, error) {
-	mount := volumeMount(i, vol)
-	switch vol.Kind() {
-	case message.VolumeEphemeral:
-		path := filepath.Join(v.dir, fmt.Sprintf("ephemeral-%d.ext4", i))
-		if err := v.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, ""); err != nil {
-			return drivePlan{}, err
-		}
-		return drivePlan{path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount}}, nil
-	default:
-		if vol.Persistence != nil && *vol.Persistence == message.PersistenceStore {
-			return drivePlan{}, &execution.Error{Status: 400, Msg: "persistent volumes kept on the network (persistence: store) are not supported"}
-		}
-		if vol.Parent != nil {
-			return drivePlan{}, &execution.Error{Status: 400, Msg: "persistent volumes with a parent are not supported for programs"}
-		}
-		dir := filepath.Join(v.opts.VolumesDir, string(v.ref))
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return drivePlan{}, err
-		}
+	name := volumeName(i, vol)
+	place := execution.VolumePlace{Path: filepath.Join(v.dir, fmt.Sprintf("ephemeral-%d.ext4", i))}
+	persistent := vol.Kind() == message.VolumePersistent
+	if persistent {
 		file := storage.VolumeFileName("", i)
 		if vol.Name != nil {
 			file = storage.VolumeFileName(*vol.Name, i)
 		}
-		path := filepath.Join(dir, file+".ext4")
-		name := volumeName(i, vol)
-		if err := v.opts.Disks.CreateVolume(ctx, path, vol.SizeMiB, name); err != nil {
-			return drivePlan{}, err
-		}
-		return drivePlan{path, guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: mount, Persistent: true, Name: name}}, nil
+		place = execution.VolumePlace{Path: filepath.Join(v.opts.VolumesDir, string(v.ref), file+".ext4"), Label: name}
 	}
+	prepared, err := execution.PrepareVolume(ctx, v.opts.Store, v.opts.Disks, vol, place)
+	if err != nil {
+		return drivePlan{}, err
+	}
+	if prepared.Release != nil {
+		v.made.AddFunc("volume "+strconv.Itoa(i), prepared.Release)
+	}
+	d := guest.Drive{Role: guest.RoleVolume, Format: guest.FormatExt4, Mount: volumeMount(i, vol), ReadOnly: prepared.ReadOnly}
+	switch {
+	case prepared.ReadOnly:
+		d.Format = guest.FormatSquashfs
+	case persistent:
+		d.Persistent, d.Name = true, name
+	}
+	return drivePlan{prepared.Path, d}, nil
 }
 
 // Target implements pool.Program.
