@@ -197,3 +197,24 @@ func scanRecords(rows *sql.Rows) ([]Record, error) {
 	}
 	return out, rows.Err()
 }
+
+// EachLive calls fn with every record of kind not recorded stopped (the
+// VMs an earlier node process left, running or not), and joins the
+// errors, each with its ref: the start-up loops of programs (stopping
+// them) and instances (taking them back) go through it.
+func (r *Records) EachLive(ctx context.Context, kind Kind, fn func(Record) error) error {
+	recs, err := r.List(ctx, kind)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, rec := range recs {
+		if rec.State == StateStopped {
+			continue
+		}
+		if err := fn(rec); err != nil {
+			errs = append(errs, fmt.Errorf("%s %s: %w", kind, rec.Ref, err))
+		}
+	}
+	return errors.Join(errs...)
+}

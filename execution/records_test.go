@@ -6,10 +6,14 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"sort"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/alephvm/alephvm/db"
+	"github.com/alephvm/alephvm/internal/teststore"
+	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 )
 
@@ -69,5 +73,34 @@ func TestRecords(t *testing.T) {
 	}
 	if got, _ := r.Get(ctx, "cc"); got.NetIndex != -1 || got.Forwards != nil && len(got.Forwards) != 0 {
 		t.Errorf("%+v", got)
+	}
+}
+
+func TestEachLive(t *testing.T) {
+	ctx := context.Background()
+	_, db := teststore.Open(t, t.TempDir())
+	r := NewRecords(db)
+	for ref, state := range map[message.ItemHash]State{"aa": StateRunning, "bb": StateStopped, "cc": StateStarting} {
+		if err := r.Put(ctx, Record{Ref: ref, Kind: KindProgram, State: state, NetIndex: -1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.Put(ctx, Record{Ref: "dd", Kind: KindInstance, State: StateRunning, NetIndex: -1}); err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	err := r.EachLive(ctx, KindProgram, func(rec Record) error {
+		seen = append(seen, string(rec.Ref))
+		if rec.Ref == "cc" {
+			return errors.New("gone")
+		}
+		return nil
+	})
+	sort.Strings(seen)
+	if strings.Join(seen, ",") != "aa,cc" {
+		t.Errorf("saw %v", seen)
+	}
+	if err == nil || err.Error() != "program cc: gone" {
+		t.Errorf("error %v", err)
 	}
 }

@@ -608,20 +608,9 @@ func (m *Manager) Erase(ctx context.Context, ref message.ItemHash) (err error) {
 // forwards kept); one that died meanwhile, or whose host rebooted, is
 // started again.
 func (m *Manager) Restore(ctx context.Context) error {
-	recs, err := m.opts.Records.List(ctx, execution.KindInstance)
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, rec := range recs {
-		if rec.State == execution.StateStopped {
-			continue
-		}
-		if err := m.restore(ctx, rec); err != nil {
-			errs = append(errs, fmt.Errorf("instance %s: %w", rec.Ref, err))
-		}
-	}
-	return errors.Join(errs...)
+	return m.opts.Records.EachLive(ctx, execution.KindInstance, func(rec execution.Record) error {
+		return m.restore(ctx, rec)
+	})
 }
 
 func (m *Manager) restore(ctx context.Context, rec execution.Record) error {

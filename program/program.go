@@ -10,7 +10,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -510,33 +509,20 @@ func (p *Launcher) EraseVolumes(ref message.ItemHash) error {
 // (programs do not survive the node), each through the backend its record
 // names, and records them stopped.
 func (p *Launcher) StopOrphans(ctx context.Context, hvs execution.Hypervisors) error {
-	recs, err := p.opts.Records.List(ctx, execution.KindProgram)
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, rec := range recs {
-		if rec.State == execution.StateStopped {
-			continue
-		}
+	return p.opts.Records.EachLive(ctx, execution.KindProgram, func(rec execution.Record) error {
 		hv, err := hvs.Get(rec.HypervisorName())
 		if err != nil {
-			errs = append(errs, fmt.Errorf("program %s: %w", rec.Ref, err))
-			continue
+			return err
 		}
 		if vm, err := hv.Attach(ctx, rec.VMDir); err == nil {
 			p.opts.Log.Info("stopping a program left running by an earlier node", "ref", rec.Ref, "hypervisor", hv.Name())
 			if err := vm.Stop(ctx, nil, hypervisor.StopTimeouts{Shutdown: time.Second, Quit: 10 * time.Second, Kill: 5 * time.Second}); err != nil {
-				errs = append(errs, err)
-				continue
+				return err
 			}
 		}
 		if rec.VMDir != "" {
 			_ = os.RemoveAll(rec.VMDir)
 		}
-		if err := p.opts.Records.SetState(ctx, rec.Ref, execution.StateStopped); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
+		return p.opts.Records.SetState(ctx, rec.Ref, execution.StateStopped)
+	})
 }
