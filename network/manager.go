@@ -1,6 +1,7 @@
 package network
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,6 +10,8 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+
+	"github.com/alephvm/alephvm/internal/release"
 )
 
 // Manager gives each VM its network: an allocation from the pool, its tap,
@@ -76,31 +79,32 @@ func (m *Manager) Attach(owner string, index int, internet bool, ports []PortReq
 	if err != nil {
 		return Attachment{}, err
 	}
-	v := &vmNet{alloc: alloc, internet: internet}
-	undo := func() {
-		m.releasePortsLocked(owner)
-		delete(m.vms, owner)
-		m.pool.Release(alloc.Index)
-	}
-	if v.forwards, err = m.takePortsLocked(owner, ports); err != nil {
-		undo()
+	// Each step's undo is added once it is done; a later failure runs
+	// them in reverse.
+	var made release.List
+	made.AddFunc("address", func() { m.pool.Release(alloc.Index) })
+	fail := func(err error) (Attachment, error) {
+		_ = made.Release(context.Background())
 		return Attachment{}, err
+	}
+	v := &vmNet{alloc: alloc, internet: internet}
+	// Ports taken before a failure are given back too.
+	made.AddFunc("ports", func() { m.releasePortsLocked(owner) })
+	if v.forwards, err = m.takePortsLocked(owner, ports); err != nil {
+		return fail(err)
 	}
 	if index < 0 || !tapExists(alloc.Tap) {
 		if err := CreateTap(alloc.Tap, alloc.HostPrefix()); err != nil {
-			undo()
-			return Attachment{}, err
+			return fail(err)
 		}
+		made.Add("tap", func(context.Context) error { return DeleteTap(alloc.Tap) })
 	} else if err := hardenTap(alloc.Tap); err != nil { // a tap made by an older node
-		undo()
-		return Attachment{}, err
+		return fail(err)
 	}
 	m.vms[owner] = v
+	made.AddFunc("rules", func() { delete(m.vms, owner) })
 	if err := m.applyLocked(); err != nil {
-		delete(m.vms, owner)
-		_ = DeleteTap(alloc.Tap)
-		undo()
-		return Attachment{}, err
+		return fail(err)
 	}
 	return Attachment{Allocation: alloc, Forwards: v.forwards}, nil
 }

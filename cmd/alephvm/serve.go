@@ -31,6 +31,7 @@ import (
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/internal/backends"
+	"github.com/alephvm/alephvm/internal/release"
 	"github.com/alephvm/alephvm/internal/sdnotify"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
@@ -186,7 +187,15 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if err != nil {
 		return nil, nil, err
 	}
-	cleanup := func() { database.Close() }
+	// What the start-up makes is released in reverse: all of it when a
+	// later step fails, by the returned cleanup once the node stops.
+	made := &release.List{}
+	made.Add("database", func(context.Context) error { return database.Close() })
+	cleanup := func() {
+		if err := made.Release(context.WithoutCancel(ctx)); err != nil {
+			log.Error("release the node's state", "err", err)
+		}
+	}
 	fail := func(err error) (*node, func(), error) {
 		cleanup()
 		return nil, nil, err
@@ -253,7 +262,8 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	}
 	sweep, stopSweep := context.WithCancel(ctx) // ends before the database closes
 	go st.Sweep(sweep, store.SweepInterval)
-	return n, func() { stopSweep(); cleanup() }, nil
+	made.AddFunc("store sweep", stopSweep)
+	return n, cleanup, nil
 }
 
 // buildHypervisors probes the host, decides which backends run here
