@@ -19,6 +19,7 @@ import (
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/console"
+	"github.com/alephvm/alephvm/internal/release"
 )
 
 // Options are the node-wide settings of the Firecracker backend.
@@ -164,19 +165,24 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 	if err := writeRuntimeFiles(spec.Dir, cfg); err != nil {
 		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
 	}
+	// What the start makes is released in reverse when a later step
+	// fails. Once the VM exists, its watcher owns the jail and the
+	// console, and the list holds only the VM.
+	made := &release.List{}
+	defer func() {
+		if err != nil {
+			if rerr := made.Release(context.WithoutCancel(ctx)); rerr != nil {
+				d.log.Error("release a failed start", "vm", spec.Name, "err", rerr)
+			}
+		}
+	}()
 	var args []string
 	bin := d.firecracker
 	if st.Jail != nil {
 		if err := d.makeJail(st.Jail); err != nil {
 			return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
 		}
-		defer func() {
-			if err != nil {
-				if rerr := st.Jail.Remove(); rerr != nil {
-					d.log.Error("remove jail of a failed start", "vm", spec.Name, "err", rerr)
-				}
-			}
-		}()
+		made.Add("jail", func(context.Context) error { return st.Jail.Remove() })
 		bin, args = d.jailer, JailerArgs(st.Jail, d.firecracker, d.base, d.cgroupVersion, spec.VCPUs, spec.MemoryMiB)
 	} else {
 		args = []string{"--id", spec.Name, "--config-file", st.ConfigArg, "--api-sock", st.APISocket}
@@ -189,6 +195,8 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
 	}
+	// Firecracker's last words reach console.log once it has exited.
+	made.AddFunc("console", func() { pipe.wait(time.Second); pipe.Close() })
 	defer pipe.closeWriter()
 	// Not CommandContext: the VM must outlive the request that started
 	// it. Firecracker's stdout is the guest's serial console.
@@ -197,14 +205,15 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	started := time.Now()
 	if err := cmd.Start(); err != nil {
-		pipe.Close()
+		pipe.closeWriter()
 		return nil, fmt.Errorf("vm %s: start %s: %w", spec.Name, filepath.Base(bin), err)
 	}
 	pipe.started()
+	// fail releases first, so that the error carries the logs' last words.
 	fail := func(err error) error {
-		// Firecracker's last words reach console.log once it has exited.
-		pipe.wait(time.Second)
-		pipe.Close()
+		if rerr := made.Release(context.WithoutCancel(ctx)); rerr != nil {
+			d.log.Error("release a failed start", "vm", spec.Name, "err", rerr)
+		}
 		return fmt.Errorf("vm %s: %w%s", spec.Name, err, logTails(spec.Dir))
 	}
 	// Unjailed, Firecracker is this child: its pidfd is opened before
@@ -240,6 +249,14 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 		return nil, fail(err)
 	}
 	vm := newVM(spec.Dir, st, proc, pipe, d.log)
+	made = &release.List{}
+	made.Add("vm", func(context.Context) error {
+		_ = vm.signal(syscall.SIGKILL)
+		<-vm.done // the VM's watcher removes the jail
+		pipe.wait(time.Second)
+		pipe.Close()
+		return nil
+	})
 	waitCtx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	err = hypervisor.WaitFor(waitCtx, "firecracker API socket", vm.done, func(ctx context.Context) error {
@@ -253,10 +270,7 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 		err = writeState(spec.Dir, st)
 	}
 	if err != nil {
-		_ = vm.signal(syscall.SIGKILL)
-		<-vm.done // the VM's watcher removes the jail
-		err = fail(err)
-		return nil, err
+		return nil, fail(err)
 	}
 	d.log.Info("vm started", "vm", spec.Name, "pid", st.PID, "jailed", st.Jail != nil, "took", time.Since(started).Round(time.Millisecond))
 	return vm, nil
