@@ -158,126 +158,193 @@ func (m *Manager) Start(ctx context.Context, ref message.ItemHash) (err error) {
 }
 
 func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int) (err error) {
-	log := m.opts.Log.With("ref", ref)
-	msg, _, err := m.opts.Store.Message(ctx, ref)
-	if err != nil {
-		return execution.StoreError("Message", ref, err)
-	}
-	c, ok := msg.Content.(*message.InstanceContent)
-	if !ok {
-		return &execution.Error{Status: 400, Msg: fmt.Sprintf("Message %s is a %s, not an INSTANCE", ref, msg.Type)}
-	}
-	hv, err := m.hypervisor(ctx, ref, c)
+	s, err := m.plan(ctx, ref, netIndex)
 	if err != nil {
 		return err
 	}
-	if c.Rootfs.Persistence != message.PersistenceHost {
-		return &execution.Error{Status: 400, Msg: "root filesystems kept on the network (persistence: store) are not supported"}
-	}
-	if limit := cmp.Or(m.opts.MaxPublishedPorts, DefaultMaxPublishedPorts); len(c.Resources.PublishedPorts) > limit {
-		return &execution.Error{Status: 400, Msg: fmt.Sprintf("the instance publishes %d ports: this node publishes at most %d per VM", len(c.Resources.PublishedPorts), limit)}
-	}
-
 	// Each release is added as what it releases is made: a failed start
 	// runs them, a started VM runs them once it is gone.
-	made := &release.List{}
 	defer func() {
 		if err != nil {
-			if rerr := made.Release(context.WithoutCancel(ctx)); rerr != nil {
-				log.Error("release a failed instance start", "err", rerr)
+			if rerr := s.made.Release(context.WithoutCancel(ctx)); rerr != nil {
+				s.log.Error("release a failed instance start", "err", rerr)
 			}
 		}
 	}()
-	need := execution.Capacity{MemoryMiB: int(c.Resources.MemoryMiB), VCPUs: int(c.Resources.VCPUs)}
-	if m.opts.Admission != nil {
-		release, err := m.opts.Admission.Admit("instance "+string(ref), need)
-		if err != nil {
-			return &execution.Error{Status: 503, Msg: err.Error(), Err: err}
+	for _, phase := range []struct {
+		name string
+		run  func(context.Context, *instanceStart) error
+	}{
+		{"admission", m.admit},
+		{"fetch", m.fetchBase},
+		{"root disk", m.makeRootDisk},
+		{"network", m.attach},
+		{"volumes", m.makeVolumes},
+		{"hypervisor", m.launch},
+	} {
+		if err := phase.run(ctx, s); err != nil {
+			return err
 		}
-		made.AddFunc("admission", release)
+		s.timing.Done(phase.name)
 	}
-	timing := execution.StartTiming()
-	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
-	if err != nil {
-		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
-	}
-	made.AddFunc("base image", parent.Release)
-	timing.Done("fetch")
+	s.log.Info("instance started", "hypervisor", s.hv.Name(), "ip", s.att.Guest, "tap", s.att.Tap, "forwards", s.att.Forwards,
+		"boot", s.form, "phases", s.timing)
+	m.track(&instanceVM{ref: ref, vm: s.vm, made: s.made, done: make(chan struct{})})
+	return nil
+}
 
-	disks := filepath.Join(m.opts.VolumesDir, string(ref))
-	if err := os.MkdirAll(disks, 0o700); err != nil {
-		return err
-	}
-	base, form, err := m.base(ctx, parent.Path, disks, log)
-	if err != nil {
-		return err
-	}
-	root, disk, err := m.rootDisk(ctx, ref, hv, base, form, disks, c.Rootfs.SizeMiB, log)
-	if err != nil {
-		return err
-	}
-	made.AddFunc("root disk", func() { releaseDisk(disk, m.opts.Log) })
-	boot, err := m.boot(form, hv, disks)
-	if err != nil {
-		return err
-	}
-	timing.Done("root disk")
+// instanceStart is one start of an instance, as its phases build it.
+type instanceStart struct {
+	ref      message.ItemHash
+	c        *message.InstanceContent
+	hv       execution.Hypervisor
+	netIndex int // the network found again after a restart, or -1
+	log      *slog.Logger
+	timing   *execution.Timing
+	made     *release.List
 
+	disks   string // the instance's disks directory
+	base    storage.Image
+	form    baseForm
+	root    hypervisor.Drive
+	boot    hypervisor.Boot
+	att     network.Attachment
+	runDir  string
+	volumes []hypervisor.Drive
+	spec    hypervisor.Spec
+	vm      execution.VM
+}
+
+// plan reads the instance's message and refuses what the node cannot run,
+// before anything is taken.
+func (m *Manager) plan(ctx context.Context, ref message.ItemHash, netIndex int) (*instanceStart, error) {
+	msg, _, err := m.opts.Store.Message(ctx, ref)
+	if err != nil {
+		return nil, execution.StoreError("Message", ref, err)
+	}
+	c, ok := msg.Content.(*message.InstanceContent)
+	if !ok {
+		return nil, &execution.Error{Status: 400, Msg: fmt.Sprintf("Message %s is a %s, not an INSTANCE", ref, msg.Type)}
+	}
+	hv, err := m.hypervisor(ctx, ref, c)
+	if err != nil {
+		return nil, err
+	}
+	if c.Rootfs.Persistence != message.PersistenceHost {
+		return nil, &execution.Error{Status: 400, Msg: "root filesystems kept on the network (persistence: store) are not supported"}
+	}
+	if limit := cmp.Or(m.opts.MaxPublishedPorts, DefaultMaxPublishedPorts); len(c.Resources.PublishedPorts) > limit {
+		return nil, &execution.Error{Status: 400, Msg: fmt.Sprintf("the instance publishes %d ports: this node publishes at most %d per VM", len(c.Resources.PublishedPorts), limit)}
+	}
+	return &instanceStart{ref: ref, c: c, hv: hv, netIndex: netIndex, log: m.opts.Log.With("ref", ref),
+		timing: execution.StartTiming(), made: &release.List{}}, nil
+}
+
+// admit holds the instance's share of the node's capacity.
+func (m *Manager) admit(_ context.Context, s *instanceStart) error {
+	if m.opts.Admission == nil {
+		return nil
+	}
+	need := execution.Capacity{MemoryMiB: int(s.c.Resources.MemoryMiB), VCPUs: int(s.c.Resources.VCPUs)}
+	release, err := m.opts.Admission.Admit("instance "+string(s.ref), need)
+	if err != nil {
+		return &execution.Error{Status: 503, Msg: err.Error(), Err: err}
+	}
+	s.made.AddFunc("admission", release)
+	return nil
+}
+
+// fetchBase fetches the base image (pinned until the VM is gone) and
+// links it among the instance's disks.
+func (m *Manager) fetchBase(ctx context.Context, s *instanceStart) error {
+	parent, err := m.opts.Store.Fetch(ctx, s.c.Rootfs.Parent.Ref, s.c.Rootfs.Parent.UseLatest)
+	if err != nil {
+		return execution.StoreError("Base image", s.c.Rootfs.Parent.Ref, err)
+	}
+	s.made.AddFunc("base image", parent.Release)
+	s.disks = filepath.Join(m.opts.VolumesDir, string(s.ref))
+	if err := os.MkdirAll(s.disks, 0o700); err != nil {
+		return err
+	}
+	s.base, s.form, err = m.base(ctx, parent.Path, s.disks, s.log)
+	return err
+}
+
+// makeRootDisk makes (or keeps) the root disk over the base, and chooses
+// how the VM boots.
+func (m *Manager) makeRootDisk(ctx context.Context, s *instanceStart) error {
+	root, disk, err := m.rootDisk(ctx, s.ref, s.hv, s.base, s.form, s.disks, s.c.Rootfs.SizeMiB, s.log)
+	if err != nil {
+		return err
+	}
+	s.root = root
+	s.made.AddFunc("root disk", func() { releaseDisk(disk, m.opts.Log) })
+	s.boot, err = m.boot(s.form, s.hv, s.disks)
+	return err
+}
+
+// attach gives the VM its network and port forwards; ports held before
+// keep their host ports.
+func (m *Manager) attach(ctx context.Context, s *instanceStart) error {
 	var held []network.Forward
-	if rec, err := m.opts.Records.Get(ctx, ref); err == nil {
+	if rec, err := m.opts.Records.Get(ctx, s.ref); err == nil {
 		held = rec.Forwards
 	}
-	ports := m.portRequests(ctx, ref, c, held, log)
-	att, err := m.opts.Networks.Attach(string(ref), netIndex, c.Environment.Internet, ports)
+	ports := m.portRequests(ctx, s.ref, s.c, held, s.log)
+	att, err := m.opts.Networks.Attach(string(s.ref), s.netIndex, s.c.Environment.Internet, ports)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	made.Add("network", func(context.Context) error { return m.opts.Networks.Detach(string(ref)) })
-	timing.Done("network")
+	s.att = att
+	s.made.Add("network", func(context.Context) error { return m.opts.Networks.Detach(string(s.ref)) })
+	return nil
+}
 
-	runDir := filepath.Join(m.opts.RunDir, "i-"+string(ref)[:16])
-	if err := os.MkdirAll(runDir, 0o700); err != nil {
+// makeVolumes prepares the message's volumes and writes the cloud-init
+// seed.
+func (m *Manager) makeVolumes(ctx context.Context, s *instanceStart) error {
+	s.runDir = filepath.Join(m.opts.RunDir, "i-"+string(s.ref)[:16])
+	if err := os.MkdirAll(s.runDir, 0o700); err != nil {
 		return err
 	}
-	var volumes []hypervisor.Drive
-	for i, vol := range c.Volumes {
-		d, release, err := m.volume(ctx, disks, runDir, i, vol)
+	for i, vol := range s.c.Volumes {
+		d, release, err := m.volume(ctx, s.disks, s.runDir, i, vol)
 		if err != nil {
 			return fmt.Errorf("volume %d: %w", i, err)
 		}
 		if release != nil {
-			made.AddFunc(fmt.Sprintf("volume %d", i), release)
+			s.made.AddFunc(fmt.Sprintf("volume %d", i), release)
 		}
-		volumes = append(volumes, d)
+		s.volumes = append(s.volumes, d)
 	}
-	seed, spec := instanceSpec(instanceInputs{Ref: ref, Content: c, Root: root, Seed: filepath.Join(disks, "cidata.iso"), Volumes: volumes,
-		Network: att, Boot: boot, RunDir: runDir, DNS: m.opts.DNS, DeveloperKeys: m.opts.DeveloperKeys})
-	if err := cloudinit.WriteSeed(spec.Drives[1].Path, seed); err != nil {
-		return err
-	}
-	timing.Done("volumes")
+	var seed cloudinit.Config
+	seed, s.spec = instanceSpec(instanceInputs{Ref: s.ref, Content: s.c, Root: s.root, Seed: filepath.Join(s.disks, "cidata.iso"),
+		Volumes: s.volumes, Network: s.att, Boot: s.boot, RunDir: s.runDir, DNS: m.opts.DNS, DeveloperKeys: m.opts.DeveloperKeys})
+	return cloudinit.WriteSeed(s.spec.Drives[1].Path, seed)
+}
 
-	rec := execution.Record{Ref: ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: hv.Name(),
-		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap,
-		IPv4Network: att.Network.String(), IPv4: att.Guest.String(), VMDir: runDir, Forwards: att.Forwards}
+// launch records the instance, then starts its VM: a node that dies
+// meanwhile leaves a record that finds the VM again.
+func (m *Manager) launch(ctx context.Context, s *instanceStart) error {
+	rec := execution.Record{Ref: s.ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: s.hv.Name(),
+		VCPUs: s.spec.VCPUs, MemoryMiB: s.spec.MemoryMiB, NetIndex: s.att.Index, Tap: s.att.Tap,
+		IPv4Network: s.att.Network.String(), IPv4: s.att.Guest.String(), VMDir: s.runDir, Forwards: s.att.Forwards}
 	// Put keeps the first record's creation time.
 	if err := m.opts.Records.Put(ctx, rec); err != nil {
 		return err
 	}
-	made.Add("record", func(ctx context.Context) error {
-		return m.opts.Records.SetState(context.WithoutCancel(ctx), ref, execution.StateStopped)
+	s.made.Add("record", func(ctx context.Context) error {
+		return m.opts.Records.SetState(context.WithoutCancel(ctx), s.ref, execution.StateStopped)
 	})
-	vm, err := hv.Start(ctx, spec)
+	vm, err := s.hv.Start(ctx, s.spec)
 	if err != nil {
 		return err
 	}
-	if err := m.opts.Records.SetState(ctx, ref, execution.StateRunning); err != nil {
+	if err := m.opts.Records.SetState(ctx, s.ref, execution.StateRunning); err != nil {
 		_ = vm.Stop(context.WithoutCancel(ctx), nil, hypervisor.StopTimeouts{Quit: 5 * time.Second, Kill: 5 * time.Second})
 		return err
 	}
-	timing.Done("hypervisor")
-	log.Info("instance started", "hypervisor", hv.Name(), "ip", att.Guest, "tap", att.Tap, "forwards", att.Forwards, "boot", form, "phases", timing)
-	m.track(&instanceVM{ref: ref, vm: vm, made: made, done: make(chan struct{})})
+	s.vm = vm
 	return nil
 }
 

@@ -162,6 +162,12 @@ type programVM struct {
 	vm     execution.VM
 	client *guest.Client
 	logs   *LogBuffer
+	// What start builds, phase after phase.
+	content *message.ProgramContent
+	boot    hypervisor.Boot
+	files   programFiles
+	spec    hypervisor.Spec
+	status  guest.Status // when the workload got ready
 	// made holds the release of everything start made, added as it is
 	// made; a failed start and Stop release it.
 	made release.List
@@ -172,8 +178,38 @@ type programVM struct {
 }
 
 func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot hypervisor.Boot) error {
+	v.content, v.boot = c, boot
 	timing := execution.StartTiming()
-	att, err := v.opts.Networks.Attach(string(v.ref), -1, c.Environment.Internet, nil)
+	for _, phase := range []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{"network", v.attach},
+		{"fetch", v.fetchFiles},
+		{"disks", v.makeDisks},
+		{"hypervisor", v.launch},
+		{"control", v.connect},
+		{"ready", v.waitReady},
+	} {
+		if err := phase.run(ctx); err != nil {
+			return err
+		}
+		timing.Done(phase.name)
+	}
+	v.log.Info("program started", "phases", timing, "kernel_to_ready", v.status.Boot.Ready, "ip", v.att.Guest)
+	if v.opts.Records != nil {
+		if err := v.opts.Records.SetState(ctx, v.ref, execution.StateRunning); err != nil {
+			return err
+		}
+	}
+	go v.watch()
+	return nil
+}
+
+// attach gives the VM its network and its runtime directory, named
+// after its tap.
+func (v *programVM) attach(context.Context) error {
+	att, err := v.opts.Networks.Attach(string(v.ref), -1, v.content.Environment.Internet, nil)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
@@ -187,16 +223,20 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		return fmt.Errorf("runtime directory: %w", err)
 	}
 	v.made.Add("runtime directory", func(context.Context) error { return os.RemoveAll(v.dir) })
-	timing.Done("network")
+	return nil
+}
 
-	files, err := v.fetchAll(ctx, c)
-	if err != nil {
-		return err
-	}
-	timing.Done("fetch")
-	drives := files.drives
-	for i, vol := range c.Volumes {
-		if d, ok := files.volumes[i]; ok {
+// fetchFiles fetches the program's files from the store.
+func (v *programVM) fetchFiles(ctx context.Context) (err error) {
+	v.files, err = v.fetchAll(ctx, v.content)
+	return err
+}
+
+// makeDisks makes the writable volumes and writes the config drive.
+func (v *programVM) makeDisks(ctx context.Context) error {
+	drives := v.files.drives
+	for i, vol := range v.content.Volumes {
+		if d, ok := v.files.volumes[i]; ok {
 			drives = append(drives, d)
 			continue
 		}
@@ -206,17 +246,20 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		}
 		drives = append(drives, d)
 	}
-	cfg, spec := programSpec(specInputs{Ref: v.ref, Content: c, Drives: drives, Network: att, DNS: v.opts.DNS, Boot: boot, Dir: v.dir})
-	if err := guest.WriteConfigDrive(spec.Drives[0].Path, cfg); err != nil {
-		return err
-	}
-	timing.Done("disks")
-	// The record comes before the hypervisor starts, so that a node that
-	// dies while the VM boots leaves a VM the next one finds (StopOrphans).
-	rec := execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateStarting, Hypervisor: v.opts.Hypervisor.Name(),
-		VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap, IPv4Network: att.Network.String(),
-		IPv4: att.Guest.String(), VMDir: v.dir}
+	var cfg guest.Config
+	cfg, v.spec = programSpec(specInputs{Ref: v.ref, Content: v.content, Drives: drives, Network: v.att, DNS: v.opts.DNS, Boot: v.boot, Dir: v.dir})
+	return guest.WriteConfigDrive(v.spec.Drives[0].Path, cfg)
+}
+
+// launch records the VM, then starts it: the record comes first, so that
+// a node that dies while the VM boots leaves a VM the next one finds
+// (StopOrphans).
+func (v *programVM) launch(ctx context.Context) error {
+	att, spec := v.att, v.spec
 	if v.opts.Records != nil {
+		rec := execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateStarting, Hypervisor: v.opts.Hypervisor.Name(),
+			VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap, IPv4Network: att.Network.String(),
+			IPv4: att.Guest.String(), VMDir: v.dir}
 		if err := v.opts.Records.Put(ctx, rec); err != nil {
 			return err
 		}
@@ -229,7 +272,6 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		return err
 	}
 	v.vm = vm
-	timing.Done("hypervisor")
 	// The init is asked to halt when the control channel is up; QEMU
 	// escalates if it does not. The channel closes once the VM is gone.
 	v.made.Add("vm", func(ctx context.Context) error {
@@ -246,27 +288,21 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		}
 		return err
 	})
-	if err := v.connect(ctx); err != nil {
-		return err
-	}
-	timing.Done("control")
+	return nil
+}
+
+// waitReady waits for the workload to listen, or to fail.
+func (v *programVM) waitReady(ctx context.Context) error {
 	readyCtx, cancel := context.WithTimeout(ctx, v.opts.ReadyTimeout)
 	defer cancel()
 	st, err := v.client.WaitFor(readyCtx, func(s guest.Status) bool { return s.State != guest.StateStarting && s.State != guest.StateRunning })
 	if err != nil {
-		return fmt.Errorf("wait for the program to listen on port %d: %w (console: %s)", guest.Port, err, vm.ConsoleLog())
+		return fmt.Errorf("wait for the program to listen on port %d: %w (console: %s)", guest.Port, err, v.vm.ConsoleLog())
 	}
 	if st.State != guest.StateReady {
 		return &execution.Error{Status: 502, Msg: "program did not start: " + describeStatus(st) + lastLines(v.logs)}
 	}
-	timing.Done("ready")
-	v.log.Info("program started", "phases", timing, "kernel_to_ready", st.Boot.Ready, "ip", v.att.Guest)
-	if v.opts.Records != nil {
-		if err := v.opts.Records.SetState(ctx, v.ref, execution.StateRunning); err != nil {
-			return err
-		}
-	}
-	go v.watch()
+	v.status = st
 	return nil
 }
 
