@@ -80,6 +80,8 @@ type Options struct {
 	// included: an instance the node cannot hold is refused (503) before
 	// anything is made for it. Nil admits every instance.
 	Admission *execution.Admission
+	// ColdStarts, if set, is told of each start, with its phases.
+	ColdStarts execution.StartObserver
 	Log       *slog.Logger
 }
 
@@ -159,6 +161,8 @@ func (m *Manager) Start(ctx context.Context, ref message.ItemHash) (err error) {
 
 func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int) (err error) {
 	log := m.opts.Log.With("ref", ref)
+	timing := execution.StartTiming()
+	defer func() { timing.Report(m.opts.ColdStarts, ref, execution.TypeInstance, err) }()
 	msg, _, err := m.opts.Store.Message(ctx, ref)
 	if err != nil {
 		return execution.StoreError("Message", ref, err)
@@ -196,7 +200,6 @@ func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int)
 		}
 		made.AddFunc("admission", release)
 	}
-	timing := execution.StartTiming()
 	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
 	if err != nil {
 		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)

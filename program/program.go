@@ -54,7 +54,9 @@ type Options struct {
 	// ReadyTimeout bounds the wait for the workload to accept connections.
 	ReadyTimeout time.Duration
 	Logs         *LogArchive
-	Log          *slog.Logger
+	// ColdStarts, if set, is told of each start, with its phases.
+	ColdStarts execution.StartObserver
+	Log        *slog.Logger
 }
 
 // Launcher launches program VMs; it implements pool.Launcher.
@@ -171,8 +173,9 @@ type programVM struct {
 	done     chan struct{}
 }
 
-func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot hypervisor.Boot) error {
+func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot hypervisor.Boot) (err error) {
 	timing := execution.StartTiming()
+	defer func() { timing.Report(v.opts.ColdStarts, v.ref, Type(c), err) }()
 	att, err := v.opts.Networks.Attach(string(v.ref), -1, c.Environment.Internet, nil)
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
@@ -319,6 +322,14 @@ func (v *programVM) watch() {
 			return
 		}
 	}
+}
+
+// Type is the type of VM a program runs as: persistent or not.
+func Type(c *message.ProgramContent) string {
+	if c.On.Persistent != nil && *c.On.Persistent {
+		return execution.TypePersistentProgram
+	}
+	return execution.TypeProgram
 }
 
 func describeStatus(s guest.Status) string {
