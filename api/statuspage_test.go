@@ -98,7 +98,7 @@ func (o *observed) AllocationCall(route string, code int) {
 // inlineHash is the CSP source of the text of the page's one element tag.
 func inlineHash(t *testing.T, page, tag string) string {
 	t.Helper()
-	m := regexp.MustCompile(`(?s)<` + tag + `>(.*?)</` + tag + `>`).FindAllStringSubmatch(page, -1)
+	m := regexp.MustCompile(`(?s)<`+tag+`>(.*?)</`+tag+`>`).FindAllStringSubmatch(page, -1)
 	if len(m) != 1 {
 		t.Fatalf("%d <%s> elements", len(m), tag)
 	}

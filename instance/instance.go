@@ -82,7 +82,7 @@ type Options struct {
 	Admission *execution.Admission
 	// ColdStarts, if set, is told of each start, with its phases.
 	ColdStarts execution.StartObserver
-	Log       *slog.Logger
+	Log        *slog.Logger
 }
 
 // PortSource reads the ports the owner of VM ref asks to be forwarded.

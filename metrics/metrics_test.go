@@ -126,7 +126,9 @@ func TestCollectorReadsEachVM(t *testing.T) {
 		vms: []VM{
 			{Ref: "aa", Type: execution.TypeInstance, Hypervisor: "qemu", State: StateRunning, VCPUs: 2, MemoryMiB: 2048,
 				StartedAt: time.Now().Add(-time.Hour), Pid: 101, Tap: "avm1",
-				Disk: func(context.Context) (DiskIO, error) { return DiskIO{ReadBytes: 4096, WriteBytes: 8192, ReadOps: 1, WriteOps: 2}, nil }},
+				Disk: func(context.Context) (DiskIO, error) {
+					return DiskIO{ReadBytes: 4096, WriteBytes: 8192, ReadOps: 1, WriteOps: 2}, nil
+				}},
 			{Ref: "bb", Type: execution.TypeProgram, Hypervisor: "firecracker", State: StateRunning, VCPUs: 1, MemoryMiB: 128,
 				StartedAt: time.Now().Add(-time.Minute), Pid: 102, Tap: "avm2"},
 			{Ref: "cc", Type: execution.TypeInstance, Hypervisor: "qemu", State: StateStopped, VCPUs: 1, MemoryMiB: 512},
