@@ -146,6 +146,14 @@ type instanceVM struct {
 	run  uint64        // this run's id, set by track
 }
 
+// VM returns the instance's VM while it runs, for the node's metrics.
+func (m *Manager) VM(ref message.ItemHash) (execution.VM, bool) {
+	if iv := m.get(ref); iv != nil {
+		return iv.vm, true
+	}
+	return nil, false
+}
+
 // Running reports whether the instance runs.
 func (m *Manager) Running(ref message.ItemHash) bool { return m.get(ref) != nil }
 

@@ -478,6 +478,12 @@ func (v *programVM) Target() *url.URL {
 	return &url.URL{Scheme: "http", Host: net.JoinHostPort(v.att.Guest.String(), strconv.Itoa(guest.Port))}
 }
 
+// VM is the program's VM, for the node's metrics.
+func (v *programVM) VM() execution.VM { return v.vm }
+
+// Hypervisor is the backend the program runs under.
+func (v *programVM) Hypervisor() string { return v.opts.Hypervisor.Name() }
+
 // Done implements pool.Program.
 func (v *programVM) Done() <-chan struct{} { return v.done }
 
