@@ -66,8 +66,17 @@ type Options struct {
 	// MaxLogFollowers and MaxLogFollowersPerVM bound the logs websockets
 	// open at once, in all and for one VM; 0 means the defaults.
 	MaxLogFollowers, MaxLogFollowersPerVM int
-	Version                               string
-	Log                                   *slog.Logger
+	// Observer is told of program requests and allocation calls, for the
+	// node's metrics; nil tells nobody.
+	Observer Observer
+	// Metrics serves /metrics on the node's own names; nil answers 404.
+	Metrics http.Handler
+	// Status and Checks feed the status page at / (statuspage.go); nil
+	// leaves their parts out, saying so.
+	Status  StatusSource
+	Checks  SelfChecks
+	Version string
+	Log     *slog.Logger
 }
 
 // Server is the HTTP API.
@@ -78,12 +87,13 @@ type Server struct {
 	log       *slog.Logger
 	followers *followers
 	expiries  *expiries
+	page      *statusPage
 }
 
 // New builds the API.
 func New(opts Options) *Server {
 	s := &Server{opts: opts, mux: http.NewServeMux(), log: opts.Log, proxy: newProxy(opts.Log),
-		followers: newFollowers(opts.MaxLogFollowers, opts.MaxLogFollowersPerVM), expiries: &expiries{timers: map[message.ItemHash]*time.Timer{}}}
+		followers: newFollowers(opts.MaxLogFollowers, opts.MaxLogFollowersPerVM), expiries: &expiries{timers: map[message.ItemHash]*time.Timer{}}, page: newStatusPage()}
 	s.mux.HandleFunc("/vm/{ref}", s.handleProgram)
 	s.mux.HandleFunc("/vm/{ref}/{path...}", s.handleProgram)
 	s.mux.HandleFunc("GET /about/executions/list", s.handleExecutionsList)
@@ -100,8 +110,8 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("GET /control/machine/{ref}/logs", s.handleLogs)
 	s.mux.HandleFunc("GET /control/machine/{ref}/stream_logs", s.handleStreamLogs)
 	if opts.Instances != nil {
-		s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
-		s.mux.HandleFunc("POST /control/allocation/notify", s.handleNotify)
+		s.mux.HandleFunc("POST /control/allocations", s.observeAllocation("allocations", s.handleAllocations))
+		s.mux.HandleFunc("POST /control/allocation/notify", s.observeAllocation("allocation_notify", s.handleNotify))
 	}
 	for _, prefix := range []string{"/about/", "/control/", "/status/", "/v2/"} {
 		s.mux.HandleFunc(prefix, func(w http.ResponseWriter, r *http.Request) {
@@ -146,13 +156,15 @@ func parseRef(s string) (message.ItemHash, bool) {
 }
 
 func (s *Server) handleProgram(w http.ResponseWriter, r *http.Request) {
-	ref, ok := parseRef(r.PathValue("ref"))
-	if !ok {
-		writeError(w, http.StatusBadRequest, "Invalid message reference")
-		return
-	}
-	suffix := strings.TrimPrefix(r.URL.EscapedPath(), "/vm/"+string(ref))
-	s.runProgram(w, r, ref, suffix)
+	s.observeProgram(w, r, func(w http.ResponseWriter) {
+		ref, ok := parseRef(r.PathValue("ref"))
+		if !ok {
+			writeError(w, http.StatusBadRequest, "Invalid message reference")
+			return
+		}
+		suffix := strings.TrimPrefix(r.URL.EscapedPath(), "/vm/"+string(ref))
+		s.serveProgram(w, r, ref, suffix)
+	})
 }
 
 // handleHost serves the index on the node's own name, and a program on a
@@ -163,21 +175,29 @@ func (s *Server) handleHost(w http.ResponseWriter, r *http.Request) {
 		host = h
 	}
 	if host == s.opts.Domain || net.ParseIP(host) != nil {
-		if r.URL.Path == "/" && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
-			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-			_, _ = w.Write([]byte("alephvm " + s.opts.Version + ": an Aleph compute resource node.\nPrograms are served at /vm/<item_hash>/.\n"))
+		// The node's own pages are served on its own names only: on a
+		// program's name, every path is the program's.
+		switch {
+		case r.Method != http.MethodGet && r.Method != http.MethodHead:
+		case r.URL.Path == "/":
+			s.handleStatusPage(w, r)
+			return
+		case r.URL.Path == "/metrics" && s.opts.Metrics != nil:
+			s.opts.Metrics.ServeHTTP(w, r)
 			return
 		}
 		writeError(w, http.StatusNotFound, "Not Found")
 		return
 	}
-	label, _, _ := strings.Cut(host, ".")
-	ref, ok := refFromLabel(label)
-	if !ok {
-		writeError(w, http.StatusNotFound, "Invalid message reference")
-		return
-	}
-	s.runProgram(w, r, ref, r.URL.EscapedPath())
+	s.observeProgram(w, r, func(w http.ResponseWriter) {
+		label, _, _ := strings.Cut(host, ".")
+		ref, ok := refFromLabel(label)
+		if !ok {
+			writeError(w, http.StatusNotFound, "Invalid message reference")
+			return
+		}
+		s.serveProgram(w, r, ref, r.URL.EscapedPath())
+	})
 }
 
 var b32 = base32.StdEncoding.WithPadding(base32.NoPadding)
@@ -201,7 +221,7 @@ func LabelFromRef(ref message.ItemHash) (string, error) {
 	return strings.ToLower(b32.EncodeToString(raw)), nil
 }
 
-func (s *Server) runProgram(w http.ResponseWriter, r *http.Request, ref message.ItemHash, suffix string) {
+func (s *Server) serveProgram(w http.ResponseWriter, r *http.Request, ref message.ItemHash, suffix string) {
 	// Uploads, downloads and websockets of programs take as long as they
 	// take; the program's resources.seconds bounds its first answer.
 	streaming(w)

@@ -84,7 +84,7 @@ func (d *deadlineWriter) Unwrap() http.ResponseWriter { return d.ResponseWriter 
 // sending the rest of its body then reads the answer (413) instead of
 // losing it to a reset.
 func limitBody(w http.ResponseWriter, r *http.Request, n int64) {
-	if d, ok := w.(*deadlineWriter); ok {
+	if d, ok := deadlineOf(w); ok {
 		w = d.ResponseWriter
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, n)
@@ -109,7 +109,7 @@ const refuseWait = 200 * time.Millisecond
 // streaming lifts the read and write deadlines of a request that streams
 // (a program's, a logs websocket): it lasts as long as it needs.
 func streaming(w http.ResponseWriter) {
-	if d, ok := w.(*deadlineWriter); ok {
+	if d, ok := deadlineOf(w); ok {
 		d.streaming = true
 	}
 	rc := http.NewResponseController(w)

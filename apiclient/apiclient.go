@@ -165,6 +165,8 @@ type Execution struct {
 	IPv4        string
 	// MappedPorts are the instance's forwards, by guest port.
 	MappedPorts map[int]MappedPort
+	// StartedAt is when the running VM started; zero when it does not run.
+	StartedAt time.Time
 }
 
 // MappedPort is the host port that forwards to a guest port, and for
@@ -173,6 +175,10 @@ type MappedPort struct {
 	Host     int
 	TCP, UDP bool
 }
+
+// startedAtLayout is the reference's form of a start time in the
+// executions list.
+const startedAtLayout = "2006-01-02 15:04:05.999999-07:00"
 
 // List returns the node's executions, sorted by ref.
 func (c *Client) List(ctx context.Context) ([]Execution, error) {
@@ -190,6 +196,9 @@ func (c *Client) List(ctx context.Context) ([]Execution, error) {
 				UDP  bool `json:"udp"`
 			} `json:"mapped_ports"`
 		} `json:"networking"`
+		Status struct {
+			StartedAt *string `json:"started_at"`
+		} `json:"status"`
 		Running bool   `json:"running"`
 		VMType  string `json:"vm_type"`
 		VCPUs   int    `json:"vcpus"`
@@ -202,6 +211,13 @@ func (c *Client) List(ctx context.Context) ([]Execution, error) {
 	for ref, e := range list {
 		x := Execution{Ref: ref, VMType: e.VMType, Running: e.Running, VCPUs: e.VCPUs, MemoryMiB: e.Memory,
 			IPv4Network: e.Networking.IPv4Network, IPv4: e.Networking.IPv4}
+		if e.Status.StartedAt != nil && e.Running {
+			t, err := time.Parse(startedAtLayout, *e.Status.StartedAt)
+			if err != nil {
+				return nil, fmt.Errorf("read the node's executions list: %s started at %q", ref, *e.Status.StartedAt)
+			}
+			x.StartedAt = t
+		}
 		for guest, m := range e.Networking.MappedPorts {
 			port, err := strconv.Atoi(guest)
 			if err != nil || port < 1 || port > 65535 {

@@ -3,10 +3,12 @@ package apiclient
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/coder/websocket"
 	"github.com/coder/websocket/wsjson"
@@ -131,7 +133,7 @@ func TestList(t *testing.T) {
 		}
 		w.Write([]byte(`{"` + string(ref) + `":{"networking":{"ipv4_network":"172.16.4.0/24","ipv4_ip":"172.16.4.2",
 			"mapped_ports":{"22":{"host":24000,"tcp":true,"udp":false},"53":{"host":24001,"tcp":true,"udp":true}}},
-			"status":{"started_at":null},"running":true,"vm_type":"instance","vcpus":2,"memory":2048},
+			"status":{"started_at":"2026-01-02 03:04:05.250000+00:00"},"running":true,"vm_type":"instance","vcpus":2,"memory":2048},
 			"` + string(other) + `":{"networking":{},"running":false,"vm_type":"microvm","vcpus":1,"memory":256}}`))
 	})
 	list, err := c.List(context.Background())
@@ -143,10 +145,11 @@ func TestList(t *testing.T) {
 	}
 	e := list[0]
 	if !e.Running || e.VMType != "instance" || e.VCPUs != 2 || e.MemoryMiB != 2048 || e.IPv4 != "172.16.4.2" ||
-		e.MappedPorts[22] != (MappedPort{Host: 24000, TCP: true}) || e.MappedPorts[53] != (MappedPort{Host: 24001, TCP: true, UDP: true}) {
+		e.MappedPorts[22] != (MappedPort{Host: 24000, TCP: true}) || e.MappedPorts[53] != (MappedPort{Host: 24001, TCP: true, UDP: true}) ||
+		!e.StartedAt.Equal(time.Date(2026, 1, 2, 3, 4, 5, 250e6, time.UTC)) {
 		t.Errorf("%+v", e)
 	}
-	if list[1].Running || list[1].MappedPorts != nil {
+	if list[1].Running || list[1].MappedPorts != nil || !list[1].StartedAt.IsZero() {
 		t.Errorf("%+v", list[1])
 	}
 }
@@ -157,6 +160,7 @@ func TestListRefusesHostileAnswers(t *testing.T) {
 		"a list":         "[]",
 		"port not num":   `{"` + string(ref) + `":{"networking":{"mapped_ports":{"ssh":{"host":1}}}}}`,
 		"port too large": `{"` + string(ref) + `":{"networking":{"mapped_ports":{"70000":{"host":1}}}}}`,
+		"bad start":      `{"` + string(ref) + `":{"running":true,"status":{"started_at":"yesterday"}}}`,
 	} {
 		c := node(t, func(w http.ResponseWriter, r *http.Request) { w.Write([]byte(body)) })
 		if _, err := c.List(context.Background()); err == nil {
@@ -197,5 +201,51 @@ func TestLogs(t *testing.T) {
 	err = c.Logs(context.Background(), message.ItemHash(strings.Repeat("b", 64)), func(LogLine) error { return nil })
 	if err == nil || !strings.Contains(err.Error(), "404") || !strings.Contains(err.Error(), "no such VM") {
 		t.Errorf("unknown VM: %v", err)
+	}
+}
+
+func TestUsageAndRates(t *testing.T) {
+	other := strings.Repeat("a", 64)
+	var cpu, disk float64 = 10, 1000
+	c := node(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/metrics" {
+			http.NotFound(w, r)
+			return
+		}
+		fmt.Fprintf(w, `# TYPE alephvm_vm_up gauge
+alephvm_vm_up{hypervisor="qemu",item_hash="%[1]s",type="instance"} 1
+alephvm_vm_up{hypervisor="qemu",item_hash="%[2]s",type="program"} 1
+# TYPE alephvm_vm_cpu_seconds_total counter
+alephvm_vm_cpu_seconds_total{hypervisor="qemu",item_hash="%[1]s",type="instance"} %[3]g
+alephvm_vm_cpu_seconds_total{hypervisor="qemu",item_hash="%[2]s",type="program"} 1
+# TYPE alephvm_vm_uptime_seconds gauge
+alephvm_vm_uptime_seconds{hypervisor="qemu",item_hash="%[1]s",type="instance"} 3600.5
+# TYPE alephvm_vm_memory_used_bytes gauge
+alephvm_vm_memory_used_bytes{hypervisor="qemu",item_hash="%[1]s",type="instance"} 1.048576e+08
+# TYPE alephvm_vm_disk_read_bytes_total counter
+alephvm_vm_disk_read_bytes_total{hypervisor="qemu",item_hash="%[1]s",type="instance"} %[4]g
+# TYPE alephvm_vms gauge
+alephvm_vms{state="running",type="instance"} 1
+`, string(ref), other, cpu, disk)
+	})
+	ctx := context.Background()
+	before, err := c.Usage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(before.VMs) != 2 || before.VMs[0].Ref != string(ref) || before.VMs[0].Type != "instance" || !before.VMs[0].Up ||
+		before.VMs[0].Uptime != 3600500*time.Millisecond || before.VMs[0].MemoryUsed != 100<<20 || before.VMs[0].CPUSeconds != 10 {
+		t.Fatalf("%+v", before.VMs)
+	}
+	cpu, disk = 11, 3000 // one CPU second and 2000 bytes in 2 s
+	after, _ := c.Usage(ctx)
+	after.At = before.At.Add(2 * time.Second)
+	rates := after.RatesSince(before)
+	if len(rates) != 2 || rates[0].Ref != string(ref) || rates[0].CPUPercent != 50 || rates[0].DiskReadPerSec != 1000 || rates[1].CPUPercent != 0 {
+		t.Errorf("rates: %+v", rates)
+	}
+	bad := node(t, func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("alephvm_vm_up{item_hash=\"x\" 1\n")) })
+	if _, err := bad.Usage(ctx); err == nil {
+		t.Error("a broken exposition was read")
 	}
 }

@@ -71,3 +71,6 @@ func (a *Admission) Used() Capacity {
 	defer a.mu.Unlock()
 	return a.used
 }
+
+// Capacity returns what the node may give to VMs.
+func (a *Admission) Capacity() Capacity { return a.capacity }

@@ -80,7 +80,9 @@ type Options struct {
 	// included: an instance the node cannot hold is refused (503) before
 	// anything is made for it. Nil admits every instance.
 	Admission *execution.Admission
-	Log       *slog.Logger
+	// ColdStarts, if set, is told of each start, with its phases.
+	ColdStarts execution.StartObserver
+	Log        *slog.Logger
 }
 
 // PortSource reads the ports the owner of VM ref asks to be forwarded.
@@ -144,6 +146,14 @@ type instanceVM struct {
 	run  uint64        // this run's id, set by track
 }
 
+// VM returns the instance's VM while it runs, for the node's metrics.
+func (m *Manager) VM(ref message.ItemHash) (execution.VM, bool) {
+	if iv := m.get(ref); iv != nil {
+		return iv.vm, true
+	}
+	return nil, false
+}
+
 // Running reports whether the instance runs.
 func (m *Manager) Running(ref message.ItemHash) bool { return m.get(ref) != nil }
 
@@ -158,7 +168,9 @@ func (m *Manager) Start(ctx context.Context, ref message.ItemHash) (err error) {
 }
 
 func (m *Manager) start(ctx context.Context, ref message.ItemHash, netIndex int) (err error) {
-	s, err := m.plan(ctx, ref, netIndex)
+	timing := execution.StartTiming()
+	defer func() { timing.Report(m.opts.ColdStarts, ref, execution.TypeInstance, err) }()
+	s, err := m.plan(ctx, ref, netIndex, timing)
 	if err != nil {
 		return err
 	}
@@ -217,7 +229,7 @@ type instanceStart struct {
 
 // plan reads the instance's message and refuses what the node cannot run,
 // before anything is taken.
-func (m *Manager) plan(ctx context.Context, ref message.ItemHash, netIndex int) (*instanceStart, error) {
+func (m *Manager) plan(ctx context.Context, ref message.ItemHash, netIndex int, timing *execution.Timing) (*instanceStart, error) {
 	msg, _, err := m.opts.Store.Message(ctx, ref)
 	if err != nil {
 		return nil, execution.StoreError("Message", ref, err)
@@ -237,7 +249,7 @@ func (m *Manager) plan(ctx context.Context, ref message.ItemHash, netIndex int) 
 		return nil, &execution.Error{Status: 400, Msg: fmt.Sprintf("the instance publishes %d ports: this node publishes at most %d per VM", len(c.Resources.PublishedPorts), limit)}
 	}
 	return &instanceStart{ref: ref, c: c, hv: hv, netIndex: netIndex, log: m.opts.Log.With("ref", ref),
-		timing: execution.StartTiming(), made: &release.List{}}, nil
+		timing: timing, made: &release.List{}}, nil
 }
 
 // admit holds the instance's share of the node's capacity.

@@ -470,6 +470,10 @@ type ExecutionInfo struct {
 	MemoryMiB  int
 	Inflight   int
 	Networking Networking
+	// Plan is what the program was booted with; Program the running
+	// program, nil while it boots.
+	Plan    *Plan
+	Program Program
 }
 
 // List describes the programs in the pool, by ref.
@@ -479,7 +483,7 @@ func (p *Pool) List() []ExecutionInfo {
 	out := make([]ExecutionInfo, 0, len(p.execs))
 	for ref, e := range p.execs {
 		info := ExecutionInfo{Ref: ref, Running: e.state == running, Since: e.since,
-			VCPUs: e.plan.VCPUs, MemoryMiB: e.plan.MemoryMiB, Inflight: e.inflight}
+			VCPUs: e.plan.VCPUs, MemoryMiB: e.plan.MemoryMiB, Inflight: e.inflight, Plan: e.plan, Program: e.prog}
 		if e.prog != nil {
 			info.Networking = e.prog.Networking()
 		}

@@ -50,6 +50,11 @@ type LogArchive struct {
 	bufs  map[message.ItemHash]*LogBuffer
 	total int64      // bytes counted for the buffers in bufs
 	ended *list.List // of *LogBuffer in bufs whose VM is gone, oldest first
+
+	// dir, when set, keeps the output of stopped programs across node
+	// restarts (logfiles.go); diskMu serializes its writes.
+	dir    string
+	diskMu sync.Mutex
 }
 
 // NewLogArchive keeps up to lines lines per program, within the default
@@ -80,21 +85,33 @@ func (a *LogArchive) Start(ref message.ItemHash) *LogBuffer {
 func (a *LogArchive) Finish(_ message.ItemHash, b *LogBuffer) {
 	b.end()
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	if a.bufs[b.ref] != b || b.endedAt != nil {
+		a.mu.Unlock()
 		return
 	}
+	a.endLocked(b)
+	a.mu.Unlock()
+	a.save(b)
+}
+
+func (a *LogArchive) endLocked(b *LogBuffer) {
 	b.endedAt = a.ended.PushBack(b)
 	for a.ended.Len() > a.maxEnded {
 		a.removeLocked(a.ended.Front().Value.(*LogBuffer))
 	}
 }
 
-// Get returns the buffer of a program's current or last VM, or nil.
+// Get returns the buffer of a program's current or last VM, or nil. A
+// stopped program's output no longer in memory is read back from its
+// file, when the archive keeps them.
 func (a *LogArchive) Get(ref message.ItemHash) *LogBuffer {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.bufs[ref]
+	b := a.bufs[ref]
+	a.mu.Unlock()
+	if b != nil || a.dir == "" {
+		return b
+	}
+	return a.load(ref)
 }
 
 // removeLocked forgets b: its followers keep it, the archive no longer

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -198,5 +200,65 @@ func TestLogArchiveRestart(t *testing.T) {
 	}
 	if a.total != int64(lineCost(guest.LogLine{Text: "new"})) {
 		t.Errorf("total %d counts the old VM's lines", a.total)
+	}
+}
+
+// The output of a stopped program is read back after a restart of the
+// node (a new archive over the same directory), within the bounds.
+func TestLogArchiveSavesStoppedPrograms(t *testing.T) {
+	dir := t.TempDir()
+	a := NewLogArchive(100)
+	a.maxEnded = 3
+	if err := a.SaveTo(dir); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
+	for i := range 5 {
+		b := a.Start(testRef(i))
+		for j := range 150 { // more than the buffer keeps
+			b.Add(guest.LogLine{Time: at, Stream: "stdout", Text: fmt.Sprintf("line %d of %d", j, i)})
+		}
+		b.System("program ended: exited with code 3")
+		a.Finish(testRef(i), b)
+		time.Sleep(10 * time.Millisecond) // the files' times tell the oldest
+	}
+	running := a.Start(testRef(9))
+	running.Add(guest.LogLine{Text: "still running"})
+	files, _ := filepath.Glob(filepath.Join(dir, "*"))
+	if len(files) != 3 {
+		t.Fatalf("files kept: %v", files)
+	}
+	if st, err := os.Stat(filepath.Join(dir, string(testRef(4))+".log")); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("log file: %v %v", st, err)
+	}
+
+	restarted := NewLogArchive(100)
+	restarted.maxEnded = 3
+	restarted.SaveTo(dir)
+	b := restarted.Get(testRef(4))
+	if b == nil {
+		t.Fatal("a stopped program's output is gone after a restart")
+	}
+	lines := b.Tail(1000)
+	if len(lines) != 100 || lines[0].Text != "line 51 of 4" || !lines[0].Time.Equal(at) || lines[0].Stream != "stdout" ||
+		lines[99].Text != "program ended: exited with code 3" || lines[99].Stream != SystemStream {
+		t.Errorf("read back %d lines: first %+v, last %+v", len(lines), lines[0], lines[len(lines)-1])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if ended, err := b.Follow(ctx, func(guest.LogLine) error { return nil }); !ended || err != nil {
+		t.Errorf("follow of a stopped program's output: ended %v, %v", ended, err)
+	}
+	for _, gone := range []message.ItemHash{testRef(1), testRef(9), "../../etc/passwd", message.ItemHash(strings.Repeat("a", 64) + "/x")} {
+		if restarted.Get(gone) != nil {
+			t.Errorf("%s: output found", gone)
+		}
+	}
+
+	// A damaged file: its good lines are read, within the bounds.
+	path := filepath.Join(dir, string(testRef(7))+".log")
+	os.WriteFile(path, []byte(`{"t":"2026-01-02T03:04:05Z","s":"stderr","m":"kept"}`+"\nnot json\n"+strings.Repeat("x", 10<<20)+"\n"), 0o600)
+	if b := restarted.Get(testRef(7)); b == nil || texts(b.Tail(10)) != "1:kept" {
+		t.Errorf("damaged file: %v", b)
 	}
 }

@@ -54,7 +54,9 @@ type Options struct {
 	// ReadyTimeout bounds the wait for the workload to accept connections.
 	ReadyTimeout time.Duration
 	Logs         *LogArchive
-	Log          *slog.Logger
+	// ColdStarts, if set, is told of each start, with its phases.
+	ColdStarts execution.StartObserver
+	Log        *slog.Logger
 }
 
 // Launcher launches program VMs; it implements pool.Launcher.
@@ -177,9 +179,10 @@ type programVM struct {
 	done     chan struct{}
 }
 
-func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot hypervisor.Boot) error {
+func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot hypervisor.Boot) (err error) {
 	v.content, v.boot = c, boot
 	timing := execution.StartTiming()
+	defer func() { timing.Report(v.opts.ColdStarts, v.ref, Type(c), err) }()
 	for _, phase := range []struct {
 		name string
 		run  func(context.Context) error
@@ -357,6 +360,14 @@ func (v *programVM) watch() {
 	}
 }
 
+// Type is the type of VM a program runs as: persistent or not.
+func Type(c *message.ProgramContent) string {
+	if c.On.Persistent != nil && *c.On.Persistent {
+		return execution.TypePersistentProgram
+	}
+	return execution.TypeProgram
+}
+
 func describeStatus(s guest.Status) string {
 	switch {
 	case s.Error != "":
@@ -502,6 +513,12 @@ func (v *programVM) volume(ctx context.Context, i int, vol message.MachineVolume
 func (v *programVM) Target() *url.URL {
 	return &url.URL{Scheme: "http", Host: net.JoinHostPort(v.att.Guest.String(), strconv.Itoa(guest.Port))}
 }
+
+// VM is the program's VM, for the node's metrics.
+func (v *programVM) VM() execution.VM { return v.vm }
+
+// Hypervisor is the backend the program runs under.
+func (v *programVM) Hypervisor() string { return v.opts.Hypervisor.Name() }
 
 // Done implements pool.Program.
 func (v *programVM) Done() <-chan struct{} { return v.done }

@@ -121,7 +121,12 @@ func (s *Store) file(ctx context.Context, c *message.StoreContent) (*Item, error
 		if s.remote == nil {
 			return nil, fmt.Errorf("file %s: %w (and no API server or IPFS gateway is configured)", c.ItemHash, ErrNotFound)
 		}
-		err = s.flights.do(ctx, string(c.ItemHash), func(ctx context.Context) error { return s.download(ctx, c) })
+		err = s.flights.do(ctx, string(c.ItemHash), func(ctx context.Context) error {
+			s.opts.Events.DownloadStarted()
+			err := s.download(ctx, c)
+			s.opts.Events.DownloadEnded(err)
+			return err
+		})
 		if err != nil {
 			return nil, err
 		}
@@ -440,7 +445,7 @@ func (s *Store) get(ctx context.Context, u string, c *message.StoreContent, p *p
 	} else if rawLength >= 0 {
 		p.total = p.off + rawLength
 	}
-	body := &stallReader{r: resp.Body, timer: stall, timeout: s.opts.StallTimeout}
+	body := &stallReader{r: resp.Body, timer: stall, timeout: s.opts.StallTimeout, received: s.opts.Events.DownloadReceived}
 	if p.verified = !ipfs; asCAR {
 		root, rerr := ipfsRoot(string(c.ItemHash))
 		if rerr != nil {
@@ -474,12 +479,15 @@ type stallReader struct {
 	timer   *time.Timer
 	timeout time.Duration
 	err     error // the last read error other than io.EOF
+	// received counts the bytes read.
+	received func(n int)
 }
 
 func (r *stallReader) Read(b []byte) (int, error) {
 	n, err := r.r.Read(b)
 	if n > 0 {
 		r.timer.Reset(r.timeout)
+		r.received(n)
 	}
 	if err != nil && err != io.EOF {
 		r.err = err

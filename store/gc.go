@@ -263,13 +263,25 @@ func (s *Store) removeUnlocked(path string, removable func() bool) bool {
 	return true
 }
 
+// Size is what the store's files take, in bytes, added locally or
+// downloaded.
+func (s *Store) Size(ctx context.Context) (int64, error) {
+	var size int64
+	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(SUM(size), 0) FROM
+		(SELECT MAX(size) AS size FROM store_files GROUP BY sha256)`).Scan(&size)
+	if err != nil {
+		return 0, fmt.Errorf("store size: %w", err)
+	}
+	return size, nil
+}
+
 // evict removes downloaded files, least recently used first, until the
 // files kept take at most maxSize bytes. keep is the sha256 of a file just
 // downloaded, not yet pinned by the caller waiting for it.
 func (s *Store) evict(ctx context.Context, maxSize int64, keep string) (GCResult, error) {
 	var res GCResult
-	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(SUM(size), 0) FROM
-		(SELECT MAX(size) AS size FROM store_files GROUP BY sha256)`).Scan(&res.Size)
+	var err error
+	res.Size, err = s.Size(ctx)
 	if err != nil || maxSize <= 0 || res.Size <= maxSize {
 		return res, err
 	}
@@ -310,6 +322,7 @@ func (s *Store) evict(ctx context.Context, maxSize int64, keep string) (GCResult
 			continue
 		}
 		s.log.Info("evicted", "sha256", c.sha, "size", c.size)
+		s.opts.Events.Evicted(c.size)
 		res.Evicted++
 		res.Freed += c.size
 		res.Size -= c.size

@@ -141,7 +141,30 @@ type Options struct {
 	// MessageMaxAge is how long GC keeps a message fetched from the network
 	// that nothing needs (default DefaultMessageMaxAge): see GC.
 	MessageMaxAge time.Duration
+	// Events, if set, is told of downloads and evictions, for the node's
+	// metrics.
+	Events Events
 }
+
+// Events is told of the store's downloads and evictions. Its methods are
+// called on the downloads' path: they must be quick.
+type Events interface {
+	// DownloadStarted and DownloadEnded frame one download (err: why it
+	// failed, nil when it did not).
+	DownloadStarted()
+	DownloadEnded(err error)
+	// DownloadReceived counts n bytes received by a download.
+	DownloadReceived(n int)
+	// Evicted counts a file of size bytes evicted.
+	Evicted(size int64)
+}
+
+type noEvents struct{}
+
+func (noEvents) DownloadStarted()     {}
+func (noEvents) DownloadEnded(error)  {}
+func (noEvents) DownloadReceived(int) {}
+func (noEvents) Evicted(int64)        {}
 
 // Store is the content store. Its methods are safe for concurrent use, and
 // several processes may share one Root and database.
@@ -188,6 +211,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	}
 	if opts.MessageMaxAge <= 0 {
 		opts.MessageMaxAge = DefaultMessageMaxAge
+	}
+	if opts.Events == nil {
+		opts.Events = noEvents{}
 	}
 	if opts.Client == nil {
 		opts.Client = &http.Client{Transport: &http.Transport{

@@ -524,3 +524,78 @@ func TestRemoteMessageChecks(t *testing.T) {
 		t.Error("a message that answered for another hash was kept")
 	}
 }
+
+// countingEvents counts what the store tells the node's metrics.
+type countingEvents struct {
+	mu                              sync.Mutex
+	started, failed, inFlight, peak int
+	received                        int64
+	evicted                         int
+	evictedBytes                    int64
+}
+
+func (e *countingEvents) DownloadStarted() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.started++
+	e.inFlight++
+	e.peak = max(e.peak, e.inFlight)
+}
+
+func (e *countingEvents) DownloadEnded(err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.inFlight--
+	if err != nil {
+		e.failed++
+	}
+}
+
+func (e *countingEvents) DownloadReceived(n int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.received += int64(n)
+}
+
+func (e *countingEvents) Evicted(size int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.evicted++
+	e.evictedBytes += size
+}
+
+func TestEventsOfDownloadsAndEvictions(t *testing.T) {
+	ctx := context.Background()
+	core := newFakeCore(t)
+	ev := &countingEvents{}
+	s := newTestStore(t, t.TempDir(), Options{APIServer: core.URL, MaxSize: 2500, Attempts: 2, Events: ev})
+	a, b := remoteFile(t, core, randomBytes(t, 1000)), remoteFile(t, core, randomBytes(t, 2000))
+	// Ten callers of one file: one download.
+	var wg sync.WaitGroup
+	for range 10 {
+		wg.Go(func() {
+			if item, err := s.Fetch(ctx, a, false); err == nil {
+				item.Release()
+			}
+		})
+	}
+	wg.Wait()
+	item, err := s.Fetch(ctx, b, false) // a, not in use, is evicted
+	if err != nil {
+		t.Fatal(err)
+	}
+	item.Release()
+	core.status = 503
+	if _, err := s.Fetch(ctx, a, false); err == nil {
+		t.Fatal("fetched from a failing server")
+	}
+	size, err := s.Size(ctx)
+	if err != nil || size != 2000 {
+		t.Errorf("size %d %v", size, err)
+	}
+	ev.mu.Lock()
+	defer ev.mu.Unlock()
+	if ev.started != 3 || ev.failed != 1 || ev.inFlight != 0 || ev.received != 3000 || ev.evicted != 1 || ev.evictedBytes != 1000 {
+		t.Errorf("events: %+v", ev)
+	}
+}

@@ -34,6 +34,7 @@ import (
 	"github.com/alephvm/alephvm/internal/release"
 	"github.com/alephvm/alephvm/internal/sdnotify"
 	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/metrics"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
 	"github.com/alephvm/alephvm/program"
@@ -81,6 +82,11 @@ type node struct {
 	launcher  *program.Launcher
 	// aggregates reads owners' security and port-forwarding aggregates.
 	aggregates *aggregate.Client
+	admission  *execution.Admission
+	// metrics counts what happens and reads the VMs at each scrape
+	// (observe.go).
+	metrics *metrics.Metrics
+	started time.Time
 }
 
 // serve runs the node until ctx ends. started, if given, runs once the API
@@ -122,6 +128,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 			IdleTimeout: cfg.HTTPIdleTimeout.Duration(), MaxConnections: cfg.HTTPMaxConnections,
 		},
 		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
+		Observer: n.metrics, Metrics: n.metrics.Handler(), Status: statusSource{metrics: &metricsSource{n}, started: n.started},
 		Version: buildVersion(), Log: log,
 	})
 	addr := net.JoinHostPort(cfg.SupervisorHost, strconv.Itoa(cfg.SupervisorPort))
@@ -200,7 +207,9 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		cleanup()
 		return nil, nil, err
 	}
-	st, err := store.Open(ctx, store.Options{Root: cfg.CacheRoot, DB: database, APIServer: cfg.APIServer,
+	source := &metricsSource{} // its node is set below
+	nodeMetrics := metrics.New(metrics.Options{Source: source, Version: buildVersion()})
+	st, err := store.Open(ctx, store.Options{Events: nodeMetrics,Root: cfg.CacheRoot, DB: database, APIServer: cfg.APIServer,
 		IPFSGateway: cfg.IPFSGateway, MaxSize: int64(cfg.CacheMaxSize), StallTimeout: cfg.StallTimeout.Duration(), Log: log,
 		MaxItemSize: int64(cfg.MaxItemSize), MinFreeSpace: int64(cfg.MinFreeSpace),
 		PartMaxAge: cfg.PartMaxAge.Duration(), MessageMaxAge: cfg.MessageMaxAge.Duration()})
@@ -228,15 +237,23 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		log.Warn("no base image built: instances of bare ext4 images cannot boot (alephvm base-image build)", "err", baseErr)
 	}
 	n := &node{cfg: cfg, log: log, db: database, store: st, records: execution.NewRecords(database), networks: networks,
-		logs: program.NewLogArchive(1000), plan: plan, aggregates: aggregate.New(aggregate.Options{APIServer: cfg.APIServer})}
+		logs: program.NewLogArchive(1000), plan: plan, aggregates: aggregate.New(aggregate.Options{APIServer: cfg.APIServer}),
+		metrics: nodeMetrics, started: time.Now()}
+	source.n = n
+	// The output of stopped programs outlives the node.
+	if err := n.logs.SaveTo(filepath.Join(cfg.ExecutionRoot, "logs")); err != nil {
+		log.Warn("programs' output will not outlive the node", "err", err)
+	}
 	disks := storage.Disks{Floor: int64(cfg.DiskFreeFloor)}
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
-		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs, Log: log,
+		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
+		ColdStarts: nodeMetrics, Log: log,
 	})
 	n.launcher = launcher
 	// Programs and instances are admitted into one capacity.
 	admission := execution.NewAdmission(limits)
+	n.admission = admission
 	n.programs = pool.New(pool.Options{Launcher: launcher, Admission: admission,
 		ReuseTimeout: cfg.ReuseTimeout.Duration(), Log: log})
 	n.instances = instance.New(instance.Options{
@@ -244,7 +261,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
 		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
-		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, Log: log,
+		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Log: log,
 	})
 
 	// Programs do not outlive the node: any left by a crash are stopped.

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -122,22 +123,44 @@ func newVMListCmd(a *app) *cobra.Command {
 				return err
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "HASH\tTYPE\tSTATE\tVCPUS\tMEMORY\tIPV4\tPORTS")
+			fmt.Fprintln(w, "HASH\tTYPE\tSTATE\tVCPUS\tMEMORY\tIPV4\tUPTIME\tPORTS")
 			for _, e := range list {
-				state := "stopped"
+				state, up := "stopped", "-"
 				if e.Running {
 					state = "running"
+					if !e.StartedAt.IsZero() {
+						up = uptime(time.Since(e.StartedAt))
+					}
 				}
-				var ports []string
-				for guestPort, m := range e.MappedPorts {
-					ports = append(ports, fmt.Sprintf("%d->%d", m.Host, guestPort))
-				}
-				sort.Strings(ports)
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%s\n", e.Ref, e.VMType, state, e.VCPUs, e.MemoryMiB, e.IPv4, strings.Join(ports, ","))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%s\t%s\n", e.Ref, e.VMType, state, e.VCPUs, e.MemoryMiB, e.IPv4, up, listPorts(e.MappedPorts))
 			}
 			return w.Flush()
 		},
 	}
+}
+
+// listPorts shows an instance's forwards as host->guest/proto, by guest
+// port.
+func listPorts(mapped map[int]apiclient.MappedPort) string {
+	guests := make([]int, 0, len(mapped))
+	for g := range mapped {
+		guests = append(guests, g)
+	}
+	sort.Ints(guests)
+	var ports []string
+	for _, g := range guests {
+		m := mapped[g]
+		if m.TCP {
+			ports = append(ports, fmt.Sprintf("%d->%d/tcp", m.Host, g))
+		}
+		if m.UDP {
+			ports = append(ports, fmt.Sprintf("%d->%d/udp", m.Host, g))
+		}
+	}
+	if len(ports) == 0 {
+		return "-"
+	}
+	return strings.Join(ports, ",")
 }
 
 func newVMLogsCmd(a *app) *cobra.Command {

@@ -191,3 +191,34 @@ func (q *QMP) Status(ctx context.Context) (string, error) {
 	err := q.Execute(ctx, "query-status", nil, &st)
 	return st.Status, err
 }
+
+// BlockStats is what a VM read from and wrote to its drives since QEMU
+// started, all drives together.
+type BlockStats struct {
+	ReadBytes, WriteBytes uint64
+	ReadOps, WriteOps     uint64
+}
+
+// BlockStats sums the guest's I/O on each drive (query-blockstats: the
+// devices' own counters, not their backing layers').
+func (q *QMP) BlockStats(ctx context.Context) (BlockStats, error) {
+	var devices []struct {
+		Stats struct {
+			RdBytes      uint64 `json:"rd_bytes"`
+			WrBytes      uint64 `json:"wr_bytes"`
+			RdOperations uint64 `json:"rd_operations"`
+			WrOperations uint64 `json:"wr_operations"`
+		} `json:"stats"`
+	}
+	if err := q.Execute(ctx, "query-blockstats", nil, &devices); err != nil {
+		return BlockStats{}, err
+	}
+	var s BlockStats
+	for _, d := range devices {
+		s.ReadBytes += d.Stats.RdBytes
+		s.WriteBytes += d.Stats.WrBytes
+		s.ReadOps += d.Stats.RdOperations
+		s.WriteOps += d.Stats.WrOperations
+	}
+	return s, nil
+}

@@ -129,3 +129,31 @@ func TestQMPConnectionLossMeansVMGone(t *testing.T) {
 		t.Errorf("after close: %v", err)
 	}
 }
+
+func TestQMPBlockStats(t *testing.T) {
+	// A reply of QEMU 7.2 for a qcow2 root over a raw base and a cdrom:
+	// the backing layers' counters (parent, backing) are not the guest's.
+	const reply = `[
+	 {"device": "", "qdev": "/machine/peripheral/drive0/virtio-backend", "node-name": "root",
+	  "stats": {"rd_bytes": 1000, "wr_bytes": 200, "rd_operations": 10, "wr_operations": 2, "flush_operations": 1},
+	  "parent": {"node-name": "root-file", "stats": {"rd_bytes": 999999, "wr_bytes": 99999, "rd_operations": 99, "wr_operations": 9}},
+	  "backing": {"node-name": "base", "stats": {"rd_bytes": 555555}}},
+	 {"device": "", "qdev": "/machine/peripheral/drive1/virtio-backend", "node-name": "seed",
+	  "stats": {"rd_bytes": 24, "wr_bytes": 0, "rd_operations": 3, "wr_operations": 0}}]`
+	sock := fakeQMP(t, func(enc *json.Encoder, cmd string, id any) {
+		if cmd != "query-blockstats" {
+			enc.Encode(map[string]any{"error": map[string]any{"class": "CommandNotFound", "desc": cmd}, "id": id})
+			return
+		}
+		enc.Encode(map[string]any{"return": json.RawMessage(reply), "id": id})
+	})
+	q, err := DialQMP(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	got, err := q.BlockStats(context.Background())
+	if want := (BlockStats{ReadBytes: 1024, WriteBytes: 200, ReadOps: 13, WriteOps: 2}); err != nil || got != want {
+		t.Errorf("got %+v %v, want %+v", got, err, want)
+	}
+}

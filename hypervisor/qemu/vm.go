@@ -157,3 +157,8 @@ func (vm *VM) Close() {
 		<-vm.pumped // the next node's copy starts where this one ended
 	})
 }
+
+// BlockStats reads the guest's I/O on its drives from QEMU.
+func (vm *VM) BlockStats(ctx context.Context) (BlockStats, error) {
+	return vm.qmp.BlockStats(ctx)
+}
