@@ -14,7 +14,7 @@ if [ "$(id -u)" -eq 0 ]; then
 	echo "== system packages"
 	apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs xfsprogs \
 		squashfs-tools genisoimage util-linux mmdebstrap ovmf openssh-client cpio dmsetup strace \
-		systemd-container logrotate
+		systemd-container logrotate chromium
 fi
 
 echo "== static checks"
@@ -23,5 +23,7 @@ unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go')
 go vet ./...
 
 echo "== tests"
+# Screenshots and other files the tests leave for a person to look at.
+export ALEPHVM_TEST_ARTIFACTS="${ALEPHVM_TEST_ARTIFACTS:-$PWD/test-artifacts}"
 # The first run builds the VM assets (a few minutes) before booting VMs.
 go test -count=1 -timeout 60m ./...

@@ -120,6 +120,9 @@ func TestNetworkWithVMs(t *testing.T) {
 	testenv.Listen(t, "", "0.0.0.0:9999") // a service of the node's host
 
 	dir, port, env := nodeEnv(t, "up0", "10.99.0.2")
+	// A program runs beside the instances, for the metrics and the status
+	// page.
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+testassets.ProgramAssets(t), "ALEPH_VM_INIT_TIMEOUT=180")
 	// The node boots bare ext4 images with the base image's kernel, from
 	// its cache: give it the one built for the tests.
 	os.MkdirAll(filepath.Join(dir, "cache"), 0o755)
@@ -177,6 +180,11 @@ func TestNetworkWithVMs(t *testing.T) {
 		}
 	}
 	checks("first start")
+	prog := createGoHello(t, env, dir)
+	if status, body := httpGet(t, programURL(port, prog, "/")); status != 200 {
+		t.Fatalf("program: %d %q\n%s", status, body, node.logs.String())
+	}
+	before := scrapeNode(t, port)
 
 	// Throughput into A: through the port forward from outside, and to its
 	// own address from the node, each a sink of python3 in the VM.
@@ -211,6 +219,17 @@ while True:
 			}
 		}
 	}
+	for range 20 {
+		if status, body := httpGet(t, programURL(port, prog, "/")); status != 200 {
+			t.Fatalf("program: %d %q", status, body)
+		}
+	}
+	checkMetrics(t, before, scrapeNode(t, port), []observedVM{
+		{ref: a, typ: "instance", moved: []string{"alephvm_vm_cpu_seconds_total", "alephvm_vm_network_receive_bytes_total", "alephvm_vm_network_receive_packets_total", "alephvm_vm_uptime_seconds"}},
+		{ref: b, typ: "instance", moved: []string{"alephvm_vm_uptime_seconds"}},
+		{ref: prog, typ: "program", moved: []string{"alephvm_vm_cpu_seconds_total", "alephvm_vm_network_receive_bytes_total", "alephvm_vm_network_transmit_bytes_total", "alephvm_vm_uptime_seconds"}},
+	})
+	checkStatusPage(t, port, []string{a, b, prog})
 	mbps := func(d time.Duration) float64 { return float64(size) / d.Seconds() / 1e6 }
 	t.Logf("TCP into a VM under TCG: %.1f MB/s to its address, %.1f MB/s through the port forward: ratio %.2f; %.1f MB/s through it from outside",
 		mbps(best["direct"]), mbps(best["forward"]), best["direct"].Seconds()/best["forward"].Seconds(), mbps(best["outside"]))

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -69,14 +68,7 @@ func programsEndToEnd(t *testing.T, hv string, extraEnv []string) {
 		return strings.Fields(out)[0]
 	}
 	asgi := create("../../examples/asgi-hello", "--entrypoint", "main:app", "--env", "GREETING=Howdy")
-	goDir := filepath.Join(dir, "go-hello")
-	os.MkdirAll(goDir, 0o755)
-	build := exec.Command("go", "build", "-o", filepath.Join(goDir, "hello"), "../../examples/go-hello")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build the Go example: %v\n%s", err, out)
-	}
-	goProg := create(goDir, "--entrypoint", "hello", "--interface", "binary", "--memory", "256")
+	goProg := createGoHello(t, env, dir)
 
 	// The ASGI example answers, with its variable.
 	status, body := httpGet(t, programURL(port, asgi, "/some/path"))
@@ -168,7 +160,7 @@ func programsEndToEnd(t *testing.T, hv string, extraEnv []string) {
 	}
 
 	// A message whose runtime item is missing gets a clear 404.
-	missing := create(goDir, "--entrypoint", "hello", "--interface", "binary", "--runtime", strings.Repeat("ab", 32))
+	missing := create(filepath.Join(dir, "go-hello"), "--entrypoint", "hello", "--interface", "binary", "--runtime", strings.Repeat("ab", 32))
 	status, body = httpGet(t, programURL(port, missing, "/"))
 	var apiErr struct{ Error string }
 	if status != 404 || json.Unmarshal([]byte(body), &apiErr) != nil || !strings.Contains(apiErr.Error, "not found") {
