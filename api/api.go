@@ -73,8 +73,10 @@ type Options struct {
 	Metrics http.Handler
 	// Status and Checks feed the status page at / (statuspage.go); nil
 	// leaves their parts out, saying so.
-	Status  StatusSource
-	Checks  SelfChecks
+	Status StatusSource
+	Checks SelfChecks
+	// FastAPI runs the diagnostic program's checks; nil answers 503.
+	FastAPI FastAPIChecker
 	Version string
 	Log     *slog.Logger
 }
@@ -109,6 +111,8 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("POST /control/{ref}/update", s.handleUpdate)
 	s.mux.HandleFunc("GET /control/machine/{ref}/logs", s.handleLogs)
 	s.mux.HandleFunc("GET /control/machine/{ref}/stream_logs", s.handleStreamLogs)
+	s.mux.HandleFunc("GET /status/check/fastapi", s.handleCheckFastAPI(false))
+	s.mux.HandleFunc("GET /status/check/fastapi/legacy", s.handleCheckFastAPI(true))
 	if opts.Instances != nil {
 		s.mux.HandleFunc("POST /control/allocations", s.observeAllocation("allocations", s.handleAllocations))
 		s.mux.HandleFunc("POST /control/allocation/notify", s.observeAllocation("allocation_notify", s.handleNotify))

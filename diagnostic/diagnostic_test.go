@@ -222,3 +222,24 @@ func TestConcurrentChecksShareOneRun(t *testing.T) {
 		t.Errorf("%d runs for 5 concurrent callers, want 1", n)
 	}
 }
+
+func TestNode(t *testing.T) {
+	ref := message.ItemHash(strings.Repeat("cd", 32))
+	srv := fakeProgram(t, string(ref), map[string]bool{"/internet": true}, nil)
+	defer srv.Close()
+	n := &Node{Checker: &Checker{Node: srv.URL}, Ref: ref}
+	if _, _, ok := n.Last(); ok {
+		t.Error("a last result before any check")
+	}
+	body, passed := n.CheckFastAPI(context.Background(), false, false)
+	if passed || !strings.Contains(string(body), `"internet": false`) {
+		t.Errorf("check: %v %s", passed, body)
+	}
+	if r, at, ok := n.Last(); !ok || at.IsZero() || strings.Join(r.Failed(), ",") != "internet" {
+		t.Errorf("last: %+v %v %v", r, at, ok)
+	}
+	body, passed = n.CheckFastAPI(context.Background(), true, true)
+	if passed || !strings.Contains(string(body), "LEGACY_CHECK_FASTAPI_VM_ID") {
+		t.Errorf("legacy without a program: %v %s", passed, body)
+	}
+}
