@@ -199,7 +199,14 @@ while True:
 	if out, err := testenv.SSH(key, ipA, sink); err != nil {
 		t.Fatalf("sink: %v %s", err, out)
 	}
-	time.Sleep(time.Second)
+	// python3 starts slowly on a starved guest: wait for its socket.
+	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		if _, err := testenv.Send("", ipA+":5001", 1024); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the sink never listened: %v", err)
+		}
+	}
 	// From the node itself the two paths differ only by the forward's DNAT;
 	// from outside the forward also crosses the uplink's veth pair. Under
 	// emulation the guest's CPU sets the pace and varies: the paths take
