@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"math"
 	"net/netip"
+	"net/url"
 	"os"
 	"path"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/alephvm/alephvm/message"
 	"github.com/caarlos0/env/v11"
 	"github.com/spf13/pflag"
 	"go.yaml.in/yaml/v3"
@@ -45,6 +47,13 @@ type Config struct {
 	AssetsDir           string  `env:"ASSETS_DIR" yaml:"assets_dir" help:"Directory of the VM assets: kernel, initramfs, default runtime and base image (alephvm assets build); empty means <CACHE_ROOT>/assets."`
 	APIServer           string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
 	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
+	CheckFastAPIVMID    string  `env:"CHECK_FASTAPI_VM_ID" yaml:"check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi checks; empty means the node's own (examples/diagnostic, stored with the default runtime at the first check)."`
+	LegacyCheckVMID     string  `env:"LEGACY_CHECK_FASTAPI_VM_ID" yaml:"legacy_check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi/legacy checks; empty means none (503)."`
+	DiagnosticDNSName   string  `env:"DIAGNOSTIC_DNS_NAME" yaml:"diagnostic_dns_name" help:"Name the node's own diagnostic program resolves for its dns check (IPv4 and IPv6 answers wanted); empty means example.org."`
+	DiagnosticIPv4URLs  List    `env:"DIAGNOSTIC_IPV4_URLS" yaml:"diagnostic_ipv4_urls" help:"URLs by IPv4 address the node's own diagnostic program tries for its ipv4 check (any one answering passes); empty means the reference's public DNS services."`
+	DiagnosticIPv6URLs  List    `env:"DIAGNOSTIC_IPV6_URLS" yaml:"diagnostic_ipv6_urls" help:"URLs by IPv6 address the diagnostic program tries for IPv6 connectivity; empty means the reference's public DNS services."`
+	DiagnosticWebURLs   List    `env:"DIAGNOSTIC_INTERNET_URLS" yaml:"diagnostic_internet_urls" help:"URLs by name the node's own diagnostic program tries for its internet check (DNS, IP and HTTP together); empty means the reference's (aleph.im, ethereum.org, ipfs.io)."`
+	DiagnosticMessage   string  `env:"DIAGNOSTIC_MESSAGE" yaml:"diagnostic_message" help:"Item hash of the message the node's own diagnostic program reads through the guest API (messages and get_a_message checks); empty means the reference's."`
 	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
 	DiskFreeFloor       Bytes   `env:"DISK_FREE_FLOOR" yaml:"disk_free_floor" help:"Free space (bytes, or 2GiB) that must stay on the filesystem of the volumes and VM runtime files once a new root disk or volume is fully written; one that would leave less is refused (507)."`
 	StallTimeout        Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
@@ -451,7 +460,31 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s%s: must be an absolute path, got %q", EnvPrefix, dir.name, dir.value))
 		}
 	}
+	errs = append(errs, c.validateDiagnostic()...)
 	return errors.Join(errs...)
+}
+
+// validateDiagnostic checks the settings of the diagnostic program.
+func (c Config) validateDiagnostic() []error {
+	var errs []error
+	for _, ref := range []struct{ name, value string }{
+		{"CHECK_FASTAPI_VM_ID", c.CheckFastAPIVMID}, {"LEGACY_CHECK_FASTAPI_VM_ID", c.LegacyCheckVMID}, {"DIAGNOSTIC_MESSAGE", c.DiagnosticMessage},
+	} {
+		if _, err := message.ParseItemHash(ref.value); ref.value != "" && err != nil {
+			errs = append(errs, fmt.Errorf("%s%s: %w", EnvPrefix, ref.name, err))
+		}
+	}
+	for _, list := range []struct {
+		name string
+		urls List
+	}{{"DIAGNOSTIC_IPV4_URLS", c.DiagnosticIPv4URLs}, {"DIAGNOSTIC_IPV6_URLS", c.DiagnosticIPv6URLs}, {"DIAGNOSTIC_INTERNET_URLS", c.DiagnosticWebURLs}} {
+		for _, u := range list.urls {
+			if p, err := url.Parse(u); err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" || strings.Contains(u, ",") {
+				errs = append(errs, fmt.Errorf("%s%s: want http or https URLs without commas, got %q", EnvPrefix, list.name, u))
+			}
+		}
+	}
+	return errs
 }
 
 // GuestAllowedPrefixes returns GUEST_ALLOWED_NETWORKS as prefixes; an

@@ -243,3 +243,30 @@ func TestNode(t *testing.T) {
 		t.Errorf("legacy without a program: %v %s", passed, body)
 	}
 }
+
+func TestNodeDeploysAtTheFirstCheck(t *testing.T) {
+	ref := message.ItemHash(strings.Repeat("cd", 32))
+	srv := fakeProgram(t, string(ref), nil, nil)
+	defer srv.Close()
+	deploys, fail := 0, true
+	n := &Node{Checker: &Checker{Node: srv.URL}, Deploy: func(context.Context) (message.ItemHash, error) {
+		deploys++
+		if fail {
+			return "", io.ErrUnexpectedEOF
+		}
+		return ref, nil
+	}}
+	body, passed := n.CheckFastAPI(context.Background(), false, false)
+	if passed || !strings.Contains(string(body), "deploy the node's diagnostic program") {
+		t.Errorf("failed deploy: %v %s", passed, body)
+	}
+	fail = false
+	for range 2 {
+		if body, passed := n.CheckFastAPI(context.Background(), false, false); !passed {
+			t.Errorf("after a deploy: %s", body)
+		}
+	}
+	if deploys != 2 {
+		t.Errorf("%d deploys, want 2 (one failed, one kept)", deploys)
+	}
+}

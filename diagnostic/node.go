@@ -3,6 +3,7 @@ package diagnostic
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -17,7 +18,12 @@ type Node struct {
 	// own); LegacyRef the legacy one (LEGACY_CHECK_FASTAPI_VM_ID), empty
 	// when the node has none.
 	Ref, LegacyRef message.ItemHash
+	// Deploy, when Ref is empty, stores the node's own diagnostic program
+	// and returns its ref; it runs at the first check (and again after a
+	// failure), not at the node's start.
+	Deploy func(context.Context) (message.ItemHash, error)
 
+	deploy sync.Mutex
 	mu     sync.Mutex
 	last   Result
 	lastAt time.Time
@@ -25,12 +31,15 @@ type Node struct {
 
 // CheckFastAPI implements the api's FastAPIChecker.
 func (n *Node) CheckFastAPI(ctx context.Context, legacy, retro bool) ([]byte, bool) {
-	ref := n.Ref
+	ref, err := n.ref(ctx)
 	if legacy {
-		ref = n.LegacyRef
+		ref, err = n.LegacyRef, nil
+		if ref == "" {
+			err = errors.New("this node has no legacy diagnostic program (LEGACY_CHECK_FASTAPI_VM_ID)")
+		}
 	}
-	if ref == "" {
-		return Result{Err: errors.New("this node has no legacy diagnostic program (LEGACY_CHECK_FASTAPI_VM_ID)")}.Body(), false
+	if err != nil {
+		return Result{Err: err}.Body(), false
 	}
 	r := n.Checker.Run(ctx, ref, retro)
 	if !legacy && !retro {
@@ -39,6 +48,25 @@ func (n *Node) CheckFastAPI(ctx context.Context, legacy, retro bool) ([]byte, bo
 		n.mu.Unlock()
 	}
 	return r.Body(), r.Passed
+}
+
+// ref is the diagnostic program, deployed at the first call when the
+// node runs its own.
+func (n *Node) ref(ctx context.Context) (message.ItemHash, error) {
+	n.deploy.Lock()
+	defer n.deploy.Unlock()
+	if n.Ref != "" || n.Deploy == nil {
+		if n.Ref == "" {
+			return "", errors.New("this node has no diagnostic program (CHECK_FASTAPI_VM_ID)")
+		}
+		return n.Ref, nil
+	}
+	ref, err := n.Deploy(ctx)
+	if err != nil {
+		return "", fmt.Errorf("deploy the node's diagnostic program: %w", err)
+	}
+	n.Ref = ref
+	return ref, nil
 }
 
 // Last returns the last full check of the diagnostic program and when it

@@ -118,6 +118,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 			return fmt.Errorf("OPERATOR_ADDRESSES: %w", err)
 		}
 	}
+	diag := diagnosticNode(cfg, n.store)
 	handler := api.New(api.Options{
 		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
@@ -129,6 +130,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		},
 		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
 		Observer: n.metrics, Metrics: n.metrics.Handler(), Status: statusSource{metrics: &metricsSource{n}, started: n.started},
+		FastAPI: diag, Checks: selfChecks{diag},
 		Version: buildVersion(), Log: log,
 	})
 	addr := net.JoinHostPort(cfg.SupervisorHost, strconv.Itoa(cfg.SupervisorPort))
@@ -136,6 +138,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", addr, err)
 	}
+	diag.Checker.Node = "http://" + ln.Addr().String()
 	srv := handler.HTTPServer()
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(handler.Listener(ln)) }()
@@ -209,7 +212,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	}
 	source := &metricsSource{} // its node is set below
 	nodeMetrics := metrics.New(metrics.Options{Source: source, Version: buildVersion()})
-	st, err := store.Open(ctx, store.Options{Events: nodeMetrics,Root: cfg.CacheRoot, DB: database, APIServer: cfg.APIServer,
+	st, err := store.Open(ctx, store.Options{Events: nodeMetrics, Root: cfg.CacheRoot, DB: database, APIServer: cfg.APIServer,
 		IPFSGateway: cfg.IPFSGateway, MaxSize: int64(cfg.CacheMaxSize), StallTimeout: cfg.StallTimeout.Duration(), Log: log,
 		MaxItemSize: int64(cfg.MaxItemSize), MinFreeSpace: int64(cfg.MinFreeSpace),
 		PartMaxAge: cfg.PartMaxAge.Duration(), MessageMaxAge: cfg.MessageMaxAge.Duration()})
