@@ -102,6 +102,16 @@ func MaybeRunHelper() {
 		io.Copy(io.Discard, c) // the sink closes once it has read everything
 		fmt.Println(time.Since(start).Seconds())
 		os.Exit(0)
+	case "dns", "web":
+		run := runDNS
+		if mode == "web" {
+			run = runWeb
+		}
+		if err := run(addr); err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	case "dial":
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err != nil {
@@ -132,20 +142,7 @@ func helper(ns, mode, addr string) *exec.Cmd {
 // address.
 func Listen(t testing.TB, ns, addr string) {
 	t.Helper()
-	cmd := helper(ns, "listen", addr)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	line, _ := bufio.NewReader(out).ReadString('\n')
-	if strings.TrimSpace(line) != "listening" {
-		t.Fatalf("listen on %s in %s: %s", addr, ns, line)
-	}
-	go io.Copy(io.Discard, out)
+	startHelper(t, helper(ns, "listen", addr), "listen on "+addr+" in "+ns)
 }
 
 // Send writes n bytes to addr from inside ns (empty: the test's own
