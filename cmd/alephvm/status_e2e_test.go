@@ -1,0 +1,99 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/alephvm/alephvm/internal/testassets"
+	"github.com/alephvm/alephvm/internal/testenv"
+)
+
+// fakeCoreNode answers the core node API routes the diagnostic program
+// reads through the guest API: one message, by hash.
+func fakeCoreNode(t *testing.T, hash string) *httptest.Server {
+	msg := map[string]any{"item_hash": hash, "type": "POST", "chain": "ETH", "sender": "0x0", "channel": "TEST"}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		switch {
+		case r.URL.Path == "/api/v0/messages.json" && r.URL.Query().Get("hashes") == hash:
+			json.NewEncoder(w).Encode(map[string]any{"messages": []any{msg}, "pagination_page": 1, "pagination_total": 1, "pagination_per_page": 20, "pagination_item": "messages"})
+		case r.URL.Path == "/api/v0/messages/"+hash:
+			json.NewEncoder(w).Encode(map[string]any{"status": "processed", "item_hash": hash, "message": msg})
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestStatusChecksEndToEnd checks /status/check/fastapi on a fresh node:
+// the node stores and boots its own diagnostic program, which reaches a
+// fake internet (a namespace with DNS and a web server beyond the node's
+// uplink) and the fake core node through the guest API. With the uplink
+// down, the check fails, naming what failed. One VM boot.
+func TestStatusChecksEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a program VM under emulation")
+	}
+	testenv.RequireIsolatedRoot(t)
+	testenv.RequireTools(t, "qemu-system-x86_64", "nft", "mkfs.ext4", "ip")
+	assetsDir := testassets.ProgramAssets(t)
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	internet := testenv.NetNS(t, "inet")
+	testenv.Veth(t, "up0", "10.99.0.1/24", internet, "eth0", "10.99.0.2/24", "")
+	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "203.0.113.10/32", "dev", "lo")
+	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "203.0.113.53/32", "dev", "lo")
+	testenv.Cmd(t, "ip", "route", "add", "default", "via", "10.99.0.2")
+	testenv.ServeDNS(t, internet, "203.0.113.53:53", map[string][]netip.Addr{
+		"web.test": {netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8::10")},
+	})
+	testenv.ServeWeb(t, internet, "203.0.113.10:80")
+	hash := strings.Repeat("5e", 32)
+	core := fakeCoreNode(t, hash)
+
+	_, port, env := nodeEnv(t, "up0", "203.0.113.53")
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_INIT_TIMEOUT=180", "ALEPH_VM_API_SERVER="+core.URL,
+		"ALEPH_VM_DIAGNOSTIC_DNS_NAME=web.test", "ALEPH_VM_DIAGNOSTIC_IPV4_URLS=http://203.0.113.10/",
+		"ALEPH_VM_DIAGNOSTIC_INTERNET_URLS=http://web.test/", "ALEPH_VM_DIAGNOSTIC_MESSAGE="+hash)
+	node := startNode(t, env, port)
+
+	check := func() (int, map[string]any, string) {
+		t.Helper()
+		status, body := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/status/check/fastapi", port))
+		var result map[string]any
+		if err := json.Unmarshal([]byte(body), &result); err != nil {
+			t.Fatalf("check: %d %s: %v\n%s", status, body, err, node.logs.String())
+		}
+		return status, result, body
+	}
+	start := time.Now()
+	status, result, body := check()
+	t.Logf("first check (a cold start of the diagnostic program included): %s: %s", time.Since(start).Round(time.Millisecond), body)
+	keys := []string{"index", "environ", "messages", "dns", "ipv4", "internet", "cache", "persistent_storage", "error_handling", "get_a_message", "lifespan"}
+	for _, k := range keys {
+		if result[k] != true {
+			t.Errorf("%s: %v", k, result[k])
+		}
+	}
+	if status != 200 || len(result) != len(keys) || t.Failed() {
+		t.Fatalf("fresh node: %d %s\n%s", status, body, node.logs.String())
+	}
+
+	// The uplink goes down: the internet checks fail, and say so.
+	testenv.Cmd(t, "ip", "link", "set", "up0", "down")
+	status, result, body = check()
+	if status != 503 || result["dns"] != false || result["ipv4"] != false || result["internet"] != false || result["index"] != true || result["cache"] != true {
+		t.Errorf("without internet: %d %s", status, body)
+	}
+	testenv.Cmd(t, "ip", "link", "set", "up0", "up")
+}
