@@ -49,6 +49,7 @@ type Client struct {
 type call struct {
 	logs  *logQueue
 	final chan reply
+	api   chan APICall // the workload's guest API calls (ServeAPI)
 }
 
 // Bounds of what the client keeps for a slow reader: events beyond
@@ -256,7 +257,12 @@ func (c *Client) Halt(ctx context.Context) error {
 
 // call sends req and waits for its final reply; log lines go to logs.
 func (c *Client) call(ctx context.Context, req request, logs *logQueue) (reply, error) {
-	cl := &call{logs: logs, final: make(chan reply, 1)}
+	return c.callWith(ctx, req, &call{logs: logs, final: make(chan reply, 1)})
+}
+
+// callWith sends req and waits for its final reply, cl receiving the
+// others.
+func (c *Client) callWith(ctx context.Context, req request, cl *call) (reply, error) {
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -418,6 +424,11 @@ func (c *Client) read() {
 				cl.final <- r
 			case r.Log != nil && cl.logs != nil && (r.Log.Stream == Stdout || r.Log.Stream == Stderr):
 				cl.logs.push(*r.Log)
+			case r.API != nil && cl.api != nil && r.API.valid():
+				select {
+				case cl.api <- *r.API:
+				default: // past the bound of calls under way: dropped
+				}
 			}
 		}
 		c.mu.Unlock()

@@ -180,6 +180,10 @@ const (
 	opSysinfo = "sysinfo"
 	opHalt    = "halt"
 	opCancel  = "cancel"
+	// The guest API (api.go): the host's long call that receives the
+	// workload's calls, and its answer to one of them.
+	opAPI      = "api"
+	opAPIReply = "api_reply"
 )
 
 // request is one line from the host.
@@ -190,6 +194,7 @@ type request struct {
 	Signal int          `json:"signal,omitempty"` // signal
 	Exec   *ExecRequest `json:"exec,omitempty"`   // exec
 	Target uint64       `json:"target,omitempty"` // cancel
+	Answer *APIAnswer   `json:"answer,omitempty"` // api_reply
 }
 
 // reply is one line from the guest: a reply to request ID (the last one
@@ -204,6 +209,7 @@ type reply struct {
 	Exec    *ExecResult `json:"exec,omitempty"`
 	Sysinfo *Sysinfo    `json:"sysinfo,omitempty"`
 	Event   *Event      `json:"event,omitempty"`
+	API     *APICall    `json:"api,omitempty"` // a call of the workload, on the host's api call
 }
 
 // Bounds of the protocol. The host treats everything the guest sends as

@@ -30,6 +30,11 @@ type Agent interface {
 	PowerOff()
 }
 
+// APIAgent is an Agent that serves the guest API (api.go).
+type APIAgent interface {
+	APIBridge() *APIBridge
+}
+
 // haltLinger is how long the guest waits, after replying to a halt, for
 // the host to close the session before it powers off, so that the reply
 // is not lost.
@@ -194,7 +199,29 @@ func (s *session) serve(ctx, sessionCtx context.Context, wg *sync.WaitGroup, req
 		case <-time.After(haltLinger):
 		}
 		a.PowerOff()
+	case opAPI, opAPIReply:
+		s.serveAPI(ctx, req)
 	default:
 		s.fail(req.ID, fmt.Errorf("unknown operation %q", req.Op))
 	}
+}
+
+// serveAPI hands the workload's guest API calls to the host for as long
+// as its "api" call lasts, and the host's answers back to them.
+func (s *session) serveAPI(ctx context.Context, req request) {
+	agent, ok := s.agent.(APIAgent)
+	if !ok {
+		s.fail(req.ID, errNoAPI)
+		return
+	}
+	b := agent.APIBridge()
+	if req.Op == opAPIReply {
+		if req.Answer != nil {
+			b.answer(*req.Answer)
+		}
+		s.send(reply{ID: req.ID, Done: true})
+		return
+	}
+	b.serve(ctx, func(c APICall) error { return s.send(reply{ID: req.ID, API: &c}) })
+	s.send(reply{ID: req.ID, Done: true})
 }

@@ -47,14 +47,17 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
-def guest_api(method, path, body=None):
-    """Calls the node's guest API; returns (status, decoded JSON or text)."""
+def guest_api(method, path, body=None, raw=False):
+    """Calls the node's guest API; returns (status, decoded JSON, or text
+    when raw or not JSON)."""
     sock = os.environ.get("ALEPH_API_UNIX_SOCKET", "/tmp/socat-socket")
     conn = UnixHTTPConnection(sock)
     try:
         conn.request(method, path, body=body)
         resp = conn.getresponse()
         data = resp.read()
+        if raw:
+            return resp.status, data.decode(errors="replace")
         try:
             return resp.status, json.loads(data)
         except ValueError:
@@ -186,7 +189,8 @@ def cache(parts):
     elif parts[:1] == ["set"] and len(parts) == 3:
         status, body = guest_api("PUT", "/cache/" + urllib.parse.quote(parts[1]), parts[2].encode())
     elif parts[:1] == ["get"] and len(parts) == 2:
-        status, body = guest_api("GET", "/cache/" + urllib.parse.quote(parts[1]))
+        # The cache answers the value's bytes, not JSON.
+        status, body = guest_api("GET", "/cache/" + urllib.parse.quote(parts[1]), raw=True)
     elif parts[:1] == ["remove"] and len(parts) == 2:
         status, body = guest_api("DELETE", "/cache/" + urllib.parse.quote(parts[1]))
     else:

@@ -35,7 +35,15 @@ class GuestAPI(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/cache/?"):
             return self.reply(200, list(self.store))
         if self.path.startswith("/cache/"):
-            return self.reply(200, self.store.get(self.path[len("/cache/"):]))
+            value = self.store.get(self.path[len("/cache/"):])
+            if value is None:
+                return self.reply(404, "No such key in cache")
+            data = value.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if self.path.startswith("/api/v0/messages.json?hashes=abc"):
             return self.reply(200, {"messages": [{"item_hash": "abc"}]})
         if self.path == "/api/v0/messages/abc":
