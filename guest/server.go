@@ -210,11 +210,14 @@ func (s *session) serve(ctx, sessionCtx context.Context, wg *sync.WaitGroup, req
 // as its "api" call lasts, and the host's answers back to them.
 func (s *session) serveAPI(ctx context.Context, req request) {
 	agent, ok := s.agent.(APIAgent)
-	if !ok {
+	var b *APIBridge
+	if ok {
+		b = agent.APIBridge()
+	}
+	if b == nil {
 		s.fail(req.ID, errNoAPI)
 		return
 	}
-	b := agent.APIBridge()
 	if req.Op == opAPIReply {
 		if req.Answer != nil {
 			b.answer(*req.Answer)

@@ -25,6 +25,7 @@ type Init struct {
 	reaper *reaper
 	user   user // the workload's user, once the root is switched
 	env    []string
+	api    *guest.APIBridge
 
 	mu       sync.Mutex
 	state    guest.State
@@ -50,8 +51,13 @@ func newInit() *Init {
 		state:  guest.StateStarting,
 		subs:   map[chan guest.Event]struct{}{},
 		exited: make(chan struct{}),
+		api:    guest.NewAPIBridge(),
 	}
 }
+
+// APIBridge implements guest.APIAgent: the guest API's calls go to the
+// host through the control session that serves them.
+func (in *Init) APIBridge() *guest.APIBridge { return in.api }
 
 // trace logs a step of the boot with the time, in debug mode.
 func (in *Init) trace(format string, args ...any) {

@@ -50,6 +50,13 @@ func (g guardedAgent) Subscribe(ctx context.Context) (guest.Status, <-chan guest
 	return g.in.Subscribe(ctx)
 }
 
+func (g guardedAgent) APIBridge() *guest.APIBridge {
+	if a, ok := g.in.(guest.APIAgent); ok {
+		return a.APIBridge()
+	}
+	return nil
+}
+
 func (g guardedAgent) Status() guest.Status {
 	defer recoverPanic()
 	return g.in.Status()

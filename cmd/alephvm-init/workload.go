@@ -9,6 +9,7 @@ import (
 	"io"
 	"maps"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -61,6 +62,13 @@ func workloadEnv(u user, hostname string, vars map[string]string) []string {
 		"LANG":             "C.UTF-8",
 		"PYTHONPATH":       "/opt/packages",
 		"PYTHONUNBUFFERED": "1",
+		// The Aleph SDK reaches the guest API (the node) on the init's
+		// socket, as under the reference's runtime.
+		"ALEPH_API_HOST":                  "http://localhost",
+		"ALEPH_API_UNIX_SOCKET":           guest.APISocket,
+		"ALEPH_REMOTE_CRYPTO_HOST":        "http://localhost",
+		"ALEPH_REMOTE_CRYPTO_UNIX_SOCKET": guest.APISocket,
+		"ALEPH_ADDRESS_TO_USE":            hostname,
 	}
 	maps.Copy(env, vars)
 	out := make([]string, 0, len(env))
@@ -176,6 +184,7 @@ func (in *Init) startWorkload() error {
 		plain = plain || (d.Role == guest.RoleCode && d.Format == guest.FormatFile)
 	}
 	argv := workloadArgv(w, plain)
+	in.serveAPI()
 	env := workloadEnv(in.user, in.cfg.Hostname, w.Variables)
 	in.mu.Lock()
 	in.env = env
@@ -401,4 +410,21 @@ func (b *cappedBuffer) Bytes() []byte {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return bytes.Clone(b.buf.Bytes())
+}
+
+// serveAPI serves the guest API on its socket, for every user of the VM
+// (the VM is one tenant's). Without it the workload runs on; its SDK
+// calls fail.
+func (in *Init) serveAPI() {
+	os.Remove(guest.APISocket)
+	ln, err := net.Listen("unix", guest.APISocket)
+	if err != nil {
+		logf("guest API socket: %v", err)
+		return
+	}
+	if err := os.Chmod(guest.APISocket, 0o666); err != nil {
+		logf("guest API socket: %v", err)
+	}
+	srv := &http.Server{Handler: in.api, ReadHeaderTimeout: 10 * time.Second}
+	goSafe(func() { logf("guest API: %v", srv.Serve(ln)) })
 }
