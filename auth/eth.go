@@ -105,3 +105,13 @@ func checksum(lower string) string {
 	}
 	return string(out)
 }
+
+// SignPersonal signs msg with personal_sign, as an Ethereum wallet does:
+// the 65-byte signature r || s || v, v 27 or 28, s low.
+func SignPersonal(key *secp256k1.PrivateKey, msg []byte) []byte {
+	compact := ecdsa.SignCompact(key, PersonalSignHash(msg), false)
+	sig := make([]byte, 65)
+	copy(sig, compact[1:])
+	sig[64] = compact[0]
+	return sig
+}
