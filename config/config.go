@@ -47,6 +47,9 @@ type Config struct {
 	AssetsDir           string  `env:"ASSETS_DIR" yaml:"assets_dir" help:"Directory of the VM assets: kernel, initramfs, default runtime and base image (alephvm assets build); empty means <CACHE_ROOT>/assets."`
 	APIServer           string  `env:"API_SERVER" yaml:"api_server" help:"URL of an Aleph core node API to fetch messages and files from; empty means local items only."`
 	IPFSGateway         string  `env:"IPFS_GATEWAY" yaml:"ipfs_gateway" help:"URL of an IPFS gateway for IPFS items; empty means none."`
+	GuestCacheMaxValue  Bytes   `env:"GUEST_CACHE_MAX_VALUE_SIZE" yaml:"guest_cache_max_value_size" help:"Largest value a program may keep in the guest API's cache (bytes, or 1MiB); larger ones are refused 413."`
+	GuestCacheMaxKeys   int     `env:"GUEST_CACHE_MAX_KEYS" yaml:"guest_cache_max_keys" help:"Most keys one program may keep in the guest API's cache; more are refused 507."`
+	GuestCacheMaxSize   Bytes   `env:"GUEST_CACHE_MAX_SIZE" yaml:"guest_cache_max_size" help:"Most bytes the guest API's cache holds for all programs together; past it writes are refused 507. Entries expire after 7 days."`
 	CheckFastAPIVMID    string  `env:"CHECK_FASTAPI_VM_ID" yaml:"check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi checks; empty means the node's own (examples/diagnostic, stored with the default runtime at the first check)."`
 	LegacyCheckVMID     string  `env:"LEGACY_CHECK_FASTAPI_VM_ID" yaml:"legacy_check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi/legacy checks; empty means none (503)."`
 	DiagnosticDNSName   string  `env:"DIAGNOSTIC_DNS_NAME" yaml:"diagnostic_dns_name" help:"Name the node's own diagnostic program resolves for its dns check (IPv4 and IPv6 answers wanted); empty means example.org."`
@@ -118,6 +121,9 @@ func Default() Config {
 		ExecutionRoot:      "/var/lib/alephvm",
 		CacheRoot:          "/var/cache/alephvm",
 		CacheMaxSize:       50 << 30,
+		GuestCacheMaxValue: 1 << 20,
+		GuestCacheMaxKeys:  10_000,
+		GuestCacheMaxSize:  1 << 30,
 		DiskFreeFloor:      2 << 30,
 		StallTimeout:       Seconds(2 * time.Minute),
 		MaxItemSize:        20 << 30,
@@ -464,9 +470,18 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// validateDiagnostic checks the settings of the diagnostic program.
+// validateDiagnostic checks the settings of the diagnostic program and
+// of the guest API it uses.
 func (c Config) validateDiagnostic() []error {
 	var errs []error
+	for _, b := range []struct {
+		name  string
+		value int64
+	}{{"GUEST_CACHE_MAX_VALUE_SIZE", int64(c.GuestCacheMaxValue)}, {"GUEST_CACHE_MAX_KEYS", int64(c.GuestCacheMaxKeys)}, {"GUEST_CACHE_MAX_SIZE", int64(c.GuestCacheMaxSize)}} {
+		if b.value <= 0 {
+			errs = append(errs, fmt.Errorf("%s%s: must be positive", EnvPrefix, b.name))
+		}
+	}
 	for _, ref := range []struct{ name, value string }{
 		{"CHECK_FASTAPI_VM_ID", c.CheckFastAPIVMID}, {"LEGACY_CHECK_FASTAPI_VM_ID", c.LegacyCheckVMID}, {"DIAGNOSTIC_MESSAGE", c.DiagnosticMessage},
 	} {

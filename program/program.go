@@ -56,6 +56,9 @@ type Options struct {
 	Logs         *LogArchive
 	// ColdStarts, if set, is told of each start, with its phases.
 	ColdStarts execution.StartObserver
+	// GuestAPI answers the guest API calls of each program's workload
+	// (package guestapi); nil leaves them unanswered (503 in the guest).
+	GuestAPI GuestAPI
 	Log        *slog.Logger
 }
 
@@ -328,7 +331,20 @@ func (v *programVM) connect(ctx context.Context) error {
 	go func() {
 		_ = client.Logs(context.Background(), true, v.logs.Add)
 	}()
+	if v.opts.GuestAPI != nil {
+		// For the session's life: it ends with the VM.
+		go func() {
+			if err := client.ServeAPI(context.Background(), v.opts.GuestAPI.Handler(v.ref)); err != nil && client.Err() == nil {
+				v.log.Warn("the guest API is not served", "err", err)
+			}
+		}()
+	}
 	return nil
+}
+
+// GuestAPI gives the guest API of each program's VM.
+type GuestAPI interface {
+	Handler(ref message.ItemHash) guest.APIHandler
 }
 
 // watch stops the VM when its workload ends or the VM dies: the pool then

@@ -25,6 +25,7 @@ import (
 	"github.com/alephvm/alephvm/db"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/guestapi"
 	"github.com/alephvm/alephvm/hostcheck"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
@@ -248,10 +249,16 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		log.Warn("programs' output will not outlive the node", "err", err)
 	}
 	disks := storage.Disks{Floor: int64(cfg.DiskFreeFloor)}
+	guestKey, err := guestapi.LoadKey(filepath.Join(cfg.ExecutionRoot, "guest_api_key"))
+	if err != nil {
+		return fail(err)
+	}
+	guestAPI := guestapi.New(guestapi.Options{DB: database, APIServer: cfg.APIServer, Key: guestKey,
+		MaxValueSize: int(cfg.GuestCacheMaxValue), MaxKeysPerProgram: cfg.GuestCacheMaxKeys, MaxCacheSize: int64(cfg.GuestCacheMaxSize), Log: log})
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
-		ColdStarts: nodeMetrics, Log: log,
+		ColdStarts: nodeMetrics, GuestAPI: guestAPI, Log: log,
 	})
 	n.launcher = launcher
 	// Programs and instances are admitted into one capacity.
@@ -282,6 +289,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	}
 	sweep, stopSweep := context.WithCancel(ctx) // ends before the database closes
 	go st.Sweep(sweep, store.SweepInterval)
+	go guestAPI.Sweep(sweep, 10*time.Minute)
 	made.AddFunc("store sweep", stopSweep)
 	return n, cleanup, nil
 }
