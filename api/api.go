@@ -128,7 +128,7 @@ func New(opts Options) *Server {
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Server", "alephvm/"+s.opts.Version)
+	w.Header().Set("Server", "aleph-vm/"+s.opts.Version) // as the reference: monitors read the version here
 	s.mux.ServeHTTP(&deadlineWriter{ResponseWriter: w, timeout: s.opts.Limits.WriteTimeout}, r)
 }
 

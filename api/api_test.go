@@ -169,7 +169,7 @@ func TestProxy(t *testing.T) {
 	if resp.Header.Get("X-Seen-Path") != "/a%2Fb/c|/a/b/c" {
 		t.Errorf("escaped path not kept: %q", resp.Header.Get("X-Seen-Path"))
 	}
-	if resp.Header.Get("Aleph-Program-ItemHash") != string(ref) || resp.Header.Get("Server") != "alephvm/test" {
+	if resp.Header.Get("Aleph-Program-ItemHash") != string(ref) || resp.Header.Get("Server") != "aleph-vm/test" {
 		t.Errorf("headers %v", resp.Header)
 	}
 	if _, body := get(t, srv.URL+"/vm/"+string(ref), ""); body != "GET /?" {
