@@ -253,7 +253,7 @@ func checkNode(t *testing.T, c *container, client *http.Client, version string) 
 		t.Fatalf("the node's API: %v", err)
 	}
 	resp.Body.Close()
-	if got := resp.Header.Get("Server"); got != "alephvm/"+version {
+	if got := resp.Header.Get("Server"); got != "aleph-vm/"+version {
 		t.Errorf("the node serving is %q, want alephvm/%s", got, version)
 	}
 }
