@@ -77,6 +77,14 @@ type Options struct {
 	Checks SelfChecks
 	// FastAPI runs the diagnostic program's checks; nil answers 503.
 	FastAPI FastAPIChecker
+	// NodeInfo feeds /about/usage/system, /about/capability and
+	// /status/config; nil answers 503.
+	NodeInfo NodeInfo
+	// HostCheck runs /status/check/host and /status/check/ipv6; nil
+	// answers 503.
+	HostCheck HostChecker
+	// Now is the clock of the usage's period; nil means time.Now.
+	Now     func() time.Time
 	Version string
 	Log     *slog.Logger
 }
@@ -113,6 +121,14 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("GET /control/machine/{ref}/stream_logs", s.handleStreamLogs)
 	s.mux.HandleFunc("GET /status/check/fastapi", s.handleCheckFastAPI(false))
 	s.mux.HandleFunc("GET /status/check/fastapi/legacy", s.handleCheckFastAPI(true))
+	for path, h := range map[string]http.HandlerFunc{
+		"/about/usage/system": s.handleUsageSystem, "/about/capability": s.handleCapability,
+		"/status/config": s.handleStatusConfig, "/status/check/version": s.handleCheckVersion,
+		"/status/check/host": s.handleCheckHost, "/status/check/ipv6": s.handleCheckIPv6,
+	} {
+		s.mux.HandleFunc("GET "+path, cors(h))
+		s.mux.HandleFunc("OPTIONS "+path, cors(h))
+	}
 	if opts.Instances != nil {
 		s.mux.HandleFunc("POST /control/allocations", s.observeAllocation("allocations", s.handleAllocations))
 		s.mux.HandleFunc("POST /control/allocation/notify", s.observeAllocation("allocation_notify", s.handleNotify))
