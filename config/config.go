@@ -50,6 +50,10 @@ type Config struct {
 	GuestCacheMaxValue  Bytes   `env:"GUEST_CACHE_MAX_VALUE_SIZE" yaml:"guest_cache_max_value_size" help:"Largest value a program may keep in the guest API's cache (bytes, or 1MiB); larger ones are refused 413."`
 	GuestCacheMaxKeys   int     `env:"GUEST_CACHE_MAX_KEYS" yaml:"guest_cache_max_keys" help:"Most keys one program may keep in the guest API's cache; more are refused 507."`
 	GuestCacheMaxSize   Bytes   `env:"GUEST_CACHE_MAX_SIZE" yaml:"guest_cache_max_size" help:"Most bytes the guest API's cache holds for all programs together; past it writes are refused 507. Entries expire after 7 days."`
+	ConnectivityIPv4    string  `env:"CONNECTIVITY_IPV4_URL" yaml:"connectivity_ipv4_url" help:"URL by IPv4 address /status/check/host fetches to check the host's IPv4 egress (any HTTP answer passes)."`
+	ConnectivityIPv6    string  `env:"CONNECTIVITY_IPV6_URL" yaml:"connectivity_ipv6_url" help:"URL by IPv6 address /status/check/host fetches to check the host's IPv6 egress."`
+	ConnectivityDNS     string  `env:"CONNECTIVITY_DNS_HOSTNAME" yaml:"connectivity_dns_hostname" help:"Name /status/check/host resolves for an IPv4 and an IPv6 address."`
+	ConnectivityHTTP    List    `env:"CONNECTIVITY_HTTP_URLS" yaml:"connectivity_http_urls" help:"URLs by name /status/check/host tries in order over each family (advisory: their failure does not fail the check)."`
 	CheckFastAPIVMID    string  `env:"CHECK_FASTAPI_VM_ID" yaml:"check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi checks; empty means the node's own (examples/diagnostic, stored with the default runtime at the first check)."`
 	LegacyCheckVMID     string  `env:"LEGACY_CHECK_FASTAPI_VM_ID" yaml:"legacy_check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi/legacy checks; empty means none (503)."`
 	DiagnosticDNSName   string  `env:"DIAGNOSTIC_DNS_NAME" yaml:"diagnostic_dns_name" help:"Name the node's own diagnostic program resolves for its dns check (IPv4 and IPv6 answers wanted); empty means example.org."`
@@ -121,6 +125,10 @@ func Default() Config {
 		ExecutionRoot:      "/var/lib/alephvm",
 		CacheRoot:          "/var/cache/alephvm",
 		CacheMaxSize:       50 << 30,
+		ConnectivityIPv4:   "https://1.1.1.1/",
+		ConnectivityIPv6:   "https://[2606:4700:4700::1111]/",
+		ConnectivityDNS:    "example.org",
+		ConnectivityHTTP:   List{"http://detectportal.firefox.com/success.txt", "https://connectivity-check.ubuntu.com/", "https://www.gstatic.com/generate_204"},
 		GuestCacheMaxValue: 1 << 20,
 		GuestCacheMaxKeys:  10_000,
 		GuestCacheMaxSize:  1 << 30,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -75,4 +76,15 @@ func (n *Node) Last() (r Result, at time.Time, ok bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.last, n.lastAt, !n.lastAt.IsZero()
+}
+
+// IPv6 reports whether the diagnostic program reaches its IPv6 targets
+// (/ip/6), for /status/check/ipv6.
+func (n *Node) IPv6(ctx context.Context) bool {
+	ref, err := n.ref(ctx)
+	if err != nil {
+		return false
+	}
+	p := probe{c: n.Checker, ctx: ctx, base: strings.TrimSuffix(n.Checker.Node, "/") + "/vm/" + string(ref)}
+	return p.result("/ip/6")
 }

@@ -9,7 +9,9 @@ import (
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/diagnostic"
+	"github.com/alephvm/alephvm/hostinfo"
 	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/selfcheck"
 	"github.com/alephvm/alephvm/store"
 )
 
@@ -64,4 +66,37 @@ func (s selfChecks) CheckResults(context.Context) []api.CheckResult {
 		detail = "failed: " + strings.Join(r.Failed(), ", ")
 	}
 	return []api.CheckResult{{Name: "fastapi (the diagnostic program)", Passed: r.Passed, Detail: detail, CheckedAt: at}}
+}
+
+// nodeInfo feeds the status routes from the host and the settings.
+type nodeInfo struct {
+	cfg        config.Config
+	volumesDir string
+	qemu       bool
+}
+
+func (n nodeInfo) Host() (hostinfo.Host, error) { return hostinfo.Reader{}.Read() }
+
+func (n nodeInfo) Disk() (hostinfo.Disk, error) {
+	return hostinfo.ReadDisk(n.volumesDir, int64(n.cfg.DiskFreeFloor))
+}
+
+func (n nodeInfo) PublicConfig() api.PublicConfig {
+	c := n.cfg
+	return api.PublicConfig{
+		DomainName: c.DomainName, APIServer: c.APIServer, CheckFastAPIVMID: c.CheckFastAPIVMID,
+		UseJailer: c.UseJailer, UseDeveloperSSHKeys: len(c.DeveloperSSHKeys) > 0,
+		IPv6AddressPool: c.IPv6AddressPool, IPv6Forwarding: c.IPv6AddressPool != "",
+		InstanceDefaultHypervisor: c.InstanceHypervisor, QEMU: n.qemu,
+	}
+}
+
+// hostChecker is /status/check/host and /ipv6, against the CONNECTIVITY_*
+// settings; the VM's IPv6 is the diagnostic program's.
+func hostChecker(cfg config.Config, diag *diagnostic.Node) *selfcheck.Checker {
+	return &selfcheck.Checker{
+		Targets: selfcheck.Targets{IPv4URL: cfg.ConnectivityIPv4, IPv6URL: cfg.ConnectivityIPv6, DNSHostname: cfg.ConnectivityDNS,
+			Domain: cfg.DomainName, HTTPURLs: cfg.ConnectivityHTTP},
+		VMIPv6: diag.IPv6,
+	}
 }

@@ -131,8 +131,9 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		},
 		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
 		Observer: n.metrics, Metrics: n.metrics.Handler(), Status: statusSource{metrics: &metricsSource{n}, started: n.started},
-		FastAPI: diag, Checks: selfChecks{diag},
-		Version: buildVersion(), Log: log,
+		FastAPI: diag, Checks: selfChecks{diag}, HostCheck: hostChecker(cfg, diag),
+		NodeInfo: nodeInfo{cfg: cfg, volumesDir: filepath.Join(cfg.ExecutionRoot, "volumes"), qemu: n.plan.QEMU.Usable},
+		Version:  buildVersion(), Log: log,
 	})
 	addr := net.JoinHostPort(cfg.SupervisorHost, strconv.Itoa(cfg.SupervisorPort))
 	ln, err := net.Listen("tcp", addr)
