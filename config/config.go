@@ -747,7 +747,15 @@ func Example() string {
 			b.WriteString("# " + line + "\n")
 		}
 		fmt.Fprintf(&b, "# Environment: %s\n", s.Env)
-		fmt.Fprintf(&b, "#%s: %s\n", s.YAML, yamlScalar(def.Field(s.field)))
+		line := fmt.Sprintf("#%s: %s", s.YAML, yamlScalar(def.Field(s.field)))
+		if list, ok := def.Field(s.field).Interface().(List); ok && len(line) > 80 {
+			// A long list, as a block sequence: one item a line.
+			line = "#" + s.YAML + ":"
+			for _, item := range list {
+				line += "\n#  - " + yamlScalar(reflect.ValueOf(item))
+			}
+		}
+		b.WriteString(line + "\n")
 	}
 	return b.String()
 }

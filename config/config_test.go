@@ -233,11 +233,14 @@ func TestExample(t *testing.T) {
 		}
 	}
 	var uncommented []string
-	settingLine := regexp.MustCompile(`^#([a-z0-9_]+): `)
+	settingLine := regexp.MustCompile(`^#([a-z0-9_]+):( |$)`)
+	listItem := regexp.MustCompile(`^#  - `) // of a long list, as a block sequence
 	seen := map[string]int{}
 	for _, line := range strings.Split(example, "\n") {
 		if m := settingLine.FindStringSubmatch(line); m != nil {
 			seen[m[1]]++
+			line = strings.TrimPrefix(line, "#")
+		} else if listItem.MatchString(line) {
 			line = strings.TrimPrefix(line, "#")
 		} else if line != "" && !strings.HasPrefix(line, "# ") && line != "#" {
 			t.Errorf("line neither prose nor a setting: %q", line)
