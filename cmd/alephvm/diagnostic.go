@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"strings"
 
 	"github.com/alephvm/alephvm/api"
@@ -92,11 +93,20 @@ func (n nodeInfo) PublicConfig() api.PublicConfig {
 }
 
 // hostChecker is /status/check/host and /ipv6, against the CONNECTIVITY_*
-// settings; the VM's IPv6 is the diagnostic program's.
+// settings; the VM's IPv6 is the diagnostic program's. Names are resolved
+// by the servers guests are given when DNS_NAMESERVERS names them (what
+// the VMs can resolve is what matters), else by the host's resolver.
 func hostChecker(cfg config.Config, diag *diagnostic.Node) *selfcheck.Checker {
-	return &selfcheck.Checker{
+	c := &selfcheck.Checker{
 		Targets: selfcheck.Targets{IPv4URL: cfg.ConnectivityIPv4, IPv6URL: cfg.ConnectivityIPv6, DNSHostname: cfg.ConnectivityDNS,
 			Domain: cfg.DomainName, HTTPURLs: cfg.ConnectivityHTTP},
 		VMIPv6: diag.IPv6,
 	}
+	if len(cfg.DNSNameservers) > 0 {
+		server := net.JoinHostPort(cfg.DNSNameservers[0], "53")
+		c.Resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, server)
+		}}
+	}
+	return c
 }

@@ -236,7 +236,7 @@ while True:
 		{ref: b, typ: "instance", moved: []string{"alephvm_vm_uptime_seconds"}},
 		{ref: prog, typ: "program", moved: []string{"alephvm_vm_cpu_seconds_total", "alephvm_vm_network_receive_bytes_total", "alephvm_vm_network_transmit_bytes_total", "alephvm_vm_uptime_seconds"}},
 	})
-	checkStatusPage(t, port, []string{a, b, prog})
+	checkStatusPage(t, port, []string{a, b, prog}, "status-page.png")
 	mbps := func(d time.Duration) float64 { return float64(size) / d.Seconds() / 1e6 }
 	t.Logf("TCP into a VM under TCG: %.1f MB/s to its address, %.1f MB/s through the port forward: ratio %.2f; %.1f MB/s through it from outside",
 		mbps(best["direct"]), mbps(best["forward"]), best["direct"].Seconds()/best["forward"].Seconds(), mbps(best["outside"]))

@@ -129,7 +129,7 @@ func checkMetrics(t *testing.T, before, after map[string]*dto.MetricFamily, vms 
 // checkStatusPage loads the node's status page in headless chromium while
 // the VMs run, checks that it shows each of them, and saves a screenshot
 // as a test artifact.
-func checkStatusPage(t *testing.T, port int, refs []string) {
+func checkStatusPage(t *testing.T, port int, refs []string, artifact string) {
 	t.Helper()
 	if _, err := exec.LookPath("chromium"); err != nil {
 		t.Log("no chromium: the status page is not checked in a browser (apt-get install chromium)")
@@ -142,7 +142,7 @@ func checkStatusPage(t *testing.T, port int, refs []string) {
 			t.Errorf("the status page does not show %s; chromium said:\n%s\nDOM:\n%s", ref, log, dom)
 		}
 	}
-	if path := testenv.Artifact(t, "status-page.png"); path != "" {
+	if path := testenv.Artifact(t, artifact); path != "" {
 		testenv.Screenshot(t, url, path, 1280, 1000, 2*time.Second)
 		t.Logf("status page screenshot: %s", path)
 	}

@@ -54,17 +54,27 @@ func TestStatusChecksEndToEnd(t *testing.T) {
 	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "203.0.113.10/32", "dev", "lo")
 	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "203.0.113.53/32", "dev", "lo")
 	testenv.Cmd(t, "ip", "route", "add", "default", "via", "10.99.0.2")
+	// IPv6 on the uplink too, for the host's checks.
+	testenv.Cmd(t, "ip", "addr", "add", "2001:db8:99::1/64", "dev", "up0", "nodad")
+	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "2001:db8:99::2/64", "dev", "eth0", "nodad")
+	testenv.Cmd(t, "ip", "-n", internet, "addr", "add", "2001:db8::10/128", "dev", "lo")
+	testenv.Cmd(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:99::2")
 	testenv.ServeDNS(t, internet, "203.0.113.53:53", map[string][]netip.Addr{
-		"web.test": {netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8::10")},
+		"web.test":  {netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8::10")},
+		"node.test": {netip.MustParseAddr("10.99.0.1"), netip.MustParseAddr("2001:db8:99::1")},
 	})
 	testenv.ServeWeb(t, internet, "203.0.113.10:80")
+	testenv.ServeWeb(t, internet, "[2001:db8::10]:80")
 	hash := strings.Repeat("5e", 32)
 	core := fakeCoreNode(t, hash)
 
 	_, port, env := nodeEnv(t, "up0", "203.0.113.53")
 	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_INIT_TIMEOUT=180", "ALEPH_VM_API_SERVER="+core.URL,
 		"ALEPH_VM_DIAGNOSTIC_DNS_NAME=web.test", "ALEPH_VM_DIAGNOSTIC_IPV4_URLS=http://203.0.113.10/",
-		"ALEPH_VM_DIAGNOSTIC_INTERNET_URLS=http://web.test/", "ALEPH_VM_DIAGNOSTIC_MESSAGE="+hash)
+		"ALEPH_VM_DIAGNOSTIC_INTERNET_URLS=http://web.test/", "ALEPH_VM_DIAGNOSTIC_MESSAGE="+hash,
+		"ALEPH_VM_DOMAIN_NAME=node.test", "ALEPH_VM_CONNECTIVITY_IPV4_URL=http://203.0.113.10/",
+		"ALEPH_VM_CONNECTIVITY_IPV6_URL=http://[2001:db8::10]/", "ALEPH_VM_CONNECTIVITY_DNS_HOSTNAME=web.test",
+		"ALEPH_VM_CONNECTIVITY_HTTP_URLS=http://web.test/")
 	node := startNode(t, env, port)
 
 	check := func() (int, map[string]any, string) {
@@ -89,11 +99,24 @@ func TestStatusChecksEndToEnd(t *testing.T) {
 		t.Fatalf("fresh node: %d %s\n%s", status, body, node.logs.String())
 	}
 
+	host := func() (int, string) {
+		t.Helper()
+		return httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/status/check/host", port))
+	}
+	wantHost := `{"ipv4": {"egress": true, "dns": true, "domain": true, "http": true}, "ipv6": {"egress": true, "dns": true, "domain": true, "http": true}}`
+	if status, body := host(); status != 200 || body != wantHost {
+		t.Errorf("host check: %d %s, want 200 %s", status, body, wantHost)
+	}
+	checkStatusPage(t, port, []string{"fastapi (the diagnostic program)", "every check passed"}, "status-page-checks.png")
+
 	// The uplink goes down: the internet checks fail, and say so.
 	testenv.Cmd(t, "ip", "link", "set", "up0", "down")
 	status, result, body = check()
 	if status != 503 || result["dns"] != false || result["ipv4"] != false || result["internet"] != false || result["index"] != true || result["cache"] != true {
 		t.Errorf("without internet: %d %s", status, body)
+	}
+	if status, body := host(); status != 503 || !strings.Contains(body, `"ipv4": {"egress": false, "dns": false`) {
+		t.Errorf("host check without internet: %d %s", status, body)
 	}
 	testenv.Cmd(t, "ip", "link", "set", "up0", "up")
 }
