@@ -82,7 +82,9 @@ type Options struct {
 	Admission *execution.Admission
 	// ColdStarts, if set, is told of each start, with its phases.
 	ColdStarts execution.StartObserver
-	Log        *slog.Logger
+	// Node is what messages' requirements are checked against.
+	Node execution.Node
+	Log  *slog.Logger
 }
 
 // PortSource reads the ports the owner of VM ref asks to be forwarded.
@@ -237,6 +239,9 @@ func (m *Manager) plan(ctx context.Context, ref message.ItemHash, netIndex int, 
 	c, ok := msg.Content.(*message.InstanceContent)
 	if !ok {
 		return nil, &execution.Error{Status: 400, Msg: fmt.Sprintf("Message %s is a %s, not an INSTANCE", ref, msg.Type)}
+	}
+	if err := execution.CheckRequirements(c.ExecutableBase, c.Environment, m.opts.Node); err != nil {
+		return nil, err
 	}
 	hv, err := m.hypervisor(ctx, ref, c)
 	if err != nil {

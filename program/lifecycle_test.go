@@ -239,3 +239,36 @@ func TestNothingDownloadedBeforeAdmission(t *testing.T) {
 		t.Errorf("%d files fetched for a program refused admission", n)
 	}
 }
+
+// TestRequirementsRefusedBeforeAnything: a program this node cannot run
+// as its message asks is refused by the pool's plan, with the reason,
+// before any file is fetched or capacity taken.
+func TestRequirementsRefusedBeforeAnything(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		edit   func(c map[string]any)
+		status int
+	}{
+		{"another node", func(c map[string]any) {
+			c["requirements"] = map[string]any{"node": map[string]any{"node_hash": strings.Repeat("cd", 32)}}
+		}, 400},
+		{"a GPU", func(c map[string]any) {
+			c["requirements"] = map[string]any{"gpu": []any{map[string]any{"vendor": "NVIDIA", "device_name": "x", "device_class": "0300", "device_id": "10de:1234"}}}
+		}, 503},
+	} {
+		st, ref := programStoreEdit(t, tc.edit)
+		counting := &countingStore{Store: st}
+		l := New(Options{Store: counting, Hypervisor: &fakeHypervisor{name: hypervisor.QEMU}, Networks: &fakeNetworks{}, Kernel: testKernel,
+			RunDir: t.TempDir(), VolumesDir: t.TempDir(), Logs: NewLogArchive(10), Node: execution.Node{Hash: strings.Repeat("ab", 32)},
+			Log: slog.New(slog.DiscardHandler)})
+		p := pool.New(pool.Options{Launcher: l, Capacity: pool.Capacity{MemoryMiB: 4096, VCPUs: 4}, Log: slog.New(slog.DiscardHandler)})
+		_, err := p.Acquire(context.Background(), ref)
+		var e *execution.Error
+		if !errors.As(err, &e) || e.Status != tc.status {
+			t.Errorf("%s: %v, want %d", tc.name, err, tc.status)
+		}
+		if n := counting.fetches.Load(); n != 0 {
+			t.Errorf("%s: %d files fetched", tc.name, n)
+		}
+	}
+}

@@ -56,10 +56,12 @@ type Options struct {
 	Logs         *LogArchive
 	// ColdStarts, if set, is told of each start, with its phases.
 	ColdStarts execution.StartObserver
+	// Node is what messages' requirements are checked against.
+	Node execution.Node
 	// GuestAPI answers the guest API calls of each program's workload
 	// (package guestapi); nil leaves them unanswered (503 in the guest).
 	GuestAPI GuestAPI
-	Log        *slog.Logger
+	Log      *slog.Logger
 }
 
 // Launcher launches program VMs; it implements pool.Launcher.
@@ -110,6 +112,9 @@ func (p *Launcher) Plan(ctx context.Context, ref message.ItemHash) (*pool.Plan, 
 	content, ok := msg.Content.(*message.ProgramContent)
 	if !ok {
 		return nil, &execution.Error{Status: 400, Msg: fmt.Sprintf("Message %s is a %s, not a PROGRAM", ref, msg.Type)}
+	}
+	if err := execution.CheckRequirements(content.ExecutableBase, content.Environment, p.opts.Node); err != nil {
+		return nil, err
 	}
 	h := sha256.New()
 	for _, it := range programItems(content) {

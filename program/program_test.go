@@ -65,6 +65,12 @@ func programStore(t *testing.T) (*store.Store, message.ItemHash) {
 // programStoreWith is programStore with the program's volumes.
 func programStoreWith(t *testing.T, volumes []any) (*store.Store, message.ItemHash) {
 	t.Helper()
+	return programStoreEdit(t, func(c map[string]any) { c["volumes"] = volumes })
+}
+
+// programStoreEdit is programStore with its content changed by edit.
+func programStoreEdit(t *testing.T, edit func(content map[string]any)) (*store.Store, message.ItemHash) {
+	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
 	st, _ := teststore.Open(t, dir)
@@ -86,8 +92,9 @@ func programStoreWith(t *testing.T, volumes []any) (*store.Store, message.ItemHa
 		"on":          map[string]any{"http": true},
 		"environment": map[string]any{"reproducible": false, "internet": false, "aleph_api": false, "shared_cache": false},
 		"resources":   map[string]any{"vcpus": 2, "memory": 256, "seconds": 30},
-		"volumes":     volumes,
+		"volumes":     []any{},
 	}
+	edit(content)
 	env := map[string]any{"chain": "ETH", "sender": "0x1", "type": "PROGRAM", "time": 1700000000, "item_type": "inline", "signature": nil, "content": content}
 	raw, _ := json.Marshal(env)
 	raw, err := message.Regenerate(raw)

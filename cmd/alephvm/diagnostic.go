@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"strings"
 
@@ -10,6 +11,7 @@ import (
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/diagnostic"
+	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hostinfo"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/selfcheck"
@@ -85,7 +87,7 @@ func (n nodeInfo) Disk() (hostinfo.Disk, error) {
 func (n nodeInfo) PublicConfig() api.PublicConfig {
 	c := n.cfg
 	return api.PublicConfig{
-		DomainName: c.DomainName, APIServer: c.APIServer, CheckFastAPIVMID: c.CheckFastAPIVMID,
+		DomainName: c.DomainName, NodeHash: c.NodeHash, APIServer: c.APIServer, CheckFastAPIVMID: c.CheckFastAPIVMID,
 		UseJailer: c.UseJailer, UseDeveloperSSHKeys: len(c.DeveloperSSHKeys) > 0,
 		IPv6AddressPool: c.IPv6AddressPool, IPv6Forwarding: c.IPv6AddressPool != "",
 		InstanceDefaultHypervisor: c.InstanceHypervisor, QEMU: n.qemu,
@@ -109,4 +111,17 @@ func hostChecker(cfg config.Config, diag *diagnostic.Node) *selfcheck.Checker {
 		}}
 	}
 	return c
+}
+
+// nodeFacts are what messages' requirements are checked against: the
+// node's hash and its host's CPU.
+func nodeFacts(cfg config.Config, log *slog.Logger) execution.Node {
+	n := execution.Node{Hash: cfg.NodeHash}
+	h, err := hostinfo.Reader{}.Read()
+	if err != nil {
+		log.Warn("read the host's CPU: messages that require one are refused", "err", err)
+		return n
+	}
+	n.Arch, n.Vendor, n.Features = h.Arch, h.Vendor, h.Features
+	return n
 }

@@ -256,10 +256,11 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	}
 	guestAPI := guestapi.New(guestapi.Options{DB: database, APIServer: cfg.APIServer, Key: guestKey,
 		MaxValueSize: int(cfg.GuestCacheMaxValue), MaxKeysPerProgram: cfg.GuestCacheMaxKeys, MaxCacheSize: int64(cfg.GuestCacheMaxSize), Log: log})
+	facts := nodeFacts(cfg, log)
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
-		ColdStarts: nodeMetrics, GuestAPI: guestAPI, Log: log,
+		ColdStarts: nodeMetrics, GuestAPI: guestAPI, Node: facts, Log: log,
 	})
 	n.launcher = launcher
 	// Programs and instances are admitted into one capacity.
@@ -272,7 +273,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
 		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
-		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Log: log,
+		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Node: facts, Log: log,
 	})
 
 	// Programs do not outlive the node: any left by a crash are stopped.
