@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sync/singleflight"
@@ -34,6 +35,18 @@ type Checker struct {
 	VMIPv6 func(ctx context.Context) bool
 
 	runs singleflight.Group
+
+	mu     sync.Mutex
+	last   result
+	lastAt time.Time
+}
+
+// Last returns the last /status/check/host answer and when it was made;
+// ok is false before the first.
+func (c *Checker) Last() (body []byte, passed bool, at time.Time, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.last.body, c.last.ok, c.lastAt, !c.lastAt.IsZero()
 }
 
 // timeout bounds each probe, as the reference's.
@@ -53,6 +66,9 @@ func (c *Checker) CheckHost(ctx context.Context) ([]byte, bool) {
 		v4, v6 := c.family(ctx, "tcp4", c.Targets.IPv4URL), c.family(ctx, "tcp6", c.Targets.IPv6URL)
 		body := fmt.Sprintf(`{"ipv4": %s, "ipv6": %s}`, v4, v6)
 		ok := v4.Egress && v4.DNS && v4.Domain && v6.Egress && v6.DNS && v6.Domain
+		c.mu.Lock()
+		c.last, c.lastAt = result{[]byte(body), ok}, time.Now()
+		c.mu.Unlock()
 		return result{[]byte(body), ok}, nil
 	})
 	r := v.(result)

@@ -54,12 +54,19 @@ func diagnosticNode(cfg config.Config, st *store.Store) *diagnostic.Node {
 
 // selfChecks gives the status page the last result of the node's
 // self-checks.
-type selfChecks struct{ diag *diagnostic.Node }
+type selfChecks struct {
+	diag *diagnostic.Node
+	host *selfcheck.Checker
+}
 
 func (s selfChecks) CheckResults(context.Context) []api.CheckResult {
+	var results []api.CheckResult
+	if body, passed, at, ok := s.host.Last(); ok {
+		results = append(results, api.CheckResult{Name: "host (connectivity)", Passed: passed, Detail: string(body), CheckedAt: at})
+	}
 	r, at, ok := s.diag.Last()
 	if !ok {
-		return nil
+		return results
 	}
 	detail := "every check passed"
 	switch {
@@ -68,7 +75,7 @@ func (s selfChecks) CheckResults(context.Context) []api.CheckResult {
 	case !r.Passed:
 		detail = "failed: " + strings.Join(r.Failed(), ", ")
 	}
-	return []api.CheckResult{{Name: "fastapi (the diagnostic program)", Passed: r.Passed, Detail: detail, CheckedAt: at}}
+	return append(results, api.CheckResult{Name: "fastapi (the diagnostic program)", Passed: r.Passed, Detail: detail, CheckedAt: at})
 }
 
 // nodeInfo feeds the status routes from the host and the settings.

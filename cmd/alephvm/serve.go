@@ -120,6 +120,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		}
 	}
 	diag := diagnosticNode(cfg, n.store)
+	hostCheck := hostChecker(cfg, diag)
 	handler := api.New(api.Options{
 		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
@@ -131,7 +132,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		},
 		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
 		Observer: n.metrics, Metrics: n.metrics.Handler(), Status: statusSource{metrics: &metricsSource{n}, started: n.started},
-		FastAPI: diag, Checks: selfChecks{diag}, HostCheck: hostChecker(cfg, diag),
+		FastAPI: diag, Checks: selfChecks{diag, hostCheck}, HostCheck: hostCheck,
 		NodeInfo: nodeInfo{cfg: cfg, volumesDir: filepath.Join(cfg.ExecutionRoot, "volumes"), qemu: n.plan.QEMU.Usable},
 		Version:  buildVersion(), Log: log,
 	})

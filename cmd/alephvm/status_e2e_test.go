@@ -107,7 +107,7 @@ func TestStatusChecksEndToEnd(t *testing.T) {
 	if status, body := host(); status != 200 || body != wantHost {
 		t.Errorf("host check: %d %s, want 200 %s", status, body, wantHost)
 	}
-	checkStatusPage(t, port, []string{"fastapi (the diagnostic program)", "every check passed"}, "status-page-checks.png")
+	checkStatusPage(t, port, []string{"fastapi (the diagnostic program)", "every check passed", "host (connectivity)"}, "status-page-checks.png")
 
 	// The uplink goes down: the internet checks fail, and say so.
 	testenv.Cmd(t, "ip", "link", "set", "up0", "down")
