@@ -309,7 +309,7 @@ func (s *Server) executions(ctx context.Context) ([]execution, error) {
 		for _, st := range statuses {
 			out = append(out, execution{ref: st.Ref, vmType: "instance", running: st.Running, startedAt: st.StartedAt,
 				vcpus: st.VCPUs, memoryMiB: st.MemoryMiB, mappedPorts: st.MappedPorts,
-				networking: pool.Networking{IPv4Network: st.IPv4Network, HostIPv4: st.HostIPv4, IPv4: st.IPv4}})
+				networking: pool.Networking{IPv4Network: st.IPv4Network, HostIPv4: st.HostIPv4, IPv4: st.IPv4, IPv6Network: st.IPv6Network, IPv6: st.IPv6}})
 		}
 	}
 	return out, nil
@@ -318,9 +318,10 @@ func (s *Server) executions(ctx context.Context) ([]execution, error) {
 // handleExecutionsList answers the running executions in the reference's
 // first shape.
 func (s *Server) handleExecutionsList(w http.ResponseWriter, r *http.Request) {
+	// A VM without IPv6 (a node without IPV6_ADDRESS_POOL) shows null.
 	type networking struct {
-		IPv4 string `json:"ipv4,omitempty"`
-		IPv6 string `json:"ipv6,omitempty"`
+		IPv4 string  `json:"ipv4,omitempty"`
+		IPv6 *string `json:"ipv6"`
 	}
 	type entry struct {
 		Networking               networking `json:"networking"`
@@ -335,7 +336,7 @@ func (s *Server) handleExecutionsList(w http.ResponseWriter, r *http.Request) {
 	out := map[message.ItemHash]entry{}
 	for _, e := range execs {
 		if e.running {
-			out[e.ref] = entry{Networking: networking{IPv4: e.networking.IPv4Network, IPv6: e.networking.IPv6Network}, VMType: e.vmType}
+			out[e.ref] = entry{Networking: networking{IPv4: e.networking.IPv4Network, IPv6: orNull(e.networking.IPv6Network)}, VMType: e.vmType}
 		}
 	}
 	writeJSON(w, http.StatusOK, out)
@@ -348,6 +349,9 @@ func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) 
 	// reference does; one without shows an empty networking.
 	type networking struct {
 		pool.Networking
+		// null without IPv6, shadowing the embedded fields.
+		IPv6Network *string                `json:"ipv6_network"`
+		IPv6        *string                `json:"ipv6_ip"`
 		MappedPorts *map[string]MappedPort `json:"mapped_ports,omitempty"`
 	}
 	type status struct {
@@ -376,6 +380,7 @@ func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) 
 		}
 		n := networking{Networking: e.networking}
 		if e.networking.IPv4Network != "" {
+			n.IPv6Network, n.IPv6 = orNull(e.networking.IPv6Network), orNull(e.networking.IPv6)
 			mp := e.mappedPorts
 			if mp == nil {
 				mp = map[string]MappedPort{}
@@ -386,4 +391,12 @@ func (s *Server) handleExecutionsListV2(w http.ResponseWriter, r *http.Request) 
 			Status: status{StartedAt: started}, Running: e.running, VMType: e.vmType, VCPUs: e.vcpus, MemoryMiB: e.memoryMiB}
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// orNull is s, or JSON's null when s is empty.
+func orNull(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
 }

@@ -57,6 +57,8 @@ type InstanceStatus struct {
 	IPv4Network string
 	HostIPv4    string
 	IPv4        string
+	IPv6Network string // empty without IPv6
+	IPv6        string
 	// MappedPorts maps a guest port to its host port per protocol.
 	MappedPorts map[string]MappedPort
 }

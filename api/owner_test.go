@@ -173,7 +173,7 @@ func TestOwnerRoutes(t *testing.T) {
 	}
 	// A program with a network shows its (no) mapped ports as {}.
 	do(t, owner.Request("POST", string(progRef), "start"))
-	if _, body := get(t, r.srv.URL+"/v2/about/executions/list", ""); !strings.Contains(body, `"ipv4_network":"172.16.4.0/24","host_ipv4":"172.16.4.1","ipv4_ip":"172.16.4.2","mapped_ports":{}`) {
+	if _, body := get(t, r.srv.URL+"/v2/about/executions/list", ""); !strings.Contains(body, `"ipv4_network":"172.16.4.0/24","host_ipv4":"172.16.4.1","ipv4_ip":"172.16.4.2","ipv6_network":null,"ipv6_ip":null,"mapped_ports":{}`) {
 		t.Errorf("v2 list: %s", body)
 	}
 	// Boots: start, reboot, two reinstalls, start; volumes erased by the

@@ -27,7 +27,7 @@ type Store interface {
 
 // Networks attaches VMs to the network.
 type Networks interface {
-	Attach(owner string, index int, internet bool, ports []network.PortRequest) (network.Attachment, error)
+	Attach(req network.AttachRequest) (network.Attachment, error)
 	Detach(owner string) error
 }
 

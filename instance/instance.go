@@ -308,7 +308,7 @@ func (m *Manager) attach(ctx context.Context, s *instanceStart) error {
 		held = rec.Forwards
 	}
 	ports := m.portRequests(ctx, s.ref, s.c, held, s.log)
-	att, err := m.opts.Networks.Attach(string(s.ref), s.netIndex, s.c.Environment.Internet, ports)
+	att, err := m.opts.Networks.Attach(network.AttachRequest{Owner: string(s.ref), Kind: network.KindInstance, Index: s.netIndex, Internet: s.c.Environment.Internet, Ports: ports})
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
@@ -346,6 +346,9 @@ func (m *Manager) launch(ctx context.Context, s *instanceStart) error {
 	rec := execution.Record{Ref: s.ref, Kind: execution.KindInstance, State: execution.StateStarting, Hypervisor: s.hv.Name(),
 		VCPUs: s.spec.VCPUs, MemoryMiB: s.spec.MemoryMiB, NetIndex: s.att.Index, Tap: s.att.Tap,
 		IPv4Network: s.att.Network.String(), IPv4: s.att.Guest.String(), VMDir: s.runDir, Forwards: s.att.Forwards}
+	if v6 := s.att.IPv6; v6.Guest.IsValid() {
+		rec.IPv6Network, rec.IPv6 = v6.Network.String(), v6.Guest.String()
+	}
 	// Put keeps the first record's creation time.
 	if err := m.opts.Records.Put(ctx, rec); err != nil {
 		return err
@@ -724,7 +727,7 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		made.AddFunc("admission", m.opts.Admission.Hold(execution.Capacity{MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs}))
 	}
 	made.AddFunc("base image", parent.Release)
-	if _, err := m.opts.Networks.Attach(string(rec.Ref), rec.NetIndex, c.Environment.Internet, forwardsAsRequests(rec.Forwards)); err != nil {
+	if _, err := m.opts.Networks.Attach(network.AttachRequest{Owner: string(rec.Ref), Kind: network.KindInstance, Index: rec.NetIndex, Internet: c.Environment.Internet, Ports: forwardsAsRequests(rec.Forwards)}); err != nil {
 		_ = made.Release(ctx)
 		return fmt.Errorf("network: %w", err)
 	}

@@ -37,6 +37,9 @@ func instanceSpec(in instanceInputs) (cloudinit.Config, hypervisor.Spec) {
 		Internet:       c.Environment.Internet,
 		Network:        cloudinit.Network{MAC: att.MAC(), Address: att.GuestPrefix(), Gateway: att.Host, DNS: in.DNS},
 	}
+	if v6 := att.IPv6; v6.Guest.IsValid() {
+		seed.Network.IPv6, seed.Network.GatewayIPv6 = v6.GuestPrefix(), v6.Host
+	}
 	drives := append([]hypervisor.Drive{in.Root, {Path: in.Seed, ReadOnly: true, Serial: "cidata"}}, in.Volumes...)
 	spec := hypervisor.Spec{
 		Name: "inst-" + string(ref)[:12], Dir: in.RunDir,

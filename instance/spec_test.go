@@ -25,6 +25,7 @@ func TestInstanceSpecGolden(t *testing.T) {
 		root    hypervisor.Drive
 		boot    hypervisor.Boot
 		volumes []hypervisor.Drive
+		ipv6    bool
 	}{
 		{"uefi-qemu", map[string]any{
 			"authorized_keys": []string{"ssh-ed25519 AAAA owner"},
@@ -34,14 +35,14 @@ func TestInstanceSpecGolden(t *testing.T) {
 			"volumes":         []any{map[string]any{"name": "data", "persistence": "host", "size_mib": 1024, "mount": "/data"}},
 		}, hypervisor.Drive{Path: "/volumes/ref/rootfs.qcow2", Format: "qcow2", Serial: "rootfs"},
 			hypervisor.Boot{FirmwareCode: "/usr/share/OVMF/OVMF_CODE_4M.fd", FirmwareVars: "/volumes/ref/efivars.fd"},
-			[]hypervisor.Drive{{Path: "/volumes/ref/volume-data.ext4", Serial: "vol0"}}},
+			[]hypervisor.Drive{{Path: "/volumes/ref/volume-data.ext4", Serial: "vol0"}}, true},
 		{"ext4-firecracker", map[string]any{
 			"authorized_keys": []string{"ssh-ed25519 AAAA owner"},
 			"environment":     map[string]any{"internet": false, "hypervisor": "firecracker"},
 			"resources":       map[string]any{"vcpus": 1, "memory": 512, "seconds": 30},
 			"rootfs":          map[string]any{"parent": map[string]any{"ref": string(ref), "use_latest": false}, "persistence": "host", "size_mib": 4096},
 		}, hypervisor.Drive{Path: "/volumes/ref/rootfs.raw", Serial: "rootfs"},
-			hypervisor.Boot{Kernel: "/base/vmlinux", Initrd: "/base/initramfs", Cmdline: "console=ttyS0 root=/dev/vda"}, nil},
+			hypervisor.Boot{Kernel: "/base/vmlinux", Initrd: "/base/initramfs", Cmdline: "console=ttyS0 root=/dev/vda"}, nil, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.content["address"], tc.content["time"], tc.content["allow_amend"] = "0x1", 1700000000, false
@@ -54,6 +55,14 @@ func TestInstanceSpecGolden(t *testing.T) {
 			msg, err := message.Parse(raw)
 			if err != nil {
 				t.Fatal(err)
+			}
+			att := att
+			if tc.ipv6 {
+				var err error
+				att.IPv6.Network, att.IPv6.Host, att.IPv6.Guest, err = network.StaticIPv6(netip.MustParsePrefix("fc00:1:2:3::/64"), int(network.KindInstance), string(ref))
+				if err != nil {
+					t.Fatal(err)
+				}
 			}
 			seed, spec := instanceSpec(instanceInputs{Ref: ref, Content: msg.Content.(*message.InstanceContent), Root: tc.root,
 				Seed: "/volumes/ref/cidata.iso", Volumes: tc.volumes, Network: att, Boot: tc.boot, RunDir: "/run/i-7eb2eca2378ea885",

@@ -40,6 +40,21 @@ func EnableForwarding() error {
 	return nil
 }
 
+// EnableIPv6Forwarding makes the host route IPv6 between its uplink and
+// the VMs' taps, and answer neighbour solicitations for the addresses it
+// proxies on the uplink (ndpProxy).
+func EnableIPv6Forwarding(uplink string, ndpProxy bool) error {
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/all/forwarding", []byte("1\n"), 0o644); err != nil {
+		return fmt.Errorf("enable IPv6 forwarding: %w", err)
+	}
+	if ndpProxy {
+		if err := os.WriteFile(fmt.Sprintf("/proc/sys/net/ipv6/conf/%s/proxy_ndp", uplink), []byte("1\n"), 0o644); err != nil {
+			return fmt.Errorf("enable NDP proxying on %s: %w", uplink, err)
+		}
+	}
+	return nil
+}
+
 // Taps lists the VM taps present on the host.
 func Taps() ([]string, error) {
 	links, err := netlink.LinkList()

@@ -25,12 +25,57 @@ type Manager struct {
 	mu       sync.Mutex
 	vms      map[string]*vmNet // by owner
 	hostPort map[string]string // "tcp/24000" -> owner
+	ipv6     IPv6Config
 }
 
 type vmNet struct {
 	alloc    Allocation
+	v6       IPv6Net
 	internet bool
 	forwards []Forward
+}
+
+// VMKind is the kind of VM a network is for: the digit of its static
+// IPv6 address, as the reference numbers them.
+type VMKind int
+
+// The kinds of VM.
+const (
+	KindProgram           VMKind = 1
+	KindPersistentProgram VMKind = 2
+	KindInstance          VMKind = 3
+)
+
+// IPv6Net is a VM's IPv6 network, from the node's pool: the host's end
+// on the tap and the guest's address. The zero value is no IPv6.
+type IPv6Net struct {
+	Network     netip.Prefix
+	Host, Guest netip.Addr
+}
+
+// HostPrefix is the host's IPv6 address with the network's length.
+func (n IPv6Net) HostPrefix() netip.Prefix { return netip.PrefixFrom(n.Host, n.Network.Bits()) }
+
+// GuestPrefix is the guest's IPv6 address with the network's length.
+func (n IPv6Net) GuestPrefix() netip.Prefix { return netip.PrefixFrom(n.Guest, n.Network.Bits()) }
+
+// IPv6Config gives VMs IPv6: each its static /124 of Pool (StaticIPv6).
+// With NDPProxy the host answers neighbour solicitations on Uplink for
+// the guests' addresses, for pools routed on the uplink's link rather
+// than to the host.
+type IPv6Config struct {
+	Pool     netip.Prefix
+	NDPProxy bool
+	Uplink   string
+}
+
+// AttachRequest asks for a VM's network.
+type AttachRequest struct {
+	Owner    string // the VM's item hash
+	Kind     VMKind
+	Index    int // the allocation found again after a restart, or -1 for a fresh one
+	Internet bool
+	Ports    []PortRequest
 }
 
 // PortRange is where host ports of forwards are taken from.
@@ -41,6 +86,14 @@ type PortRange struct{ First, Last uint16 }
 var DefaultPorts = PortRange{First: 24000, Last: 32767}
 
 // NewManager returns a manager of pool's networks behind fw.
+// SetIPv6 gives the VMs attached from now on IPv6 (see IPv6Config); the
+// host must forward IPv6 (EnableIPv6Forwarding).
+func (m *Manager) SetIPv6(c IPv6Config) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.ipv6 = c
+}
+
 func NewManager(pool *Pool, fw *Firewall, ports PortRange, log *slog.Logger) *Manager {
 	return &Manager{pool: pool, fw: fw, ports: ports, log: log, vms: map[string]*vmNet{}, hostPort: map[string]string{}}
 }
@@ -48,6 +101,7 @@ func NewManager(pool *Pool, fw *Firewall, ports PortRange, log *slog.Logger) *Ma
 // Attachment is a VM's network as the manager made it.
 type Attachment struct {
 	Allocation
+	IPv6     IPv6Net // zero without an IPv6 pool
 	Forwards []Forward
 }
 
@@ -63,11 +117,19 @@ type PortRequest struct {
 // the allocation at index found again after a restart, whose tap is kept
 // as it is when it exists. Forwards keep the host ports asked for and get
 // free ones otherwise.
-func (m *Manager) Attach(owner string, index int, internet bool, ports []PortRequest) (Attachment, error) {
+func (m *Manager) Attach(req AttachRequest) (Attachment, error) {
+	owner, index, internet, ports := req.Owner, req.Index, req.Internet, req.Ports
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if v, ok := m.vms[owner]; ok {
-		return Attachment{Allocation: v.alloc, Forwards: v.forwards}, nil
+		return Attachment{Allocation: v.alloc, IPv6: v.v6, Forwards: v.forwards}, nil
+	}
+	var v6 IPv6Net
+	if m.ipv6.Pool.IsValid() {
+		var err error
+		if v6.Network, v6.Host, v6.Guest, err = StaticIPv6(m.ipv6.Pool, int(req.Kind), owner); err != nil {
+			return Attachment{}, err
+		}
 	}
 	var alloc Allocation
 	var err error
@@ -87,7 +149,7 @@ func (m *Manager) Attach(owner string, index int, internet bool, ports []PortReq
 		_ = made.Release(context.Background())
 		return Attachment{}, err
 	}
-	v := &vmNet{alloc: alloc, internet: internet}
+	v := &vmNet{alloc: alloc, v6: v6, internet: internet}
 	// Ports taken before a failure are given back too.
 	made.AddFunc("ports", func() { m.releasePortsLocked(owner) })
 	if v.forwards, err = m.takePortsLocked(owner, ports); err != nil {
@@ -101,12 +163,23 @@ func (m *Manager) Attach(owner string, index int, internet bool, ports []PortReq
 	} else if err := hardenTap(alloc.Tap); err != nil { // a tap made by an older node
 		return fail(err)
 	}
+	if v6.Guest.IsValid() {
+		if err := addTapAddress(alloc.Tap, v6.HostPrefix()); err != nil {
+			return fail(err)
+		}
+		if m.ipv6.NDPProxy {
+			if err := proxyNDP(m.ipv6.Uplink, v6.Guest, true); err != nil {
+				return fail(err)
+			}
+			made.AddFunc("ndp proxy", func() { _ = proxyNDP(m.ipv6.Uplink, v6.Guest, false) })
+		}
+	}
 	m.vms[owner] = v
 	made.AddFunc("rules", func() { delete(m.vms, owner) })
 	if err := m.applyLocked(); err != nil {
 		return fail(err)
 	}
-	return Attachment{Allocation: alloc, Forwards: v.forwards}, nil
+	return Attachment{Allocation: alloc, IPv6: v6, Forwards: v.forwards}, nil
 }
 
 // Detach removes owner's rules, tap and allocation.
@@ -124,6 +197,11 @@ func (m *Manager) Detach(owner string) error {
 	}
 	if err := DeleteTap(v.alloc.Tap); err != nil {
 		errs = append(errs, err)
+	}
+	if m.ipv6.NDPProxy && v.v6.Guest.IsValid() {
+		if err := proxyNDP(m.ipv6.Uplink, v.v6.Guest, false); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	m.releasePortsLocked(owner)
 	m.pool.Release(v.alloc.Index)
@@ -216,7 +294,7 @@ func (m *Manager) Apply() error {
 func (m *Manager) applyLocked() error {
 	rules := make([]VMRules, 0, len(m.vms))
 	for _, v := range m.vms {
-		rules = append(rules, VMRules{Tap: v.alloc.Tap, MAC: v.alloc.MAC(), Guest: v.alloc.Guest, Internet: v.internet, Forwards: v.forwards})
+		rules = append(rules, VMRules{Tap: v.alloc.Tap, MAC: v.alloc.MAC(), Guest: v.alloc.Guest, Guest6: v.v6.Guest, Internet: v.internet, Forwards: v.forwards})
 	}
 	slices.SortFunc(rules, func(a, b VMRules) int { return a.Guest.Compare(b.Guest) })
 	return m.fw.Apply(rules)

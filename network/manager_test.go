@@ -20,21 +20,21 @@ func TestManager(t *testing.T) {
 	t.Cleanup(func() { fw.Remove() })
 	m := NewManager(pool, fw, PortRange{First: 24000, Last: 24002}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 
-	a, err := m.Attach("vm-a", -1, true, []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "udp", GuestPort: 53}})
+	a, err := m.Attach(AttachRequest{Owner: "vm-a", Index: -1, Internet: true, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "udp", GuestPort: 53}}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if a.Tap != "avm4" || len(a.Forwards) != 2 || a.Forwards[0].HostPort != 24000 || a.Forwards[1].HostPort != 24000 {
 		t.Errorf("attachment %+v", a)
 	}
-	b, err := m.Attach("vm-b", -1, false, []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "tcp", GuestPort: 80, HostPort: 24000}})
+	b, err := m.Attach(AttachRequest{Owner: "vm-b", Index: -1, Internet: false, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "tcp", GuestPort: 80, HostPort: 24000}}})
 	if err == nil {
 		t.Fatalf("a taken host port was given twice: %+v", b)
 	}
 	if _, err := net.InterfaceByName("avm5"); err == nil {
 		t.Error("failed attach left its tap")
 	}
-	b, err = m.Attach("vm-b", -1, false, []PortRequest{{Proto: "tcp", GuestPort: 22}})
+	b, err = m.Attach(AttachRequest{Owner: "vm-b", Index: -1, Internet: false, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22}}})
 	if err != nil || b.Tap != "avm5" || b.Forwards[0].HostPort != 24001 {
 		t.Fatalf("%+v %v", b, err)
 	}
@@ -57,7 +57,7 @@ func TestManager(t *testing.T) {
 	}
 	pool2, _ := NewPool(netip.MustParsePrefix("172.16.0.0/12"), 24, 4)
 	m2 := NewManager(pool2, fw, PortRange{First: 24000, Last: 24002}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	again, err := m2.Attach("vm-a", a.Index, true, []PortRequest{{Proto: "tcp", GuestPort: 22, HostPort: 24000}, {Proto: "udp", GuestPort: 53, HostPort: 24000}})
+	again, err := m2.Attach(AttachRequest{Owner: "vm-a", Index: a.Index, Internet: true, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22, HostPort: 24000}, {Proto: "udp", GuestPort: 53, HostPort: 24000}}})
 	if err != nil || again.Index != a.Index || again.Forwards[0].HostPort != 24000 {
 		t.Fatalf("%+v %v", again, err)
 	}
@@ -92,7 +92,7 @@ func TestSetForwards(t *testing.T) {
 	fw := NewFirewall("lo", netip.MustParsePrefix("172.16.0.0/12"))
 	t.Cleanup(func() { fw.Remove() })
 	m := NewManager(pool, fw, PortRange{First: 25000, Last: 25003}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	a, err := m.Attach("vm-a", -1, false, []PortRequest{{Proto: "tcp", GuestPort: 22}})
+	a, err := m.Attach(AttachRequest{Owner: "vm-a", Index: -1, Internet: false, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func TestSetForwards(t *testing.T) {
 	if _, err := m.SetForwards("vm-a", []PortRequest{{Proto: "tcp", GuestPort: 22}}); err != nil {
 		t.Fatal(err)
 	}
-	b, err := m.Attach("vm-b", -1, false, []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "tcp", GuestPort: 80}, {Proto: "tcp", GuestPort: 443}})
+	b, err := m.Attach(AttachRequest{Owner: "vm-b", Index: -1, Internet: false, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22}, {Proto: "tcp", GuestPort: 80}, {Proto: "tcp", GuestPort: 443}}})
 	if err != nil {
 		t.Fatalf("freed ports not reused: %v", err)
 	}

@@ -4,11 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // CreateTap creates a persistent tap device named name with the host's
@@ -104,6 +106,46 @@ func hardenTap(name string) error {
 		if err != nil {
 			return fmt.Errorf("tap %s: set %s: %w", name, path, err)
 		}
+	}
+	return nil
+}
+
+// addTapAddress sets addr on the tap (again, after a restart), without
+// duplicate address detection: the tap's link holds only the host and
+// its guest.
+func addTapAddress(name string, addr netip.Prefix) error {
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("find tap %s: %w", name, err)
+	}
+	a, err := netlink.ParseAddr(addr.String())
+	if err != nil {
+		return fmt.Errorf("tap %s address %s: %w", name, addr, err)
+	}
+	a.Flags |= unix.IFA_F_NODAD
+	if err := netlink.AddrReplace(link, a); err != nil {
+		return fmt.Errorf("set address %s on tap %s: %w", addr, name, err)
+	}
+	return nil
+}
+
+// proxyNDP adds (or removes) a proxy neighbour entry for addr on the
+// uplink, so that the host answers the link's neighbour solicitations for
+// a guest: for IPv6 pools routed on the uplink's link.
+func proxyNDP(uplink string, addr netip.Addr, add bool) error {
+	link, err := netlink.LinkByName(uplink)
+	if err != nil {
+		return fmt.Errorf("NDP proxy: find uplink %q: %w", uplink, err)
+	}
+	n := &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: unix.AF_INET6, Flags: netlink.NTF_PROXY, IP: net.IP(addr.AsSlice())}
+	if add {
+		if err := netlink.NeighSet(n); err != nil {
+			return fmt.Errorf("NDP proxy for %s on %s: %w", addr, uplink, err)
+		}
+		return nil
+	}
+	if err := netlink.NeighDel(n); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("remove the NDP proxy for %s on %s: %w", addr, uplink, err)
 	}
 	return nil
 }

@@ -220,7 +220,11 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 // attach gives the VM its network and its runtime directory, named
 // after its tap.
 func (v *programVM) attach(context.Context) error {
-	att, err := v.opts.Networks.Attach(string(v.ref), -1, v.content.Environment.Internet, nil)
+	kind := network.KindProgram
+	if Type(v.content) == execution.TypePersistentProgram {
+		kind = network.KindPersistentProgram
+	}
+	att, err := v.opts.Networks.Attach(network.AttachRequest{Owner: string(v.ref), Kind: kind, Index: -1, Internet: v.content.Environment.Internet})
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
@@ -270,7 +274,7 @@ func (v *programVM) launch(ctx context.Context) error {
 	if v.opts.Records != nil {
 		rec := execution.Record{Ref: v.ref, Kind: execution.KindProgram, State: execution.StateStarting, Hypervisor: v.opts.Hypervisor.Name(),
 			VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, NetIndex: att.Index, Tap: att.Tap, IPv4Network: att.Network.String(),
-			IPv4: att.Guest.String(), VMDir: v.dir}
+			IPv4: att.Guest.String(), IPv6Network: addrText(att.IPv6.Network), IPv6: addrText(att.IPv6.Guest), VMDir: v.dir}
 		if err := v.opts.Records.Put(ctx, rec); err != nil {
 			return err
 		}
@@ -546,7 +550,19 @@ func (v *programVM) Done() <-chan struct{} { return v.done }
 
 // Networking implements pool.Program.
 func (v *programVM) Networking() pool.Networking {
-	return pool.Networking{IPv4Network: v.att.Network.String(), HostIPv4: v.att.Host.String(), IPv4: v.att.Guest.String(), Tap: v.att.Tap}
+	return pool.Networking{IPv4Network: v.att.Network.String(), HostIPv4: v.att.Host.String(), IPv4: v.att.Guest.String(),
+		IPv6Network: addrText(v.att.IPv6.Network), IPv6: addrText(v.att.IPv6.Guest), Tap: v.att.Tap}
+}
+
+// addrText is an address or prefix as text, "" when there is none.
+func addrText(a interface {
+	IsValid() bool
+	String() string
+}) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }
 
 // stopTimeouts suit a program: its init halts in about a second, and has

@@ -22,11 +22,14 @@ import (
 )
 
 // fakeNetworks hands out one network and remembers its release.
-type fakeNetworks struct{ detached []string }
+type fakeNetworks struct {
+	detached []string
+	v6       network.IPv6Net // given to every VM
+}
 
-func (f *fakeNetworks) Attach(owner string, _ int, _ bool, _ []network.PortRequest) (network.Attachment, error) {
+func (f *fakeNetworks) Attach(network.AttachRequest) (network.Attachment, error) {
 	return network.Attachment{Allocation: network.Allocation{Index: 4, Network: netip.MustParsePrefix("172.16.4.0/24"),
-		Host: netip.MustParseAddr("172.16.4.1"), Guest: netip.MustParseAddr("172.16.4.2"), Tap: "avm4"}}, nil
+		Host: netip.MustParseAddr("172.16.4.1"), Guest: netip.MustParseAddr("172.16.4.2"), Tap: "avm4"}, IPv6: f.v6}, nil
 }
 
 func (f *fakeNetworks) Detach(owner string) error {

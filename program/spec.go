@@ -51,6 +51,9 @@ func programSpec(in specInputs) (guest.Config, hypervisor.Spec) {
 			Variables:  c.Variables,
 		},
 	}
+	if v6 := in.Network.IPv6; v6.Guest.IsValid() {
+		cfg.Network.Address6, cfg.Network.Gateway6 = v6.GuestPrefix(), v6.Host
+	}
 	drives := []hypervisor.Drive{{Path: filepath.Join(in.Dir, "config.img"), ReadOnly: true, Serial: "config"}}
 	for i, d := range in.Drives {
 		drives = append(drives, hypervisor.Drive{Path: d.Path, ReadOnly: d.Drive.ReadOnly, Serial: string(d.Drive.Role) + strconv.Itoa(i)})

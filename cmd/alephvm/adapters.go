@@ -75,7 +75,7 @@ func (i instancesAPI) Statuses(ctx context.Context) ([]api.InstanceStatus, error
 	out := make([]api.InstanceStatus, 0, len(recs))
 	for _, r := range recs {
 		st := api.InstanceStatus{Ref: r.Ref, Running: i.m.Running(r.Ref), StartedAt: r.StartedAt, VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB,
-			IPv4Network: r.IPv4Network, IPv4: r.IPv4}
+			IPv4Network: r.IPv4Network, IPv4: r.IPv4, IPv6Network: r.IPv6Network, IPv6: r.IPv6}
 		if st.Running {
 			st.MappedPorts = api.MappedPorts(r.Forwards)
 		}

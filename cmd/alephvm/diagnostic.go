@@ -96,7 +96,7 @@ func (n nodeInfo) PublicConfig() api.PublicConfig {
 	return api.PublicConfig{
 		DomainName: c.DomainName, NodeHash: c.NodeHash, APIServer: c.APIServer, CheckFastAPIVMID: c.CheckFastAPIVMID,
 		UseJailer: c.UseJailer, UseDeveloperSSHKeys: len(c.DeveloperSSHKeys) > 0,
-		IPv6AddressPool: c.IPv6AddressPool, IPv6Forwarding: c.IPv6AddressPool != "",
+		IPv6AddressPool: c.IPv6AddressPool, IPv6Forwarding: c.IPv6AddressPool != "", UseNDPProxy: c.UseNDPProxy,
 		InstanceDefaultHypervisor: c.InstanceHypervisor, QEMU: n.qemu,
 	}
 }

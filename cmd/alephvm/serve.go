@@ -360,8 +360,17 @@ func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []neti
 	if err := fw.SetEgress(network.Egress{Allowed: allowed, DNS: dns}); err != nil {
 		return nil, nil, err
 	}
-	log.Info("network", "uplink", uplink, "pool", poolPrefix, "dns", dns, "guest_allowed_networks", allowed)
-	return network.NewManager(netPool, fw, network.DefaultPorts, log), dns, nil
+	m := network.NewManager(netPool, fw, network.DefaultPorts, log)
+	var pool6 netip.Prefix
+	if cfg.IPv6AddressPool != "" {
+		pool6 = netip.MustParsePrefix(cfg.IPv6AddressPool) // checked by config.Validate
+		if err := network.EnableIPv6Forwarding(uplink, cfg.UseNDPProxy); err != nil {
+			return nil, nil, err
+		}
+		m.SetIPv6(network.IPv6Config{Pool: pool6, NDPProxy: cfg.UseNDPProxy, Uplink: uplink})
+	}
+	log.Info("network", "uplink", uplink, "pool", poolPrefix, "ipv6_pool", pool6, "ndp_proxy", cfg.UseNDPProxy, "dns", dns, "guest_allowed_networks", allowed)
+	return m, dns, nil
 }
 
 // capacity is what the node may give to VMs: its memory less what
