@@ -60,6 +60,7 @@ type vmStatus struct {
 	Networking struct {
 		IPv4        string `json:"ipv4_ip"`
 		HostIPv4    string `json:"host_ipv4"`
+		IPv6        string `json:"ipv6_ip"`
 		Tap         string `json:"tap"`
 		MappedPorts map[string]struct {
 			Host int `json:"host"`
@@ -122,7 +123,8 @@ func TestNetworkWithVMs(t *testing.T) {
 	dir, port, env := nodeEnv(t, "up0", "10.99.0.2")
 	// A program runs beside the instances, for the metrics and the status
 	// page.
-	env = append(env, "ALEPH_VM_ASSETS_DIR="+testassets.ProgramAssets(t), "ALEPH_VM_INIT_TIMEOUT=180")
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+testassets.ProgramAssets(t), "ALEPH_VM_INIT_TIMEOUT=180",
+		"ALEPH_VM_IPV6_ADDRESS_POOL=fd00:a1e:9::/64")
 	// The node boots bare ext4 images with the base image's kernel, from
 	// its cache: give it the one built for the tests.
 	os.MkdirAll(filepath.Join(dir, "cache"), 0o755)
@@ -180,6 +182,28 @@ func TestNetworkWithVMs(t *testing.T) {
 		}
 	}
 	checks("first start")
+
+	// IPv6: each VM has its own /124 of the pool, reached from the host;
+	// the VMs do not reach each other over it.
+	v6A, v6B := vms[a].Networking.IPv6, vms[b].Networking.IPv6
+	if !strings.HasPrefix(v6A, "fd00:a1e:9:0:3:") || !strings.HasPrefix(v6B, "fd00:a1e:9:0:3:") {
+		t.Fatalf("IPv6 addresses: %q %q", v6A, v6B)
+	}
+	for _, ip := range []string{v6A, v6B} {
+		var banner string
+		var err error
+		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(time.Second) {
+			if banner, err = testenv.Dial("", net.JoinHostPort(ip, "22")); err == nil {
+				break
+			}
+		}
+		if !strings.HasPrefix(banner, "SSH-2.0") {
+			t.Errorf("the host does not reach %s over IPv6: %q %v", ip, banner, err)
+		}
+	}
+	if canConnect(key, ipA, net.JoinHostPort(v6B, "22")) || canConnect(key, ipB, net.JoinHostPort(v6A, "22")) {
+		t.Errorf("VMs reach each other over IPv6")
+	}
 	prog := createGoHello(t, env, dir)
 	if status, body := httpGet(t, programURL(port, prog, "/")); status != 200 {
 		t.Fatalf("program: %d %q\n%s", status, body, node.logs.String())
