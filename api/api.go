@@ -26,6 +26,9 @@ type Programs interface {
 	// StopWait stops a program and waits until its VM is gone.
 	StopWait(ctx context.Context, ref message.ItemHash) (bool, error)
 	List() []pool.ExecutionInfo
+	// SetPersistent makes refs the persistent programs the node runs (the
+	// allocation's persistent_vms), and says why it refuses some.
+	SetPersistent(ctx context.Context, refs []message.ItemHash) map[message.ItemHash]error
 }
 
 // Options configure the API.
@@ -298,7 +301,11 @@ type execution struct {
 func (s *Server) executions(ctx context.Context) ([]execution, error) {
 	var out []execution
 	for _, e := range s.opts.Programs.List() {
-		out = append(out, execution{ref: e.Ref, vmType: "microvm", running: e.Running, startedAt: e.Since,
+		vmType := "microvm"
+		if e.Plan != nil && e.Plan.Persistent {
+			vmType = "persistent_program"
+		}
+		out = append(out, execution{ref: e.Ref, vmType: vmType, running: e.Running, startedAt: e.Since,
 			vcpus: e.VCPUs, memoryMiB: e.MemoryMiB, networking: e.Networking})
 	}
 	if s.opts.Instances != nil {

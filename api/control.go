@@ -12,6 +12,7 @@ import (
 
 	"github.com/alephvm/alephvm/auth"
 	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/pool"
 )
 
 // Instances is the node's instance manager as the API uses it.
@@ -129,8 +130,32 @@ func (s *Server) handleAllocations(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	// The scheduler may hang up; the allocation is carried out anyway.
-	res := s.opts.Instances.Allocate(context.WithoutCancel(r.Context()), desired)
-	writeJSON(w, allocationStatus(res, len(desired)), res)
+	ctx := context.WithoutCancel(r.Context())
+	res := s.opts.Instances.Allocate(ctx, a.Instances)
+	// Persistent programs are kept by the pool, which boots them in the
+	// background and again whenever their VM ends.
+	refused := false
+	if res.Errors == nil {
+		res.Errors = map[string]string{}
+	}
+	errs := s.opts.Programs.SetPersistent(ctx, a.PersistentVMs)
+	for _, ref := range a.PersistentVMs {
+		err, failed := errs[ref]
+		if !failed {
+			res.Successful = append(res.Successful, string(ref))
+			continue
+		}
+		res.Failing = append(res.Failing, string(ref))
+		res.Errors[string(ref)] = err.Error()
+		var se StatusError
+		refused = refused || errors.Is(err, pool.ErrNotPersistent) || (errors.As(err, &se) && se.HTTPStatus() == http.StatusBadRequest)
+	}
+	res.Success = len(res.Failing) == 0
+	status := allocationStatus(res, len(desired))
+	if refused {
+		status = http.StatusBadRequest
+	}
+	writeJSON(w, status, res)
 }
 
 func allocationStatus(res AllocationResult, desired int) int {

@@ -35,6 +35,9 @@ type Plan struct {
 	CodeRef message.ItemHash
 	// Message is the program's message, which Plan read and Boot runs.
 	Message *message.Message
+	// Persistent programs (on.persistent) run without requests: they are
+	// never stopped for being idle (see SetPersistent).
+	Persistent bool
 }
 
 // Program is a booted program VM.
@@ -111,6 +114,8 @@ type Pool struct {
 	planning singleflight.Group
 	draining bool
 	stopping sync.WaitGroup // stops in progress
+	// keepers run the persistent programs, by ref (persistent.go).
+	keepers map[message.ItemHash]context.CancelFunc
 }
 
 type cachedPlan struct {
@@ -156,7 +161,7 @@ func New(opts Options) *Pool {
 		opts.Admission = vms.NewAdmission(opts.Capacity)
 	}
 	return &Pool{opts: opts, log: opts.Log, execs: map[message.ItemHash]*execution{},
-		leaving: map[message.ItemHash]*execution{}, plans: map[message.ItemHash]cachedPlan{}}
+		leaving: map[message.ItemHash]*execution{}, plans: map[message.ItemHash]cachedPlan{}, keepers: map[message.ItemHash]context.CancelFunc{}}
 }
 
 // Lease is the use of a running program by one request. Release it when
@@ -323,8 +328,13 @@ func (p *Pool) release(e *execution) {
 	}
 }
 
-// armLocked starts the reuse timer of an idle program.
+// armLocked starts the reuse timer of an idle program; a persistent one
+// that the allocation keeps runs on (one used on request only is stopped
+// when idle, as any program).
 func (p *Pool) armLocked(e *execution) {
+	if _, kept := p.keepers[e.plan.Ref]; kept && e.plan.Persistent {
+		return
+	}
 	if p.opts.ReuseTimeout <= 0 {
 		p.stopLocked(e, "reuse timeout is 0")
 		return
@@ -430,6 +440,10 @@ func (p *Pool) StopWait(ctx context.Context, ref message.ItemHash) (bool, error)
 func (p *Pool) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
 	p.draining = true
+	for ref, stop := range p.keepers {
+		stop()
+		delete(p.keepers, ref)
+	}
 	var booting []*execution
 	for _, e := range p.execs {
 		if e.state == running {

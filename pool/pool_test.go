@@ -44,12 +44,13 @@ type fakeLauncher struct {
 	fail     error
 	progs    []*fakeProgram
 	stopGate chan struct{} // given to the programs it boots
+	persist  bool          // its programs are persistent
 }
 
 func (l *fakeLauncher) Plan(_ context.Context, ref message.ItemHash) (*Plan, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return &Plan{Ref: ref, Revision: l.revision, VCPUs: 1, MemoryMiB: l.memory, Timeout: time.Second}, nil
+	return &Plan{Ref: ref, Revision: l.revision, VCPUs: 1, MemoryMiB: l.memory, Timeout: time.Second, Persistent: l.persist}, nil
 }
 
 func (l *fakeLauncher) Boot(_ context.Context, _ *Plan) (Program, error) {

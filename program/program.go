@@ -126,13 +126,14 @@ func (p *Launcher) Plan(ctx context.Context, ref message.ItemHash) (*pool.Plan, 
 	}
 	res := content.Resources
 	return &pool.Plan{
-		Ref:       ref,
-		Revision:  hex.EncodeToString(h.Sum(nil))[:16],
-		VCPUs:     int(res.VCPUs),
-		MemoryMiB: int(res.MemoryMiB),
-		Timeout:   time.Duration(res.Seconds) * time.Second,
-		CodeRef:   content.Code.Ref,
-		Message:   msg,
+		Ref:        ref,
+		Revision:   hex.EncodeToString(h.Sum(nil))[:16],
+		VCPUs:      int(res.VCPUs),
+		MemoryMiB:  int(res.MemoryMiB),
+		Timeout:    time.Duration(res.Seconds) * time.Second,
+		CodeRef:    content.Code.Ref,
+		Message:    msg,
+		Persistent: content.On.Persistent != nil && *content.On.Persistent,
 	}, nil
 }
 

@@ -2,8 +2,13 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"log/slog"
+	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/alephvm/alephvm/api"
@@ -13,6 +18,7 @@ import (
 	"github.com/alephvm/alephvm/hypervisor/console"
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/pool"
 )
 
 // instancesAPI gives the API the instance manager in the API's terms.
@@ -106,4 +112,56 @@ func (l logsAPI) Follow(ctx context.Context, ref message.ItemHash, fn func(api.L
 		return fn(api.LogLine{Time: time.Now(), Stream: "console", Text: text})
 	})
 	return true, ended, err
+}
+
+// programsAPI is the pool as the API uses it: the persistent programs the
+// scheduler allocates are also written down (file), so that a restarted
+// node starts them again before the scheduler's next allocation.
+type programsAPI struct {
+	*pool.Pool
+	file string
+	log  *slog.Logger
+}
+
+func (p programsAPI) SetPersistent(ctx context.Context, refs []message.ItemHash) map[message.ItemHash]error {
+	errs := p.Pool.SetPersistent(ctx, refs)
+	if err := writePersistent(p.file, p.Pool.Persistent()); err != nil {
+		p.log.Warn("the persistent programs will not be started again after a restart", "err", err)
+	}
+	return errs
+}
+
+// writePersistent writes the persistent programs' refs to file, atomically.
+func writePersistent(file string, refs []message.ItemHash) error {
+	slices.Sort(refs)
+	data, err := json.Marshal(refs)
+	if err != nil {
+		return err
+	}
+	tmp := file + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return fmt.Errorf("write the persistent programs: %w", err)
+	}
+	return os.Rename(tmp, file)
+}
+
+// restorePersistent starts the persistent programs the last allocation
+// listed, as the node ran them before it restarted.
+func restorePersistent(ctx context.Context, p *pool.Pool, file string, log *slog.Logger) {
+	data, err := os.ReadFile(file)
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	var refs []message.ItemHash
+	if err == nil {
+		err = json.Unmarshal(data, &refs)
+	}
+	if err != nil {
+		log.Warn("read the persistent programs", "file", file, "err", err)
+		return
+	}
+	for ref, err := range p.SetPersistent(ctx, refs) {
+		log.Warn("persistent program not started again", "ref", ref, "err", err)
+	}
+	log.Info("persistent programs started again", "count", len(refs))
 }

@@ -243,7 +243,7 @@ func newProgramCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{Use: "program", Short: "Make PROGRAM messages"}
 	var entrypoint, iface, encoding, runtimeRef string
 	var vcpus, memory, seconds int
-	var internet bool
+	var internet, persistent bool
 	var env []string
 	create := &cobra.Command{
 		Use:   "create DIR",
@@ -309,7 +309,7 @@ port 8080).`,
 					Environment: message.Environment{Internet: internet},
 					Code:        codeContent,
 					Runtime:     message.FunctionRuntime{Ref: runtime, Comment: "alephvm runtime"},
-					On:          message.FunctionTriggers{HTTP: true},
+					On:          message.FunctionTriggers{HTTP: true, Persistent: persistentFlag(persistent)},
 				})
 				if err != nil {
 					return err
@@ -332,6 +332,7 @@ port 8080).`,
 	create.Flags().IntVar(&memory, "memory", 256, "memory in MiB")
 	create.Flags().IntVar(&seconds, "seconds", 30, "how long the program may take to answer a request")
 	create.Flags().BoolVar(&internet, "internet", false, "let the program open connections to the outside world")
+	create.Flags().BoolVar(&persistent, "persistent", false, "a persistent program (on.persistent): run by the scheduler's allocations without requests")
 	create.Flags().StringArrayVar(&env, "env", nil, "NAME=VALUE variable for the program (repeatable)")
 	cmd.AddCommand(create)
 	return cmd
@@ -349,4 +350,12 @@ func (a *app) defaultRuntime(context.Context) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no runtime named and none built: pass --runtime (an item hash or a squashfs file), or run alephvm assets build: %w", err)
+}
+
+// persistentFlag is on.persistent: true, or absent.
+func persistentFlag(on bool) *bool {
+	if !on {
+		return nil
+	}
+	return &on
 }

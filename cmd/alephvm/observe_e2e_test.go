@@ -18,8 +18,9 @@ import (
 )
 
 // createGoHello builds the Go example and creates it as a program on the
-// node env points at, returning its ref.
-func createGoHello(t *testing.T, env []string, dir string) string {
+// node env points at, with the extra flags of program create, returning
+// its ref.
+func createGoHello(t *testing.T, env []string, dir string, extra ...string) string {
 	t.Helper()
 	goDir := filepath.Join(dir, "go-hello")
 	os.MkdirAll(goDir, 0o755)
@@ -28,7 +29,7 @@ func createGoHello(t *testing.T, env []string, dir string) string {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build the Go example: %v\n%s", err, out)
 	}
-	code, out, errOut := runCLI(t, env, "program", "create", goDir, "--entrypoint", "hello", "--interface", "binary", "--memory", "256")
+	code, out, errOut := runCLI(t, env, append([]string{"program", "create", goDir, "--entrypoint", "hello", "--interface", "binary", "--memory", "256"}, extra...)...)
 	if code != 0 {
 		t.Fatalf("program create: %s %s", out, errOut)
 	}

@@ -122,7 +122,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	diag := diagnosticNode(cfg, n.store)
 	hostCheck := hostChecker(cfg, diag)
 	handler := api.New(api.Options{
-		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
+		Programs: programsAPI{n.programs, persistentFile(cfg), log}, Instances: instancesAPI{n.instances}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
 		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher,
 		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
@@ -153,6 +153,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		log.Warn("tell systemd the node is ready", "err", err)
 	}
 
+	restorePersistent(ctx, n.programs, persistentFile(cfg), log)
 	var startErr error
 	if started != nil {
 		startErr = started(ctx, n, "http://"+ln.Addr().String())
@@ -433,4 +434,10 @@ func startFakeInstance(ctx context.Context, n *node) (message.ItemHash, error) {
 		return "", err
 	}
 	return msg.ItemHash, n.instances.Start(ctx, msg.ItemHash)
+}
+
+// persistentFile is where the persistent programs of the last allocation
+// are written.
+func persistentFile(cfg config.Config) string {
+	return filepath.Join(cfg.ExecutionRoot, "persistent_vms.json")
 }
