@@ -184,35 +184,56 @@ func (l *Lease) Release() {
 }
 
 // plan returns the program's plan, from the cache while it is fresh.
+// Checking a known program again (its amends, use_latest items) stays off
+// the request's path: a check that fails leaves the plan as it was (the
+// core node may be down: warm programs keep answering), and one that takes
+// longer than planWait answers with the plan known while it goes on.
 func (p *Pool) plan(ctx context.Context, ref message.ItemHash) (*Plan, error) {
 	p.mu.Lock()
-	c, ok := p.plans[ref]
+	c, known := p.plans[ref]
 	p.mu.Unlock()
-	if ok && time.Since(c.fetched) < p.opts.PlanTTL {
+	if known && time.Since(c.fetched) < p.opts.PlanTTL {
 		return c.plan, nil
 	}
 	// Requests that find the plan stale together share one Plan call; it
 	// runs to its end even if the request that started it goes away.
 	ch := p.planning.DoChan(string(ref), func() (any, error) {
 		plan, err := p.opts.Launcher.Plan(context.WithoutCancel(ctx), ref)
+		p.mu.Lock()
+		defer p.mu.Unlock()
 		if err != nil {
+			if old, ok := p.plans[ref]; ok {
+				p.log.Warn("check of a program failed; it runs as it was", "ref", ref, "err", err)
+				p.plans[ref] = cachedPlan{plan: old.plan, fetched: time.Now()}
+			}
 			return nil, err
 		}
-		p.mu.Lock()
 		p.plans[ref] = cachedPlan{plan: plan, fetched: time.Now()}
-		p.mu.Unlock()
 		return plan, nil
 	})
+	var late <-chan time.Time
+	if known {
+		late = time.After(planWait)
+	}
 	select {
 	case res := <-ch:
 		if res.Err != nil {
+			if known {
+				return c.plan, nil
+			}
 			return nil, res.Err
 		}
 		return res.Val.(*Plan), nil
+	case <-late:
+		return c.plan, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
 }
+
+// planWait is how long a request waits for the check of a known program
+// before it is served as the program was.
+const planWait = time.Second
 
 // Acquire returns a lease on the running program ref, booting it first if
 // needed. Concurrent callers share one boot.

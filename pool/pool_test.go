@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -45,11 +46,17 @@ type fakeLauncher struct {
 	progs    []*fakeProgram
 	stopGate chan struct{} // given to the programs it boots
 	persist  bool          // its programs are persistent
+	planErr  error         // Plan fails with it
+	planWait time.Duration // Plan takes that long
 }
 
 func (l *fakeLauncher) Plan(_ context.Context, ref message.ItemHash) (*Plan, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	time.Sleep(l.planWait)
+	if l.planErr != nil {
+		return nil, l.planErr
+	}
 	return &Plan{Ref: ref, Revision: l.revision, VCPUs: 1, MemoryMiB: l.memory, Timeout: time.Second, Persistent: l.persist}, nil
 }
 
@@ -340,5 +347,48 @@ func TestAdmissionCountsOtherVMs(t *testing.T) {
 	lease.Release()
 	if _, err := adm.Admit("instance", Capacity{MemoryMiB: 768, VCPUs: 2}); !errors.Is(err, ErrInsufficientCapacity) {
 		t.Fatalf("an instance past a running program: %v", err)
+	}
+}
+
+// TestWarmProgramsDoNotWaitForTheCoreNode: once a program runs, a check of
+// its message that fails (the core node is down) or hangs leaves it
+// answering as it was.
+func TestWarmProgramsDoNotWaitForTheCoreNode(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newPool(l, time.Minute)
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease.Release()
+	l.mu.Lock()
+	l.planErr = errors.New("core node down")
+	l.mu.Unlock()
+	for range 3 {
+		lease, err := p.Acquire(context.Background(), ref)
+		if err != nil {
+			t.Fatalf("a warm program with the core node down: %v", err)
+		}
+		lease.Release()
+	}
+	l.mu.Lock()
+	l.planErr, l.planWait = nil, 5*time.Second
+	l.mu.Unlock()
+	time.Sleep(time.Millisecond)
+	start := time.Now()
+	lease, err = p.Acquire(context.Background(), ref)
+	if err != nil || time.Since(start) > 3*time.Second {
+		t.Fatalf("a warm program with a hanging core node: %v after %s", err, time.Since(start))
+	}
+	lease.Release()
+	if l.boots.Load() != 1 {
+		t.Errorf("%d boots", l.boots.Load())
+	}
+	// A program never seen is not run blind.
+	l.mu.Lock()
+	l.planErr, l.planWait = errors.New("core node down"), 0
+	l.mu.Unlock()
+	if _, err := p.Acquire(context.Background(), message.ItemHash(strings.Repeat("ab", 32))); err == nil {
+		t.Error("a program never planned ran with the core node down")
 	}
 }
