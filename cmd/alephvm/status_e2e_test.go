@@ -109,6 +109,21 @@ func TestStatusChecksEndToEnd(t *testing.T) {
 	}
 	checkStatusPage(t, port, []string{"fastapi (the diagnostic program)", "every check passed", "host (connectivity)"}, "status-page-checks.png")
 
+	// The core node stops: the warm diagnostic program keeps answering,
+	// for several seconds, past the plan cache's few seconds.
+	diagRef := ""
+	for ref, vm := range listVMs(t, port) {
+		if vm.Running {
+			diagRef = ref
+		}
+	}
+	core.Close()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+		if status, body := httpGet(t, programURL(port, diagRef, "/lifespan")); status != 200 {
+			t.Fatalf("a warm request with the core node stopped: %d %s", status, body)
+		}
+	}
+
 	// The uplink goes down: the internet checks fail, and say so.
 	testenv.Cmd(t, "ip", "link", "set", "up0", "down")
 	status, result, body = check()
