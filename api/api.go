@@ -86,6 +86,8 @@ type Options struct {
 	// HostCheck runs /status/check/host and /status/check/ipv6; nil
 	// answers 503.
 	HostCheck HostChecker
+	// Records gives /about/executions/records; nil lists none.
+	Records ExecutionRecords
 	// Now is the clock of the usage's period; nil means time.Now.
 	Now     func() time.Time
 	Version string
@@ -128,6 +130,7 @@ func New(opts Options) *Server {
 		"/about/usage/system": s.handleUsageSystem, "/about/capability": s.handleCapability,
 		"/status/config": s.handleStatusConfig, "/status/check/version": s.handleCheckVersion,
 		"/status/check/host": s.handleCheckHost, "/status/check/ipv6": s.handleCheckIPv6,
+		"/about/executions/records": s.handleExecutionRecords,
 	} {
 		s.mux.HandleFunc("GET "+path, cors(h))
 		s.mux.HandleFunc("OPTIONS "+path, cors(h))

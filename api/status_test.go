@@ -157,3 +157,26 @@ func TestPythonJSON(t *testing.T) {
 		t.Errorf("got %s %v, want %s", got, err, want)
 	}
 }
+
+type fakeRecords []ExecutionRecord
+
+func (f fakeRecords) ExecutionRecords(context.Context) ([]ExecutionRecord, error) { return f, nil }
+
+func TestExecutionRecords(t *testing.T) {
+	id := 4
+	at := time.Date(2026, 12, 3, 6, 0, 0, 0, time.UTC)
+	srv := httptest.NewServer(New(Options{Records: fakeRecords{{UUID: "u", VMHash: "ab", VMID: &id, TimeDefined: *RecordTime(at),
+		TimeStarted: RecordTime(at), VCPUs: 1, Memory: 256, Message: []byte(`{"a":1}`), OriginalMessage: []byte(`{"a":1}`), GPUs: []any{},
+		MappedPorts: map[string]MappedPort{}}}}))
+	defer srv.Close()
+	_, body := get(t, srv.URL+"/about/executions/records", "")
+	want := `[{"uuid":"u","vm_hash":"ab","vm_id":4,"time_defined":"2026-12-03 06:00:00.000000+00:00","time_prepared":null,"time_started":"2026-12-03 06:00:00.000000+00:00","time_stopping":null,"cpu_time_user":null,"cpu_time_system":null,"io_read_count":null,"io_write_count":null,"io_read_bytes":null,"io_write_bytes":null,"vcpus":1,"memory":256,"network_tap":null,"message":{"a":1},"original_message":{"a":1},"persistent":false,"gpus":[],"mapped_ports":{}}]`
+	if strings.TrimSpace(body) != want {
+		t.Errorf("got  %s\nwant %s", body, want)
+	}
+	bare := httptest.NewServer(New(Options{}))
+	defer bare.Close()
+	if _, body := get(t, bare.URL+"/about/executions/records", ""); strings.TrimSpace(body) != "[]" {
+		t.Errorf("no records: %s", body)
+	}
+}

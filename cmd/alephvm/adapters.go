@@ -19,6 +19,7 @@ import (
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/pool"
+	"github.com/google/uuid"
 )
 
 // instancesAPI gives the API the instance manager in the API's terms.
@@ -164,4 +165,54 @@ func restorePersistent(ctx context.Context, p *pool.Pool, file string, log *slog
 		log.Warn("persistent program not started again", "ref", ref, "err", err)
 	}
 	log.Info("persistent programs started again", "count", len(refs))
+}
+
+// recordsAPI gives /about/executions/records from the node's records and
+// the messages in its store.
+type recordsAPI struct{ n *node }
+
+func (r recordsAPI) ExecutionRecords(ctx context.Context) ([]api.ExecutionRecord, error) {
+	var out []api.ExecutionRecord
+	for _, kind := range []execution.Kind{execution.KindProgram, execution.KindInstance} {
+		recs, err := r.n.records.List(ctx, kind)
+		if err != nil {
+			return nil, err
+		}
+		for _, rec := range recs {
+			if rec.State == execution.StateStopped {
+				continue // the reference's table holds live executions
+			}
+			row := api.ExecutionRecord{
+				UUID: uuidOf(rec), VMHash: string(rec.Ref), TimeDefined: *api.RecordTime(rec.CreatedAt),
+				TimePrepared: api.RecordTime(rec.CreatedAt), TimeStarted: api.RecordTime(rec.StartedAt),
+				VCPUs: rec.VCPUs, Memory: rec.MemoryMiB, Persistent: kind == execution.KindInstance,
+				GPUs: []any{}, MappedPorts: api.MappedPorts(rec.Forwards),
+			}
+			if rec.NetIndex >= 0 {
+				row.VMID = &rec.NetIndex
+			}
+			if rec.Tap != "" {
+				row.NetworkTap = &rec.Tap
+			}
+			if msg, _, err := r.n.store.Message(ctx, rec.Ref); err == nil {
+				content, _ := json.Marshal(msg.Content)
+				row.Message, row.OriginalMessage = content, content
+			}
+			if kind == execution.KindProgram {
+				for _, e := range r.n.programs.List() {
+					if e.Ref == rec.Ref && e.Plan != nil {
+						row.Persistent = e.Plan.Persistent
+					}
+				}
+			}
+			out = append(out, row)
+		}
+	}
+	return out, nil
+}
+
+// uuidOf is a stable id of one run of an execution (the reference's
+// uuid1 per execution): its ref and creation time, as a version 5 UUID.
+func uuidOf(rec execution.Record) string {
+	return uuid.NewSHA1(uuid.NameSpaceOID, []byte(string(rec.Ref)+"@"+rec.CreatedAt.UTC().Format(time.RFC3339Nano))).String()
 }

@@ -132,7 +132,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		},
 		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
 		Observer: n.metrics, Metrics: n.metrics.Handler(), Status: statusSource{metrics: &metricsSource{n}, started: n.started},
-		FastAPI: diag, Checks: selfChecks{diag, hostCheck}, HostCheck: hostCheck,
+		FastAPI: diag, Checks: selfChecks{diag, hostCheck}, HostCheck: hostCheck, Records: recordsAPI{n},
 		NodeInfo: nodeInfo{cfg: cfg, volumesDir: filepath.Join(cfg.ExecutionRoot, "volumes"), qemu: n.plan.QEMU.Usable},
 		Version:  buildVersion(), Log: log,
 	})
