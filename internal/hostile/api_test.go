@@ -226,6 +226,13 @@ func (fakePrograms) Acquire(_ context.Context, ref message.ItemHash) (*pool.Leas
 func (fakePrograms) Stop(message.ItemHash) bool                               { return false }
 func (fakePrograms) StopWait(context.Context, message.ItemHash) (bool, error) { return false, nil }
 func (fakePrograms) List() []pool.ExecutionInfo                               { return nil }
+func (fakePrograms) SetPersistent(_ context.Context, refs []message.ItemHash) map[message.ItemHash]error {
+	errs := map[message.ItemHash]error{}
+	for _, ref := range refs {
+		errs[ref] = itemNotFound{ref}
+	}
+	return errs
+}
 
 // fakeInstances runs every instance it is asked to, at once.
 type fakeInstances struct{}

@@ -79,12 +79,13 @@ var categories = []struct{ name, about string }{
 	{"Aggregates", "Owners' aggregates read from the core node API (`aggregate.Client`)."},
 	{"Volume names", "Names of volumes in messages, as `storage.VolumeFileName` turns them into file names."},
 	{"Settings", "Operator's mistakes in the environment or the config file (`config.Load`)."},
+	{"Guest API", "Calls a program makes to the node's guest API from inside its VM (`guestapi.Service`, with its SQLite cache, signing key and a fake core node)."},
 }
 
 func allRows() []row {
 	var rows []row
 	for _, f := range []func() []row{messageRows, refRows, headerRows, bodyRows, serverRows, websocketRows, guestRows,
-		imageRows, archiveRows, downloadRows, aggregateRows, volumeNameRows, settingRows} {
+		imageRows, archiveRows, downloadRows, aggregateRows, volumeNameRows, settingRows, guestAPIRows} {
 		rows = append(rows, f()...)
 	}
 	return rows
