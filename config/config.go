@@ -54,6 +54,7 @@ type Config struct {
 	ConnectivityIPv6    string  `env:"CONNECTIVITY_IPV6_URL" yaml:"connectivity_ipv6_url" help:"URL by IPv6 address /status/check/host fetches to check the host's IPv6 egress."`
 	ConnectivityDNS     string  `env:"CONNECTIVITY_DNS_HOSTNAME" yaml:"connectivity_dns_hostname" help:"Name /status/check/host resolves for an IPv4 and an IPv6 address."`
 	ConnectivityHTTP    List    `env:"CONNECTIVITY_HTTP_URLS" yaml:"connectivity_http_urls" help:"URLs by name /status/check/host tries in order over each family (advisory: their failure does not fail the check)."`
+	WatchMessages       bool    `env:"WATCH_FOR_MESSAGES" yaml:"watch_for_messages" help:"Read API_SERVER's message feed and deliver to programs the messages they subscribe to (on.message), booting them as a request would."`
 	NodeHash            string  `env:"NODE_HASH" yaml:"node_hash" help:"This node's hash on the Aleph network (its registration); messages pinned to another node are refused 400, and pinned ones are refused 503 while it is empty. Shown by /status/config."`
 	CheckFastAPIVMID    string  `env:"CHECK_FASTAPI_VM_ID" yaml:"check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi checks; empty means the node's own (examples/diagnostic, stored with the default runtime at the first check)."`
 	LegacyCheckVMID     string  `env:"LEGACY_CHECK_FASTAPI_VM_ID" yaml:"legacy_check_fastapi_vm_id" help:"Item hash of the diagnostic program /status/check/fastapi/legacy checks; empty means none (503)."`
@@ -127,6 +128,7 @@ func Default() Config {
 		ExecutionRoot:      "/var/lib/alephvm",
 		CacheRoot:          "/var/cache/alephvm",
 		CacheMaxSize:       50 << 30,
+		WatchMessages:      true,
 		ConnectivityIPv4:   "https://1.1.1.1/",
 		ConnectivityIPv6:   "https://[2606:4700:4700::1111]/",
 		ConnectivityDNS:    "example.org",

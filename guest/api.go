@@ -236,3 +236,19 @@ func validStatus(s int) int {
 // errNoAPI is a guest's answer to an "api" call when its init serves no
 // guest API.
 var errNoAPI = errors.New("this init serves no guest API")
+
+// MaxEvent bounds a message delivered to a workload.
+const MaxEvent = 2 << 20
+
+// DeliverEvent hands a message the program subscribes to to its workload
+// (its ASGI app, under the init's event wrapper) and waits until the app
+// has taken it.
+func (c *Client) DeliverEvent(ctx context.Context, body []byte) error {
+	if len(body) > MaxEvent {
+		return fmt.Errorf("guest event: %d bytes, more than %d", len(body), MaxEvent)
+	}
+	if _, err := c.call(ctx, request{Op: opEvent, Body: body}, nil); err != nil {
+		return fmt.Errorf("guest event: %w", err)
+	}
+	return nil
+}

@@ -128,6 +128,10 @@ type Workload struct {
 	// User is the unprivileged user that runs the workload: "uid[:gid]",
 	// never 0 (ParseWorkloadUser). Empty means WorkloadUID:WorkloadGID.
 	User string `json:"user,omitempty"`
+	// Events is set for an ASGI program that subscribes to messages: the
+	// init runs it under its event wrapper, which takes the messages the
+	// node delivers (op "event").
+	Events bool `json:"events,omitempty"`
 }
 
 // DriveRole says what a drive holds.

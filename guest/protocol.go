@@ -184,6 +184,8 @@ const (
 	// workload's calls, and its answer to one of them.
 	opAPI      = "api"
 	opAPIReply = "api_reply"
+	// A message the workload subscribed to (Client.DeliverEvent).
+	opEvent = "event"
 )
 
 // request is one line from the host.
@@ -195,6 +197,7 @@ type request struct {
 	Exec   *ExecRequest `json:"exec,omitempty"`   // exec
 	Target uint64       `json:"target,omitempty"` // cancel
 	Answer *APIAnswer   `json:"answer,omitempty"` // api_reply
+	Body   []byte       `json:"body,omitempty"`   // event
 }
 
 // reply is one line from the guest: a reply to request ID (the last one

@@ -30,6 +30,12 @@ type Agent interface {
 	PowerOff()
 }
 
+// EventAgent is an Agent that takes the messages a program subscribes to.
+type EventAgent interface {
+	// DeliverEvent calls the workload with the message (its JSON).
+	DeliverEvent(ctx context.Context, body []byte) error
+}
+
 // APIAgent is an Agent that serves the guest API (api.go).
 type APIAgent interface {
 	APIBridge() *APIBridge
@@ -201,6 +207,17 @@ func (s *session) serve(ctx, sessionCtx context.Context, wg *sync.WaitGroup, req
 		a.PowerOff()
 	case opAPI, opAPIReply:
 		s.serveAPI(ctx, req)
+	case opEvent:
+		ea, ok := a.(EventAgent)
+		if !ok {
+			s.fail(req.ID, errors.New("this init takes no events"))
+			return
+		}
+		if err := ea.DeliverEvent(ctx, req.Body); err != nil {
+			s.fail(req.ID, err)
+			return
+		}
+		s.send(reply{ID: req.ID, Done: true})
 	default:
 		s.fail(req.ID, fmt.Errorf("unknown operation %q", req.Op))
 	}

@@ -540,6 +540,11 @@ func (v *programVM) Target() *url.URL {
 	return &url.URL{Scheme: "http", Host: net.JoinHostPort(v.att.Guest.String(), strconv.Itoa(guest.Port))}
 }
 
+// DeliverEvent hands its workload a message it subscribes to.
+func (v *programVM) DeliverEvent(ctx context.Context, body []byte) error {
+	return v.client.DeliverEvent(ctx, body)
+}
+
 // VM is the program's VM, for the node's metrics.
 func (v *programVM) VM() execution.VM { return v.vm }
 

@@ -49,6 +49,8 @@ func programSpec(in specInputs) (guest.Config, hypervisor.Spec) {
 			Entrypoint: c.Code.Entrypoint,
 			Args:       c.Code.Args,
 			Variables:  c.Variables,
+			// The subscriptions of an ASGI program: it takes events.
+			Events: len(c.On.Message) > 0 && c.Code.InferredInterface() == message.InterfaceASGI,
 		},
 	}
 	if v6 := in.Network.IPv6; v6.Guest.IsValid() {

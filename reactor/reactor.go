@@ -198,6 +198,21 @@ func (r *Reactor) follow(ctx context.Context) (int, error) {
 	}
 }
 
+// Register keeps the subscriptions of a PROGRAM message the node already
+// has (its store's, at start): the reference knows only those it sees on
+// the feed after it starts.
+func (r *Reactor) Register(raw []byte) {
+	msg, err := message.Parse(raw)
+	if err != nil {
+		return
+	}
+	if c, ok := msg.Content.(*message.ProgramContent); ok && len(c.On.Message) > 0 {
+		r.mu.Lock()
+		r.subs[msg.ItemHash] = program{sender: msg.Sender, subs: c.On.Message}
+		r.mu.Unlock()
+	}
+}
+
 // Handle takes one frame of the feed: a PROGRAM with subscriptions is
 // registered, a FORGET of one unregisters it, and the message is
 // delivered to every program one of whose subscriptions it matches, once.

@@ -154,3 +154,23 @@ func (s *Store) saveMessage(ctx context.Context, msg *message.Message, raw []byt
 // waiting for the answer, and a message is no large transfer that a flaky
 // link needs many tries for.
 func (s *Store) messageAttempts() int { return min(s.opts.Attempts, 3) }
+
+// EachMessage calls fn with every message of type typ the store keeps, as
+// received, oldest first.
+func (s *Store) EachMessage(ctx context.Context, typ message.Type, fn func(raw []byte) error) error {
+	rows, err := s.db.QueryContext(ctx, `SELECT raw FROM store_messages WHERE type = ? ORDER BY time`, string(typ))
+	if err != nil {
+		return fmt.Errorf("list %s messages: %w", typ, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var raw []byte
+		if err := rows.Scan(&raw); err != nil {
+			return fmt.Errorf("list %s messages: %w", typ, err)
+		}
+		if err := fn(raw); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}

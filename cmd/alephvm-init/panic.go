@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"os"
 	"runtime/debug"
 	"syscall"
@@ -55,6 +56,14 @@ func (g guardedAgent) APIBridge() *guest.APIBridge {
 		return a.APIBridge()
 	}
 	return nil
+}
+
+func (g guardedAgent) DeliverEvent(ctx context.Context, body []byte) error {
+	defer recoverPanic()
+	if a, ok := g.in.(guest.EventAgent); ok {
+		return a.DeliverEvent(ctx, body)
+	}
+	return errors.New("this init takes no events")
 }
 
 func (g guardedAgent) Status() guest.Status {

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	_ "embed"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -38,16 +40,90 @@ const codeDir = "/opt/code"
 // readyPoll is how often the init tries port 8080 until it accepts.
 const readyPoll = 10 * time.Millisecond
 
-// workloadArgv returns the command line of the workload.
+// workloadArgv returns the command line of the workload. An ASGI program
+// that takes events runs under the event wrapper (eventWrapper), its own
+// app given in ALEPHVM_ASGI_APP (workloadEnv).
 func workloadArgv(w guest.Workload, plain bool) []string {
 	if w.Interface == guest.InterfaceASGI {
-		app := w.Entrypoint
-		if plain {
-			app = guest.PlainCodeModule + ":" + w.Entrypoint
+		app := workloadApp(w, plain)
+		if w.Events {
+			app = "alephvm_events:app"
 		}
 		return []string{"python3", "-m", "uvicorn", "--app-dir", codeDir, "--host", "0.0.0.0", "--port", strconv.Itoa(guest.Port), app}
 	}
 	return append([]string{filepath.Join(codeDir, w.Entrypoint)}, w.Args...)
+}
+
+// workloadApp is the program's own ASGI app, module:attribute.
+func workloadApp(w guest.Workload, plain bool) string {
+	if plain {
+		return guest.PlainCodeModule + ":" + w.Entrypoint
+	}
+	return w.Entrypoint
+}
+
+// The event wrapper: its module, where the init writes it, and the socket
+// on which it takes events, in a directory of the workload's user.
+const (
+	eventWrapperDir = "/opt/alephvm"
+	eventSocketDir  = "/run/alephvm-events"
+	eventSocket     = eventSocketDir + "/events.sock"
+)
+
+//go:embed alephvm_events.py
+var eventWrapper []byte
+
+// setupEvents writes the event wrapper and makes its socket's directory,
+// the workload's user's alone.
+func (in *Init) setupEvents() error {
+	if err := os.MkdirAll(eventWrapperDir, 0o755); err != nil {
+		return fmt.Errorf("event wrapper: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(eventWrapperDir, "alephvm_events.py"), eventWrapper, 0o644); err != nil {
+		return fmt.Errorf("event wrapper: %w", err)
+	}
+	if err := os.MkdirAll(eventSocketDir, 0o700); err != nil {
+		return fmt.Errorf("event socket: %w", err)
+	}
+	if err := os.Chown(eventSocketDir, in.user.uid, in.user.gid); err != nil {
+		return fmt.Errorf("event socket: %w", err)
+	}
+	return nil
+}
+
+// DeliverEvent implements guest.EventAgent: the message goes to the
+// wrapper's socket, length first, and the wrapper answers once the app has
+// taken it.
+func (in *Init) DeliverEvent(ctx context.Context, body []byte) error {
+	if !in.cfg.Workload.Events || in.cfg.Workload.Interface != guest.InterfaceASGI {
+		return errors.New("the program takes no events (no on.message subscription, or not an ASGI app)")
+	}
+	return deliverTo(ctx, eventSocket, body)
+}
+
+// deliverTo delivers an event to the wrapper listening on sock.
+func deliverTo(ctx context.Context, sock string, body []byte) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", sock)
+	if err != nil {
+		return fmt.Errorf("the program's event socket: %w", err)
+	}
+	defer conn.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(deadline)
+	}
+	frame := binary.BigEndian.AppendUint32(nil, uint32(len(body)))
+	if _, err := conn.Write(append(frame, body...)); err != nil {
+		return fmt.Errorf("deliver the event: %w", err)
+	}
+	answer, err := bufio.NewReader(io.LimitReader(conn, 4096)).ReadString('\n')
+	if err != nil && answer == "" {
+		return fmt.Errorf("the program's answer to the event: %w", err)
+	}
+	if answer = strings.TrimSpace(answer); answer != "ok" {
+		return fmt.Errorf("the program failed the event: %s", answer)
+	}
+	return nil
 }
 
 // workloadEnv returns the workload's environment: the basics, then the
@@ -186,6 +262,17 @@ func (in *Init) startWorkload() error {
 	argv := workloadArgv(w, plain)
 	in.serveAPI()
 	env := workloadEnv(in.user, in.cfg.Hostname, w.Variables)
+	if w.Events && w.Interface == guest.InterfaceASGI {
+		if err := in.setupEvents(); err != nil {
+			return err
+		}
+		env = append(env, "ALEPHVM_ASGI_APP="+workloadApp(w, plain), "ALEPHVM_EVENTS_SOCKET="+eventSocket)
+		for i, kv := range env {
+			if strings.HasPrefix(kv, "PYTHONPATH=") {
+				env[i] = "PYTHONPATH=" + eventWrapperDir + ":" + strings.TrimPrefix(kv, "PYTHONPATH=")
+			}
+		}
+	}
 	in.mu.Lock()
 	in.env = env
 	in.mu.Unlock()

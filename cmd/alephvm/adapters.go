@@ -216,3 +216,25 @@ func (r recordsAPI) ExecutionRecords(ctx context.Context) ([]api.ExecutionRecord
 func uuidOf(rec execution.Record) string {
 	return uuid.NewSHA1(uuid.NameSpaceOID, []byte(string(rec.Ref)+"@"+rec.CreatedAt.UTC().Format(time.RFC3339Nano))).String()
 }
+
+// eventsAPI delivers the reactor's messages through the pool: a program
+// is booted for one as for a request, under the same admission.
+type eventsAPI struct{ programs *pool.Pool }
+
+// eventTaker is a program VM that takes events.
+type eventTaker interface {
+	DeliverEvent(ctx context.Context, body []byte) error
+}
+
+func (e eventsAPI) Deliver(ctx context.Context, ref message.ItemHash, event []byte) error {
+	lease, err := e.programs.Acquire(ctx, ref)
+	if err != nil {
+		return err
+	}
+	defer lease.Release()
+	taker, ok := lease.Program().(eventTaker)
+	if !ok {
+		return errors.New("this program's VM takes no events")
+	}
+	return taker.DeliverEvent(ctx, event)
+}

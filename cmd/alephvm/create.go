@@ -3,6 +3,7 @@ package main
 import (
 	"archive/zip"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -244,7 +245,7 @@ func newProgramCmd(a *app) *cobra.Command {
 	var entrypoint, iface, encoding, runtimeRef string
 	var vcpus, memory, seconds int
 	var internet, persistent bool
-	var env []string
+	var env, subscribe []string
 	create := &cobra.Command{
 		Use:   "create DIR",
 		Short: "Pack DIR as a program's code, store it with its PROGRAM message; print its hash and URL",
@@ -269,6 +270,14 @@ port 8080).`,
 				return err
 			}
 			defer os.Remove(code)
+			var subscriptions []map[string]any
+			for _, sub := range subscribe {
+				var m map[string]any
+				if err := json.Unmarshal([]byte(sub), &m); err != nil || len(m) == 0 {
+					return fmt.Errorf("--subscribe %q: want a JSON object such as {\"channel\":\"TEST\"}", sub)
+				}
+				subscriptions = append(subscriptions, m)
+			}
 			var variables map[string]string
 			for _, kv := range env {
 				k, v, ok := strings.Cut(kv, "=")
@@ -309,7 +318,7 @@ port 8080).`,
 					Environment: message.Environment{Internet: internet},
 					Code:        codeContent,
 					Runtime:     message.FunctionRuntime{Ref: runtime, Comment: "alephvm runtime"},
-					On:          message.FunctionTriggers{HTTP: true, Persistent: persistentFlag(persistent)},
+					On:          message.FunctionTriggers{HTTP: true, Persistent: persistentFlag(persistent), Message: subscriptions},
 				})
 				if err != nil {
 					return err
@@ -332,6 +341,7 @@ port 8080).`,
 	create.Flags().IntVar(&memory, "memory", 256, "memory in MiB")
 	create.Flags().IntVar(&seconds, "seconds", 30, "how long the program may take to answer a request")
 	create.Flags().BoolVar(&internet, "internet", false, "let the program open connections to the outside world")
+	create.Flags().StringArrayVar(&subscribe, "subscribe", nil, "a subscription (on.message) as JSON, e.g. '{\"channel\":\"TEST\"}': messages of the network that match it are delivered to the program (repeatable; ASGI programs)")
 	create.Flags().BoolVar(&persistent, "persistent", false, "a persistent program (on.persistent): run by the scheduler's allocations without requests")
 	create.Flags().StringArrayVar(&env, "env", nil, "NAME=VALUE variable for the program (repeatable)")
 	cmd.AddCommand(create)

@@ -39,6 +39,7 @@ import (
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
 	"github.com/alephvm/alephvm/program"
+	"github.com/alephvm/alephvm/reactor"
 	"github.com/alephvm/alephvm/storage"
 	"github.com/alephvm/alephvm/store"
 )
@@ -154,6 +155,14 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	}
 
 	restorePersistent(ctx, n.programs, persistentFile(cfg), log)
+	if cfg.WatchMessages && cfg.APIServer != "" {
+		// Until the node stops: its end also ends the reactor.
+		r := reactor.New(reactor.Options{APIServer: cfg.APIServer, Deliver: eventsAPI{n.programs}, Log: log.With("part", "reactor")})
+		if err := n.store.EachMessage(ctx, message.TypeProgram, func(raw []byte) error { r.Register(raw); return nil }); err != nil {
+			log.Warn("the stored programs' subscriptions are not known", "err", err)
+		}
+		go r.Run(ctx)
+	}
 	var startErr error
 	if started != nil {
 		startErr = started(ctx, n, "http://"+ln.Addr().String())

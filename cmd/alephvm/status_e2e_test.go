@@ -11,15 +11,44 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
+	"github.com/alephvm/alephvm/message"
 )
 
+// feedMessage is a valid inline POST message on channel.
+func feedMessage(t *testing.T, channel, body string) []byte {
+	t.Helper()
+	sender := "0x0000000000000000000000000000000000000002"
+	env := map[string]any{"chain": "ETH", "sender": sender, "type": "POST", "time": 1800000000.5, "item_type": "inline", "signature": nil,
+		"channel": channel, "content": map[string]any{"address": sender, "time": 1800000000.5, "type": "note", "content": map[string]any{"body": body}}}
+	raw, _ := json.Marshal(env)
+	raw, err := message.Regenerate(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw
+}
+
 // fakeCoreNode answers the core node API routes the diagnostic program
-// reads through the guest API: one message, by hash.
-func fakeCoreNode(t *testing.T, hash string) *httptest.Server {
+// reads through the guest API (one message, by hash), and its message
+// feed, which sends frames to every connection.
+func fakeCoreNode(t *testing.T, hash string, frames ...[]byte) *httptest.Server {
 	msg := map[string]any{"item_hash": hash, "type": "POST", "chain": "ETH", "sender": "0x0", "channel": "TEST"}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/api/ws0/messages" {
+			c, err := websocket.Accept(w, r, nil)
+			if err != nil {
+				return
+			}
+			for _, f := range frames {
+				c.Write(r.Context(), websocket.MessageText, f)
+			}
+			<-r.Context().Done()
+			return
+		}
 		w.Header().Set("Content-Type", "application/json")
 		switch {
 		case r.URL.Path == "/api/v0/messages.json" && r.URL.Query().Get("hashes") == hash:
@@ -66,7 +95,9 @@ func TestStatusChecksEndToEnd(t *testing.T) {
 	testenv.ServeWeb(t, internet, "203.0.113.10:80")
 	testenv.ServeWeb(t, internet, "[2001:db8::10]:80")
 	hash := strings.Repeat("5e", 32)
-	core := fakeCoreNode(t, hash)
+	match := feedMessage(t, "ALEPHVM-TEST", "for the subscriber")
+	core := fakeCoreNode(t, hash, []byte("garbage"), []byte(`{"confirmation": true}`),
+		feedMessage(t, "OTHER", "not for it"), match)
 
 	_, port, env := nodeEnv(t, "up0", "203.0.113.53")
 	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_INIT_TIMEOUT=180", "ALEPH_VM_API_SERVER="+core.URL,
@@ -75,6 +106,14 @@ func TestStatusChecksEndToEnd(t *testing.T) {
 		"ALEPH_VM_DOMAIN_NAME=node.test", "ALEPH_VM_CONNECTIVITY_IPV4_URL=http://203.0.113.10/",
 		"ALEPH_VM_CONNECTIVITY_IPV6_URL=http://[2001:db8::10]/", "ALEPH_VM_CONNECTIVITY_DNS_HOSTNAME=web.test",
 		"ALEPH_VM_CONNECTIVITY_HTTP_URLS=http://web.test/")
+	// A program that subscribes to the test's channel, made before the node
+	// starts: the node knows its subscription from its store.
+	code, out, errOut := runCLI(t, env, "program", "create", "../../examples/diagnostic", "--entrypoint", "main:app",
+		"--subscribe", `{"channel":"ALEPHVM-TEST"}`)
+	if code != 0 {
+		t.Fatalf("program create: %s %s", out, errOut)
+	}
+	subscriber := strings.Fields(out)[0]
 	node := startNode(t, env, port)
 
 	check := func() (int, map[string]any, string) {
@@ -97,6 +136,29 @@ func TestStatusChecksEndToEnd(t *testing.T) {
 	}
 	if status != 200 || len(result) != len(keys) || t.Failed() {
 		t.Fatalf("fresh node: %d %s\n%s", status, body, node.logs.String())
+	}
+
+	// The subscriber was booted for the feed's matching message, and got it
+	// once, as an event, intact; what reaches it over HTTP is not an event.
+	var matchDoc struct {
+		ItemHash string `json:"item_hash"`
+	}
+	json.Unmarshal(match, &matchDoc)
+	var events []map[string]any
+	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+		if status, body := httpGet(t, programURL(port, subscriber, "/events")); status == 200 && json.Unmarshal([]byte(body), &events) == nil && len(events) > 0 {
+			break
+		}
+	}
+	if len(events) != 1 || events[0]["item_hash"] != matchDoc.ItemHash {
+		t.Errorf("events delivered: %v\n%s", events, node.logs.String())
+	}
+	resp, err := http.Post(programURL(port, subscriber, "/"), "application/json", strings.NewReader(string(match)))
+	if err == nil {
+		resp.Body.Close()
+	}
+	if _, body := httpGet(t, programURL(port, subscriber, "/events")); json.Unmarshal([]byte(body), &events) != nil || len(events) != 1 {
+		t.Errorf("events after the same JSON posted through the proxy: %s", body)
 	}
 
 	host := func() (int, string) {

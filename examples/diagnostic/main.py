@@ -27,6 +27,9 @@ import urllib.parse
 
 DEFAULT_MESSAGE = "3fc0aa9569da840c43e7bd2033c3c580abb46b007527d6d20f2d4e98e867f7af"
 lifespan_done = False
+# The messages of the network the program subscribes to, as the node
+# delivered them (the last 100): /events lists them.
+events = []
 
 
 def env_list(name, default):
@@ -131,7 +134,7 @@ def index():
         "endpoints": [
             "/environ", "/messages", "/dns", "/ip/4", "/ip/6", "/internet", "/get_a_message",
             "/cache/get/{key}", "/cache/set/{key}/{value}", "/cache/remove/{key}", "/cache/keys",
-            "/state/increment", "/raise", "/crash", "/lifespan",
+            "/state/increment", "/raise", "/crash", "/lifespan", "/events",
         ],
     }
 
@@ -228,6 +231,8 @@ async def route(method, path):
             return index()
         if parts == ["lifespan"]:
             return 200, {"Lifespan": lifespan_done}
+        if parts == ["events"]:
+            return 200, events
         if parts == ["environ"]:
             return 200, dict(os.environ)
         if parts == ["dns"]:
@@ -264,6 +269,11 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "aleph.message":
+        message = await receive()
+        events.append(json.loads(message["body"]))
+        del events[:-100]
+        return
     if scope["type"] != "http":
         return
     try:

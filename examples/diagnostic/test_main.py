@@ -163,6 +163,19 @@ class DiagnosticTest(unittest.TestCase):
         self.assertIn("Traceback", body)
         self.assertEqual(self.call("/nope")[0], 404)
 
+    def test_events(self):
+        async def run():
+            async def receive():
+                return {"type": "aleph.message", "body": '{"item_hash": "ab"}', "more_body": False}
+
+            async def send(_m):
+                pass
+
+            await self.main.app({"type": "aleph.message"}, receive, send)
+
+        asyncio.run(run())
+        self.assertEqual(self.call("/events"), (200, [{"item_hash": "ab"}]))
+
     def test_failures_are_503(self):
         saved = dict(os.environ)
         try:
