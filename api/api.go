@@ -86,6 +86,12 @@ type Options struct {
 	// HostCheck runs /status/check/host and /status/check/ipv6; nil
 	// answers 503.
 	HostCheck HostChecker
+	// LoginToken opens the /about pages (/about/login?token=); empty
+	// keeps them closed.
+	LoginToken string
+	// Settings gives /about/config: every setting by name, secrets
+	// redacted.
+	Settings func() map[string]string
 	// Records gives /about/executions/records; nil lists none.
 	Records ExecutionRecords
 	// Now is the clock of the usage's period; nil means time.Now.
@@ -126,6 +132,9 @@ func New(opts Options) *Server {
 	s.mux.HandleFunc("GET /control/machine/{ref}/stream_logs", s.handleStreamLogs)
 	s.mux.HandleFunc("GET /status/check/fastapi", s.handleCheckFastAPI(false))
 	s.mux.HandleFunc("GET /status/check/fastapi/legacy", s.handleCheckFastAPI(true))
+	s.mux.HandleFunc("GET /about/login", cors(s.handleLogin))
+	s.mux.HandleFunc("GET /about/config", cors(s.handleAboutConfig))
+	s.mux.HandleFunc("GET /about/executions/details", cors(s.handleExecutionDetails))
 	for path, h := range map[string]http.HandlerFunc{
 		"/about/usage/system": s.handleUsageSystem, "/about/capability": s.handleCapability,
 		"/status/config": s.handleStatusConfig, "/status/check/version": s.handleCheckVersion,
@@ -303,7 +312,11 @@ type execution struct {
 
 func (s *Server) executions(ctx context.Context) ([]execution, error) {
 	var out []execution
-	for _, e := range s.opts.Programs.List() {
+	var programs []pool.ExecutionInfo
+	if s.opts.Programs != nil {
+		programs = s.opts.Programs.List()
+	}
+	for _, e := range programs {
 		vmType := "microvm"
 		if e.Plan != nil && e.Plan.Persistent {
 			vmType = "persistent_program"

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -41,7 +42,9 @@ func (f fakeHostCheck) CheckHost(context.Context) ([]byte, bool) {
 	return []byte(`{"ipv4": {"egress": false, "dns": false, "domain": false, "http": false}, "ipv6": {"egress": false, "dns": false, "domain": false, "http": false}}`), false
 }
 
-func (f fakeHostCheck) CheckIPv6(context.Context) []byte { return []byte(`{"host": true, "vm": false}`) }
+func (f fakeHostCheck) CheckIPv6(context.Context) []byte {
+	return []byte(`{"host": true, "vm": false}`)
+}
 
 // TestStatusContracts checks each status route's answer, byte for byte,
 // against golden files written from the reference's shapes
@@ -178,5 +181,42 @@ func TestExecutionRecords(t *testing.T) {
 	defer bare.Close()
 	if _, body := get(t, bare.URL+"/about/executions/records", ""); strings.TrimSpace(body) != "[]" {
 		t.Errorf("no records: %s", body)
+	}
+}
+
+func TestLogin(t *testing.T) {
+	srv := httptest.NewServer(New(Options{LoginToken: "s3cret", Settings: func() map[string]string { return map[string]string{"ALEPH_VM_X": "1"} }}))
+	defer srv.Close()
+	jar, _ := cookiejar.New(nil)
+	c := &http.Client{Jar: jar}
+	for _, path := range []string{"/about/config", "/about/executions/details", "/about/login?token=wrong"} {
+		resp, err := c.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 401 {
+			t.Errorf("%s before login: %d", path, resp.StatusCode)
+		}
+	}
+	resp, err := c.Get(srv.URL + "/about/login?token=s3cret")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || strings.TrimSpace(string(body)) != `{"ALEPH_VM_X":"1"}` {
+		t.Errorf("login then config: %d %s", resp.StatusCode, body)
+	}
+	resp, _ = c.Get(srv.URL + "/about/executions/details")
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || strings.TrimSpace(string(body)) != "[]" {
+		t.Errorf("details: %d %s", resp.StatusCode, body)
+	}
+	closed := httptest.NewServer(New(Options{}))
+	defer closed.Close()
+	if resp, _ := http.Get(closed.URL + "/about/login?token="); resp.StatusCode != 401 {
+		t.Errorf("a node without a token: %d", resp.StatusCode)
 	}
 }

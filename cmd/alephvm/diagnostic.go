@@ -2,9 +2,13 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/alephvm/alephvm/api"
@@ -131,4 +135,41 @@ func nodeFacts(cfg config.Config, log *slog.Logger) execution.Node {
 	}
 	n.Arch, n.Vendor, n.Features = h.Arch, h.Vendor, h.Features
 	return n
+}
+
+// loginToken makes the token of the /about pages for this run of the
+// node, written to EXECUTION_ROOT/login_token (0600) for the operator.
+func loginToken(cfg config.Config) (string, error) {
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	token := hex.EncodeToString(b)
+	path := filepath.Join(cfg.ExecutionRoot, "login_token")
+	if err := os.WriteFile(path+".tmp", []byte(token+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("write the login token: %w", err)
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
+		return "", fmt.Errorf("write the login token: %w", err)
+	}
+	return token, nil
+}
+
+// secretSettings are not shown by /about/config.
+var secretSettings = map[string]bool{"ALLOCATION_TOKEN": true}
+
+// settingsOf is every setting by its environment name, as /about/config
+// shows them.
+func settingsOf(cfg config.Config) func() map[string]string {
+	return func() map[string]string {
+		out := map[string]string{}
+		for _, s := range config.Settings() {
+			v := s.Value(cfg)
+			if secretSettings[s.Key] && v != "" {
+				v = "(set)"
+			}
+			out[s.Env] = v
+		}
+		return out
+	}
 }

@@ -120,6 +120,10 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 			return fmt.Errorf("OPERATOR_ADDRESSES: %w", err)
 		}
 	}
+	token, err := loginToken(cfg)
+	if err != nil {
+		return err
+	}
 	diag := diagnosticNode(cfg, n.store)
 	hostCheck := hostChecker(cfg, diag)
 	handler := api.New(api.Options{
@@ -134,6 +138,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
 		Observer: n.metrics, Metrics: n.metrics.Handler(), Status: statusSource{metrics: &metricsSource{n}, started: n.started},
 		FastAPI: diag, Checks: selfChecks{diag, hostCheck}, HostCheck: hostCheck, Records: recordsAPI{n},
+		LoginToken: token, Settings: settingsOf(cfg),
 		NodeInfo: nodeInfo{cfg: cfg, volumesDir: filepath.Join(cfg.ExecutionRoot, "volumes"), qemu: n.plan.QEMU.Usable},
 		Version:  buildVersion(), Log: log,
 	})
