@@ -116,3 +116,43 @@ func (p *Pool) keep(ctx context.Context, ref message.ItemHash) {
 		wait = min(2*wait, persistentMaxRetry)
 	}
 }
+
+// Detacher is a program VM that can be left running when the node stops.
+type Detacher interface {
+	Detach()
+}
+
+// Adopt runs a persistent program's VM that an earlier node left running
+// and the launcher took back, keeping it as SetPersistent would.
+func (p *Pool) Adopt(plan *Plan, prog Program) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	release := p.opts.Admission.Hold(Capacity{MemoryMiB: plan.MemoryMiB, VCPUs: plan.VCPUs})
+	ready := make(chan struct{})
+	close(ready)
+	e := &execution{plan: plan, state: running, ready: ready, prog: prog, since: time.Now(), release: release, gone: make(chan struct{})}
+	p.execs[plan.Ref] = e
+	go p.watch(e)
+	if _, ok := p.keepers[plan.Ref]; !ok {
+		kctx, stop := context.WithCancel(context.Background())
+		p.keepers[plan.Ref] = stop
+		go p.keep(kctx, plan.Ref)
+	}
+}
+
+// detachKeptLocked leaves the persistent programs the pool keeps running
+// as the node stops: their VMs outlive it.
+func (p *Pool) detachKeptLocked() {
+	for ref, e := range p.execs {
+		d, ok := e.prog.(Detacher)
+		if _, kept := p.keepers[ref]; !kept || !ok || !e.plan.Persistent || e.state != running {
+			continue
+		}
+		delete(p.execs, ref)
+		e.state = stopping
+		d.Detach()
+		e.release()
+		close(e.gone)
+		p.log.Info("persistent program left running", "ref", ref)
+	}
+}

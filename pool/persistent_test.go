@@ -61,3 +61,33 @@ func TestPersistentRetriesAFailingBoot(t *testing.T) {
 	}
 	p.Shutdown(context.Background())
 }
+
+type detachable struct {
+	*fakeProgram
+	detached bool
+}
+
+func (d *detachable) Detach() { d.detached = true; d.exit() }
+
+// TestKeptProgramsOutliveShutdown: at the node's shutdown a kept
+// persistent program is detached, not stopped; an adopted one is kept.
+func TestKeptProgramsOutliveShutdown(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128, persist: true}
+	p := newPool(l, time.Minute)
+	prog := &detachable{fakeProgram: &fakeProgram{done: make(chan struct{})}}
+	plan, _ := l.Plan(context.Background(), ref)
+	p.Adopt(plan, prog)
+	if got := p.Persistent(); len(got) != 1 || len(p.List()) != 1 || !p.List()[0].Running {
+		t.Fatalf("adopted: kept %v, list %v", got, p.List())
+	}
+	time.Sleep(50 * time.Millisecond)
+	if l.boots.Load() != 0 {
+		t.Fatalf("an adopted program was booted again (%d)", l.boots.Load())
+	}
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !prog.detached || prog.stopped.Load() {
+		t.Errorf("detached %v, stopped %v", prog.detached, prog.stopped.Load())
+	}
+}

@@ -461,6 +461,7 @@ func (p *Pool) StopWait(ctx context.Context, ref message.ItemHash) (bool, error)
 func (p *Pool) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
 	p.draining = true
+	p.detachKeptLocked()
 	for ref, stop := range p.keepers {
 		stop()
 		delete(p.keepers, ref)

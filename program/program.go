@@ -287,9 +287,15 @@ func (v *programVM) launch(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	v.holdVM(vm)
+	return nil
+}
+
+// holdVM makes vm the program's VM, stopped by the release list: the init
+// is asked to halt when the control channel is up; QEMU escalates if it
+// does not. The channel closes once the VM is gone.
+func (v *programVM) holdVM(vm execution.VM) {
 	v.vm = vm
-	// The init is asked to halt when the control channel is up; QEMU
-	// escalates if it does not. The channel closes once the VM is gone.
 	v.made.Add("vm", func(ctx context.Context) error {
 		var halt func(context.Context) error
 		if v.client != nil {
@@ -304,7 +310,67 @@ func (v *programVM) launch(ctx context.Context) error {
 		}
 		return err
 	})
-	return nil
+}
+
+// Adopt takes back the VM of a persistent program that an earlier node
+// process left running (rec): the same tap and addresses, its files
+// pinned, its VM attached and a new control session, as instances are
+// taken back. A VM that cannot be taken back is stopped and released.
+func (p *Launcher) Adopt(ctx context.Context, rec execution.Record, hvs execution.Hypervisors) (_ *pool.Plan, _ pool.Program, err error) {
+	plan, err := p.Plan(ctx, rec.Ref)
+	if err != nil {
+		return nil, nil, err
+	}
+	c := plan.Message.Content.(*message.ProgramContent)
+	v := &programVM{opts: &p.opts, ref: rec.Ref, done: make(chan struct{}), log: p.opts.Log.With("ref", rec.Ref), content: c, dir: rec.VMDir}
+	defer func() {
+		if err != nil {
+			_ = v.Stop(context.WithoutCancel(ctx))
+		}
+	}()
+	if v.att, err = p.opts.Networks.Attach(network.AttachRequest{Owner: string(rec.Ref), Kind: network.KindPersistentProgram,
+		Index: rec.NetIndex, Internet: c.Environment.Internet}); err != nil {
+		return nil, nil, fmt.Errorf("network: %w", err)
+	}
+	v.made.Add("network", func(context.Context) error { return p.opts.Networks.Detach(string(rec.Ref)) })
+	v.made.Add("runtime directory", func(context.Context) error { return os.RemoveAll(rec.VMDir) })
+	if p.opts.Records != nil {
+		v.made.Add("record", func(ctx context.Context) error {
+			return p.opts.Records.SetState(context.WithoutCancel(ctx), rec.Ref, execution.StateStopped)
+		})
+	}
+	if v.files, err = v.fetchAll(ctx, c); err != nil {
+		return nil, nil, err
+	}
+	hv, err := hvs.Get(rec.HypervisorName())
+	if err != nil {
+		return nil, nil, err
+	}
+	vm, err := hv.Attach(ctx, rec.VMDir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("attach the VM: %w", err)
+	}
+	v.holdVM(vm)
+	if err := v.connect(ctx); err != nil {
+		return nil, nil, err
+	}
+	if err := v.waitReady(ctx); err != nil {
+		return nil, nil, err
+	}
+	go v.watch()
+	v.log.Info("persistent program taken back", "ip", v.att.Guest)
+	return plan, v, nil
+}
+
+// Detach ends the node's session with the VM and leaves it running: a
+// persistent program outlives the node, which takes it back (Adopt).
+func (v *programVM) Detach() {
+	v.stopOnce.Do(func() {
+		if v.client != nil {
+			v.client.Close()
+		}
+		close(v.done)
+	})
 }
 
 // waitReady waits for the workload to listen, or to fail.
@@ -604,8 +670,12 @@ func (p *Launcher) EraseVolumes(ref message.ItemHash) error {
 // StopOrphans stops the program VMs an earlier node process left running
 // (programs do not survive the node), each through the backend its record
 // names, and records them stopped.
-func (p *Launcher) StopOrphans(ctx context.Context, hvs execution.Hypervisors) error {
+// Those keep names (persistent programs to take back) are left running.
+func (p *Launcher) StopOrphans(ctx context.Context, hvs execution.Hypervisors, keep map[message.ItemHash]bool) error {
 	return p.opts.Records.EachLive(ctx, execution.KindProgram, func(rec execution.Record) error {
+		if keep[rec.Ref] {
+			return nil
+		}
 		hv, err := hvs.Get(rec.HypervisorName())
 		if err != nil {
 			return err

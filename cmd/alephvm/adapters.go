@@ -19,6 +19,7 @@ import (
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/pool"
+	"github.com/alephvm/alephvm/program"
 	"github.com/google/uuid"
 )
 
@@ -146,12 +147,11 @@ func writePersistent(file string, refs []message.ItemHash) error {
 	return os.Rename(tmp, file)
 }
 
-// restorePersistent starts the persistent programs the last allocation
-// listed, as the node ran them before it restarted.
-func restorePersistent(ctx context.Context, p *pool.Pool, file string, log *slog.Logger) {
+// readPersistent reads the persistent programs the last allocation listed.
+func readPersistent(file string, log *slog.Logger) map[message.ItemHash]bool {
 	data, err := os.ReadFile(file)
 	if errors.Is(err, os.ErrNotExist) {
-		return
+		return nil
 	}
 	var refs []message.ItemHash
 	if err == nil {
@@ -159,12 +159,50 @@ func restorePersistent(ctx context.Context, p *pool.Pool, file string, log *slog
 	}
 	if err != nil {
 		log.Warn("read the persistent programs", "file", file, "err", err)
+		return nil
+	}
+	kept := map[message.ItemHash]bool{}
+	for _, ref := range refs {
+		kept[ref] = true
+	}
+	return kept
+}
+
+// adoptPersistent takes back the persistent programs left running by the
+// node's last run.
+func adoptPersistent(ctx context.Context, n *node, launcher *program.Launcher, hvs execution.Hypervisors, kept map[message.ItemHash]bool) {
+	err := n.records.EachLive(ctx, execution.KindProgram, func(rec execution.Record) error {
+		if !kept[rec.Ref] {
+			return nil
+		}
+		plan, prog, err := launcher.Adopt(ctx, rec, hvs)
+		if err != nil {
+			n.log.Warn("a persistent program could not be taken back; it boots again", "ref", rec.Ref, "err", err)
+			return nil
+		}
+		n.programs.Adopt(plan, prog)
+		return nil
+	})
+	if err != nil {
+		n.log.Error("take back persistent programs", "err", err)
+	}
+}
+
+// restorePersistent keeps the persistent programs the last allocation
+// listed: those taken back run on, the others boot again.
+func restorePersistent(ctx context.Context, p *pool.Pool, file string, log *slog.Logger) {
+	kept := readPersistent(file, log)
+	if len(kept) == 0 {
 		return
 	}
-	for ref, err := range p.SetPersistent(ctx, refs) {
-		log.Warn("persistent program not started again", "ref", ref, "err", err)
+	refs := make([]message.ItemHash, 0, len(kept))
+	for ref := range kept {
+		refs = append(refs, ref)
 	}
-	log.Info("persistent programs started again", "count", len(refs))
+	for ref, err := range p.SetPersistent(ctx, refs) {
+		log.Warn("persistent program not kept", "ref", ref, "err", err)
+	}
+	log.Info("persistent programs kept", "count", len(refs))
 }
 
 // recordsAPI gives /about/executions/records from the node's records and

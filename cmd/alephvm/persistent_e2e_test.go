@@ -49,8 +49,9 @@ func qemuPID(ref string) int {
 
 // TestPersistentProgramEndToEnd: a persistent program is started by an
 // allocation and answers without a first request, is started again after
-// its QEMU is killed and after the node restarts, and stops when the
-// allocation drops it. An ordinary program in persistent_vms is refused.
+// its QEMU is killed, and stops when the
+// allocation drops it; its VM outlives a restart of the node, which takes
+// it back. An ordinary program in persistent_vms is refused.
 func TestPersistentProgramEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots program VMs under emulation")
@@ -110,11 +111,18 @@ func TestPersistentProgramEndToEnd(t *testing.T) {
 		t.Errorf("QEMU pid %d after the kill of %d", again, pid)
 	}
 
-	// A node restart: started again from the last allocation.
+	// A node restart: the VM runs on and the new node takes it back.
+	before := qemuPID(ref)
 	node.cmd.Process.Signal(syscall.SIGTERM)
 	node.cmd.Wait()
+	if qemuPID(ref) != before {
+		t.Fatalf("the persistent program's QEMU did not outlive the node (pid %d, then %d)", before, qemuPID(ref))
+	}
 	node = startNode(t, env, port)
 	answers("after a node restart")
+	if after := qemuPID(ref); after != before {
+		t.Errorf("QEMU pid %d after the restart, was %d: booted again instead of taken back\n%s", after, before, node.logs.String())
+	}
 
 	// Dropped from the allocation: stopped.
 	if status, body := allocate(t, port, []string{}); status != 200 {

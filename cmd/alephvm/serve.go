@@ -292,13 +292,17 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Node: facts, Log: log,
 	})
 
-	// Programs do not outlive the node: any left by a crash are stopped.
-	if err := launcher.StopOrphans(ctx, hvs); err != nil {
+	// Programs do not outlive the node, but persistent ones: any other
+	// left by a crash is stopped; the persistent programs of the last
+	// allocation are taken back.
+	kept := readPersistent(persistentFile(cfg), log)
+	if err := launcher.StopOrphans(ctx, hvs, kept); err != nil {
 		log.Error("stop programs left by an earlier run", "err", err)
 	}
 	if err := n.instances.Restore(ctx); err != nil {
 		log.Error("find instances again", "err", err)
 	}
+	adoptPersistent(ctx, n, launcher, hvs, kept)
 	if err := networks.RemoveOrphanTaps(); err != nil {
 		log.Error("remove orphan taps", "err", err)
 	}
