@@ -34,6 +34,20 @@ func allocate(t *testing.T, port int, persistent []string) (int, string) {
 	return resp.StatusCode, out.String()
 }
 
+// tryGet GETs url, telling a failure rather than failing the test: the VM
+// may be between two lives.
+func tryGet(url string) (string, bool) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return "", false
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	b.ReadFrom(resp.Body)
+	return b.String(), resp.StatusCode == 200
+}
+
 // qemuPID is the pid of the QEMU running VM ref, or 0.
 func qemuPID(ref string) int {
 	out, _ := exec.Command("pgrep", "-f", "prog-"+ref[:12]).Output()
@@ -85,7 +99,7 @@ func TestPersistentProgramEndToEnd(t *testing.T) {
 			vms := listVMs(t, port)
 			if vm, ok := vms[ref]; ok && vm.Running && vm.Networking.IPv4 != "" {
 				ip = vm.Networking.IPv4
-				if status, body := httpGet(t, "http://"+ip+":8080/"); status == 200 && strings.HasPrefix(body, "Hello from a Go program") {
+				if body, ok := tryGet("http://" + ip + ":8080/"); ok && strings.HasPrefix(body, "Hello from a Go program") {
 					return ip
 				}
 			}
