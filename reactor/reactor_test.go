@@ -103,7 +103,9 @@ func feed(t *testing.T, connections [][][]byte) (*httptest.Server, chan string) 
 func TestReactorDeliversMatchingMessages(t *testing.T) {
 	owner := "0x0000000000000000000000000000000000000001"
 	prog := programWith(t, owner, []any{map[string]any{"channel": "EVENTS", "sender": "0x0000000000000000000000000000000000000002"}})
-	var p struct{ ItemHash message.ItemHash `json:"item_hash"` }
+	var p struct {
+		ItemHash message.ItemHash `json:"item_hash"`
+	}
 	json.Unmarshal(prog, &p)
 	match := post(t, "EVENTS", "0x0000000000000000000000000000000000000002", "hello")
 	forget := build(t, "FORGET", "0x0000000000000000000000000000000000000003", map[string]any{"hashes": []string{string(p.ItemHash)}}, nil)
