@@ -29,6 +29,11 @@ type Programs interface {
 	// SetPersistent makes refs the persistent programs the node runs (the
 	// allocation's persistent_vms), and says why it refuses some.
 	SetPersistent(ctx context.Context, refs []message.ItemHash) map[message.ItemHash]error
+	// Kept reports whether ref is kept as a persistent program; Keep
+	// keeps it again after a restart on request (Stop and StopWait stop
+	// keeping it).
+	Kept(ref message.ItemHash) bool
+	Keep(ref message.ItemHash)
 }
 
 // Options configure the API.

@@ -234,6 +234,10 @@ func (s *Server) handleReinstall(w http.ResponseWriter, r *http.Request) {
 // its volumes if asked, and boots it again; it answers the failure and
 // returns false.
 func (s *Server) restartProgram(ctx context.Context, w http.ResponseWriter, ref message.ItemHash, eraseVolumes bool) bool {
+	// A persistent program stays one across its restart.
+	if s.opts.Programs.Kept(ref) {
+		defer s.opts.Programs.Keep(ref)
+	}
 	if _, err := s.opts.Programs.StopWait(ctx, ref); err != nil {
 		s.writeOpError(w, err)
 		return false

@@ -5,8 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
-	"strconv"
-	"unicode/utf16"
+
+	"github.com/alephvm/alephvm/message"
 )
 
 // The reference answers its status routes with Python's json.dumps
@@ -18,19 +18,14 @@ import (
 type pyFloat float64
 
 func (f pyFloat) MarshalJSON() ([]byte, error) {
-	v := float64(f)
-	if math.IsNaN(v) || math.IsInf(v, 0) {
-		return nil, fmt.Errorf("%v is not JSON", v)
+	if math.IsNaN(float64(f)) || math.IsInf(float64(f), 0) {
+		return nil, fmt.Errorf("%v is not JSON", float64(f))
 	}
-	s := strconv.FormatFloat(v, 'f', -1, 64)
-	if v == math.Trunc(v) && math.Abs(v) < 1e16 {
-		s = strconv.FormatFloat(v, 'f', 1, 64)
-	}
-	return []byte(s), nil
+	return []byte(message.PythonFloat(float64(f))), nil
 }
 
 // compactJSON is pydantic's model_dump_json: Go's compact JSON, without
-// HTML escaping.
+// HTML escaping (pydantic writes UTF-8 as it is).
 func compactJSON(v any) ([]byte, error) {
 	var b bytes.Buffer
 	enc := json.NewEncoder(&b)
@@ -41,43 +36,11 @@ func compactJSON(v any) ([]byte, error) {
 	return bytes.TrimSuffix(b.Bytes(), []byte("\n")), nil
 }
 
-// pythonJSON is json.dumps(v): items separated by ", " and ": ", every
-// non-ASCII character escaped.
+// pythonJSON is json.dumps(v).
 func pythonJSON(v any) ([]byte, error) {
 	compact, err := compactJSON(v)
 	if err != nil {
 		return nil, err
 	}
-	var out bytes.Buffer
-	inString, escaped := false, false
-	for _, r := range string(compact) {
-		switch {
-		case inString:
-			switch {
-			case escaped:
-				escaped = false
-			case r == '\\':
-				escaped = true
-			case r == '"':
-				inString = false
-			}
-			if r > 0x7e {
-				for _, u := range utf16.Encode([]rune{r}) {
-					fmt.Fprintf(&out, `\u%04x`, u)
-				}
-				continue
-			}
-			out.WriteRune(r)
-		case r == '"':
-			inString = true
-			out.WriteRune(r)
-		case r == ',':
-			out.WriteString(", ")
-		case r == ':':
-			out.WriteString(": ")
-		default:
-			out.WriteRune(r)
-		}
-	}
-	return out.Bytes(), nil
+	return message.PythonDumps(compact)
 }

@@ -142,13 +142,42 @@ func checkShape(data []byte) error {
 // json.dumps(value, separators=(",", ":")) does.
 func pyDumps(v any) (string, error) {
 	var b strings.Builder
-	if err := writePy(&b, v); err != nil {
+	if err := writePy(&b, v, compactSeparators); err != nil {
 		return "", err
 	}
 	return b.String(), nil
 }
 
-func writePy(b *strings.Builder, v any) error {
+// separators are json.dumps's item and key separators.
+type separators struct{ item, key string }
+
+var (
+	compactSeparators = separators{",", ":"}
+	defaultSeparators = separators{", ", ": "} // json.dumps's defaults
+)
+
+// PythonDumps writes JSON data again as Python's json.dumps(json.loads(data))
+// does, keys in their order: its default separators (", " and ": "),
+// non-ASCII characters escaped, numbers as Python prints them. Answers
+// that clients compare with the reference node's, byte for byte, are
+// written with it.
+func PythonDumps(data []byte) ([]byte, error) {
+	v, err := decodeOrdered(data)
+	if err != nil {
+		return nil, err
+	}
+	var b strings.Builder
+	if err := writePy(&b, v, defaultSeparators); err != nil {
+		return nil, err
+	}
+	return []byte(b.String()), nil
+}
+
+// PythonFloat is the text Python's repr gives a float: with a fraction or
+// an exponent, never a bare integer.
+func PythonFloat(f float64) string { return pyFloatRepr(f) }
+
+func writePy(b *strings.Builder, v any, sep separators) error {
 	switch x := v.(type) {
 	case nil:
 		b.WriteString("null")
@@ -166,9 +195,9 @@ func writePy(b *strings.Builder, v any) error {
 		b.WriteByte('[')
 		for i, e := range x {
 			if i > 0 {
-				b.WriteByte(',')
+				b.WriteString(sep.item)
 			}
-			if err := writePy(b, e); err != nil {
+			if err := writePy(b, e, sep); err != nil {
 				return err
 			}
 		}
@@ -177,11 +206,11 @@ func writePy(b *strings.Builder, v any) error {
 		b.WriteByte('{')
 		for i, k := range x.keys {
 			if i > 0 {
-				b.WriteByte(',')
+				b.WriteString(sep.item)
 			}
 			writePyString(b, k)
-			b.WriteByte(':')
-			if err := writePy(b, x.vals[k]); err != nil {
+			b.WriteString(sep.key)
+			if err := writePy(b, x.vals[k], sep); err != nil {
 				return err
 			}
 		}

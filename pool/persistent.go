@@ -73,6 +73,38 @@ func (p *Pool) SetPersistent(ctx context.Context, refs []message.ItemHash) (errs
 	return errs
 }
 
+// Kept reports whether the pool keeps ref as a persistent program.
+func (p *Pool) Kept(ref message.ItemHash) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, ok := p.keepers[ref]
+	return ok
+}
+
+// Keep keeps ref as a persistent program again (after a restart on
+// request), the others as they are.
+func (p *Pool) Keep(ref message.ItemHash) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.keepers[ref]; ok || p.draining {
+		return
+	}
+	kctx, stop := context.WithCancel(context.Background())
+	p.keepers[ref] = stop
+	go p.keep(kctx, ref)
+}
+
+// unkeepLocked stops keeping ref: a persistent program stopped on request
+// (an operator's stop, an erase) stays stopped until an allocation names
+// it again, rather than being booted again over what the request does.
+func (p *Pool) unkeepLocked(ref message.ItemHash) {
+	if stop, ok := p.keepers[ref]; ok {
+		stop()
+		delete(p.keepers, ref)
+		p.log.Info("persistent program stopped on request: not kept until an allocation names it again", "ref", ref)
+	}
+}
+
 // Persistent returns the persistent programs the pool keeps.
 func (p *Pool) Persistent() []message.ItemHash {
 	p.mu.Lock()

@@ -91,3 +91,22 @@ func TestKeptProgramsOutliveShutdown(t *testing.T) {
 		t.Errorf("detached %v, stopped %v", prog.detached, prog.stopped.Load())
 	}
 }
+
+// TestStoppedOnRequest: an operator's stop (or an erase) of a persistent
+// program is not undone by its keeper; Keep keeps it again.
+func TestStoppedOnRequest(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128, persist: true}
+	p := newPool(l, time.Minute)
+	p.SetPersistent(context.Background(), []message.ItemHash{ref})
+	eventually(t, "the boot", func() bool { return len(p.List()) == 1 && p.List()[0].Running })
+	if !p.Stop(ref) || p.Kept(ref) {
+		t.Fatalf("stop: kept %v", p.Kept(ref))
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if n := l.boots.Load(); n != 1 || len(p.List()) != 0 {
+		t.Errorf("booted again after a stop on request: %d boots", n)
+	}
+	p.Keep(ref)
+	eventually(t, "the boot once kept again", func() bool { return l.boots.Load() == 2 && p.Kept(ref) })
+	p.Shutdown(context.Background())
+}

@@ -428,6 +428,7 @@ func (p *Pool) waitIdle(e *execution) {
 func (p *Pool) Stop(ref message.ItemHash) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.unkeepLocked(ref)
 	e := p.execs[ref]
 	if e == nil || e.state != running {
 		return false
@@ -441,6 +442,7 @@ func (p *Pool) Stop(ref message.ItemHash) bool {
 // the same volumes. It reports whether it was running.
 func (p *Pool) StopWait(ctx context.Context, ref message.ItemHash) (bool, error) {
 	p.mu.Lock()
+	p.unkeepLocked(ref)
 	e := p.execs[ref]
 	if e == nil || e.state != running {
 		p.mu.Unlock()

@@ -226,6 +226,8 @@ func (fakePrograms) Acquire(_ context.Context, ref message.ItemHash) (*pool.Leas
 func (fakePrograms) Stop(message.ItemHash) bool                               { return false }
 func (fakePrograms) StopWait(context.Context, message.ItemHash) (bool, error) { return false, nil }
 func (fakePrograms) List() []pool.ExecutionInfo                               { return nil }
+func (fakePrograms) Kept(message.ItemHash) bool                               { return false }
+func (fakePrograms) Keep(message.ItemHash)                                    {}
 func (fakePrograms) SetPersistent(_ context.Context, refs []message.ItemHash) map[message.ItemHash]error {
 	errs := map[message.ItemHash]error{}
 	for _, ref := range refs {
