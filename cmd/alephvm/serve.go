@@ -121,7 +121,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	handler := api.New(api.Options{
 		Programs: n.programs, Instances: instancesAPI{n.instances}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
-		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher,
+		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher, Storage: storageAPI{cfg: cfg, records: n.records},
 		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
 		Limits: api.Limits{
 			ReadHeaderTimeout: 30 * time.Second, ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
