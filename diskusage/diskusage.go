@@ -428,3 +428,11 @@ func (s Space) Check(dir, what string, need, promised int64) error {
 	}
 	return nil
 }
+
+func statfsFree(dir string) (int64, error) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * int64(st.Bsize), nil
+}

@@ -23,6 +23,7 @@ import (
 	"github.com/alephvm/alephvm/baseimage"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/db"
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hostcheck"
@@ -245,9 +246,11 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		log.Warn("programs' output will not outlive the node", "err", err)
 	}
 	disks := storage.Disks{Floor: int64(cfg.DiskFreeFloor)}
+	// Every VM's disks are promised before anything is made for it.
+	diskSpace := diskusage.NewLedger(volumesDir, diskusage.Space{Reserve: int64(cfg.DiskFreeFloor)})
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
-		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
+		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
 		ColdStarts: nodeMetrics, Log: log,
 	})
 	n.launcher = launcher
@@ -260,7 +263,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
-		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
+		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
 		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Log: log,
 	})
 
