@@ -77,6 +77,9 @@ type Options struct {
 	// Observer is told of program requests and allocation calls, for the
 	// node's metrics; nil tells nobody.
 	Observer Observer
+	// Storage measures and reclaims the node's disk space
+	// (/control/storage); nil answers 404.
+	Storage Storage
 	// Metrics serves /metrics on the node's own names; nil answers 404.
 	Metrics http.Handler
 	// Status and Checks feed the status page at / (statuspage.go); nil
@@ -149,6 +152,8 @@ func New(opts Options) *Server {
 		s.mux.HandleFunc("GET "+path, cors(h))
 		s.mux.HandleFunc("OPTIONS "+path, cors(h))
 	}
+	s.mux.HandleFunc("GET /control/storage", s.handleStorage)
+	s.mux.HandleFunc("POST /control/storage/reclaim", s.handleStorageReclaim)
 	if opts.Instances != nil {
 		s.mux.HandleFunc("POST /control/allocations", s.observeAllocation("allocations", s.handleAllocations))
 		s.mux.HandleFunc("POST /control/allocation/notify", s.observeAllocation("allocation_notify", s.handleNotify))

@@ -21,6 +21,7 @@ import (
 
 	"github.com/alephvm/alephvm/aggregate"
 	"github.com/alephvm/alephvm/cloudinit"
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/internal/release"
@@ -80,6 +81,10 @@ type Options struct {
 	// included: an instance the node cannot hold is refused (503) before
 	// anything is made for it. Nil admits every instance.
 	Admission *execution.Admission
+	// DiskSpace promises disk space to instances before anything is made
+	// for them (507 when the volumes' filesystem cannot hold their root
+	// disk and volumes); nil checks nothing here.
+	DiskSpace *diskusage.Ledger
 	// ColdStarts, if set, is told of each start, with its phases.
 	ColdStarts execution.StartObserver
 	// Node is what messages' requirements are checked against.
@@ -259,15 +264,22 @@ func (m *Manager) plan(ctx context.Context, ref message.ItemHash, netIndex int, 
 
 // admit holds the instance's share of the node's capacity.
 func (m *Manager) admit(_ context.Context, s *instanceStart) error {
-	if m.opts.Admission == nil {
-		return nil
+	if m.opts.Admission != nil {
+		need := execution.Capacity{MemoryMiB: int(s.c.Resources.MemoryMiB), VCPUs: int(s.c.Resources.VCPUs)}
+		release, err := m.opts.Admission.Admit("instance "+string(s.ref), need)
+		if err != nil {
+			return &execution.Error{Status: 503, Msg: err.Error(), Err: err}
+		}
+		s.made.AddFunc("admission", release)
 	}
-	need := execution.Capacity{MemoryMiB: int(s.c.Resources.MemoryMiB), VCPUs: int(s.c.Resources.VCPUs)}
-	release, err := m.opts.Admission.Admit("instance "+string(s.ref), need)
-	if err != nil {
-		return &execution.Error{Status: 503, Msg: err.Error(), Err: err}
+	if m.opts.DiskSpace != nil {
+		need := diskusage.DiskBytes(s.c.Rootfs.SizeMiB, s.c.Volumes)
+		release, err := m.opts.DiskSpace.Reserve("instance "+string(s.ref), need, filepath.Join(m.opts.VolumesDir, string(s.ref)))
+		if err != nil {
+			return &execution.Error{Status: 507, Msg: "not enough disk space for the VM's disks", Err: err}
+		}
+		s.made.AddFunc("disk space", release)
 	}
-	s.made.AddFunc("admission", release)
 	return nil
 }
 
@@ -725,6 +737,9 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 	if m.opts.Admission != nil {
 		// It runs: it holds its share whatever the node can hold now.
 		made.AddFunc("admission", m.opts.Admission.Hold(execution.Capacity{MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs}))
+	}
+	if m.opts.DiskSpace != nil {
+		made.AddFunc("disk space", m.opts.DiskSpace.Hold(diskusage.DiskBytes(c.Rootfs.SizeMiB, c.Volumes), filepath.Join(m.opts.VolumesDir, string(rec.Ref))))
 	}
 	made.AddFunc("base image", parent.Release)
 	if _, err := m.opts.Networks.Attach(network.AttachRequest{Owner: string(rec.Ref), Kind: network.KindInstance, Index: rec.NetIndex, Internet: c.Environment.Internet, Ports: forwardsAsRequests(rec.Forwards)}); err != nil {

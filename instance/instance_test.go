@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
@@ -573,5 +574,52 @@ func TestStartFailuresLeaveNothing(t *testing.T) {
 				t.Error("the base image is still pinned")
 			}
 		})
+	}
+}
+
+// TestInstanceDiskSpace: an instance whose root disk the volumes'
+// filesystem cannot hold (less the reserve and what running VMs were
+// promised) is refused 507 before anything is made, and gives back its
+// memory; with room, it starts and holds its promise until it stops.
+func TestInstanceDiskSpace(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	m := r.manager()
+	adm := execution.NewAdmission(execution.Capacity{MemoryMiB: 1024, VCPUs: 4})
+	m.opts.Admission = adm
+	free := int64(32 << 20)
+	m.opts.DiskSpace = diskusage.NewLedger(r.dir, diskusage.Space{Reserve: 16 << 20,
+		Free: func(string) (int64, error) { return free, nil }})
+	ref := r.instanceMessage(64)
+	var e *execution.Error
+	err := m.Start(ctx, ref)
+	if !asError(err, &e) || e.Status != 507 || !errors.Is(err, diskusage.ErrNoSpace) || !strings.Contains(err.Error(), "needs 80 MiB of disk") {
+		t.Fatalf("80 MiB of disks with 16 MiB to spare: %v, want 507", err)
+	}
+	if files, _ := filepath.Glob(filepath.Join(r.dir, "volumes", string(ref), "*")); len(files) > 0 {
+		t.Errorf("the refused instance has disks: %v", files)
+	}
+	if _, err := r.records.Get(ctx, ref); err == nil {
+		t.Error("the refused instance has a record")
+	}
+	if used := adm.Used(); used != (execution.Capacity{}) {
+		t.Errorf("the refused instance holds %+v", used)
+	}
+	free = 1 << 30
+	if err := m.Start(ctx, ref); err != nil {
+		t.Fatalf("with room: %v", err)
+	}
+	// Its promise (64 MiB less what its disk takes) counts against the next.
+	if _, err := m.opts.DiskSpace.Reserve("another", free-(16<<20)-(1<<20)); !errors.Is(err, diskusage.ErrNoSpace) {
+		t.Errorf("the running instance's promise is not counted: %v", err)
+	}
+	if _, err := m.Stop(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	release, err := m.opts.DiskSpace.Reserve("another", free-(16<<20)-(1<<20))
+	if err != nil {
+		t.Errorf("stopped, its promise is still held: %v", err)
+	} else {
+		release()
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
@@ -271,4 +272,30 @@ func TestRequirementsRefusedBeforeAnything(t *testing.T) {
 			t.Errorf("%s: %d files fetched", tc.name, n)
 		}
 	}
+}
+
+// TestProgramDiskSpace: a program whose volumes the filesystem cannot
+// hold is refused 507 before any file is fetched or network attached.
+func TestProgramDiskSpace(t *testing.T) {
+	st, ref := programStore(t) // an 8 MiB ephemeral volume
+	counting := &countingStore{Store: st}
+	nets := &fakeNetworks{}
+	ledger := diskusage.NewLedger(t.TempDir(), diskusage.Space{Reserve: 4 << 20, Free: func(string) (int64, error) { return 10 << 20, nil }})
+	l := New(Options{Store: counting, Hypervisor: &fakeHypervisor{name: hypervisor.QEMU}, Networks: nets, Kernel: testKernel,
+		RunDir: t.TempDir(), VolumesDir: t.TempDir(), DiskSpace: ledger, Logs: NewLogArchive(10), Log: slog.New(slog.DiscardHandler)})
+	p := pool.New(pool.Options{Launcher: l, Capacity: pool.Capacity{MemoryMiB: 4096, VCPUs: 4}, Log: slog.New(slog.DiscardHandler)})
+	_, err := p.Acquire(context.Background(), ref)
+	var e *execution.Error
+	if !errors.As(err, &e) || e.Status != 507 || !errors.Is(err, diskusage.ErrNoSpace) {
+		t.Fatalf("8 MiB of volumes with 6 MiB to spare: %v, want 507", err)
+	}
+	if n := counting.fetches.Load(); n != 0 {
+		t.Errorf("%d files fetched for a program refused for its disks", n)
+	}
+	// The refusal released its promise: the whole free space is there again.
+	release, err := ledger.Reserve("x", 6<<20)
+	if err != nil {
+		t.Fatalf("the refused program holds a promise: %v", err)
+	}
+	release()
 }

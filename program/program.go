@@ -22,6 +22,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
@@ -50,7 +51,11 @@ type Options struct {
 	// Disks makes the volumes, refusing those their filesystem cannot
 	// hold; the zero value reads free space with statfs.
 	Disks storage.Disks
-	DNS   []netip.Addr
+	// DiskSpace promises the space of the program's writable volumes
+	// before anything is made (507 when the filesystem cannot hold them);
+	// nil checks each disk only as it is made (Disks).
+	DiskSpace *diskusage.Ledger
+	DNS       []netip.Addr
 	// ReadyTimeout bounds the wait for the workload to accept connections.
 	ReadyTimeout time.Duration
 	Logs         *LogArchive
@@ -196,6 +201,7 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		name string
 		run  func(context.Context) error
 	}{
+		{"disk space", v.reserveDisks},
 		{"network", v.attach},
 		{"fetch", v.fetchFiles},
 		{"disks", v.makeDisks},
@@ -215,6 +221,20 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		}
 	}
 	go v.watch()
+	return nil
+}
+
+// reserveDisks promises the space of the program's writable volumes.
+func (v *programVM) reserveDisks(context.Context) error {
+	if v.opts.DiskSpace == nil {
+		return nil
+	}
+	release, err := v.opts.DiskSpace.Reserve("program "+string(v.ref), diskusage.DiskBytes(0, v.content.Volumes),
+		filepath.Join(v.opts.VolumesDir, string(v.ref)))
+	if err != nil {
+		return &execution.Error{Status: 507, Msg: "not enough disk space for the VM's disks", Err: err}
+	}
+	v.made.AddFunc("disk space", release)
 	return nil
 }
 

@@ -66,6 +66,7 @@ prints the effective settings and where each came from.`,
 		newRunCmd(a),
 		newBaseImageCmd(a),
 		newStoreCmd(a),
+		newStorageCmd(a),
 		newDoctorCmd(a),
 		newAssetsCmd(a),
 	)

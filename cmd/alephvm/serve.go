@@ -23,6 +23,7 @@ import (
 	"github.com/alephvm/alephvm/baseimage"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/db"
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/guestapi"
@@ -129,7 +130,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	handler := api.New(api.Options{
 		Programs: programsAPI{n.programs, persistentFile(cfg), log}, Instances: instancesAPI{n.instances}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
-		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher,
+		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher, Storage: storageAPI{cfg: cfg, records: n.records},
 		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
 		Limits: api.Limits{
 			ReadHeaderTimeout: 30 * time.Second, ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
@@ -273,9 +274,11 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	guestAPI := guestapi.New(guestapi.Options{DB: database, APIServer: cfg.APIServer, Key: guestKey,
 		MaxValueSize: int(cfg.GuestCacheMaxValue), MaxKeysPerProgram: cfg.GuestCacheMaxKeys, MaxCacheSize: int64(cfg.GuestCacheMaxSize), Log: log})
 	facts := nodeFacts(cfg, log)
+	// Every VM's disks are promised before anything is made for it.
+	diskSpace := diskusage.NewLedger(volumesDir, diskusage.Space{Reserve: int64(cfg.DiskFreeFloor)})
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
-		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
+		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
 		ColdStarts: nodeMetrics, GuestAPI: guestAPI, Node: facts, Log: log,
 	})
 	n.launcher = launcher
@@ -288,7 +291,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
 		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
-		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
+		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
 		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Node: facts, Log: log,
 	})
 

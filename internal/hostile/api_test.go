@@ -20,6 +20,7 @@ import (
 
 	"github.com/alephvm/alephvm/api"
 	"github.com/alephvm/alephvm/auth"
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/internal/alephsdk"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/pool"
@@ -76,6 +77,7 @@ func newRig(t *testing.T, o rigOptions) *rig {
 		Auth:      alloc,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: domain}),
 		Machines:  fakeMachines{},
+		Storage:   fakeStorage{},
 		Domain:    domain,
 		Logs:      logs,
 		// Small bounds, so that the rows cross them cheaply.
@@ -297,4 +299,12 @@ func (f *floodLogs) Follow(ctx context.Context, _ message.ItemHash, fn func(api.
 			return true, false, err
 		}
 	}
+}
+
+// fakeStorage walks nothing: the rows check who may call it and with what.
+type fakeStorage struct{}
+
+func (fakeStorage) Status(context.Context) (diskusage.Report, error) { return diskusage.Report{}, nil }
+func (fakeStorage) Reclaim(_ context.Context, dry bool) (diskusage.Result, error) {
+	return diskusage.Result{DryRun: dry, Items: []diskusage.Item{}}, nil
 }

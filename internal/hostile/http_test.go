@@ -76,6 +76,13 @@ func headerRows() []row {
 	}
 	return []row{
 		post("no credentials", stop, func(*rig) http.Header { return nil }),
+		post("no credentials", "/control/storage/reclaim", func(*rig) http.Header { return nil }),
+		post("`X-Auth-Signature` with a wrong token", "/control/storage/reclaim", func(*rig) http.Header {
+			return http.Header{"X-Auth-Signature": {"guess"}}
+		}),
+		post("the operator's token with a path for `dry_run`", "/control/storage/reclaim?dry_run=../../etc", func(*rig) http.Header {
+			return tokenHeader()
+		}),
 		post("`X-Auth-Signature` with a wrong token", stop, func(*rig) http.Header {
 			return http.Header{"X-Auth-Signature": {"guess"}}
 		}),
