@@ -51,12 +51,16 @@ func newServeCmd(a *app) *cobra.Command {
 		Use:   "serve",
 		Short: "Run the node: its HTTP API, its programs and its instances",
 		Long: `Run the compute node. It serves the HTTP API on SUPERVISOR_HOST:SUPERVISOR_PORT:
-programs at /vm/<item_hash>/ (booted on their first request), the executions
-lists under /about, and the scheduler's and operator's routes under /control.
-Instances that were running are found again (or restarted) at start.
+programs at /vm/<item_hash>/ (booted on their first request), the status and
+executions routes under /about and /status, the status page at / and metrics at
+/metrics, and the scheduler's and operator's routes under /control. Instances
+and the persistent programs of the last allocation that were running are taken
+back (or restarted) at start. With API_SERVER and WATCH_FOR_MESSAGES it delivers
+the messages programs subscribe to.
 
 On SIGTERM or SIGINT it stops accepting requests, lets those in flight finish,
-stops the program VMs and leaves the instances running for the next start.
+stops the on-demand program VMs and leaves the instances and persistent
+programs running for the next start.
 
 It needs root: it creates taps, nftables rules and VMs.`,
 		Args: cobra.NoArgs,
