@@ -214,7 +214,9 @@ func TestUploadIntact(t *testing.T) {
 	const size = 100 << 20
 	h := sha256.New()
 	pr, pw := io.Pipe()
+	written := make(chan struct{})
 	go func() {
+		defer close(written)
 		buf := make([]byte, 1<<20)
 		for i := range size / len(buf) {
 			for j := range buf {
@@ -232,6 +234,7 @@ func TestUploadIntact(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
+	<-written
 	if want := fmt.Sprintf("%d %s", size, hex.EncodeToString(h.Sum(nil))); string(body) != want {
 		t.Errorf("got %q want %q", body, want)
 	}

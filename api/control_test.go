@@ -61,6 +61,20 @@ type fakeInstances struct {
 	failing map[message.ItemHash]bool
 }
 
+// seen returns the calls so far; reset forgets them. The API may call
+// the instances from goroutines of its own (an expiry's stop).
+func (f *fakeInstances) seen() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.calls...)
+}
+
+func (f *fakeInstances) reset() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = nil
+}
+
 func (f *fakeInstances) record(op string, ref message.ItemHash) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

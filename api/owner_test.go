@@ -157,18 +157,18 @@ func TestOwnerRoutes(t *testing.T) {
 		{progRef, "stop", "POST", "", "Stopped VM with ref " + string(progRef), ""},
 		{progRef, "erase", "POST", "", "Erased VM with ref " + string(progRef), ""},
 	} {
-		r.inst.calls = nil
+		r.inst.reset()
 		req := owner.Request(tc.method, string(tc.vm), tc.op)
 		req.URL.RawQuery = strings.TrimPrefix(tc.query, "?")
 		status, body, _ := do(t, req)
 		if status != 200 || body != tc.want {
 			t.Errorf("%s %s: %d %s", tc.op, tc.vm[:6], status, body)
 		}
-		if got := strings.Join(r.inst.calls, ","); tc.instOps != "" && got != tc.instOps {
+		if got := strings.Join(r.inst.seen(), ","); tc.instOps != "" && got != tc.instOps {
 			t.Errorf("%s %s: instance calls %q, want %q", tc.op, tc.vm[:6], got, tc.instOps)
 		}
-		if tc.vm == progRef && len(r.inst.calls) != 0 {
-			t.Errorf("%s of a program called the instances: %v", tc.op, r.inst.calls)
+		if tc.vm == progRef && len(r.inst.seen()) != 0 {
+			t.Errorf("%s of a program called the instances: %v", tc.op, r.inst.seen())
 		}
 	}
 	// A program with a network shows its (no) mapped ports as {}.
@@ -205,8 +205,8 @@ func TestOwnerRoutesRefuseOthers(t *testing.T) {
 			t.Errorf("stranger logs: %d", status)
 		}
 	}
-	if len(r.inst.calls) != 0 || r.launcher.boots != 0 || len(r.volumes.erased) != 0 {
-		t.Fatalf("refused calls acted: %v %d %v", r.inst.calls, r.launcher.boots, r.volumes.erased)
+	if len(r.inst.seen()) != 0 || r.launcher.boots != 0 || len(r.volumes.erased) != 0 {
+		t.Fatalf("refused calls acted: %v %d %v", r.inst.seen(), r.launcher.boots, r.volumes.erased)
 	}
 	// The security aggregate grants the delegate the owner's instances, not
 	// its programs.
@@ -224,7 +224,7 @@ func TestOwnerRoutesRefuseOthers(t *testing.T) {
 	if status, body := post(t, r.srv.URL+"/control/machine/"+string(ref)+"/reinstall", "good", `{"erase_volumes":false}`); status != 200 {
 		t.Errorf("operator token: %d %s", status, body)
 	}
-	if got := r.inst.calls[len(r.inst.calls)-1]; got != "reinstall 7eb2ec" {
+	if got := r.inst.seen()[len(r.inst.seen())-1]; got != "reinstall 7eb2ec" {
 		t.Errorf("operator reinstall: %s", got)
 	}
 	// A VM this node does not host: 404, whoever asks.
