@@ -50,7 +50,22 @@ func startNode(t testing.TB, env []string, port int) *nodeProcess {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	// A node left running by a test ends with a SIGTERM, which stops its
+	// on-demand programs (a SIGKILL would leave their VMs running), then
+	// a SIGKILL if it hangs.
+	t.Cleanup(func() {
+		if cmd.ProcessState != nil {
+			return
+		}
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(2 * time.Minute):
+			_ = cmd.Process.Kill()
+		}
+	})
 	waitListening(t, port, logs.String)
 	return &nodeProcess{cmd: cmd, logs: logs}
 }

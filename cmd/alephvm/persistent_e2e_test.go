@@ -81,6 +81,13 @@ func TestPersistentProgramEndToEnd(t *testing.T) {
 		node.cmd.Wait()
 	}()
 	ref := createGoHello(t, env, dir, "--persistent")
+	// A persistent program outlives its node: one left by a failure is
+	// killed after the node's stop.
+	t.Cleanup(func() {
+		if pid := qemuPID(ref); pid != 0 {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
 	ordinary := createGoHello(t, env, dir)
 
 	if status, body := allocate(t, port, []string{ordinary}); status != 400 || !strings.Contains(body, "not a persistent program") {
