@@ -94,6 +94,12 @@ func (c *Client) ServeAPI(ctx context.Context, h APIHandler) error {
 					defer wg.Done()
 					defer func() { <-sem }()
 					ans := h(ctx, call)
+					if ctx.Err() != nil {
+						// Served past the end of serving: the guest
+						// fails the call itself (502), and an answer
+						// now would race that.
+						return
+					}
 					ans.Call = call.ID
 					if len(ans.Body) > MaxAPIAnswer {
 						ans = APIAnswer{Call: call.ID, Status: http.StatusBadGateway, Body: []byte("the answer is larger than the guest API allows")}
