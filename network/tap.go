@@ -46,12 +46,8 @@ func CreateTap(name string, hostAddr netip.Prefix) error {
 	if err != nil {
 		return fmt.Errorf("find tap %s: %w", name, err)
 	}
-	addr, err := netlink.ParseAddr(hostAddr.String())
-	if err != nil {
-		return fmt.Errorf("tap %s address %s: %w", name, hostAddr, err)
-	}
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		return fmt.Errorf("set address %s on tap %s: %w", hostAddr, name, err)
+	if err := setTapAddress(link, name, hostAddr); err != nil {
+		return err
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("bring up tap %s: %w", name, err)
@@ -110,19 +106,26 @@ func hardenTap(name string) error {
 	return nil
 }
 
-// addTapAddress sets addr on the tap (again, after a restart), without
-// duplicate address detection: the tap's link holds only the host and
-// its guest.
+// addTapAddress sets addr on the tap named name (again, after a restart).
 func addTapAddress(name string, addr netip.Prefix) error {
 	link, err := netlink.LinkByName(name)
 	if err != nil {
 		return fmt.Errorf("find tap %s: %w", name, err)
 	}
+	return setTapAddress(link, name, addr)
+}
+
+// setTapAddress sets addr on the tap link. An IPv6 address skips
+// duplicate address detection: the tap's link holds only the host and
+// its guest.
+func setTapAddress(link netlink.Link, name string, addr netip.Prefix) error {
 	a, err := netlink.ParseAddr(addr.String())
 	if err != nil {
 		return fmt.Errorf("tap %s address %s: %w", name, addr, err)
 	}
-	a.Flags |= unix.IFA_F_NODAD
+	if addr.Addr().Is6() {
+		a.Flags |= unix.IFA_F_NODAD
+	}
 	if err := netlink.AddrReplace(link, a); err != nil {
 		return fmt.Errorf("set address %s on tap %s: %w", addr, name, err)
 	}
