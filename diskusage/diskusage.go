@@ -109,6 +109,12 @@ type sizes struct {
 	apparent, allocated int64
 }
 
+func (s *sizes) add(o sizes) {
+	s.files += o.files
+	s.apparent += o.apparent
+	s.allocated += o.allocated
+}
+
 // measure sums the regular files under path (a file or a directory),
 // never following symbolic links.
 func measure(path string) (sizes, time.Time, error) {
@@ -259,9 +265,7 @@ func Walk(ctx context.Context, l Layout, o Owners) (Report, error) {
 					kind = KindUnknown
 				}
 				add(kind, s)
-				all.files += s.files
-				all.apparent += s.apparent
-				all.allocated += s.allocated
+				all.add(s)
 			}
 			_, owned := byRef[e.Name()]
 			if !owned && hasInstanceDisk && old(newest, minAge) {
@@ -305,9 +309,7 @@ func Walk(ctx context.Context, l Layout, o Owners) (Report, error) {
 					kind = KindEphemeral
 				}
 				add(kind, s)
-				all.files += s.files
-				all.apparent += s.apparent
-				all.allocated += s.allocated
+				all.add(s)
 			}
 			if !runDirs[e.Name()] && e.IsDir() && old(newest, minAge) {
 				reclaim(dir, KindRunDir, "run directory of a VM that is gone", all)
@@ -400,7 +402,7 @@ var ErrNoSpace = errors.New("insufficient storage")
 // Space checks that the disks of a new VM fit on the volumes' filesystem.
 type Space struct {
 	// Free returns the bytes free in the filesystem holding dir (nil:
-	// statfs, as storage.StatfsFree).
+	// storage.StatfsFree).
 	Free func(dir string) (int64, error)
 	// Reserve is kept free for the host.
 	Reserve int64
@@ -427,12 +429,4 @@ func (s Space) Check(dir, what string, need, promised int64) error {
 			ErrNoSpace, what, need>>20, max(free, 0)>>20, max(promised, 0)>>20, s.Reserve>>20)
 	}
 	return nil
-}
-
-func statfsFree(dir string) (int64, error) {
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(dir, &st); err != nil {
-		return 0, err
-	}
-	return int64(st.Bavail) * int64(st.Bsize), nil
 }

@@ -4,6 +4,7 @@ import (
 	"sync"
 
 	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/storage"
 )
 
 // Ledger promises disk space to VMs: a VM is checked before anything is
@@ -27,7 +28,7 @@ type promise struct {
 // NewLedger checks space in the filesystem of dir.
 func NewLedger(dir string, space Space) *Ledger {
 	if space.Free == nil {
-		space.Free = statfsFree
+		space.Free = storage.StatfsFree
 	}
 	return &Ledger{space: space, dir: dir, held: map[int]promise{}}
 }
