@@ -1,6 +1,7 @@
 package diskusage
 
 import (
+	"fmt"
 	"sync"
 
 	"github.com/alephvm/alephvm/message"
@@ -49,15 +50,33 @@ func allocatedIn(dirs []string) int64 {
 func (l *Ledger) Reserve(what string, size int64, dirs ...string) (release func(), err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	need := max(size-allocatedIn(dirs), 0)
+	if err := l.space.Check(l.dir, what, need, l.promisedLocked()); err != nil {
+		return nil, err
+	}
+	return l.holdLocked(size, dirs), nil
+}
+
+// promisedLocked is what the VMs holding promises may still write: their
+// disks' sizes less what their files already take.
+func (l *Ledger) promisedLocked() int64 {
 	var promised int64
 	for _, p := range l.held {
 		promised += max(p.size-allocatedIn(p.dirs), 0)
 	}
-	need := max(size-allocatedIn(dirs), 0)
-	if err := l.space.Check(l.dir, what, need, promised); err != nil {
-		return nil, err
+	return promised
+}
+
+// Available is what a new VM's disks may still take: the free space less
+// the reserve and less what is promised, as Reserve counts it.
+func (l *Ledger) Available() (int64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	free, err := l.space.Free(l.dir)
+	if err != nil {
+		return 0, fmt.Errorf("free space of %s: %w", l.dir, err)
 	}
-	return l.holdLocked(size, dirs), nil
+	return max(free-l.space.Reserve-l.promisedLocked(), 0), nil
 }
 
 // Hold promises size bytes whatever the free space: for a VM that runs

@@ -54,3 +54,29 @@ func TestDiskBytes(t *testing.T) {
 		t.Fatalf("got %d MiB", got>>20)
 	}
 }
+
+// TestLedgerAvailable: what the usage route reports is what Reserve
+// would still grant.
+func TestLedgerAvailable(t *testing.T) {
+	dir := t.TempDir()
+	l := NewLedger(dir, Space{Free: func(string) (int64, error) { return 10 << 30, nil }, Reserve: 2 << 30})
+	if n, err := l.Available(); err != nil || n != 8<<30 {
+		t.Fatalf("nothing promised: %d %v", n, err)
+	}
+	release, err := l.Reserve("instance a", 5<<30, filepath.Join(dir, "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sparse(t, filepath.Join(dir, "a", "inst-a.qcow2"), 5<<30, 1<<20)
+	if n, err := l.Available(); err != nil || n != 3<<30+1<<20 {
+		t.Errorf("5 GiB promised, 1 MiB of it written: %d %v", n, err)
+	}
+	if _, err := l.Reserve("instance b", 3<<30+2<<20, filepath.Join(dir, "b")); !errors.Is(err, ErrNoSpace) {
+		t.Errorf("more than Available: %v", err)
+	}
+	release()
+	full := NewLedger(dir, Space{Free: func(string) (int64, error) { return 1 << 30, nil }, Reserve: 2 << 30})
+	if n, err := full.Available(); err != nil || n != 0 {
+		t.Errorf("less free than the reserve: %d %v", n, err)
+	}
+}

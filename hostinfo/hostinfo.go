@@ -7,15 +7,12 @@ import (
 	"bufio"
 	"bytes"
 	"cmp"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -144,51 +141,16 @@ func cpuFields(block []byte) map[string]string {
 // Disk is the space of the filesystem VMs' disks live on.
 type Disk struct {
 	Total int64
-	// Available is what a new VM may still take: the free space less
-	// floor, less what the disks already made may still grow by (sparse
-	// and copy-on-write disks are promised their size).
+	// Available is what a new VM may still take (the node's disk ledger
+	// says it: diskusage.Ledger.Available).
 	Available int64
 }
 
-// ReadDisk reads the filesystem of dir and the disks under it.
-func ReadDisk(dir string, floor int64) (Disk, error) {
+// DiskTotal is the size of the filesystem holding dir.
+func DiskTotal(dir string) (int64, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
-		return Disk{}, fmt.Errorf("read the disk of %s: %w", dir, err)
+		return 0, fmt.Errorf("read the disk of %s: %w", dir, err)
 	}
-	promised, err := Promised(dir)
-	if err != nil {
-		return Disk{}, err
-	}
-	free := int64(st.Bavail) * st.Bsize
-	return Disk{Total: int64(st.Blocks) * st.Bsize, Available: max(0, free-floor-promised)}, nil
-}
-
-// Promised is what the files under dir may still grow by: their size less
-// the blocks they hold.
-func Promised(dir string) (int64, error) {
-	var promised int64
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if !d.Type().IsRegular() {
-			return nil
-		}
-		info, err := d.Info()
-		if err != nil {
-			return nil
-		}
-		if st, ok := info.Sys().(*syscall.Stat_t); ok {
-			promised += max(0, info.Size()-st.Blocks*512)
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, fmt.Errorf("read the disks under %s: %w", dir, err)
-	}
-	return promised, nil
+	return int64(st.Blocks) * st.Bsize, nil
 }

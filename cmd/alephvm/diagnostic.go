@@ -15,6 +15,7 @@ import (
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/diagnostic"
+	"github.com/alephvm/alephvm/diskusage"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hostinfo"
 	"github.com/alephvm/alephvm/message"
@@ -86,13 +87,24 @@ func (s selfChecks) CheckResults(context.Context) []api.CheckResult {
 type nodeInfo struct {
 	cfg        config.Config
 	volumesDir string
+	disks      *diskusage.Ledger
 	qemu       bool
 }
 
 func (n nodeInfo) Host() (hostinfo.Host, error) { return hostinfo.Reader{}.Read() }
 
+// Disk is the VMs' filesystem; what is available is what the disk ledger
+// would still promise a new VM (the same count as its 507 refusals).
 func (n nodeInfo) Disk() (hostinfo.Disk, error) {
-	return hostinfo.ReadDisk(n.volumesDir, int64(n.cfg.DiskFreeFloor))
+	total, err := hostinfo.DiskTotal(n.volumesDir)
+	if err != nil {
+		return hostinfo.Disk{}, err
+	}
+	available, err := n.disks.Available()
+	if err != nil {
+		return hostinfo.Disk{}, err
+	}
+	return hostinfo.Disk{Total: total, Available: available}, nil
 }
 
 func (n nodeInfo) PublicConfig() api.PublicConfig {

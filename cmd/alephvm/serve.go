@@ -94,6 +94,8 @@ type node struct {
 	// (observe.go).
 	metrics *metrics.Metrics
 	started time.Time
+	// diskSpace promises the VMs' disks their space.
+	diskSpace *diskusage.Ledger
 }
 
 // serve runs the node until ctx ends. started, if given, runs once the API
@@ -144,7 +146,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		Observer: n.metrics, Metrics: n.metrics.Handler(), Status: statusSource{metrics: &metricsSource{n}, started: n.started},
 		FastAPI: diag, Checks: selfChecks{diag, hostCheck}, HostCheck: hostCheck, Records: recordsAPI{n},
 		LoginToken: token, Settings: settingsOf(cfg),
-		NodeInfo: nodeInfo{cfg: cfg, volumesDir: filepath.Join(cfg.ExecutionRoot, "volumes"), qemu: n.plan.QEMU.Usable},
+		NodeInfo: nodeInfo{cfg: cfg, volumesDir: filepath.Join(cfg.ExecutionRoot, "volumes"), disks: n.diskSpace, qemu: n.plan.QEMU.Usable},
 		Version:  buildVersion(), Log: log,
 	})
 	addr := net.JoinHostPort(cfg.SupervisorHost, strconv.Itoa(cfg.SupervisorPort))
@@ -280,6 +282,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	facts := nodeFacts(cfg, log)
 	// Every VM's disks are promised before anything is made for it.
 	diskSpace := diskusage.NewLedger(volumesDir, diskusage.Space{Reserve: int64(cfg.DiskFreeFloor)})
+	n.diskSpace = diskSpace
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
