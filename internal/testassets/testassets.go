@@ -7,12 +7,15 @@ package testassets
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -73,15 +76,23 @@ func BaseImage(t testing.TB) baseimage.Image {
 }
 
 // prepareProgramAssets builds alephvm-init and the kernel, initramfs and
-// runtime of program VMs with the project's own asset builder.
+// runtime of program VMs with the project's own asset builder, in the
+// shared cache, then gives this test binary its own view of them: a
+// directory of hard links and a manifest naming exactly the initramfs of
+// the init it built. Two checkouts (two versions of the init) running VM
+// tests at once would otherwise rebuild the shared manifest under each
+// other, and a node could boot the other checkout's init.
 func prepareProgramAssets() {
 	fail := func(err error) { os.Setenv(assetsErrEnv, err.Error()) }
 	dir := filepath.Join(testenv.CachePath(), "assets")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	runs := filepath.Join(testenv.CachePath(), "assets-run")
+	removeDeadRuns(runs)
+	own := filepath.Join(runs, strconv.Itoa(os.Getpid()))
+	if err := os.MkdirAll(own, 0o755); err != nil {
 		fail(err)
 		return
 	}
-	initBin := filepath.Join(dir, "alephvm-init")
+	initBin := filepath.Join(own, "alephvm-init")
 	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", initBin, "github.com/alephvm/alephvm/cmd/alephvm-init")
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
@@ -91,11 +102,50 @@ func prepareProgramAssets() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	var out bytes.Buffer
-	if _, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, Progress: &out}); err != nil {
+	m, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, Progress: &out})
+	if err != nil {
 		fail(fmt.Errorf("%v\n%s", err, out.String()))
 		return
 	}
-	os.Setenv(assetsDirEnv, dir)
+	// A replaced asset's file stays in the shared cache an hour, so the
+	// files of m are there to link.
+	if err := linkAssets(m, own); err != nil {
+		fail(fmt.Errorf("private view of the test assets: %w", err))
+		return
+	}
+	os.Setenv(assetsDirEnv, own)
+}
+
+// linkAssets makes dir a cache directory holding m's assets: hard links
+// to its files and its manifest.
+func linkAssets(m assets.Manifest, dir string) error {
+	for _, a := range m.Assets {
+		dst := filepath.Join(dir, a.File)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return err
+		}
+		os.Remove(dst)
+		if err := os.Link(filepath.Join(m.Dir, a.File), dst); err != nil {
+			return err
+		}
+	}
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "manifest.json"), b, 0o644)
+}
+
+// removeDeadRuns removes the asset views of test binaries that have ended.
+func removeDeadRuns(runs string) {
+	entries, _ := os.ReadDir(runs)
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || syscall.Kill(pid, 0) == nil {
+			continue
+		}
+		os.RemoveAll(filepath.Join(runs, e.Name()))
+	}
 }
 
 // ProgramAssets returns the directory of the assets Prepare built for
