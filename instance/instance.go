@@ -747,6 +747,13 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		return fmt.Errorf("network: %w", err)
 	}
 	log.Info("instance found running", "hypervisor", hv.Name(), "pid", vm.Pid(), "tap", rec.Tap)
+	if rec.State != execution.StateRunning {
+		// A node killed between the VM's start and its record's update
+		// left it starting: it runs.
+		if err := m.opts.Records.SetState(ctx, rec.Ref, execution.StateRunning); err != nil {
+			log.Error("record the instance taken back as running", "err", err)
+		}
+	}
 	if disk, ok := storage.FindRawDisk(filepath.Join(m.opts.VolumesDir, string(rec.Ref)), diskName(rec.Ref)); ok {
 		made.AddFunc("root disk", func() { releaseDisk(disk, m.opts.Log) })
 	}

@@ -173,8 +173,13 @@ func TestInstanceLifecycle(t *testing.T) {
 	pid := m.get(ref).vm.Pid()
 	tap := tapIndex(t, "avm4")
 
-	// The node stops (leaving the instance running) and starts again.
+	// The node stops (leaving the instance running) and starts again; the
+	// record says starting, as a node killed between the VM's start and the
+	// record's update leaves it: the VM is taken back, and runs.
 	m.Shutdown()
+	if err := r.records.SetState(ctx, ref, execution.StateStarting); err != nil {
+		t.Fatal(err)
+	}
 	m2 := r.manager()
 	if err := m2.Restore(ctx); err != nil {
 		t.Fatal(err)
@@ -184,6 +189,9 @@ func TestInstanceLifecycle(t *testing.T) {
 	}
 	if tapIndex(t, "avm4") != tap {
 		t.Error("the running instance's tap was recreated")
+	}
+	if rec, _ := r.records.Get(ctx, ref); rec.State != execution.StateRunning {
+		t.Errorf("an instance taken back is recorded %s", rec.State)
 	}
 
 	// It dies while the node is down: the next node starts it again, on the
