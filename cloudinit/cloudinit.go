@@ -162,7 +162,7 @@ func WriteSeed(path string, c Config) error {
 	}
 	tmp := path + ".tmp"
 	_ = os.Remove(tmp)
-	workDir, err := os.MkdirTemp(filepath.Dir(path), ".cidata-")
+	workDir, err := os.MkdirTemp(filepath.Dir(path), "cidata-*.tmp")
 	if err != nil {
 		return fmt.Errorf("cloud-init seed: %w", err)
 	}

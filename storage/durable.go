@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -53,4 +54,63 @@ func syncDir(dir string) error {
 		return fmt.Errorf("sync directory %s: %w", dir, err)
 	}
 	return nil
+}
+
+// WriteFileDurable writes data to path so that a crash leaves either the
+// previous file or the new one, whole: a synced temporary file renamed
+// into place, then the directory synced.
+func WriteFileDurable(path string, data []byte, perm os.FileMode) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = renameSynced(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// RemoveLeftovers removes from each VM's directory under dir (a volumes
+// directory) what a process killed while making a disk or a seed leaves:
+// entries named "*.tmp", the names disks and seeds are made under before
+// their rename. Call it only while nothing makes disks there, as when the
+// node starts. It returns what it removed.
+func RemoveLeftovers(dir string) ([]string, error) {
+	vms, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	var removed []string
+	var errs []error
+	for _, vm := range vms {
+		if !vm.IsDir() {
+			continue
+		}
+		leftovers, err := filepath.Glob(filepath.Join(dir, vm.Name(), "*.tmp"))
+		if err != nil {
+			return removed, err
+		}
+		for _, p := range leftovers {
+			if err := os.RemoveAll(p); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			removed = append(removed, p)
+		}
+	}
+	return removed, errors.Join(errs...)
 }

@@ -30,6 +30,8 @@ func TestDurableHelper(t *testing.T) {
 		err = (Disks{}).CreateOverlay(ctx, Image{Path: filepath.Join(dir, "src"), Format: FormatRaw}, filepath.Join(dir, "disk"), 16)
 	case "clone":
 		_, err = CloneFile(filepath.Join(dir, "src"), filepath.Join(dir, "disk"))
+	case "file":
+		err = WriteFileDurable(filepath.Join(dir, "disk"), []byte("state"), 0o600)
 	}
 	if err != nil {
 		t.Fatal(err)
@@ -46,7 +48,7 @@ func TestDisksAreSyncedAroundRename(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, op := range []string{"volume", "overlay", "clone"} {
+	for _, op := range []string{"volume", "overlay", "clone", "file"} {
 		t.Run(op, func(t *testing.T) {
 			dir := t.TempDir()
 			if err := os.WriteFile(filepath.Join(dir, "src"), make([]byte, 1<<20), 0o600); err != nil {
@@ -122,4 +124,28 @@ func nodeCalls(log, exe string) []string {
 		}
 	}
 	return calls
+}
+
+func TestRemoveLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	vm := filepath.Join(dir, "0123abcd")
+	os.MkdirAll(filepath.Join(vm, "cidata-123.tmp"), 0o755)
+	for _, f := range []string{"rootfs.qcow2", "rootfs.qcow2.tmp", "cidata.iso.tmp", "cidata.iso", "data.ext4"} {
+		os.WriteFile(filepath.Join(vm, f), nil, 0o600)
+	}
+	removed, err := RemoveLeftovers(dir)
+	if err != nil || len(removed) != 3 {
+		t.Fatalf("removed %v, %v", removed, err)
+	}
+	left, _ := os.ReadDir(vm)
+	var names []string
+	for _, e := range left {
+		names = append(names, e.Name())
+	}
+	if strings.Join(names, " ") != "cidata.iso data.ext4 rootfs.qcow2" {
+		t.Errorf("left: %v", names)
+	}
+	if removed, err := RemoveLeftovers(filepath.Join(dir, "none")); err != nil || removed != nil {
+		t.Errorf("a missing directory: %v %v", removed, err)
+	}
 }
