@@ -4,8 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -20,11 +20,16 @@ import (
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/pool"
 	"github.com/alephvm/alephvm/program"
+	"github.com/alephvm/alephvm/storage"
 	"github.com/google/uuid"
 )
 
 // instancesAPI gives the API the instance manager in the API's terms.
-type instancesAPI struct{ m *instance.Manager }
+type instancesAPI struct {
+	m         *instance.Manager
+	allocated string // the file of the last allocation's instances
+	log       *slog.Logger
+}
 
 func (i instancesAPI) Start(ctx context.Context, ref message.ItemHash) error {
 	return i.m.Start(ctx, ref)
@@ -72,6 +77,11 @@ func (m machinesAPI) Machine(ctx context.Context, ref message.ItemHash) (api.Mac
 }
 
 func (i instancesAPI) Allocate(ctx context.Context, desired []message.ItemHash) api.AllocationResult {
+	// Written before it is carried out: a node killed half way through
+	// carries it out again when it starts.
+	if err := writePersistent(i.allocated, desired); err != nil {
+		i.log.Warn("the allocation will not be carried out again after a restart", "err", err)
+	}
 	return api.AllocationResult(i.m.Allocate(ctx, desired))
 }
 
@@ -133,21 +143,18 @@ func (p programsAPI) SetPersistent(ctx context.Context, refs []message.ItemHash)
 	return errs
 }
 
-// writePersistent writes the persistent programs' refs to file, atomically.
+// writePersistent writes the persistent programs' refs to file, so that a
+// crash leaves the last list or the one before, whole.
 func writePersistent(file string, refs []message.ItemHash) error {
 	slices.Sort(refs)
 	data, err := json.Marshal(refs)
 	if err != nil {
 		return err
 	}
-	tmp := file + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("write the persistent programs: %w", err)
-	}
-	return os.Rename(tmp, file)
+	return storage.WriteFileDurable(file, data, 0o600)
 }
 
-// readPersistent reads the persistent programs the last allocation listed.
+// readPersistent reads a list of refs written by writePersistent: nil when there is none.
 func readPersistent(file string, log *slog.Logger) map[message.ItemHash]bool {
 	data, err := os.ReadFile(file)
 	if errors.Is(err, os.ErrNotExist) {
@@ -275,4 +282,23 @@ func (e eventsAPI) Deliver(ctx context.Context, ref message.ItemHash, event []by
 		return errors.New("this program's VM takes no events")
 	}
 	return taker.DeliverEvent(ctx, event)
+}
+
+// reallocate carries out again, in the background, the last allocation's
+// instances: a node killed while it carried it out left some instances
+// running that it had to stop, or stopped some it had not started again.
+// A node that never received an allocation changes nothing.
+func reallocate(ctx context.Context, m *instance.Manager, file string, log *slog.Logger) {
+	listed := readPersistent(file, log)
+	if listed == nil {
+		return
+	}
+	refs := slices.Sorted(maps.Keys(listed))
+	go func() {
+		res := m.Allocate(ctx, refs)
+		log.Info("last allocation carried out again", "instances", len(refs), "stopped", len(res.Stopped), "failing", len(res.Failing))
+		for ref, err := range res.Errors {
+			log.Warn("instance of the last allocation", "ref", ref, "err", err)
+		}
+	}()
 }

@@ -134,7 +134,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	diag := diagnosticNode(cfg, n.store)
 	hostCheck := hostChecker(cfg, diag)
 	handler := api.New(api.Options{
-		Programs: programsAPI{n.programs, persistentFile(cfg), log}, Instances: instancesAPI{n.instances}, Auth: authn,
+		Programs: programsAPI{n.programs, persistentFile(cfg), log}, Instances: instancesAPI{n.instances, allocatedFile(cfg), log}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
 		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher, Storage: storageAPI{cfg: cfg, records: n.records},
 		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
@@ -167,6 +167,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	}
 
 	restorePersistent(ctx, n.programs, persistentFile(cfg), log)
+	reallocate(ctx, n.instances, allocatedFile(cfg), log)
 	if cfg.WatchMessages && cfg.APIServer != "" {
 		// Until the node stops: its end also ends the reactor.
 		r := reactor.New(reactor.Options{APIServer: cfg.APIServer, Deliver: eventsAPI{n.programs}, Log: log.With("part", "reactor")})
@@ -305,6 +306,14 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	// Programs do not outlive the node, but persistent ones: any other
 	// left by a crash is stopped; the persistent programs of the last
 	// allocation are taken back.
+	// Nothing makes disks yet: what a killed node was making is garbage.
+	leftovers, err := storage.RemoveLeftovers(volumesDir)
+	if err != nil {
+		log.Error("remove what an earlier run left half made", "err", err)
+	}
+	if len(leftovers) > 0 {
+		log.Info("removed what an earlier run left half made", "files", leftovers)
+	}
 	kept := readPersistent(persistentFile(cfg), log)
 	if err := launcher.StopOrphans(ctx, hvs, kept); err != nil {
 		log.Error("stop programs left by an earlier run", "err", err)
@@ -462,6 +471,11 @@ func startFakeInstance(ctx context.Context, n *node) (message.ItemHash, error) {
 		return "", err
 	}
 	return msg.ItemHash, n.instances.Start(ctx, msg.ItemHash)
+}
+
+// allocatedFile is where the instances of the last allocation are written.
+func allocatedFile(cfg config.Config) string {
+	return filepath.Join(cfg.ExecutionRoot, "allocated_instances.json")
 }
 
 // persistentFile is where the persistent programs of the last allocation
