@@ -245,7 +245,7 @@ func newProgramCmd(a *app) *cobra.Command {
 	var entrypoint, iface, encoding, runtimeRef string
 	var vcpus, memory, seconds int
 	var internet, persistent bool
-	var env, subscribe []string
+	var env, subscribe, volumeSpecs []string
 	create := &cobra.Command{
 		Use:   "create DIR",
 		Short: "Pack DIR as a program's code, store it with its PROGRAM message; print its hash and URL",
@@ -277,6 +277,10 @@ port 8080).`,
 					return fmt.Errorf("--subscribe %q: want a JSON object such as {\"channel\":\"TEST\"}", sub)
 				}
 				subscriptions = append(subscriptions, m)
+			}
+			volumes, err := parseVolumes(volumeSpecs)
+			if err != nil {
+				return err
 			}
 			var variables map[string]string
 			for _, kv := range env {
@@ -313,6 +317,7 @@ port 8080).`,
 					ExecutableBase: message.ExecutableBase{
 						Variables: variables,
 						Resources: message.MachineResources{VCPUs: int64(vcpus), MemoryMiB: int64(memory), Seconds: int64(seconds)},
+						Volumes:   volumes,
 					},
 					Type:        "vm-function",
 					Environment: message.Environment{Internet: internet},
@@ -344,6 +349,7 @@ port 8080).`,
 	create.Flags().StringArrayVar(&subscribe, "subscribe", nil, "a subscription (on.message) as JSON, e.g. '{\"channel\":\"TEST\"}': messages of the network that match it are delivered to the program (repeatable; ASGI programs)")
 	create.Flags().BoolVar(&persistent, "persistent", false, "a persistent program (on.persistent): run by the scheduler's allocations without requests")
 	create.Flags().StringArrayVar(&env, "env", nil, "NAME=VALUE variable for the program (repeatable)")
+	create.Flags().StringArrayVar(&volumeSpecs, "volume", nil, "a volume: mount=/data,name=data,size=64 for a persistent one kept on the node (size in MiB), mount=/opt/lib,ref=HASH for an immutable one (a STORE message's hash) (repeatable)")
 	cmd.AddCommand(create)
 	return cmd
 }
@@ -368,4 +374,49 @@ func persistentFlag(on bool) *bool {
 		return nil
 	}
 	return &on
+}
+
+// parseVolumes reads --volume flags: comma-separated key=value pairs,
+// mount always; ref for an immutable volume, else name and size (MiB) for a
+// persistent volume kept on the node.
+func parseVolumes(specs []string) ([]message.MachineVolume, error) {
+	var out []message.MachineVolume
+	for _, spec := range specs {
+		fields := map[string]string{}
+		for _, kv := range strings.Split(spec, ",") {
+			k, v, ok := strings.Cut(kv, "=")
+			if !ok || v == "" {
+				return nil, fmt.Errorf("--volume %q: want key=value pairs (mount, ref, name, size)", spec)
+			}
+			switch k {
+			case "mount", "ref", "name", "size":
+			default:
+				return nil, fmt.Errorf("--volume %q: unknown key %q (mount, ref, name, size)", spec, k)
+			}
+			fields[k] = v
+		}
+		mount, ok := fields["mount"]
+		if !ok || !strings.HasPrefix(mount, "/") {
+			return nil, fmt.Errorf("--volume %q: mount=/absolute/path is required", spec)
+		}
+		vol := message.MachineVolume{Mount: &mount}
+		if ref, ok := fields["ref"]; ok {
+			if fields["name"] != "" || fields["size"] != "" {
+				return nil, fmt.Errorf("--volume %q: an immutable volume (ref) has no name or size", spec)
+			}
+			// use_latest is true unless set, in the reference's schema.
+			vol.Ref, vol.UseLatest = message.ItemHash(ref), true
+			out = append(out, vol)
+			continue
+		}
+		name, size := fields["name"], fields["size"]
+		mib, err := strconv.ParseInt(size, 10, 64)
+		if name == "" || err != nil || mib <= 0 {
+			return nil, fmt.Errorf("--volume %q: a persistent volume needs name= and size= (MiB, above 0)", spec)
+		}
+		persistence := message.PersistenceHost
+		vol.Name, vol.SizeMiB, vol.Persistence = &name, mib, &persistence
+		out = append(out, vol)
+	}
+	return out, nil
 }

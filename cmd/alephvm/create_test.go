@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/alephvm/alephvm/message"
 )
 
 func TestParseMiB(t *testing.T) {
@@ -57,5 +59,24 @@ func TestCreateMessages(t *testing.T) {
 	}
 	if code, _, errOut := runCLI(t, env, "program", "create", src, "--entrypoint", "main:app"); code == 0 || !strings.Contains(errOut, "--runtime") {
 		t.Errorf("no runtime: %d %s", code, errOut)
+	}
+}
+
+func TestParseVolumes(t *testing.T) {
+	vols, err := parseVolumes([]string{"mount=/data,name=data,size=64", "mount=/opt/lib,ref=abc"})
+	if err != nil || len(vols) != 2 {
+		t.Fatalf("%v %v", vols, err)
+	}
+	if *vols[0].Name != "data" || vols[0].SizeMiB != 64 || vols[0].Kind() != message.VolumePersistent || *vols[0].Mount != "/data" {
+		t.Errorf("persistent volume: %+v", vols[0])
+	}
+	if vols[1].Ref != "abc" || !vols[1].UseLatest || vols[1].Kind() != message.VolumeImmutable {
+		t.Errorf("immutable volume: %+v", vols[1])
+	}
+	for _, bad := range []string{"", "mount=/d", "name=x,size=1", "mount=d,name=x,size=1", "mount=/d,name=x,size=0",
+		"mount=/d,name=x,size=ten", "mount=/d,ref=abc,size=4", "mount=/d,name=x,size=1,colour=red", "mount=/d,name"} {
+		if _, err := parseVolumes([]string{bad}); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
 	}
 }
