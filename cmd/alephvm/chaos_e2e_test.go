@@ -170,22 +170,37 @@ func (c *chaos) round(round int) {
 		// A new item each time, so that each download is one.
 		dl = c.createProgram("mount=/opt/big,ref=" + c.core.addItem(t, c.dir, round))
 	}
+	if c.rng.IntN(2) == 0 {
+		// A file written and synced before the kill: the program then
+		// runs when the node (and perhaps its QEMU) is killed.
+		c.write(fmt.Sprintf("pre%d", round))
+	}
+	// Every random choice is made here, in order, so that a seed replays
+	// the run.
+	inst := c.insts[c.rng.IntN(len(c.insts))]
+	var subset []string
+	for _, ref := range c.insts {
+		if c.rng.IntN(2) == 0 {
+			subset = append(subset, ref)
+		}
+	}
 	delay := time.Duration(c.rng.Int64N(int64(3 * time.Second)))
+	kill := c.rng.IntN(6)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		c.operate(op, round, dl)
+		c.operate(op, round, dl, inst, subset)
 	}()
 	time.Sleep(delay)
 	c.node.cmd.Process.Kill()
 	c.node.cmd.Wait()
 	c.stats.nodeKills++
 	extra := ""
-	switch r := c.rng.IntN(6); {
-	case r == 0:
+	switch {
+	case kill == 0:
 		c.hostCrash()
 		extra = ", host crash"
-	case r <= 2:
+	case kill <= 2:
 		if pids := c.qemus(); len(pids) > 0 {
 			pid := slices.Sorted(maps.Keys(pids))[c.rng.IntN(len(pids))]
 			syscall.Kill(pid, syscall.SIGKILL)
@@ -205,7 +220,7 @@ func (c *chaos) round(round int) {
 
 // operate runs op against the node; its outcome does not matter, the node
 // is killed inside it.
-func (c *chaos) operate(op string, round int, dl string) {
+func (c *chaos) operate(op string, round int, dl, inst string, subset []string) {
 	client := &http.Client{Timeout: 2 * time.Minute}
 	post := func(path string, body []byte) (int, error) {
 		req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d%s", c.port, path), bytes.NewReader(body))
@@ -219,27 +234,10 @@ func (c *chaos) operate(op string, round int, dl string) {
 		resp.Body.Close()
 		return resp.StatusCode, nil
 	}
-	inst := c.insts[c.rng.IntN(len(c.insts))]
 	switch op {
 	case "cold start":
-		name := fmt.Sprintf("r%d", round)
-		resp, err := client.Get(programURL(c.port, c.prog, "/write?name="+name))
-		if err == nil {
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == 200 && strings.HasPrefix(string(body), "written "+name) {
-				c.mu.Lock()
-				c.acked = append(c.acked, name)
-				c.mu.Unlock()
-			}
-		}
+		c.write(fmt.Sprintf("r%d", round))
 	case "allocation":
-		var subset []string
-		for _, ref := range c.insts {
-			if c.rng.IntN(2) == 0 {
-				subset = append(subset, ref)
-			}
-		}
 		c.pending = subset
 		body, _ := json.Marshal(map[string]any{"instances": append([]string{}, subset...), "persistent_vms": []string{}})
 		if status, err := post("/control/allocations", body); err == nil && status == 200 {
@@ -253,6 +251,22 @@ func (c *chaos) operate(op string, round int, dl string) {
 		}
 	case "shutdown":
 		c.node.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}
+
+// write asks the program to write and sync the file name, and remembers
+// it when the program says it did.
+func (c *chaos) write(name string) {
+	resp, err := (&http.Client{Timeout: 2 * time.Minute}).Get(programURL(c.port, c.prog, "/write?name="+name))
+	if err != nil {
+		return
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode == 200 && strings.HasPrefix(string(body), "written "+name) {
+		c.mu.Lock()
+		c.acked = append(c.acked, name)
+		c.mu.Unlock()
 	}
 }
 
