@@ -330,6 +330,9 @@ func (c *chaos) converge(round int) {
 		}
 	}
 	took := time.Since(start)
+	if took > time.Second {
+		c.t.Logf("round %d: the invariants held %s after the restart", round, took.Round(10*time.Millisecond))
+	}
 	if took > c.stats.slowest {
 		c.stats.slowest = took
 	}

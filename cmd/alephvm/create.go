@@ -349,7 +349,7 @@ port 8080).`,
 	create.Flags().StringArrayVar(&subscribe, "subscribe", nil, "a subscription (on.message) as JSON, e.g. '{\"channel\":\"TEST\"}': messages of the network that match it are delivered to the program (repeatable; ASGI programs)")
 	create.Flags().BoolVar(&persistent, "persistent", false, "a persistent program (on.persistent): run by the scheduler's allocations without requests")
 	create.Flags().StringArrayVar(&env, "env", nil, "NAME=VALUE variable for the program (repeatable)")
-	create.Flags().StringArrayVar(&volumeSpecs, "volume", nil, "a volume: mount=/data,name=data,size=64 for a persistent one kept on the node (size in MiB), mount=/opt/lib,ref=HASH for an immutable one (a STORE message's hash) (repeatable)")
+	create.Flags().StringArrayVar(&volumeSpecs, "volume", nil, "a volume: mount=/data,name=data,size=64[,parent=HASH] for a persistent one kept on the node (size in MiB; starting as a copy of the ext4 or squashfs item parent), mount=/opt/lib,ref=HASH for an immutable one (a STORE message's hash) (repeatable)")
 	cmd.AddCommand(create)
 	return cmd
 }
@@ -389,9 +389,9 @@ func parseVolumes(specs []string) ([]message.MachineVolume, error) {
 				return nil, fmt.Errorf("--volume %q: want key=value pairs (mount, ref, name, size)", spec)
 			}
 			switch k {
-			case "mount", "ref", "name", "size":
+			case "mount", "ref", "name", "size", "parent":
 			default:
-				return nil, fmt.Errorf("--volume %q: unknown key %q (mount, ref, name, size)", spec, k)
+				return nil, fmt.Errorf("--volume %q: unknown key %q (mount, ref, name, size, parent)", spec, k)
 			}
 			fields[k] = v
 		}
@@ -401,8 +401,8 @@ func parseVolumes(specs []string) ([]message.MachineVolume, error) {
 		}
 		vol := message.MachineVolume{Mount: &mount}
 		if ref, ok := fields["ref"]; ok {
-			if fields["name"] != "" || fields["size"] != "" {
-				return nil, fmt.Errorf("--volume %q: an immutable volume (ref) has no name or size", spec)
+			if fields["name"] != "" || fields["size"] != "" || fields["parent"] != "" {
+				return nil, fmt.Errorf("--volume %q: an immutable volume (ref) has no name, size or parent", spec)
 			}
 			// use_latest is true unless set, in the reference's schema.
 			vol.Ref, vol.UseLatest = message.ItemHash(ref), true
@@ -416,6 +416,9 @@ func parseVolumes(specs []string) ([]message.MachineVolume, error) {
 		}
 		persistence := message.PersistenceHost
 		vol.Name, vol.SizeMiB, vol.Persistence = &name, mib, &persistence
+		if parent := fields["parent"]; parent != "" {
+			vol.Parent = &message.ParentVolume{Ref: message.ItemHash(parent), UseLatest: true}
+		}
 		out = append(out, vol)
 	}
 	return out, nil

@@ -63,11 +63,11 @@ func TestCreateMessages(t *testing.T) {
 }
 
 func TestParseVolumes(t *testing.T) {
-	vols, err := parseVolumes([]string{"mount=/data,name=data,size=64", "mount=/opt/lib,ref=abc"})
+	vols, err := parseVolumes([]string{"mount=/data,name=data,size=64,parent=def", "mount=/opt/lib,ref=abc"})
 	if err != nil || len(vols) != 2 {
 		t.Fatalf("%v %v", vols, err)
 	}
-	if *vols[0].Name != "data" || vols[0].SizeMiB != 64 || vols[0].Kind() != message.VolumePersistent || *vols[0].Mount != "/data" {
+	if *vols[0].Name != "data" || vols[0].Parent == nil || vols[0].Parent.Ref != "def" || vols[0].SizeMiB != 64 || vols[0].Kind() != message.VolumePersistent || *vols[0].Mount != "/data" {
 		t.Errorf("persistent volume: %+v", vols[0])
 	}
 	if vols[1].Ref != "abc" || !vols[1].UseLatest || vols[1].Kind() != message.VolumeImmutable {

@@ -1,7 +1,8 @@
 // Command chaosprog is the program of the chaos suite (TestChaos): it
 // answers on port 8080 and, on /write?name=N, writes the file N on its
 // persistent volume (/data), syncs it and its directory, and only then
-// answers: a 200 is the promise that the file survives any crash.
+// answers: a 200 is the promise that the file survives any crash. On
+// /read?name=N it answers the file's bytes.
 package main
 
 import (
@@ -28,6 +29,19 @@ func main() {
 			return
 		}
 		fmt.Fprintf(w, "written %s\n", name)
+	})
+	http.HandleFunc("/read", func(w http.ResponseWriter, r *http.Request) {
+		name := r.URL.Query().Get("name")
+		if !validName.MatchString(name) {
+			http.Error(w, "bad name", http.StatusBadRequest)
+			return
+		}
+		data, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		w.Write(data)
 	})
 	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "chaos program")
