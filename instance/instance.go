@@ -28,6 +28,7 @@ import (
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/storage"
+	"github.com/alephvm/alephvm/store"
 )
 
 // Chooser says which hypervisor runs an instance whose message asks for
@@ -59,6 +60,9 @@ type Options struct {
 	// each instance gets a copy of.
 	UEFICode string
 	UEFIVars string
+	// UnpackDir keeps the unpacked copies of compressed base images; empty
+	// refuses them.
+	UnpackDir string
 	// VolumesDir keeps each instance's disks (VolumesDir/<hash>/), RunDir
 	// its runtime files (sockets, console).
 	VolumesDir string
@@ -295,8 +299,43 @@ func (m *Manager) fetchBase(ctx context.Context, s *instanceStart) error {
 	if err := os.MkdirAll(s.disks, 0o700); err != nil {
 		return err
 	}
-	s.base, s.form, err = m.base(ctx, parent.Path, s.disks, s.log)
+	path, err := m.unpacked(ctx, parent, s.c.Rootfs.SizeMiB<<20, s.log)
+	if err != nil {
+		return err
+	}
+	s.base, s.form, err = m.base(ctx, path, s.disks, s.log)
 	return err
+}
+
+// unpacked returns the base image to use for parent: parent itself, or,
+// for a compressed image (gzip, xz or zstd, told by its content), its
+// unpacked copy in UnpackDir, made once per image and shared by the
+// instances made from it. An image that expands past the root disk's size
+// is refused: it could not be the disk's base.
+func (m *Manager) unpacked(ctx context.Context, parent *store.Item, limit int64, log *slog.Logger) (string, error) {
+	c, err := storage.DetectCompression(parent.Path)
+	if err != nil || c == storage.NotCompressed {
+		return parent.Path, err
+	}
+	if m.opts.UnpackDir == "" {
+		return "", &execution.Error{Status: 400, Msg: fmt.Sprintf("base image %s is %s-compressed and this node unpacks no images", parent.Ref, c)}
+	}
+	dst := filepath.Join(m.opts.UnpackDir, parent.SHA256)
+	if _, err := os.Stat(dst); err == nil {
+		return dst, nil
+	}
+	if err := os.MkdirAll(m.opts.UnpackDir, 0o755); err != nil {
+		return "", err
+	}
+	start := time.Now()
+	err = storage.Unpack(ctx, parent.Path, c, dst, limit)
+	if errors.Is(err, storage.ErrUnpackedTooLarge) {
+		return "", &execution.Error{Status: 400, Msg: fmt.Sprintf("base image %s: %v: larger than rootfs.size_mib", parent.Ref, err)}
+	} else if err != nil {
+		return "", &execution.Error{Status: 400, Msg: fmt.Sprintf("base image %s could not be unpacked (%s): %v", parent.Ref, c, err)}
+	}
+	log.Info("base image unpacked", "compression", c, "took", time.Since(start).Round(time.Millisecond))
+	return dst, nil
 }
 
 // makeRootDisk makes (or keeps) the root disk over the base, and chooses

@@ -1,6 +1,8 @@
 package instance
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
@@ -77,7 +79,7 @@ func (r *rig) manager() *Manager {
 	nets := network.NewManager(pool, r.fw, network.DefaultPorts, r.log)
 	return New(Options{
 		Store: r.st, Hypervisors: r.hvs, Choose: r.choose, DirectBoot: r.boot, Networks: nets, Records: r.records,
-		VolumesDir: filepath.Join(r.dir, "volumes"), RunDir: filepath.Join(r.dir, "vms"), Disks: r.disks,
+		VolumesDir: filepath.Join(r.dir, "volumes"), RunDir: filepath.Join(r.dir, "vms"), Disks: r.disks, UnpackDir: filepath.Join(r.dir, "unpacked"),
 		DNS: []netip.Addr{netip.MustParseAddr("10.0.0.53")}, DeveloperKeys: []string{"ssh-ed25519 AAAA dev"},
 		StopTimeouts: hypervisor.StopTimeouts{Shutdown: 500 * time.Millisecond, Quit: 5 * time.Second, Kill: 5 * time.Second},
 		Log:          r.log,
@@ -629,5 +631,57 @@ func TestInstanceDiskSpace(t *testing.T) {
 		t.Errorf("stopped, its promise is still held: %v", err)
 	} else {
 		release()
+	}
+}
+
+// TestCompressedBaseImage: a base image stored compressed is unpacked once
+// (by its content, whatever its name) and shared by the instances made
+// from it; one that expands past the root disk is refused.
+func TestCompressedBaseImage(t *testing.T) {
+	r := newRig(t)
+	ctx := context.Background()
+	img := make([]byte, 32<<20)
+	img[510], img[511] = 0x55, 0xaa
+	var packed bytes.Buffer
+	zw := gzip.NewWriter(&packed)
+	zw.Write(img)
+	zw.Close()
+	path := filepath.Join(r.dir, "base.img") // a name that says nothing
+	os.WriteFile(path, packed.Bytes(), 0o644)
+	added, err := r.st.AddFile(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	instance := func(sizeMiB int, name string) message.ItemHash {
+		return r.storeInstance(map[string]any{
+			"address": "0x1", "time": 1700000000, "allow_amend": false, "metadata": map[string]any{"name": name},
+			"environment": map[string]any{"internet": false, "hypervisor": "qemu"},
+			"resources":   map[string]any{"vcpus": 1, "memory": 128, "seconds": 30},
+			"rootfs":      map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
+		})
+	}
+	m := r.manager()
+	// 32 MiB unpacked does not fit a 16 MiB root disk: the unpacking
+	// stops there.
+	err = m.Start(ctx, instance(16, "small"))
+	var e *execution.Error
+	if !errors.As(err, &e) || e.Status != 400 || !strings.Contains(err.Error(), "larger than rootfs.size_mib") {
+		t.Errorf("an image larger than its disk: %v", err)
+	}
+	a, b := instance(64, "a"), instance(64, "b")
+	for _, ref := range []message.ItemHash{a, b} {
+		if err := m.Start(ctx, ref); err != nil {
+			t.Fatal(err)
+		}
+		defer m.Erase(ctx, ref)
+		base := filepath.Join(r.dir, "volumes", string(ref), "base")
+		got, err := os.ReadFile(base)
+		if err != nil || !bytes.Equal(got, img) {
+			t.Fatalf("%s: the base is not the unpacked image: %v", ref, err)
+		}
+	}
+	unpacked, _ := os.ReadDir(filepath.Join(r.dir, "unpacked"))
+	if len(unpacked) != 1 {
+		t.Errorf("unpacked %d times", len(unpacked))
 	}
 }

@@ -298,7 +298,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	n.instances = instance.New(instance.Options{
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
-		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars,
+		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars, UnpackDir: unpackDir(cfg),
 		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
 		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Node: facts, Log: log,
 	})
@@ -313,6 +313,9 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	}
 	if len(leftovers) > 0 {
 		log.Info("removed what an earlier run left half made", "files", leftovers)
+	}
+	if gone, err := storage.CollectUnpacked(unpackDir(cfg), time.Now().Add(-24*time.Hour)); err != nil || len(gone) > 0 {
+		log.Info("unpacked base images no instance uses removed", "files", gone, "err", err)
 	}
 	kept := readPersistent(persistentFile(cfg), log)
 	if err := launcher.StopOrphans(ctx, hvs, kept); err != nil {
@@ -427,6 +430,9 @@ func capacity(cfg config.Config, log *slog.Logger) (pool.Capacity, error) {
 }
 
 // baseImageDir is where the default base image is built.
+// unpackDir keeps the unpacked copies of compressed base images.
+func unpackDir(cfg config.Config) string { return filepath.Join(cfg.CacheRoot, "unpacked") }
+
 func baseImageDir(cfg config.Config) string { return filepath.Join(cfg.CacheRoot, "base-image") }
 
 // programKernel is what program VMs boot: the kernel and initramfs named
