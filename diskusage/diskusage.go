@@ -36,6 +36,7 @@ const (
 	KindBaseImage    = "base-image"
 	KindStore        = "store"
 	KindStorePart    = "store-part"
+	KindUnpacked     = "unpacked-image" // compressed base images unpacked (CACHE_ROOT/unpacked)
 	KindInstanceDisk = "instance-disk"
 	KindVolume       = "volume-persistent"
 	KindEphemeral    = "volume-ephemeral"
@@ -46,7 +47,7 @@ const (
 )
 
 // Kinds lists the kinds in the order they are reported.
-var kinds = []string{KindBaseImage, KindStore, KindStorePart, KindInstanceDisk, KindVolume, KindEphemeral,
+var kinds = []string{KindBaseImage, KindStore, KindStorePart, KindUnpacked, KindInstanceDisk, KindVolume, KindEphemeral,
 	KindSnapshot, KindRunDir, KindLogs, KindUnknown}
 
 // Layout names the node's directories.
@@ -193,6 +194,11 @@ func Walk(ctx context.Context, l Layout, o Owners) (Report, error) {
 	}
 	if l.CacheRoot != "" {
 		if err := walkDir(filepath.Join(l.CacheRoot, "files"), KindStore); err != nil {
+			return rep, err
+		}
+		// Unpacked images are shared with the instances that link them:
+		// measured here once; the node collects those no instance uses.
+		if err := walkDir(filepath.Join(l.CacheRoot, "unpacked"), KindUnpacked); err != nil {
 			return rep, err
 		}
 		tmp := filepath.Join(l.CacheRoot, "tmp")
