@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -823,7 +822,7 @@ func (m *Manager) List(ctx context.Context) ([]execution.Record, error) {
 type baseForm string
 
 const (
-	formDisk baseForm = "disk" // an MBR disk with its own bootloader, booted by the BIOS
+	formDisk baseForm = "disk" // an MBR disk, or a GPT disk with a BIOS boot partition, with its own bootloader, booted by the BIOS
 	formUEFI baseForm = "uefi" // a GPT disk with an EFI system partition, booted by UEFI
 	formExt4 baseForm = "ext4" // a bare filesystem, booted with the node's kernel
 )
@@ -850,35 +849,8 @@ func (m *Manager) base(ctx context.Context, parent, disks string, log *slog.Logg
 	if err != nil {
 		return storage.Image{}, "", err
 	}
-	if info.Format == storage.FormatQCOW2 {
-		// Cloud images boot under BIOS and UEFI alike; SeaBIOS is quicker.
-		return info.Image, formDisk, nil
-	}
-	form, err := rawForm(base)
+	form, err := bootForm(ctx, info.Image, disks)
 	return info.Image, form, err
-}
-
-// rawForm tells a GPT disk (booted by UEFI), an MBR disk (booted by the
-// BIOS) and a bare ext4 filesystem (its superblock magic) apart.
-func rawForm(path string) (baseForm, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	buf := make([]byte, 2048)
-	if _, err := io.ReadFull(f, buf); err != nil {
-		return "", fmt.Errorf("read base image: %w", err)
-	}
-	switch {
-	case buf[1080] == 0x53 && buf[1081] == 0xef:
-		return formExt4, nil
-	case string(buf[512:520]) == "EFI PART":
-		return formUEFI, nil
-	case buf[510] == 0x55 && buf[511] == 0xaa:
-		return formDisk, nil
-	}
-	return "", fmt.Errorf("base image %s is neither a partitioned disk nor an ext4 filesystem", path)
 }
 
 // volume prepares one volume of an instance.

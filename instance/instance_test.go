@@ -86,8 +86,8 @@ func (r *rig) manager() *Manager {
 	})
 }
 
-// instanceMessage stores a base image (a blank disk with an MBR, which
-// SeaBIOS finds nothing to boot on) and an INSTANCE message over it.
+// instanceMessage stores a base image (a disk whose MBR boot code halts
+// the CPU) and an INSTANCE message over it.
 func (r *rig) instanceMessage(sizeMiB int) message.ItemHash {
 	added := r.mbrBase()
 	return r.storeInstance(map[string]any{
@@ -100,10 +100,11 @@ func (r *rig) instanceMessage(sizeMiB int) message.ItemHash {
 	})
 }
 
-// mbrBase stores a blank 32 MiB disk with an MBR.
+// mbrBase stores a 32 MiB disk whose MBR boot code halts the CPU.
 func (r *rig) mbrBase() message.ItemHash {
 	base := filepath.Join(r.dir, "base.img")
 	img := make([]byte, 32<<20)
+	copy(img, []byte{0xfa, 0xf4, 0xeb, 0xfd}) // boot code: cli; hlt; jmp to hlt
 	img[510], img[511] = 0x55, 0xaa
 	if err := os.WriteFile(base, img, 0o644); err != nil {
 		r.t.Fatal(err)
@@ -641,6 +642,7 @@ func TestCompressedBaseImage(t *testing.T) {
 	r := newRig(t)
 	ctx := context.Background()
 	img := make([]byte, 32<<20)
+	copy(img, []byte{0xfa, 0xf4, 0xeb, 0xfd}) // boot code: cli; hlt; jmp to hlt
 	img[510], img[511] = 0x55, 0xaa
 	var packed bytes.Buffer
 	zw := gzip.NewWriter(&packed)

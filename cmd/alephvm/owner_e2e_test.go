@@ -112,10 +112,11 @@ func TestOwnerEndToEnd(t *testing.T) {
 		return runCLI(t, noToken, append(args, "--key", key, "--node", node)...)
 	}
 
-	// The instance: a blank disk (SeaBIOS finds nothing to boot, quickly),
+	// The instance: a disk whose boot code halts the CPU,
 	// and the asgi example, both owned by the test wallet.
 	base := filepath.Join(dir, "base.img")
 	img := make([]byte, 16<<20)
+	copy(img, []byte{0xfa, 0xf4, 0xeb, 0xfd}) // boot code: cli; hlt; jmp to hlt
 	img[510], img[511] = 0x55, 0xaa
 	os.WriteFile(base, img, 0o644)
 	code, out, errOut := runCLI(t, env, "instance", "create", "--image", base, "--size", "64", "--memory", "128")

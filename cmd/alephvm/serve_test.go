@@ -149,6 +149,7 @@ func TestServe(t *testing.T) {
 
 	base := filepath.Join(dir, "base.img")
 	img := make([]byte, 16<<20)
+	copy(img, []byte{0xfa, 0xf4, 0xeb, 0xfd}) // boot code: cli; hlt; jmp to hlt
 	img[510], img[511] = 0x55, 0xaa
 	os.WriteFile(base, img, 0o644)
 	code, out, errOut := runCLI(t, env, "instance", "create", "--image", base, "--size", "64", "--memory", "128", "--publish", "80")
