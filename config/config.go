@@ -104,7 +104,7 @@ type Config struct {
 	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
 	HTTPHeaderTimeout   Seconds `env:"HTTP_HEADER_TIMEOUT" yaml:"http_header_timeout" help:"How long a client may take to send a request's headers, on every route: a connection that has not sent them whole by then is closed."`
 	HTTPReadTimeout     Seconds `env:"HTTP_READ_TIMEOUT" yaml:"http_read_timeout" help:"How long a client may take to send a whole request, body included, on the routes that do not stream (program requests and logs websockets stream)."`
-	HTTPWriteTimeout    Seconds `env:"HTTP_WRITE_TIMEOUT" yaml:"http_write_timeout" help:"How long a client may take to read an answer that does not stream, from its first byte, and a logs websocket client to take one line."`
+	HTTPWriteTimeout    Seconds `env:"HTTP_WRITE_TIMEOUT" yaml:"http_write_timeout" help:"How long a client may take to read an answer that does not stream, from its first byte, a logs websocket client to take one line, and a program's client to take any byte of its answer (one that stops reading is cut)."`
 	HTTPIdleTimeout     Seconds `env:"HTTP_IDLE_TIMEOUT" yaml:"http_idle_timeout" help:"How long a kept-alive connection may wait for its next request."`
 	HTTPMaxConnections  int     `env:"HTTP_MAX_CONNECTIONS" yaml:"http_max_connections" help:"Most connections the HTTP API serves at once; more wait to be accepted."`
 	WebsocketOrigins    List    `env:"WEBSOCKET_ALLOWED_ORIGINS" yaml:"websocket_allowed_origins" help:"Web origins (host patterns such as console.example.com or *.example.com) whose pages may open a logs websocket; clients that send no Origin and the node's own pages always may."`
