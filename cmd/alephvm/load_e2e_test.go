@@ -733,15 +733,23 @@ func (s *slowResults) table(sizes loadSizes) string {
 	}
 	var b strings.Builder
 	cut, lo, hi, _, errs := summary(s.slowloris)
-	fmt.Fprintf(&b, "slowloris (headers never ended, header timeout %s): %d/%d cut, after %.1f-%.1f s %v\n",
-		loadHeaderTimeout, cut, len(s.slowloris), lo.Seconds(), hi.Seconds(), errs)
+	fmt.Fprintf(&b, "slowloris (headers never ended, header timeout %s): %d/%d cut, after %.1f-%.1f s%s\n",
+		loadHeaderTimeout, cut, len(s.slowloris), lo.Seconds(), hi.Seconds(), errList(errs))
 	cut, lo, hi, read, errs := summary(s.slowReaders)
-	fmt.Fprintf(&b, "slow readers (%d MiB at %d KiB/s, write timeout %s): %d/%d cut, %d MiB read in %.1f-%.1f s %v\n",
-		sizes.slowSize>>20, slowRate>>10, loadWriteTimeout, cut, len(s.slowReaders), read>>20, lo.Seconds(), hi.Seconds(), errs)
+	fmt.Fprintf(&b, "slow readers (%d MiB each at %d KiB/s, write timeout %s): %d/%d cut, %d MiB read in all, each in %.1f-%.1f s%s\n",
+		sizes.slowSize>>20, slowRate>>10, loadWriteTimeout, cut, len(s.slowReaders), read>>20, lo.Seconds(), hi.Seconds(), errList(errs))
 	cut, _, _, read, errs = summary(s.stalled)
-	fmt.Fprintf(&b, "stalled readers (%d MiB asked, 64 KiB read, then nothing for %s): %d/%d cut, %.1f MiB read in all %v",
-		stalledSize>>20, 3*loadWriteTimeout+5*time.Second, cut, len(s.stalled), float64(read)/(1<<20), errs)
+	fmt.Fprintf(&b, "stalled readers (%d MiB asked, 64 KiB read, then nothing for %s): %d/%d cut, %.1f MiB read in all%s",
+		stalledSize>>20, 3*loadWriteTimeout+5*time.Second, cut, len(s.stalled), float64(read)/(1<<20), errList(errs))
 	return b.String()
+}
+
+// errList shows the slow clients' errors, if any.
+func errList(errs []string) string {
+	if len(errs) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; errors: %q", errs)
 }
 
 // check fails the test where a slow client was not treated as it
