@@ -170,7 +170,12 @@ func New(opts Options) *Server {
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Server", "aleph-vm/"+s.opts.Version) // as the reference: monitors read the version here
-	s.mux.ServeHTTP(&deadlineWriter{ResponseWriter: w, timeout: s.opts.Limits.WriteTimeout}, r)
+	d := &deadlineWriter{ResponseWriter: w, conn: clientConnOf(r), timeout: s.opts.Limits.WriteTimeout}
+	if d.conn != nil {
+		d.conn.stream(false, 0) // until the route streams
+	}
+	s.mux.ServeHTTP(d, r)
+	d.finish()
 }
 
 // apiError is the reference's error shape.

@@ -1,17 +1,23 @@
 package api
 
 import (
+	"context"
+	"errors"
 	"net"
 	"net/http"
+	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/netutil"
+	"golang.org/x/sys/unix"
 )
 
 // Limits bound the node's HTTP server against slow and numerous clients.
 // Program requests and logs websockets stream for as long as they last:
-// only the header timeout and the connection limit apply to them.
+// only the header timeout, the connection limit and the write timeout of
+// each part of their answers apply to them.
 type Limits struct {
 	// ReadHeaderTimeout bounds reading a request's headers.
 	ReadHeaderTimeout time.Duration
@@ -20,7 +26,9 @@ type Limits struct {
 	ReadTimeout time.Duration
 	// WriteTimeout bounds writing a response that does not stream, from its
 	// first byte: the work before it (an allocation that starts VMs) is not
-	// counted.
+	// counted. A streamed response (a program's) may last as long as it
+	// needs, but each of its writes must be taken within WriteTimeout: a
+	// client that stops reading is cut.
 	WriteTimeout time.Duration
 	// IdleTimeout closes a kept-alive connection that sends no new request.
 	IdleTimeout time.Duration
@@ -37,31 +45,186 @@ func (s *Server) HTTPServer() *http.Server {
 		ReadHeaderTimeout: l.ReadHeaderTimeout,
 		ReadTimeout:       l.ReadTimeout,
 		IdleTimeout:       l.IdleTimeout,
+		ConnContext:       withClientConn,
 	}
 }
 
-// Listener bounds ln to the connections the API serves at once.
+// Listener bounds ln to the connections the API serves at once and gives
+// HTTPServer its connections as clientConns.
 func (s *Server) Listener(ln net.Listener) net.Listener {
+	l := &clientListener{Listener: ln, done: make(chan struct{})}
 	if n := s.opts.Limits.MaxConnections; n > 0 {
-		return netutil.LimitListener(ln, n)
+		l.slots = make(chan struct{}, n)
 	}
-	return ln
+	return l
+}
+
+// clientListener accepts at most cap(slots) connections at once (no limit
+// without slots): more wait to be accepted until one closes.
+type clientListener struct {
+	net.Listener
+	slots     chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+func (l *clientListener) Accept() (net.Conn, error) {
+	if l.slots != nil {
+		select {
+		case l.slots <- struct{}{}:
+		case <-l.done:
+			return nil, net.ErrClosed
+		}
+	}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		l.free()
+		return nil, err
+	}
+	return newClientConn(c, l.free), nil
+}
+
+func (l *clientListener) free() {
+	if l.slots != nil {
+		<-l.slots
+	}
+}
+
+func (l *clientListener) Close() error {
+	l.closeOnce.Do(func() { close(l.done) })
+	return l.Listener.Close()
+}
+
+// notSentLowat is the most a client connection queues that is not sent
+// yet (TCP_NOTSENT_LOWAT): a slow client holds that much of the node's
+// memory, not a send queue of up to 4 MiB (tcp_wmem), and a write blocked
+// on it resumes as soon as the client takes what it was sent.
+const notSentLowat = 128 << 10
+
+// clientConn is a client's connection. While it carries a streamed
+// answer, a write that passes its deadline is given another timeout as
+// long as the client took some bytes meanwhile (TCP's acknowledged bytes):
+// a client reading slowly but steadily, with more in the sockets' buffers
+// than it reads within the timeout, is not cut; one that stops reading is.
+type clientConn struct {
+	net.Conn
+	tcp       *net.TCPConn // nil when not TCP
+	free      func()
+	freeOnce  sync.Once
+	streaming atomic.Bool
+	timeout   atomic.Int64 // of the stream's writes
+}
+
+func newClientConn(c net.Conn, free func()) *clientConn {
+	cc := &clientConn{Conn: c, free: free}
+	if tc, ok := c.(*net.TCPConn); ok {
+		cc.tcp = tc
+		if raw, err := tc.SyscallConn(); err == nil {
+			_ = raw.Control(func(fd uintptr) {
+				_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
+			})
+		}
+	}
+	return cc
+}
+
+// stream says whether the connection carries a streamed answer, whose
+// writes must each make progress within timeout.
+func (c *clientConn) stream(on bool, timeout time.Duration) {
+	c.timeout.Store(int64(timeout))
+	c.streaming.Store(on)
+}
+
+func (c *clientConn) Write(p []byte) (int, error) {
+	if !c.streaming.Load() || c.tcp == nil {
+		return c.Conn.Write(p)
+	}
+	acked, ok := c.bytesAcked()
+	n, err := c.Conn.Write(p)
+	for ok && err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		now, _ := c.bytesAcked()
+		if now == acked {
+			break
+		}
+		acked = now
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(time.Duration(c.timeout.Load())))
+		var m int
+		m, err = c.Conn.Write(p[n:])
+		n += m
+	}
+	return n, err
+}
+
+// bytesAcked is how many bytes the client has acknowledged.
+func (c *clientConn) bytesAcked() (uint64, bool) {
+	raw, err := c.tcp.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var info *unix.TCPInfo
+	ctlErr := raw.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	})
+	if ctlErr != nil || err != nil {
+		return 0, false
+	}
+	return info.Bytes_acked, true
+}
+
+func (c *clientConn) Close() error {
+	err := c.Conn.Close()
+	c.freeOnce.Do(c.free)
+	return err
+}
+
+type clientConnKey struct{}
+
+// withClientConn keeps a request's connection in its context, for
+// streaming.
+func withClientConn(ctx context.Context, c net.Conn) context.Context {
+	if cc, ok := c.(*clientConn); ok {
+		return context.WithValue(ctx, clientConnKey{}, cc)
+	}
+	return ctx
+}
+
+func clientConnOf(r *http.Request) *clientConn {
+	cc, _ := r.Context().Value(clientConnKey{}).(*clientConn)
+	return cc
 }
 
 // deadlineWriter sets the write deadline of a response that does not
-// stream when its first byte is written.
+// stream when its first byte is written, and that of a streamed response
+// before each of its writes and flushes.
 type deadlineWriter struct {
 	http.ResponseWriter
+	conn      *clientConn // nil when not served by Listener
 	timeout   time.Duration
 	armed     bool
 	streaming bool
 }
 
 func (d *deadlineWriter) arm() {
-	if !d.armed && !d.streaming && d.timeout > 0 {
+	if d.timeout > 0 && (d.streaming || !d.armed) {
 		_ = http.NewResponseController(d.ResponseWriter).SetWriteDeadline(time.Now().Add(d.timeout))
 	}
 	d.armed = true
+}
+
+// FlushError flushes what a streamed response wrote, within the write
+// timeout (http.ResponseController calls it).
+func (d *deadlineWriter) FlushError() error {
+	d.arm()
+	return http.NewResponseController(d.ResponseWriter).Flush()
+}
+
+// finish arms the deadline of the server's last write of a streamed
+// response, after its handler: the end of a stream that paused longer
+// than the timeout before it ended is still written.
+func (d *deadlineWriter) finish() {
+	if d.streaming {
+		d.arm()
+	}
 }
 
 func (d *deadlineWriter) WriteHeader(code int) {
@@ -111,6 +274,9 @@ const refuseWait = 200 * time.Millisecond
 func streaming(w http.ResponseWriter) {
 	if d, ok := deadlineOf(w); ok {
 		d.streaming = true
+		if d.conn != nil {
+			d.conn.stream(true, d.timeout)
+		}
 	}
 	rc := http.NewResponseController(w)
 	_ = rc.SetReadDeadline(time.Time{})

@@ -2,6 +2,7 @@ package api
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -64,6 +66,9 @@ func TestStreamsOutliveTheTimeouts(t *testing.T) {
 		w.(http.Flusher).Flush()
 		time.Sleep(600 * time.Millisecond)
 		io.WriteString(w, "second\n")
+		w.(http.Flusher).Flush()
+		// The end of the stream, past the write timeout again.
+		time.Sleep(600 * time.Millisecond)
 	})
 	limits := Limits{ReadHeaderTimeout: time.Second, ReadTimeout: 200 * time.Millisecond, WriteTimeout: 200 * time.Millisecond, IdleTimeout: time.Second}
 	srv := newLimitedAPI(t, Options{Logs: slowLogs{600 * time.Millisecond}, Limits: limits}, &launcher{handler: mux})
@@ -161,6 +166,80 @@ func TestSlowClientsAreCut(t *testing.T) {
 			t.Error("an idle connection stays open")
 		}
 	})
+}
+
+// patternHandler answers size bytes of a pattern (size < 0: without end,
+// in chunks) and says when its writes failed.
+func patternHandler(size int64, gaveUp chan<- error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if size >= 0 {
+			w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		}
+		buf := bytes.Repeat([]byte("0123456789abcdef"), 2<<10)
+		for sent := int64(0); size < 0 || sent < size; sent += int64(len(buf)) {
+			part := buf
+			if size >= 0 {
+				part = buf[:min(int64(len(buf)), size-sent)]
+			}
+			if _, err := w.Write(part); err != nil {
+				gaveUp <- err
+				return
+			}
+		}
+		gaveUp <- nil
+	}
+}
+
+// TestStalledProgramReaderIsCut: a client that stops reading a program's
+// streamed answer is cut once a write waits past the write timeout, and
+// the program's writes then fail (its lease ends).
+func TestStalledProgramReaderIsCut(t *testing.T) {
+	gaveUp := make(chan error, 1)
+	limits := Limits{ReadHeaderTimeout: time.Second, ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond, IdleTimeout: time.Second}
+	srv := newLimitedAPI(t, Options{Limits: limits}, &launcher{handler: patternHandler(-1, gaveUp)})
+	conn := rawConn(t, srv)
+	io.WriteString(conn, "GET /vm/"+string(ref)+"/huge HTTP/1.1\r\nHost: node\r\n\r\n")
+	select {
+	case err := <-gaveUp:
+		if err == nil {
+			t.Error("an endless answer ended")
+		}
+	case <-time.After(20 * time.Second):
+		t.Error("the program still writes to a client that reads nothing")
+	}
+}
+
+// TestSlowProgramReaderIsNotCut: a client that reads a large answer
+// steadily, 256 KiB/s, each 128 KiB well within the write timeout, reads
+// it whole, although a third of the connection's send queue (4 MiB)
+// takes longer than the timeout to drain (TCP_NOTSENT_LOWAT).
+func TestSlowProgramReaderIsNotCut(t *testing.T) {
+	if testing.Short() {
+		t.Skip("reads 3 MiB at 256 KiB/s")
+	}
+	const size = 3 << 20
+	gaveUp := make(chan error, 1)
+	limits := Limits{ReadHeaderTimeout: time.Second, ReadTimeout: time.Second, WriteTimeout: 1500 * time.Millisecond, IdleTimeout: time.Second}
+	srv := newLimitedAPI(t, Options{Limits: limits}, &launcher{handler: patternHandler(size, gaveUp)})
+	resp, err := http.Get(srv.URL + "/vm/" + string(ref) + "/large")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	buf := make([]byte, 64<<10)
+	var read int
+	start := time.Now()
+	for read < size {
+		n, err := io.ReadFull(resp.Body, buf[:min(len(buf), size-read)])
+		read += n
+		if err != nil {
+			t.Fatalf("cut after %d of %d bytes, %s: %v", read, size, time.Since(start), err)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if err := <-gaveUp; err != nil {
+		t.Errorf("the program's writes failed: %v", err)
+	}
 }
 
 // TestConnectionLimit: past MaxConnections, a new connection waits until

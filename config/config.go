@@ -102,8 +102,9 @@ type Config struct {
 	VCPUOvercommit      float64 `env:"VCPU_OVERCOMMIT_FACTOR" yaml:"vcpu_overcommit_factor" help:"vCPUs handed out per host CPU."`
 	InitTimeout         Seconds `env:"INIT_TIMEOUT" yaml:"init_timeout" help:"How long a program VM may take from start to its workload accepting connections."`
 	MaxRequestBody      Bytes   `env:"MAX_REQUEST_BODY" yaml:"max_request_body" help:"Largest request body proxied to a program."`
+	HTTPHeaderTimeout   Seconds `env:"HTTP_HEADER_TIMEOUT" yaml:"http_header_timeout" help:"How long a client may take to send a request's headers, on every route: a connection that has not sent them whole by then is closed."`
 	HTTPReadTimeout     Seconds `env:"HTTP_READ_TIMEOUT" yaml:"http_read_timeout" help:"How long a client may take to send a whole request, body included, on the routes that do not stream (program requests and logs websockets stream)."`
-	HTTPWriteTimeout    Seconds `env:"HTTP_WRITE_TIMEOUT" yaml:"http_write_timeout" help:"How long a client may take to read an answer that does not stream, from its first byte, and a logs websocket client to take one line."`
+	HTTPWriteTimeout    Seconds `env:"HTTP_WRITE_TIMEOUT" yaml:"http_write_timeout" help:"How long a client may take to read an answer that does not stream, from its first byte, a logs websocket client to take one line, and a program's client to take any byte of its answer (one that stops reading is cut)."`
 	HTTPIdleTimeout     Seconds `env:"HTTP_IDLE_TIMEOUT" yaml:"http_idle_timeout" help:"How long a kept-alive connection may wait for its next request."`
 	HTTPMaxConnections  int     `env:"HTTP_MAX_CONNECTIONS" yaml:"http_max_connections" help:"Most connections the HTTP API serves at once; more wait to be accepted."`
 	WebsocketOrigins    List    `env:"WEBSOCKET_ALLOWED_ORIGINS" yaml:"websocket_allowed_origins" help:"Web origins (host patterns such as console.example.com or *.example.com) whose pages may open a logs websocket; clients that send no Origin and the node's own pages always may."`
@@ -162,6 +163,7 @@ func Default() Config {
 		MaxRequestBody:     1 << 30,
 		ConsoleLogMaxSize:  4 << 20,
 		MaxPublishedPorts:  64,
+		HTTPHeaderTimeout:  Seconds(30 * time.Second),
 		HTTPReadTimeout:    Seconds(time.Minute),
 		HTTPWriteTimeout:   Seconds(time.Minute),
 		HTTPIdleTimeout:    Seconds(2 * time.Minute),
@@ -443,7 +445,7 @@ func (c Config) Validate() error {
 	for _, t := range []struct {
 		name  string
 		value Seconds
-	}{{"HTTP_READ_TIMEOUT", c.HTTPReadTimeout}, {"HTTP_WRITE_TIMEOUT", c.HTTPWriteTimeout}, {"HTTP_IDLE_TIMEOUT", c.HTTPIdleTimeout}} {
+	}{{"HTTP_HEADER_TIMEOUT", c.HTTPHeaderTimeout}, {"HTTP_READ_TIMEOUT", c.HTTPReadTimeout}, {"HTTP_WRITE_TIMEOUT", c.HTTPWriteTimeout}, {"HTTP_IDLE_TIMEOUT", c.HTTPIdleTimeout}} {
 		if t.value <= 0 {
 			errs = append(errs, fmt.Errorf("%s%s: must be positive", EnvPrefix, t.name))
 		}

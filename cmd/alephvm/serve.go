@@ -139,7 +139,7 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher, Storage: storageAPI{cfg: cfg, records: n.records},
 		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
 		Limits: api.Limits{
-			ReadHeaderTimeout: 30 * time.Second, ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
+			ReadHeaderTimeout: cfg.HTTPHeaderTimeout.Duration(), ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
 			IdleTimeout: cfg.HTTPIdleTimeout.Duration(), MaxConnections: cfg.HTTPMaxConnections,
 		},
 		WebsocketOrigins: cfg.WebsocketOrigins, MaxLogFollowers: cfg.LogsMaxFollowers, MaxLogFollowersPerVM: cfg.LogsMaxFollowersVM,
