@@ -101,11 +101,14 @@ func UserData(c Config) ([]byte, error) {
 
 // NetworkConfig renders network-config version 2. The NIC is matched by
 // its MAC address, whatever the distribution names it, and renamed eth0.
+//
+// The default routes are gateway4 and gateway6, not routes to 0.0.0.0/0:
+// every renderer cloud-init may pick makes a gateway its own way
+// (networkd Gateway=, ifupdown's gateway line, sysconfig GATEWAY=,
+// netplan as written), whereas its ifupdown renderer turns routes into
+// "post-up route add ... || true", which does nothing on an image without
+// net-tools: the VM would come up with no default route, silently.
 func NetworkConfig(c Config) ([]byte, error) {
-	type route struct {
-		To  string `yaml:"to"`
-		Via string `yaml:"via"`
-	}
 	type nameservers struct {
 		Addresses []string `yaml:"addresses"`
 	}
@@ -113,7 +116,8 @@ func NetworkConfig(c Config) ([]byte, error) {
 		Match       map[string]string `yaml:"match"`
 		SetName     string            `yaml:"set-name"`
 		Addresses   []string          `yaml:"addresses"`
-		Routes      []route           `yaml:"routes"`
+		Gateway4    string            `yaml:"gateway4"`
+		Gateway6    string            `yaml:"gateway6,omitempty"`
 		Nameservers *nameservers      `yaml:"nameservers,omitempty"`
 	}
 	n := c.Network
@@ -121,12 +125,12 @@ func NetworkConfig(c Config) ([]byte, error) {
 		Match:     map[string]string{"macaddress": n.MAC.String()},
 		SetName:   "eth0",
 		Addresses: []string{n.Address.String()},
-		Routes:    []route{{To: "0.0.0.0/0", Via: n.Gateway.String()}},
+		Gateway4:  n.Gateway.String(),
 	}
 	if n.IPv6.IsValid() {
 		eth.Addresses = append(eth.Addresses, n.IPv6.String())
 		if n.GatewayIPv6.IsValid() {
-			eth.Routes = append(eth.Routes, route{To: "::/0", Via: n.GatewayIPv6.String()})
+			eth.Gateway6 = n.GatewayIPv6.String()
 		}
 	}
 	if len(n.DNS) > 0 {
