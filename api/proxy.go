@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/alephvm/alephvm/pool"
@@ -92,8 +93,9 @@ type forward struct {
 	// bodyDone gives the result of writing the request's body, when it has
 	// one: it is written by a goroutine of its own, so that a program may
 	// answer while it reads.
-	bodyDone chan error
-	bodyErr  error
+	bodyDone  chan error
+	bodyState atomic.Int32
+	bodyErr   error
 }
 
 // run forwards the request; an error returned is answered to the client,
@@ -221,9 +223,12 @@ func (f *forward) end() {
 	f.up = nil
 }
 
-// waitBody returns the error of writing the request's body. The writing
-// is ended first if it still goes on: the program answered without
-// reading it all (or failed), so the connection will not be reused.
+// waitBody returns the error of writing the request's body. If the
+// writing still goes on, the program answered before the body ended:
+// either the body's last bytes are being written (the writing is given
+// bodyGrace to end, and the connection stays reusable), or the client
+// still sends it and the program will not read it (the writing is ended,
+// and so is the connection).
 func (f *forward) waitBody() error {
 	if f.bodyDone == nil {
 		return f.bodyErr
@@ -231,17 +236,33 @@ func (f *forward) waitBody() error {
 	select {
 	case f.bodyErr = <-f.bodyDone:
 	default:
-		f.reusable = false
-		f.up.conn.Close()
-		_ = http.NewResponseController(f.w).SetReadDeadline(aLongTimeAgo)
+		if f.bodyState.Load() == bodyReading {
+			f.reusable = false
+			f.up.conn.Close()
+			_ = http.NewResponseController(f.w).SetReadDeadline(aLongTimeAgo)
+		} else {
+			_ = f.up.conn.SetWriteDeadline(time.Now().Add(bodyGrace))
+		}
 		f.bodyErr = <-f.bodyDone
-		if f.bodyErr == nil {
+		_ = f.up.conn.SetWriteDeadline(time.Time{})
+		if f.bodyErr == nil && f.bodyState.Load() != bodySent {
 			f.bodyErr = errors.New("request body not all sent")
 		}
 	}
 	f.bodyDone = nil
 	return f.bodyErr
 }
+
+// Where the writing of a request's body is.
+const (
+	bodyReading int32 = iota // from the client
+	bodyWriting              // to the program
+	bodySent
+)
+
+// bodyGrace bounds the writing of a body's last bytes once the program
+// has answered.
+const bodyGrace = 5 * time.Second
 
 // writeBody sends the request's body after its head, as the client sends
 // it: each piece read is written at once.
@@ -257,7 +278,9 @@ func (f *forward) writeBody() error {
 	}
 	var sent int64
 	for {
+		f.bodyState.Store(bodyReading)
 		n, rerr := f.r.Body.Read(*buf)
+		f.bodyState.Store(bodyWriting)
 		if n > 0 {
 			sent += int64(n)
 			if _, err := dst.Write((*buf)[:n]); err != nil {
@@ -287,6 +310,7 @@ func (f *forward) writeBody() error {
 	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("send request body: %w", err)
 	}
+	f.bodyState.Store(bodySent)
 	return nil
 }
 

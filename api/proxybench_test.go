@@ -31,7 +31,8 @@ import (
 //
 // Load comes from wrk (-t2) when it is installed, else from an in-process
 // HTTP/1.1 client. Run it with -benchtime 1x; ALEPHVM_PROXYBENCH_ROUNDS
-// (default 3) and ALEPHVM_PROXYBENCH_SECONDS (default 2) size it.
+// (default 3) and ALEPHVM_PROXYBENCH_SECONDS (default 2) size it;
+// ALEPHVM_PROXYBENCH_ONLY=node measures the node alone, to profile it.
 func BenchmarkProxyVsNginx(b *testing.B) {
 	nginx, err := exec.LookPath("nginx")
 	if err != nil {
@@ -62,6 +63,10 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 	http.DefaultClient.CloseIdleConnections()
 
 	targets := []struct{ name, url string }{{"node", node}, {"nginx", viaNginx}, {"direct", direct}}
+	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
+		// One target alone, to profile it (-cpuprofile).
+		targets = slices.DeleteFunc(targets, func(t struct{ name, url string }) bool { return t.name != only })
+	}
 	for b.Loop() {
 		for _, conns := range []int{32, 200} {
 			rates := map[string][]float64{}
@@ -74,6 +79,9 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 					rates[tg.name] = append(rates[tg.name], rate)
 					b.Logf("c%d round %d %s: %.0f req/s (load %s)", conns, round+1, tg.name, rate, loadAverage())
 				}
+			}
+			if len(targets) < 3 {
+				continue
 			}
 			med := func(name string) float64 { return median(rates[name]) }
 			c := "c" + strconv.Itoa(conns)

@@ -22,6 +22,9 @@ type upstreams struct {
 	maxTotal      int
 	// idleTimeout closes a connection left idle that long.
 	idleTimeout time.Duration
+	// defaultProbeAfter is the idle time past which a connection is checked
+	// before it is reused (see defaultProbeAfter).
+	probeAfter  time.Duration
 	dialTimeout time.Duration
 	dialer      net.Dialer
 
@@ -31,15 +34,15 @@ type upstreams struct {
 	sweeping bool
 }
 
-// probeAfter is the idle time past which a connection is checked before
+// defaultProbeAfter is the idle time past which a connection is checked before
 // it is reused: a program's HTTP server closes connections idle for a few
 // seconds (uvicorn after 5), and a request written on one of those would
 // fail for nothing. Connections reused sooner are not checked, to save the
 // system call; a request that loses that race is retried (see retryable).
-const probeAfter = time.Second
+const defaultProbeAfter = time.Second
 
 func newUpstreams() *upstreams {
-	return &upstreams{maxPerProgram: 1024, maxTotal: 4096, idleTimeout: 90 * time.Second, dialTimeout: 5 * time.Second,
+	return &upstreams{maxPerProgram: 1024, maxTotal: 4096, idleTimeout: 90 * time.Second, probeAfter: defaultProbeAfter, dialTimeout: 5 * time.Second,
 		dialer: net.Dialer{KeepAlive: 30 * time.Second}, idle: map[pool.Program][]*upstreamConn{}}
 }
 
@@ -82,7 +85,7 @@ func (u *upstreams) get(ctx context.Context, prog pool.Program, deadline time.Ti
 		u.idle[prog] = list[:len(list)-1]
 		u.total--
 		u.mu.Unlock()
-		if time.Since(c.idleSince) < probeAfter || c.alive() {
+		if time.Since(c.idleSince) < u.probeAfter || c.alive() {
 			c.received = false
 			return c, true, nil
 		}
