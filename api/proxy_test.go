@@ -5,11 +5,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -469,5 +472,120 @@ func TestProgramFailures(t *testing.T) {
 				t.Errorf("%d %q", resp.StatusCode, body)
 			}
 		})
+	}
+}
+
+// trackedConn notes that it was closed.
+type trackedConn struct {
+	net.Conn
+	closed bool
+}
+
+func (c *trackedConn) Close() error { c.closed = true; return nil }
+
+// The idle connections kept are bounded per program and in all, those of
+// a stopped program are not kept, and the sweep closes those idle too
+// long.
+func TestIdleConnectionLimits(t *testing.T) {
+	u := newUpstreams()
+	u.maxPerProgram, u.maxTotal = 2, 3
+	a, b := &vm{done: make(chan struct{})}, &vm{done: make(chan struct{})}
+	put := func(prog pool.Program) *trackedConn {
+		c := &trackedConn{}
+		u.put(&upstreamConn{conn: c, prog: prog})
+		return c
+	}
+	var kept []*trackedConn
+	for _, tc := range []struct {
+		name string
+		prog pool.Program
+		kept bool
+	}{
+		{"first of a", a, true}, {"second of a", a, true}, {"third of a, past the program's bound", a, false},
+		{"first of b", b, true}, {"second of b, past the bound in all", b, false},
+	} {
+		c := put(tc.prog)
+		if c.closed == tc.kept {
+			t.Errorf("%s: kept %v, want %v", tc.name, !c.closed, tc.kept)
+		}
+		if !c.closed {
+			kept = append(kept, c)
+		}
+	}
+	if u.idleCount(a) != 2 || u.idleCount(b) != 1 {
+		t.Errorf("idle: a %d, b %d", u.idleCount(a), u.idleCount(b))
+	}
+	c, reused, err := u.get(context.Background(), a, time.Time{})
+	if err != nil || !reused || c.conn != kept[1] {
+		t.Errorf("get: %v %v, want the last one kept (%v)", reused, err, c)
+	}
+
+	b.Stop(context.Background())
+	if c := put(b); !c.closed {
+		t.Error("a connection of a stopped program was kept")
+	}
+	u.sweep()
+	if u.idleCount(b) != 0 || !kept[2].closed {
+		t.Error("the sweep kept the connections of a stopped program")
+	}
+	if u.idleCount(a) != 1 || kept[0].closed {
+		t.Error("the sweep closed a connection idle for less than idleTimeout")
+	}
+	u.idleTimeout = 0
+	u.sweep()
+	if u.idleCount(a) != 0 || !kept[0].closed || u.total != 0 {
+		t.Errorf("the sweep left %d connections idle for too long", u.total)
+	}
+}
+
+// The watchdog ends an exchange past its deadline, or whose client left,
+// and no other.
+func TestWatchdog(t *testing.T) {
+	d := &watchdog{tick: time.Millisecond}
+	left, leave := context.WithCancel(context.Background())
+	cases := []struct {
+		name     string
+		ctx      context.Context
+		deadline time.Time
+		want     int32
+	}{
+		{"late", context.Background(), time.Now(), abortedTimeout},
+		{"client left", left, time.Time{}, abortedClientLeft},
+		{"in time", context.Background(), time.Now().Add(time.Hour), notAborted},
+		{"no deadline", context.Background(), time.Time{}, notAborted},
+	}
+	xs := make([]*exchange, len(cases))
+	for i, tc := range cases {
+		x := &exchange{ctx: tc.ctx}
+		if !tc.deadline.IsZero() {
+			x.deadline.Store(tc.deadline.UnixNano())
+		}
+		server, client := net.Pipe()
+		defer server.Close()
+		defer client.Close()
+		x.setConn(&upstreamConn{conn: client})
+		d.watch(x)
+		xs[i] = x
+	}
+	leave()
+	for i, tc := range cases {
+		x := xs[i]
+		for start := time.Now(); tc.want != notAborted && x.reason.Load() == notAborted && time.Since(start) < 10*time.Second; {
+			time.Sleep(time.Millisecond)
+		}
+		if tc.want == notAborted {
+			time.Sleep(20 * time.Millisecond) // a few ticks
+		}
+		if got := x.reason.Load(); got != tc.want {
+			t.Errorf("%s: reason %d, want %d", tc.name, got, tc.want)
+		}
+		if tc.want != notAborted {
+			if _, err := x.up.Load().conn.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Errorf("%s: the connection still reads (%v)", tc.name, err)
+			}
+		}
+	}
+	for _, x := range xs {
+		d.unwatch(x)
 	}
 }
