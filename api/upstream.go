@@ -1,0 +1,213 @@
+package api
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/alephvm/alephvm/pool"
+)
+
+// upstreams keeps the proxy's idle HTTP/1.1 connections to program VMs,
+// per running program (not per address: a VM that stops may leave its
+// address to another program), for the next request to reuse.
+type upstreams struct {
+	maxPerProgram int
+	maxTotal      int
+	// idleTimeout closes a connection left idle that long.
+	idleTimeout time.Duration
+	// defaultProbeAfter is the idle time past which a connection is checked
+	// before it is reused (see defaultProbeAfter).
+	probeAfter  time.Duration
+	dialTimeout time.Duration
+	dialer      net.Dialer
+
+	mu       sync.Mutex
+	idle     map[pool.Program][]*upstreamConn // most recently used last
+	total    int
+	sweeping bool
+}
+
+// defaultProbeAfter is the idle time past which a connection is checked before
+// it is reused: a program's HTTP server closes connections idle for a few
+// seconds (uvicorn after 5), and a request written on one of those would
+// fail for nothing. Connections reused sooner are not checked, to save the
+// system call; a request that loses that race is retried (see retryable).
+const defaultProbeAfter = time.Second
+
+func newUpstreams() *upstreams {
+	return &upstreams{maxPerProgram: 1024, maxTotal: 4096, idleTimeout: 90 * time.Second, probeAfter: defaultProbeAfter, dialTimeout: 5 * time.Second,
+		dialer: net.Dialer{KeepAlive: 30 * time.Second}, idle: map[pool.Program][]*upstreamConn{}}
+}
+
+// upstreamConn is a kept-alive connection to one program.
+type upstreamConn struct {
+	conn net.Conn
+	br   *bufio.Reader
+	bw   *bufio.Writer
+	prog pool.Program
+	// prefix is the path of the program's target, written before each
+	// request's path.
+	prefix    string
+	idleSince time.Time
+	// received tells whether anything was read since the last request was
+	// written: a request that failed before its answer's first byte may be
+	// retried.
+	received bool
+}
+
+// Read reads from the connection, noting that something came.
+func (c *upstreamConn) Read(p []byte) (int, error) {
+	n, err := c.conn.Read(p)
+	if n > 0 {
+		c.received = true
+	}
+	return n, err
+}
+
+// get returns an idle connection to prog, or a new one; reused says which.
+// A new connection must be made before deadline (zero for none).
+func (u *upstreams) get(ctx context.Context, prog pool.Program, deadline time.Time) (c *upstreamConn, reused bool, err error) {
+	u.mu.Lock()
+	for {
+		list := u.idle[prog]
+		if len(list) == 0 {
+			break
+		}
+		c = list[len(list)-1]
+		list[len(list)-1] = nil
+		u.idle[prog] = list[:len(list)-1]
+		u.total--
+		u.mu.Unlock()
+		if time.Since(c.idleSince) < u.probeAfter || c.alive() {
+			c.received = false
+			return c, true, nil
+		}
+		c.conn.Close()
+		u.mu.Lock()
+	}
+	u.mu.Unlock()
+	c, err = u.dial(ctx, prog, deadline)
+	return c, false, err
+}
+
+func (u *upstreams) dial(ctx context.Context, prog pool.Program, deadline time.Time) (*upstreamConn, error) {
+	target := prog.Target()
+	limit := time.Now().Add(u.dialTimeout)
+	if !deadline.IsZero() && deadline.Before(limit) {
+		limit = deadline
+	}
+	ctx, cancel := context.WithDeadline(ctx, limit)
+	defer cancel()
+	conn, err := u.dialer.DialContext(ctx, "tcp", target.Host)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", target.Host, err)
+	}
+	c := &upstreamConn{conn: conn, prog: prog, prefix: strings.TrimSuffix(target.EscapedPath(), "/")}
+	c.br = bufio.NewReaderSize(c, 4<<10)
+	c.bw = bufio.NewWriterSize(conn, 4<<10)
+	return c, nil
+}
+
+// put keeps c for the next request to its program, unless the pool is
+// full or the program has stopped.
+func (u *upstreams) put(c *upstreamConn) {
+	select {
+	case <-c.prog.Done():
+		c.conn.Close()
+		return
+	default:
+	}
+	c.idleSince = time.Now()
+	u.mu.Lock()
+	list := u.idle[c.prog]
+	if u.total >= u.maxTotal || len(list) >= u.maxPerProgram {
+		u.mu.Unlock()
+		c.conn.Close()
+		return
+	}
+	u.idle[c.prog] = append(list, c)
+	u.total++
+	if !u.sweeping {
+		u.sweeping = true
+		time.AfterFunc(u.idleTimeout/3, u.sweep)
+	}
+	u.mu.Unlock()
+}
+
+// sweep closes the connections idle for longer than idleTimeout and those
+// of stopped programs; it comes back while any connection is idle.
+func (u *upstreams) sweep() {
+	var expired []*upstreamConn
+	u.mu.Lock()
+	now := time.Now()
+	for prog, list := range u.idle {
+		stopped := false
+		select {
+		case <-prog.Done():
+			stopped = true
+		default:
+		}
+		kept := list[:0]
+		for _, c := range list {
+			if stopped || now.Sub(c.idleSince) > u.idleTimeout {
+				expired = append(expired, c)
+				continue
+			}
+			kept = append(kept, c)
+		}
+		clear(list[len(kept):])
+		u.total -= len(list) - len(kept)
+		if len(kept) == 0 {
+			delete(u.idle, prog)
+		} else {
+			u.idle[prog] = kept
+		}
+	}
+	if u.total > 0 {
+		time.AfterFunc(u.idleTimeout/3, u.sweep)
+	} else {
+		u.sweeping = false
+	}
+	u.mu.Unlock()
+	for _, c := range expired {
+		c.conn.Close()
+	}
+}
+
+// idleCount is the number of idle connections to prog.
+func (u *upstreams) idleCount(prog pool.Program) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.idle[prog])
+}
+
+// alive tells, without waiting, whether the program has not closed c
+// while it was idle: nothing is there to read and the connection is open.
+func (c *upstreamConn) alive() bool {
+	if c.br.Buffered() > 0 {
+		return false // an answer nobody asked for
+	}
+	sc, ok := c.conn.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	open := false
+	err = raw.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, rerr := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		open = errors.Is(rerr, syscall.EAGAIN)
+		return true
+	})
+	return err == nil && open
+}

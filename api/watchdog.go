@@ -1,0 +1,113 @@
+package api
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// watchdog ends the exchanges with programs that must end: those whose
+// program sent no answer's headers within its resources.seconds, and those
+// whose client left. One goroutine looks at them all a few times a second,
+// while there are any, instead of a timer and a context per request.
+type watchdog struct {
+	tick time.Duration
+
+	mu      sync.Mutex
+	watched []*exchange
+	running bool
+}
+
+// Why an exchange was ended by the watchdog.
+const (
+	notAborted int32 = iota
+	abortedTimeout
+	abortedClientLeft
+)
+
+// exchange is what the watchdog knows of one request to a program.
+type exchange struct {
+	ctx context.Context
+	// deadline for the answer's headers, in Unix nanoseconds; 0 for none.
+	deadline atomic.Int64
+	// up is the connection to the program the request is on, if any.
+	up     atomic.Pointer[upstreamConn]
+	reason atomic.Int32
+	slot   int
+}
+
+// aLongTimeAgo, set as a connection's deadline, fails its pending and
+// future reads and writes at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+func (x *exchange) abort(reason int32) {
+	if x.reason.CompareAndSwap(notAborted, reason) {
+		if up := x.up.Load(); up != nil {
+			_ = up.conn.SetDeadline(aLongTimeAgo)
+		}
+	}
+}
+
+// setConn puts the exchange on up; it is aborted at once if the watchdog
+// already ended it.
+func (x *exchange) setConn(up *upstreamConn) {
+	x.up.Store(up)
+	if r := x.reason.Load(); r != notAborted {
+		_ = up.conn.SetDeadline(aLongTimeAgo)
+	}
+}
+
+func (x *exchange) check(now int64) {
+	if x.reason.Load() != notAborted {
+		return
+	}
+	if x.ctx.Err() != nil {
+		x.abort(abortedClientLeft)
+		return
+	}
+	if d := x.deadline.Load(); d != 0 && now >= d {
+		x.abort(abortedTimeout)
+	}
+}
+
+// watch starts watching x.
+func (d *watchdog) watch(x *exchange) {
+	d.mu.Lock()
+	x.slot = len(d.watched)
+	d.watched = append(d.watched, x)
+	if !d.running {
+		d.running = true
+		go d.run()
+	}
+	d.mu.Unlock()
+}
+
+// unwatch stops watching x: once it returns, x is aborted no more.
+func (d *watchdog) unwatch(x *exchange) {
+	d.mu.Lock()
+	last := len(d.watched) - 1
+	moved := d.watched[last]
+	d.watched[x.slot], moved.slot = moved, x.slot
+	d.watched[last] = nil
+	d.watched = d.watched[:last]
+	d.mu.Unlock()
+}
+
+func (d *watchdog) run() {
+	t := time.NewTicker(d.tick)
+	defer t.Stop()
+	for now := range t.C {
+		d.mu.Lock()
+		if len(d.watched) == 0 {
+			d.running = false
+			d.mu.Unlock()
+			return
+		}
+		n := now.UnixNano()
+		for _, x := range d.watched {
+			x.check(n)
+		}
+		d.mu.Unlock()
+	}
+}
