@@ -20,7 +20,7 @@ import (
 // createGoHello builds the Go example and creates it as a program on the
 // node env points at, with the extra flags of program create, returning
 // its ref.
-func createGoHello(t *testing.T, env []string, dir string, extra ...string) string {
+func createGoHello(t testing.TB, env []string, dir string, extra ...string) string {
 	t.Helper()
 	goDir := filepath.Join(dir, "go-hello")
 	os.MkdirAll(goDir, 0o755)

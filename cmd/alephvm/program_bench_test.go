@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,6 +21,7 @@ import (
 	"github.com/alephvm/alephvm/guest"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/internal/proxybench"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/network"
@@ -164,4 +166,48 @@ func bareBoot(b testing.TB, m assets.Manifest, codeDir, dir string) time.Duratio
 	}
 	b.Fatalf("bare VM did not answer; console: %s", vm.ConsoleLog())
 	return 0
+}
+
+// BenchmarkProgramProxyVsNginx is the proxy comparison of issue 16 with a
+// real VM: examples/go-hello booted by the node under QEMU, then wrk -t2
+// at 32 and at 200 connections through the node, through nginx with a
+// keepalive upstream to the same VM (what an operator would otherwise put
+// in front), and straight to the VM, interleaved; it reports the medians
+// and node/nginx, node/direct. It skips without nginx.
+//
+//	go test -run NONE -bench ProgramProxyVsNginx -benchtime 1x ./cmd/alephvm
+func BenchmarkProgramProxyVsNginx(b *testing.B) {
+	assetsDir := testassets.ProgramAssets(b)
+	testenv.RequireTools(b, "qemu-system-x86_64", "nft", "mkfs.ext4", "go")
+	nginx, err := exec.LookPath("nginx")
+	if err != nil {
+		if nginx, err = exec.LookPath("/usr/sbin/nginx"); err != nil {
+			b.Skip("nginx is not installed (apt-get install nginx-light): the comparison needs it")
+		}
+	}
+	dir, port, env := nodeEnv(b, "lo", "10.0.0.53")
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=600", "ALEPH_VM_LOG_LEVEL=warn")
+	node := startNode(b, env, port)
+	defer func() {
+		node.cmd.Process.Signal(syscall.SIGTERM) // stops its program VMs
+		node.cmd.Wait()
+	}()
+	ref := createGoHello(b, env, dir)
+	if status, body := httpGet(b, programURL(port, ref, "/")); status != 200 {
+		b.Fatalf("cold request: %d %s", status, body)
+	}
+	vm := listVMs(b, port)[ref].Networking.IPv4
+	prefix := "/vm/" + ref + "/"
+	targets := []proxybench.Target{
+		{Name: "node", URL: programURL(port, ref, "/")},
+		{Name: "nginx", URL: proxybench.StartNginx(b, nginx, vm+":8080", prefix)},
+		{Name: "direct", URL: "http://" + vm + ":8080/"},
+	}
+	rounds := 3
+	if n, err := strconv.Atoi(os.Getenv("ALEPHVM_PROXYBENCH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
+	for b.Loop() {
+		proxybench.Compare(b, targets, rounds, 5*time.Second, proxybench.Load(b))
+	}
 }

@@ -1,0 +1,261 @@
+// Package proxybench holds what the benchmarks comparing the node's proxy
+// with nginx share: nginx run from a config of its own (the reverse proxy
+// an operator would otherwise put in front of a program), load generators
+// (wrk, or an in-process HTTP/1.1 client) and the interleaved comparison.
+package proxybench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Target is one way to the program.
+type Target struct{ Name, URL string }
+
+// Compare loads each target in turn, rounds times, at 32 and at 200
+// connections: interleaved (one, two, three, one, ...) so that other work
+// on the machine weighs on all alike. It logs every round and reports the
+// medians, and the first target's rate over each of the others.
+func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc) {
+	for _, conns := range []int{32, 200} {
+		rates := map[string][]float64{}
+		for round := range rounds {
+			for _, tg := range targets {
+				rate, err := load(tg.URL, conns, d)
+				if err != nil {
+					b.Fatalf("%s at %d connections: %v", tg.Name, conns, err)
+				}
+				rates[tg.Name] = append(rates[tg.Name], rate)
+				b.Logf("c%d round %d %s: %.0f req/s (load %s)", conns, round+1, tg.Name, rate, LoadAverage())
+			}
+		}
+		c := "c" + strconv.Itoa(conns)
+		first := Median(rates[targets[0].Name])
+		for _, tg := range targets {
+			b.ReportMetric(Median(rates[tg.Name]), "req/s-"+tg.Name+"-"+c)
+		}
+		for _, tg := range targets[1:] {
+			b.ReportMetric(first/Median(rates[tg.Name]), targets[0].Name+"/"+tg.Name+"-"+c)
+		}
+	}
+}
+
+// Load is wrk when it is installed, else the in-process client (which
+// shares the CPUs of what it measures: said in the log).
+func Load(b testing.TB) LoadFunc {
+	if wrk, err := exec.LookPath("wrk"); err == nil {
+		return Wrk(wrk)
+	}
+	b.Log("wrk is not installed (apt-get install wrk): the load comes from an in-process client, which shares the measured CPUs")
+	return InProcess
+}
+
+// StartNginx runs nginx on loopback, from a config of its own in a
+// temporary directory, passing prefix to upstream over kept-alive
+// connections, and returns the URL of prefix through it.
+func StartNginx(b testing.TB, nginx, upstream, prefix string) string {
+	b.Helper()
+	dir := b.TempDir()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	conf := NginxConfig(dir, addr, upstream, prefix)
+	if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("start nginx: %v", err)
+	}
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	b.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	})
+	url := "http://" + addr + prefix
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return url
+			}
+			err = fmt.Errorf("status %d", resp.StatusCode)
+		}
+		select {
+		case <-exited:
+			log, _ := os.ReadFile(filepath.Join(dir, "error.log"))
+			b.Fatalf("nginx exited: %v\n%s%s", waitErr, out.String(), log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("nginx does not answer at %s: %v", url, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// NginxConfig is the reverse proxy an operator would put in front of a
+// program: a keepalive upstream, HTTP/1.1 to it, the forwarding headers
+// the node sets too, no access log (the node keeps none either).
+func NginxConfig(dir, listen, upstream, prefix string) string {
+	return fmt.Sprintf(`daemon off;
+master_process on;
+worker_processes auto;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log warn;
+events { worker_connections 4096; }
+http {
+	access_log off;
+	client_body_temp_path %[1]s/body;
+	proxy_temp_path %[1]s/proxy;
+	fastcgi_temp_path %[1]s/fastcgi;
+	uwsgi_temp_path %[1]s/uwsgi;
+	scgi_temp_path %[1]s/scgi;
+	keepalive_requests 100000;
+	upstream program {
+		server %[3]s;
+		keepalive 1024;
+	}
+	server {
+		listen %[2]s;
+		location %[4]s {
+			proxy_pass http://program/;
+			proxy_http_version 1.1;
+			proxy_set_header Connection "";
+			proxy_set_header Host $host;
+			proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+			proxy_set_header X-Forwarded-Proto $scheme;
+		}
+	}
+}
+`, dir, listen, upstream, prefix)
+}
+
+// LoadFunc drives GET url over conns kept-alive connections for d and
+// returns the rate of answers.
+type LoadFunc func(url string, conns int, d time.Duration) (float64, error)
+
+var wrkRate = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+
+// Wrk runs wrk with two threads, as the field measurements did.
+func Wrk(wrk string) LoadFunc {
+	return func(url string, conns int, d time.Duration) (float64, error) {
+		out, err := exec.Command(wrk, "-t2", "-c"+strconv.Itoa(conns), "-d"+strconv.Itoa(int(d.Seconds()))+"s", url).CombinedOutput()
+		if err != nil {
+			return 0, fmt.Errorf("wrk: %v\n%s", err, out)
+		}
+		if bytes.Contains(out, []byte("Non-2xx")) || bytes.Contains(out, []byte("Socket errors")) {
+			return 0, fmt.Errorf("wrk saw errors:\n%s", out)
+		}
+		m := wrkRate.FindSubmatch(out)
+		if m == nil {
+			return 0, fmt.Errorf("no rate in wrk's output:\n%s", out)
+		}
+		return strconv.ParseFloat(string(m[1]), 64)
+	}
+}
+
+// InProcess is a small HTTP/1.1 client: each connection writes a GET
+// and reads its answer, again and again.
+func InProcess(target string, conns int, d time.Duration) (float64, error) {
+	u, err := http.NewRequest("GET", target, nil)
+	if err != nil {
+		return 0, err
+	}
+	req := []byte("GET " + u.URL.RequestURI() + " HTTP/1.1\r\nHost: " + u.URL.Host + "\r\n\r\n")
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var done atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, conns)
+	for range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.Dial("tcp", u.URL.Host)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+			br := bufio.NewReader(c)
+			for ctx.Err() == nil {
+				if _, err := c.Write(req); err != nil {
+					break
+				}
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					break
+				}
+				_, err = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if err != nil {
+					break
+				}
+				if resp.StatusCode != http.StatusOK {
+					errs <- fmt.Errorf("status %d", resp.StatusCode)
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	start := time.Now()
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return 0, err
+	}
+	return float64(done.Load()) / time.Since(start).Seconds(), nil
+}
+
+// Median is the middle of xs.
+func Median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	return s[len(s)/2]
+}
+
+// LoadAverage is the machine's 1-minute load average, noted with each
+// figure: other work on the machine weighs on them.
+func LoadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.Fields(string(b))[0]
+}
