@@ -2,8 +2,11 @@
 # bench-proxy.sh: the node's proxy against nginx (keepalive upstream) and
 # against the program itself, in one run: wrk -t2 at 32 and 200
 # connections, 3 interleaved rounds of 5 s each, medians and ratios.
-# It runs BenchmarkProxyVsNginx (api/proxybench_test.go) and installs
-# nothing: it says what is missing.
+# It runs BenchmarkProxyVsNginx (api/proxybench_test.go: an in-process
+# program) or, with --vm, BenchmarkProgramProxyVsNginx (cmd/alephvm:
+# examples/go-hello in a VM under QEMU; as root). It installs nothing: it
+# says what is missing.
+#   scripts/bench-proxy.sh [--vm]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -15,9 +18,13 @@ if ((${#missing[@]})); then
 	exit 1
 fi
 export PATH="$PATH:/usr/sbin"
+bench='BenchmarkProxyVsNginx$' pkg=./api
+if [ "${1:-}" = --vm ]; then
+	bench='BenchmarkProgramProxyVsNginx$' pkg=./cmd/alephvm
+fi
 echo "load average before: $(cat /proc/loadavg)"
 ALEPHVM_PROXYBENCH_ROUNDS="${ROUNDS:-3}" ALEPHVM_PROXYBENCH_SECONDS="${SECONDS_PER_ROUND:-5}" \
-	go test -run NONE -bench 'BenchmarkProxyVsNginx$' -benchtime 1x -v ./api |
-	awk '/round|Benchmark|^ok|FAIL/ { print } /BenchmarkProxyVsNginx-/ {
+	go test -run NONE -bench "$bench" -benchtime 1x -timeout 30m -v "$pkg" |
+	awk '/round|Benchmark|^ok|FAIL/ { print } /Benchmark(Program)?ProxyVsNginx-/ {
 		for (i = 3; i < NF; i += 2) printf "  %-22s %s\n", $(i+1), $i }'
 echo "load average after: $(cat /proc/loadavg)"
