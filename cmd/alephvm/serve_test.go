@@ -42,9 +42,14 @@ func httpGet(t testing.TB, url string) (int, string) {
 }
 
 // operatorGet is httpGet with the operator's token (nodeEnv's "test").
-func operatorGet(t testing.TB, url string) (int, string) {
+func operatorGet(t testing.TB, url string) (int, string) { return operatorRequest(t, "GET", url) }
+
+// operatorPost POSTs to url, without a body, with the operator's token.
+func operatorPost(t testing.TB, url string) (int, string) { return operatorRequest(t, "POST", url) }
+
+func operatorRequest(t testing.TB, method, url string) (int, string) {
 	t.Helper()
-	req, _ := http.NewRequest("GET", url, nil)
+	req, _ := http.NewRequest(method, url, nil)
 	req.Header.Set("X-Auth-Signature", "test")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

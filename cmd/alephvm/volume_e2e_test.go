@@ -2,8 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -73,18 +71,4 @@ func TestVolumeParentEndToEnd(t *testing.T) {
 			t.Errorf("after a stop and a start, %s: %d %q", name, status, body)
 		}
 	}
-}
-
-// operatorPost POSTs to url with the operator's token.
-func operatorPost(t testing.TB, url string) (int, string) {
-	t.Helper()
-	req, _ := http.NewRequest("POST", url, nil)
-	req.Header.Set("X-Auth-Signature", "test")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(body)
 }
