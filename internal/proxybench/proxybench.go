@@ -165,7 +165,10 @@ http {
 // returns the rate of answers.
 type LoadFunc func(url string, conns int, d time.Duration) (float64, error)
 
-var wrkRate = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+var (
+	wrkRate         = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	wrkSocketErrors = regexp.MustCompile(`Socket errors: connect [1-9]|read [1-9]|write [1-9]`)
+)
 
 // Wrk runs wrk with two threads, as the field measurements did.
 func Wrk(wrk string) LoadFunc {
@@ -174,7 +177,10 @@ func Wrk(wrk string) LoadFunc {
 		if err != nil {
 			return 0, fmt.Errorf("wrk: %v\n%s", err, out)
 		}
-		if bytes.Contains(out, []byte("Non-2xx")) || bytes.Contains(out, []byte("Socket errors")) {
+		// Wrong answers and broken connections fail the run; a request
+		// wrk gave up on after its 2 s (an emulated VM flooded by 200
+		// connections) is only slow, and the rate says so.
+		if bytes.Contains(out, []byte("Non-2xx")) || wrkSocketErrors.Match(out) {
 			return 0, fmt.Errorf("wrk saw errors:\n%s", out)
 		}
 		m := wrkRate.FindSubmatch(out)
