@@ -41,17 +41,7 @@ func CloneFile(src, dst string) (CloneMethod, error) {
 		return "", fmt.Errorf("clone %s: %w", src, err)
 	}
 	method, err := cloneInto(out, in)
-	if err == nil {
-		err = out.Sync()
-	}
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = renameSynced(tmp, dst)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
+	if err := commitTemp(out, dst, err); err != nil {
 		return "", fmt.Errorf("clone %s to %s: %w", src, dst, err)
 	}
 	return method, nil

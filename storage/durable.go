@@ -66,6 +66,16 @@ func WriteFileDurable(path string, data []byte, perm os.FileMode) error {
 		return err
 	}
 	_, err = f.Write(data)
+	if err := commitTemp(f, path, err); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// commitTemp ends the writing of f, a temporary file, which err says
+// failed or not: when it did not, f is synced, closed and renamed to path
+// (the directory synced); when anything failed, f is closed and removed.
+func commitTemp(f *os.File, path string, err error) error {
 	if err == nil {
 		err = f.Sync()
 	}
@@ -73,13 +83,12 @@ func WriteFileDurable(path string, data []byte, perm os.FileMode) error {
 		err = cerr
 	}
 	if err == nil {
-		err = renameSynced(tmp, path)
+		err = renameSynced(f.Name(), path)
 	}
 	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
+		_ = os.Remove(f.Name())
 	}
-	return nil
+	return err
 }
 
 // RemoveLeftovers removes from each VM's directory under dir (a volumes

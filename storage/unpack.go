@@ -94,19 +94,8 @@ func Unpack(ctx context.Context, src string, c Compression, dst string, limit in
 	if err != nil {
 		return err
 	}
-	tmp := out.Name()
 	err = writeSparse(ctx, out, io.LimitReader(r, limit+1), limit)
-	if err == nil {
-		err = out.Sync()
-	}
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = renameSynced(tmp, dst)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
+	if err := commitTemp(out, dst, err); err != nil {
 		return fmt.Errorf("unpack %s: %w", src, err)
 	}
 	return nil
