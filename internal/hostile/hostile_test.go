@@ -85,7 +85,7 @@ var categories = []struct{ name, about string }{
 func allRows() []row {
 	var rows []row
 	for _, f := range []func() []row{messageRows, refRows, headerRows, bodyRows, serverRows, websocketRows, guestRows,
-		imageRows, archiveRows, downloadRows, aggregateRows, volumeNameRows, settingRows, guestAPIRows} {
+		imageRows, compressedRows, archiveRows, downloadRows, aggregateRows, volumeNameRows, settingRows, guestAPIRows} {
 		rows = append(rows, f()...)
 	}
 	return rows

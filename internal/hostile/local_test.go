@@ -2,6 +2,7 @@ package hostile
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -18,6 +19,8 @@ import (
 	"github.com/alephvm/alephvm/aggregate"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/storage"
+	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
 )
 
 // Images.
@@ -99,6 +102,73 @@ func imageRows() []row {
 		img("a vmdk made by qemu-img", image{qemuImg: []string{"-f", "vmdk"}}),
 		img("a vhdx made by qemu-img", image{qemuImg: []string{"-f", "vhdx"}}),
 		img("a LUKS header", image{head: []byte("LUKS\xba\xbe\x00\x01")}),
+	}
+}
+
+// compressedRows are compressed base images as storage.Unpack meets them,
+// unpacking for a 64 MiB root disk.
+func compressedRows() []row {
+	zeros := make([]byte, 256<<20)
+	gz := func(data []byte) []byte {
+		var b bytes.Buffer
+		w := gzip.NewWriter(&b)
+		w.Write(data)
+		w.Close()
+		return b.Bytes()
+	}
+	xzOf := func(data []byte) []byte {
+		var b bytes.Buffer
+		w, _ := xz.NewWriter(&b)
+		w.Write(data)
+		w.Close()
+		return b.Bytes()
+	}
+	zst := func(data []byte) []byte {
+		var b bytes.Buffer
+		w, _ := zstd.NewWriter(&b)
+		w.Write(data)
+		w.Close()
+		return b.Bytes()
+	}
+	flip := func(b []byte) []byte {
+		b = bytes.Clone(b)
+		b[len(b)/2] ^= 0xff
+		return b
+	}
+	disk := make([]byte, 1<<20)
+	for i := range disk {
+		disk[i] = byte(i * 31 >> 4)
+	}
+	unpack := func(input string, data func() []byte) row {
+		return row{category: "Images", input: input, target: "`storage.Unpack`", run: func(t *testing.T) answer {
+			dir := t.TempDir()
+			src := filepath.Join(dir, "image")
+			if err := os.WriteFile(src, data(), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			c, err := storage.DetectCompression(src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := filepath.Join(dir, "out")
+			if err := os.Mkdir(out, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			// What the unpacking allocates, not the making of the input.
+			feed(func() { err = storage.Unpack(context.Background(), src, c, filepath.Join(out, "disk"), 64<<20) })
+			checkEmptyDir(t, out)
+			a := refusedErr(t, err)
+			a.text = strings.TrimPrefix(a.text, "unpack "+src+": ")
+			return a
+		}}
+	}
+	return []row{
+		unpack("a gzip image of 256 MiB of zeros (256 KiB) for a 64 MiB disk", func() []byte { return gz(zeros) }),
+		unpack("an xz image of 256 MiB of zeros (40 KiB) for a 64 MiB disk", func() []byte { return xzOf(zeros) }),
+		unpack("a zstd image of 256 MiB of zeros for a 64 MiB disk", func() []byte { return zst(zeros) }),
+		unpack("a gzip image cut in the middle", func() []byte { b := gz(disk); return b[:len(b)/2] }),
+		unpack("an xz image with a byte flipped", func() []byte { return flip(xzOf(disk)) }),
+		unpack("a zstd image with a byte flipped", func() []byte { return flip(zst(disk)) }),
 	}
 }
 
