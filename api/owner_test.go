@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -169,6 +170,15 @@ func TestOwnerRoutes(t *testing.T) {
 		}
 		if tc.vm == progRef && len(r.inst.seen()) != 0 {
 			t.Errorf("%s of a program called the instances: %v", tc.op, r.inst.seen())
+		}
+		if tc.op == "expire" {
+			// The expiry stops the VM in the background: wait for it, lest
+			// its stop land among the next row's calls.
+			for deadline := time.Now().Add(5 * time.Second); !slices.Contains(r.inst.seen(), "stop 7eb2ec"); time.Sleep(5 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("expire in 0 s: no stop within 5 s (%v)", r.inst.seen())
+				}
+			}
 		}
 	}
 	// A program with a network shows its (no) mapped ports as {}.
