@@ -488,7 +488,10 @@ func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv executi
 		return err
 	}
 	if hv.Name() != hypervisor.Firecracker {
-		rootfs := filepath.Join(disks, "rootfs.qcow2")
+		rootfs := filepath.Join(disks, rootDiskFile)
+		if d, ok, err := m.restoredRootDisk(ctx, rootfs, sizeMiB); ok || err != nil {
+			return d, storage.RawDisk{}, err
+		}
 		if err := m.opts.Disks.CreateOverlay(ctx, base, rootfs, sizeMiB); err != nil {
 			return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)
 		}
