@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -240,4 +242,26 @@ func (m *Manager) restoredRootDisk(ctx context.Context, path string, sizeMiB int
 		}
 	}
 	return hypervisor.Drive{Path: path, Format: storage.FormatQCOW2, Serial: "rootfs"}, true, nil
+}
+
+// recoverRestore ends a restore a crash cut between its two renames, when
+// the instance has no root disk: the restored disk, staged whole, is put
+// in place; without it, the previous disk is put back.
+func recoverRestore(disks string, log *slog.Logger) error {
+	root := filepath.Join(disks, rootDiskFile)
+	if _, err := os.Lstat(root); !errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	staging := filepath.Join(disks, restoreStaging)
+	if _, err := os.Lstat(staging); err == nil {
+		log.Warn("finishing a restore cut by a crash: the restored disk takes its place")
+		return os.Rename(staging, root)
+	}
+	prev, _ := filepath.Glob(filepath.Join(disks, preRestore+"*.qcow2"))
+	if len(prev) == 0 {
+		return nil
+	}
+	sort.Strings(prev)
+	log.Warn("a restore was cut by a crash: the previous root disk is put back", "disk", prev[len(prev)-1])
+	return os.Rename(prev[len(prev)-1], root)
 }

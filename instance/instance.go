@@ -489,6 +489,9 @@ func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv executi
 	}
 	if hv.Name() != hypervisor.Firecracker {
 		rootfs := filepath.Join(disks, rootDiskFile)
+		if err := recoverRestore(disks, log); err != nil {
+			return hypervisor.Drive{}, storage.RawDisk{}, err
+		}
 		if d, ok, err := m.restoredRootDisk(ctx, rootfs, sizeMiB); ok || err != nil {
 			return d, storage.RawDisk{}, err
 		}
