@@ -103,6 +103,8 @@ type Options struct {
 	// MaxAge is how long a backup is kept (24 h by default, the
 	// reference's); expired ones are removed when the routes are called.
 	MaxAge time.Duration
+	// Compression of the copies' clusters: Zstd (the default) or Zlib.
+	Compression string
 	// MaxUpload bounds an uploaded root disk (MAX_RESTORE_UPLOAD_BYTES),
 	// besides the instance's rootfs.size_mib.
 	MaxUpload int64
@@ -146,6 +148,13 @@ func New(opts Options) (*Manager, error) {
 	}
 	if opts.MaxAge <= 0 {
 		opts.MaxAge = DefaultMaxAge
+	}
+	switch opts.Compression {
+	case "":
+		opts.Compression = Zstd
+	case Zstd, Zlib:
+	default:
+		return nil, fmt.Errorf("backup compression %q: zstd or zlib", opts.Compression)
 	}
 	if opts.MaxUpload <= 0 {
 		opts.MaxUpload = DefaultMaxUpload
@@ -457,7 +466,7 @@ func (m *Manager) copyDisks(ctx context.Context, ref message.ItemHash, work stri
 	copies := make([]string, len(vm.Disks))
 	for i, d := range vm.Disks {
 		copies[i] = filepath.Join(work, fmt.Sprintf("%d-%s", i, d.Member))
-		if err := convert(ctx, d, copies[i]); err != nil {
+		if err := convert(ctx, d, copies[i], m.opts.Compression); err != nil {
 			return "", nil, err
 		}
 	}

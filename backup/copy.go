@@ -56,12 +56,25 @@ func imageOpts(d Disk) string {
 // doubled.
 func optEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
+// The compressions of a backup's qcow2 clusters.
+const (
+	// Zlib is the reference's (qemu-img convert -c), read by every QEMU.
+	Zlib = "zlib"
+	// Zstd compresses as well about nine times faster; QEMU reads it
+	// since 5.1 (2020).
+	Zstd = "zstd"
+)
+
 // convert copies d, as its chain reads now, into dst: a standalone
-// compressed qcow2 (qemu-img convert -U -O qcow2 -c, as the reference).
-// The VM keeps its disk open: -U shares it, and the caller has frozen
-// or paused the guest.
-func convert(ctx context.Context, d Disk, dst string) error {
-	_, err := run(ctx, "qemu-img", "convert", "-U", "--image-opts", imageOpts(d), "-O", storage.FormatQCOW2, "-c", dst)
+// compressed qcow2 (qemu-img convert -U -O qcow2 -c, as the reference,
+// with compression's type). The VM keeps its disk open: -U shares it,
+// and the caller has frozen or paused the guest.
+func convert(ctx context.Context, d Disk, dst, compression string) error {
+	args := []string{"convert", "-U", "--image-opts", imageOpts(d), "-O", storage.FormatQCOW2, "-c"}
+	if compression == Zstd {
+		args = append(args, "-o", "compression_type=zstd")
+	}
+	_, err := run(ctx, "qemu-img", append(args, dst)...)
 	if err != nil {
 		return fmt.Errorf("copy %s: %w", d.Member, err)
 	}

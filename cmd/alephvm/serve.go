@@ -311,7 +311,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		return fail(err)
 	}
 	n.backups, err = backup.New(backup.Options{Dir: cfg.Backups(), Keep: cfg.BackupsPerVM, MaxAge: cfg.BackupMaxAge.Duration(),
-		MaxUpload: int64(cfg.MaxRestoreUpload), Secret: backupKey, Domain: cfg.DomainName, Space: diskSpace,
+		Compression: cfg.BackupCompression, MaxUpload: int64(cfg.MaxRestoreUpload), Secret: backupKey, Domain: cfg.DomainName, Space: diskSpace,
 		Instances: n.instances, Store: st, Log: log})
 	if err != nil {
 		return fail(err)
