@@ -486,7 +486,7 @@ func (m *Manager) freeze(ctx context.Context, socket string, log *slog.Logger) (
 		return nil
 	}
 	thawNow := func() {
-		defer ga.Close()
+		defer func() { ga.Close() }() // the last connection, after a redial
 		for attempt := 1; ; attempt++ {
 			n, err := ga.Thaw(context.WithoutCancel(ctx), thawTimeout)
 			if err == nil {

@@ -265,3 +265,35 @@ func recoverRestore(disks string, log *slog.Logger) error {
 	log.Warn("a restore was cut by a crash: the previous root disk is put back", "disk", prev[len(prev)-1])
 	return os.Rename(prev[len(prev)-1], root)
 }
+
+// settleInterruptedBackup undoes what a node killed during a backup left:
+// a VM paused for a crash-consistent copy is resumed, and filesystems
+// frozen by the guest agent are thawed. A node pauses and freezes
+// instances for nothing else.
+func settleInterruptedBackup(vm any, log *slog.Logger) {
+	q, ok := vm.(interface{ QMP() *qemu.QMP })
+	bv, isBackupVM := vm.(backupVM)
+	if !ok || !isBackupVM {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if st, err := q.QMP().Status(ctx); err == nil && st == "paused" {
+		log.Warn("resuming an instance a backup left paused")
+		if err := bv.Resume(ctx); err != nil {
+			log.Error("resume the instance", "err", err)
+		}
+	}
+	ga, err := qemu.DialGuestAgent(ctx, bv.GuestAgentSocket(), 10*time.Second)
+	if err != nil {
+		return
+	}
+	defer ga.Close()
+	var status string
+	if err := ga.Execute(ctx, "guest-fsfreeze-status", 10*time.Second, &status); err == nil && status == "frozen" {
+		log.Warn("thawing the filesystems a backup left frozen")
+		if _, err := ga.Thaw(ctx, 30*time.Second); err != nil {
+			log.Error("thaw the guest's filesystems", "err", err)
+		}
+	}
+}

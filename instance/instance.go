@@ -791,6 +791,7 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		return fmt.Errorf("network: %w", err)
 	}
 	log.Info("instance found running", "hypervisor", hv.Name(), "pid", vm.Pid(), "tap", rec.Tap)
+	go settleInterruptedBackup(vm, log)
 	if rec.State != execution.StateRunning {
 		// A node killed between the VM's start and its record's update
 		// left it starting: it runs.
