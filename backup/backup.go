@@ -371,31 +371,27 @@ func (m *Manager) run(ctx context.Context, ref message.ItemHash, id, work string
 		return Meta{}, err
 	}
 	defer os.RemoveAll(work)
-	consistency, copies, err := m.copyDisks(ctx, ref, work, vm, req.SkipFreeze)
+	tarPath := filepath.Join(work, id+tarSuffix)
+	a, err := createArchive(tarPath)
 	if err != nil {
 		return Meta{}, err
 	}
-	members := make([]member, len(vm.Disks))
-	stored := storedMeta{VMHash: string(ref), CreatedAt: strings.TrimPrefix(id, string(ref)+"-"), Consistency: consistency}
-	for i, d := range vm.Disks {
-		// qemu-img opens the copy by its header, which the node wrote.
-		if err := check(ctx, copies[i]); err != nil {
-			return Meta{}, fmt.Errorf("check the copy of %s: %w", d.Member, err)
-		}
-		members[i] = member{name: d.Member, path: copies[i]}
-		size := int64(0)
-		if st, err := os.Stat(d.Image.Path); err == nil {
-			size = st.Size()
-		}
-		stored.SourceSizes = append(stored.SourceSizes, namedSize{Name: d.Member, Size: size})
+	defer a.close()
+	consistency, err := m.copyDisks(ctx, ref, a, filepath.Join(work, "empty.qcow2"), vm, req.SkipFreeze)
+	if err != nil {
+		return Meta{}, err
 	}
-	tarPath := filepath.Join(work, id+tarSuffix)
-	sum, err := writeTar(tarPath, members)
+	// qemu-img opens the copies by their headers, which it wrote.
+	if err := a.check(ctx); err != nil {
+		return Meta{}, err
+	}
+	sum, err := a.finish()
 	if err != nil {
 		return Meta{}, fmt.Errorf("archive backup %s: %w", id, err)
 	}
-	for _, c := range copies {
-		os.Remove(c)
+	stored := storedMeta{VMHash: string(ref), CreatedAt: strings.TrimPrefix(id, string(ref)+"-"), Consistency: consistency}
+	for _, c := range a.members {
+		stored.SourceSizes = append(stored.SourceSizes, namedSize{Name: c.name, Size: c.sourceSize})
 	}
 	metaJSON, _ := json.Marshal(stored)
 	if err := storage.WriteFileDurable(filepath.Join(m.opts.Dir, id+sumSuffix), []byte(sum+"  "+id+tarSuffix+"\n"), 0o600); err != nil {
@@ -431,10 +427,10 @@ func (m *Manager) trim(ref message.ItemHash) {
 	}
 }
 
-// copyDisks copies vm's disks into work at one point in time: the guest's
-// filesystems frozen by its agent, or else the VM paused, only for the
-// copies; the guest is always thawed or resumed, whatever fails.
-func (m *Manager) copyDisks(ctx context.Context, ref message.ItemHash, work string, vm VM, skipFreeze bool) (Consistency, []string, error) {
+// copyDisks copies vm's disks into the archive at one point in time: the
+// guest's filesystems frozen by its agent, or else the VM paused, only for
+// the copies; the guest is always thawed or resumed, whatever fails.
+func (m *Manager) copyDisks(ctx context.Context, ref message.ItemHash, a *archive, scratch string, vm VM, skipFreeze bool) (Consistency, error) {
 	log := m.opts.Log.With("ref", ref)
 	var consistency Consistency
 	var settle func()
@@ -446,10 +442,10 @@ func (m *Manager) copyDisks(ctx context.Context, ref message.ItemHash, work stri
 	}
 	if settle == nil {
 		if vm.Pauser == nil {
-			return "", nil, errors.New("the VM can be neither frozen nor paused")
+			return "", errors.New("the VM can be neither frozen nor paused")
 		}
 		if err := vm.Pauser.Pause(ctx); err != nil {
-			return "", nil, fmt.Errorf("pause the VM: %w", err)
+			return "", fmt.Errorf("pause the VM: %w", err)
 		}
 		consistency = Crash
 		settle = func() {
@@ -458,21 +454,13 @@ func (m *Manager) copyDisks(ctx context.Context, ref message.ItemHash, work stri
 			}
 		}
 	}
-	defer func() {
-		if settle != nil {
-			settle()
-		}
-	}()
-	copies := make([]string, len(vm.Disks))
-	for i, d := range vm.Disks {
-		copies[i] = filepath.Join(work, fmt.Sprintf("%d-%s", i, d.Member))
-		if err := convert(ctx, d, copies[i], m.opts.Compression); err != nil {
-			return "", nil, err
+	defer settle()
+	for _, d := range vm.Disks {
+		if err := a.add(ctx, d, m.opts.Compression, scratch); err != nil {
+			return "", err
 		}
 	}
-	settle()
-	settle = nil
-	return consistency, copies, nil
+	return consistency, nil
 }
 
 // freeze freezes the guest's filesystems through its agent and returns

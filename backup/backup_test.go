@@ -115,7 +115,7 @@ func TestMetaShape(t *testing.T) {
 	id := testVM + "-20261203T104258Z"
 	root := filepath.Join(dir, "root")
 	os.WriteFile(root, []byte("disk"), 0o600)
-	sum, err := writeTar(filepath.Join(dir, id+tarSuffix), []member{{"rootfs.qcow2", root}, {"volume-data.qcow2", root}})
+	sum, err := writeTar(filepath.Join(dir, id+tarSuffix), []struct{ name, path string }{{"rootfs.qcow2", root}, {"volume-data.qcow2", root}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,6 +351,11 @@ func TestBackupAndRestore(t *testing.T) {
 	testenv.RequireTools(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	vm := newTestVM(t, dir)
+	// A volume too, with a name longer than a tar header holds.
+	volume := filepath.Join(dir, "volume-"+strings.Repeat("v", 120)+".ext4")
+	os.WriteFile(volume, bytes.Repeat([]byte("volume"), 100_000), 0o600)
+	vm.Disks = append(vm.Disks, Disk{Member: strings.TrimSuffix(filepath.Base(volume), ".ext4") + ".qcow2",
+		Image: storage.Image{Path: volume, Format: storage.FormatRaw}})
 	pauser := &fakePauser{}
 	vm.Pauser = pauser
 	agent := &fakeAgent{}
@@ -372,7 +377,8 @@ func TestBackupAndRestore(t *testing.T) {
 		t.Fatalf("create: %+v %v", a, err)
 	}
 	a := waitDone(t, m)
-	if a.Status != 200 || a.Meta == nil || a.Meta.Consistency != Frozen {
+	if a.Status != 200 || a.Meta == nil || a.Meta.Consistency != Frozen || len(a.Meta.Volumes) != 2 ||
+		a.Meta.Volumes[0] != "rootfs.qcow2" || a.Meta.Volumes[1] != vm.Disks[1].Member || a.Meta.SourceSizes[1].Size != 600_000 {
 		t.Fatalf("backup: %+v", a)
 	}
 	if agent.frozen != 1 || agent.thawed != 1 || pauser.paused != 0 {
@@ -409,6 +415,19 @@ func TestBackupAndRestore(t *testing.T) {
 	f, _ := os.Create(copyPath)
 	io.Copy(f, tr)
 	f.Close()
+	if h, err := tr.Next(); err != nil || h.Name != vm.Disks[1].Member {
+		t.Fatalf("the volume's member: %v %v", h, err)
+	}
+	volCopy := filepath.Join(dir, "volume.qcow2")
+	f, _ = os.Create(volCopy)
+	io.Copy(f, tr)
+	f.Close()
+	if out, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "qcow2", volume, volCopy).CombinedOutput(); err != nil {
+		t.Fatalf("the volume's copy: %v\n%s", err, out)
+	}
+	if _, err := tr.Next(); err != io.EOF {
+		t.Fatalf("after the members: %v", err)
+	}
 	// The copy stands alone and holds the base's and the layer's data.
 	if err := Validate(ctx, copyPath, 32<<20); err != nil {
 		t.Fatal(err)
@@ -511,4 +530,28 @@ func TestImageOpts(t *testing.T) {
 	if got := imageOpts(standalone); got != "driver=qcow2,file.driver=file,file.filename=/v/r.qcow2,backing=" {
 		t.Errorf("standalone: %s", got)
 	}
+}
+
+// writeTar writes a tar of members, as a backup's, and returns its
+// sha256.
+func writeTar(path string, members []struct{ name, path string }) (string, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	tw := tar.NewWriter(io.MultiWriter(f, h))
+	for _, m := range members {
+		b, err := os.ReadFile(m.path)
+		if err != nil {
+			return "", err
+		}
+		tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: m.name, Mode: 0o644, Size: int64(len(b))})
+		tw.Write(b)
+	}
+	if err := tw.Close(); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }

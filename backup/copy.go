@@ -1,14 +1,9 @@
 package backup
 
 import (
-	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
-	"os"
 	"os/exec"
 	"strings"
 
@@ -65,22 +60,6 @@ const (
 	Zstd = "zstd"
 )
 
-// convert copies d, as its chain reads now, into dst: a standalone
-// compressed qcow2 (qemu-img convert -U -O qcow2 -c, as the reference,
-// with compression's type). The VM keeps its disk open: -U shares it,
-// and the caller has frozen or paused the guest.
-func convert(ctx context.Context, d Disk, dst, compression string) error {
-	args := []string{"convert", "-U", "--image-opts", imageOpts(d), "-O", storage.FormatQCOW2, "-c"}
-	if compression == Zstd {
-		args = append(args, "-o", "compression_type=zstd")
-	}
-	_, err := run(ctx, "qemu-img", append(args, dst)...)
-	if err != nil {
-		return fmt.Errorf("copy %s: %w", d.Member, err)
-	}
-	return nil
-}
-
 // check runs qemu-img check on a qcow2 the node made or received. Its
 // header must have been read first (storage.Inspect): qemu-img opens
 // what a header names.
@@ -102,52 +81,4 @@ func run(ctx context.Context, name string, args ...string) ([]byte, error) {
 		return out, fmt.Errorf("%s: %w: %s", name, err, msg)
 	}
 	return out, nil
-}
-
-// member is one file of a backup's tar.
-type member struct {
-	name string
-	path string
-}
-
-// writeTar writes members into a new tar at path, in order, and returns
-// its sha256, computed as it is written.
-func writeTar(path string, members []member) (string, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return "", err
-	}
-	h := sha256.New()
-	tw := tar.NewWriter(io.MultiWriter(f, h))
-	err = func() error {
-		for _, m := range members {
-			src, err := os.Open(m.path)
-			if err != nil {
-				return err
-			}
-			st, err := src.Stat()
-			if err == nil {
-				err = tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: m.name, Mode: 0o644, Size: st.Size(), ModTime: st.ModTime()})
-			}
-			if err == nil {
-				_, err = io.CopyBuffer(tw, src, make([]byte, 1<<20))
-			}
-			src.Close()
-			if err != nil {
-				return fmt.Errorf("archive %s: %w", m.name, err)
-			}
-		}
-		return tw.Close()
-	}()
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(path)
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
