@@ -77,6 +77,9 @@ type Options struct {
 	// Observer is told of program requests and allocation calls, for the
 	// node's metrics; nil tells nobody.
 	Observer Observer
+	// Backups makes, serves and restores instances' backups
+	// (/control/machine/{ref}/backup, /restore); nil answers 404.
+	Backups Backups
 	// Storage measures and reclaims the node's disk space
 	// (/control/storage); nil answers 404.
 	Storage Storage
@@ -152,6 +155,7 @@ func New(opts Options) *Server {
 		s.mux.HandleFunc("GET "+path, cors(h))
 		s.mux.HandleFunc("OPTIONS "+path, cors(h))
 	}
+	s.routeBackups()
 	s.mux.HandleFunc("GET /control/storage", s.handleStorage)
 	s.mux.HandleFunc("POST /control/storage/reclaim", s.handleStorageReclaim)
 	if opts.Instances != nil {

@@ -65,6 +65,11 @@ type Config struct {
 	DiagnosticMessage   string  `env:"DIAGNOSTIC_MESSAGE" yaml:"diagnostic_message" help:"Item hash of the message the node's own diagnostic program reads through the guest API (messages and get_a_message checks); empty means the reference's."`
 	CacheMaxSize        Bytes   `env:"CACHE_MAX_SIZE" yaml:"cache_max_size" help:"Size past which the content store evicts downloaded files, least recently used first (bytes, or 50GiB, 500MB); files in use by a VM and files added on this node are never evicted; 0 means no limit."`
 	DiskFreeFloor       Bytes   `env:"DISK_FREE_FLOOR" yaml:"disk_free_floor" help:"Free space (bytes, or 2GiB) that must stay on the filesystem of the volumes and VM runtime files once a new root disk or volume is fully written; one that would leave less is refused (507). A VM is refused (507) before anything is made for it when its root disk and volumes, plus what running VMs' disks may still grow by, would leave less."`
+	BackupDirectory     string  `env:"BACKUP_DIRECTORY" yaml:"backup_directory" help:"Where instances' backups are kept (<id>.tar with its .tar.sha256 and .tar.meta.json) and restore uploads received; empty means <EXECUTION_ROOT>/backups. Keep it on the filesystem of EXECUTION_ROOT: a restored disk is moved, not copied, into place."`
+	BackupsPerVM        int     `env:"BACKUPS_PER_VM" yaml:"backups_per_vm" help:"How many backups of one instance are kept. With 1, a backup younger than BACKUP_MAX_AGE is answered again rather than made anew, as in the reference; with more, each POST /control/machine/{ref}/backup makes a new one and the oldest beyond this count is removed once it is complete."`
+	BackupMaxAge        Seconds `env:"BACKUP_MAX_AGE" yaml:"backup_max_age" help:"How long a backup is kept (seconds, or a duration such as 24h); older ones are removed when the backup routes are called."`
+	BackupCompression   string  `env:"BACKUP_COMPRESSION" yaml:"backup_compression" help:"Compression of a backup's qcow2 clusters: zstd (about nine times faster than zlib for the same size; QEMU reads it since 5.1) or zlib (the reference's qemu-img convert -c, for older readers)."`
+	MaxRestoreUpload    Bytes   `env:"MAX_RESTORE_UPLOAD_BYTES" yaml:"max_restore_upload_bytes" help:"Largest root disk a restore accepts as an upload (bytes, or 100GiB), besides the instance's rootfs.size_mib."`
 	StallTimeout        Seconds `env:"DOWNLOAD_STALL_TIMEOUT" yaml:"download_stall_timeout" help:"A download that receives no byte for this long is dropped and retried (seconds, or a duration such as 2m)."`
 	MaxItemSize         Bytes   `env:"STORE_MAX_ITEM_SIZE" yaml:"store_max_item_size" help:"Largest file the content store downloads: the limit of a STORE message that gives no size (or a negative one) and of the file an IPFS DAG expands to; a message giving more is refused."`
 	MinFreeSpace        Bytes   `env:"CACHE_MIN_FREE_SPACE" yaml:"cache_min_free_space" help:"Free space kept on the filesystem of CACHE_ROOT: a download that would go below it is refused (HTTP 507) or stopped and its partial file removed; 0 means no floor."`
@@ -138,6 +143,10 @@ func Default() Config {
 		GuestCacheMaxKeys:  10_000,
 		GuestCacheMaxSize:  1 << 30,
 		DiskFreeFloor:      2 << 30,
+		BackupsPerVM:       1,
+		BackupMaxAge:       Seconds(24 * time.Hour),
+		BackupCompression:  "zstd",
+		MaxRestoreUpload:   100 << 30,
 		StallTimeout:       Seconds(2 * time.Minute),
 		MaxItemSize:        20 << 30,
 		MinFreeSpace:       2 << 30,
@@ -436,6 +445,15 @@ func (c Config) Validate() error {
 	if c.VCPUOvercommit <= 0 {
 		errs = append(errs, fmt.Errorf("%sVCPU_OVERCOMMIT_FACTOR: must be positive", EnvPrefix))
 	}
+	if c.BackupsPerVM < 1 {
+		errs = append(errs, fmt.Errorf("%sBACKUPS_PER_VM: must be at least 1, got %d", EnvPrefix, c.BackupsPerVM))
+	}
+	if c.BackupCompression != "zstd" && c.BackupCompression != "zlib" {
+		errs = append(errs, fmt.Errorf("%sBACKUP_COMPRESSION: zstd or zlib, got %q", EnvPrefix, c.BackupCompression))
+	}
+	if c.BackupMaxAge <= 0 || c.MaxRestoreUpload <= 0 {
+		errs = append(errs, fmt.Errorf("%sBACKUP_MAX_AGE and %sMAX_RESTORE_UPLOAD_BYTES: must be positive", EnvPrefix, EnvPrefix))
+	}
 	if c.ConsoleLogMaxSize < 64<<10 {
 		errs = append(errs, fmt.Errorf("%sCONSOLE_LOG_MAX_SIZE: must be at least 64KiB, got %s", EnvPrefix, c.ConsoleLogMaxSize))
 	}
@@ -546,6 +564,15 @@ func (c Config) GuestAllowedPrefixes() ([]netip.Prefix, error) {
 		}
 	}
 	return out, errors.Join(errs...)
+}
+
+// Backups is the backups directory: BACKUP_DIRECTORY, else
+// <EXECUTION_ROOT>/backups.
+func (c Config) Backups() string {
+	if c.BackupDirectory != "" {
+		return c.BackupDirectory
+	}
+	return filepath.Join(c.ExecutionRoot, "backups")
 }
 
 // JailerBase returns the jailer's chroot base directory.

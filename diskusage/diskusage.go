@@ -14,6 +14,7 @@
 //	EXECUTION_ROOT/volumes/<ref>/      an instance's root disk (inst-*) and volumes; a program's persistent volumes
 //	EXECUTION_ROOT/vms/<name>/         run directories (ephemeral-*.ext4 are ephemeral volumes)
 //	EXECUTION_ROOT/logs/               stopped programs' output
+//	EXECUTION_ROOT/backups/            instances' backups (BACKUP_DIRECTORY)
 package diskusage
 
 import (
@@ -41,6 +42,7 @@ const (
 	KindVolume       = "volume-persistent"
 	KindEphemeral    = "volume-ephemeral"
 	KindSnapshot     = "snapshot"
+	KindBackup       = "backup" // instances' backups (package backup)
 	KindRunDir       = "run-dir"
 	KindLogs         = "logs"
 	KindUnknown      = "other"
@@ -48,7 +50,7 @@ const (
 
 // Kinds lists the kinds in the order they are reported.
 var kinds = []string{KindBaseImage, KindStore, KindStorePart, KindUnpacked, KindInstanceDisk, KindVolume, KindEphemeral,
-	KindSnapshot, KindRunDir, KindLogs, KindUnknown}
+	KindSnapshot, KindBackup, KindRunDir, KindLogs, KindUnknown}
 
 // Layout names the node's directories.
 type Layout struct {
@@ -57,6 +59,7 @@ type Layout struct {
 	VolumesDir   string // EXECUTION_ROOT/volumes
 	RunDir       string // EXECUTION_ROOT/vms
 	LogsDir      string // EXECUTION_ROOT/logs
+	BackupsDir   string // BACKUP_DIRECTORY
 }
 
 // Owner is an execution record as the accounting sees it.
@@ -192,6 +195,9 @@ func Walk(ctx context.Context, l Layout, o Owners) (Report, error) {
 	if err := walkDir(l.BaseImageDir, KindBaseImage); err != nil {
 		return rep, err
 	}
+	if err := walkDir(l.BackupsDir, KindBackup); err != nil {
+		return rep, err
+	}
 	if l.CacheRoot != "" {
 		if err := walkDir(filepath.Join(l.CacheRoot, "files"), KindStore); err != nil {
 			return rep, err
@@ -265,7 +271,8 @@ func Walk(ctx context.Context, l Layout, o Owners) (Report, error) {
 				switch {
 				case strings.HasPrefix(f.Name(), "inst-"):
 					kind, hasInstanceDisk = KindInstanceDisk, true
-				case strings.Contains(f.Name(), "snapshot") || strings.HasSuffix(f.Name(), ".snap"):
+				case strings.Contains(f.Name(), "snapshot") || strings.HasSuffix(f.Name(), ".snap") ||
+					strings.HasPrefix(f.Name(), "rootfs.pre-restore-"):
 					kind = KindSnapshot
 				case strings.HasSuffix(f.Name(), ".part"):
 					kind = KindUnknown

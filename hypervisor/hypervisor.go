@@ -37,6 +37,11 @@ type Spec struct {
 	// named ControlPort under QEMU, vsock under Firecracker).
 	Control     bool
 	ControlPort string
+	// GuestAgent attaches a channel for the guest's qemu-guest-agent (a
+	// virtio-serial port named org.qemu.guest_agent.0 under QEMU), through
+	// which the node freezes the guest's filesystems for a backup. The
+	// Firecracker backend has no such channel and ignores it.
+	GuestAgent bool
 	// RebootExits makes a guest reboot end the VM, as programs want; an
 	// instance reboots inside the hypervisor.
 	RebootExits bool

@@ -488,7 +488,13 @@ func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv executi
 		return err
 	}
 	if hv.Name() != hypervisor.Firecracker {
-		rootfs := filepath.Join(disks, "rootfs.qcow2")
+		rootfs := filepath.Join(disks, rootDiskFile)
+		if err := recoverRestore(disks, log); err != nil {
+			return hypervisor.Drive{}, storage.RawDisk{}, err
+		}
+		if d, ok, err := m.restoredRootDisk(ctx, rootfs, sizeMiB); ok || err != nil {
+			return d, storage.RawDisk{}, err
+		}
 		if err := m.opts.Disks.CreateOverlay(ctx, base, rootfs, sizeMiB); err != nil {
 			return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)
 		}
@@ -785,6 +791,7 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		return fmt.Errorf("network: %w", err)
 	}
 	log.Info("instance found running", "hypervisor", hv.Name(), "pid", vm.Pid(), "tap", rec.Tap)
+	go settleInterruptedBackup(vm, log)
 	if rec.State != execution.StateRunning {
 		// A node killed between the VM's start and its record's update
 		// left it starting: it runs.

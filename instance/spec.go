@@ -47,6 +47,9 @@ func instanceSpec(in instanceInputs) (cloudinit.Config, hypervisor.Spec) {
 		Boot:   in.Boot,
 		Drives: drives,
 		NICs:   []hypervisor.NIC{{Tap: att.Tap, MAC: att.MAC()}},
+		// The node freezes the guest's filesystems through its agent
+		// for a consistent backup (package backup).
+		GuestAgent: true,
 	}
 	return seed, spec
 }

@@ -61,12 +61,7 @@ func (d Disks) CreateOverlay(ctx context.Context, parent Image, path string, siz
 				path, parent.Path, quote(info.BackingFile), quote(info.BackingFormat))
 		}
 		if info.VirtualSize < size {
-			if err := d.reserve(filepath.Dir(path), "the growth of a disk", size-info.VirtualSize); err != nil {
-				return err
-			}
-			if _, err := run(ctx, "qemu-img", "resize", "-q", "-f", FormatQCOW2, path, strconv.FormatInt(size, 10)); err != nil {
-				return fmt.Errorf("grow disk %s: %w", path, err)
-			}
+			return d.grow(ctx, path, size-info.VirtualSize, size)
 		}
 		return nil
 	} else if !errors.Is(err, os.ErrNotExist) {
@@ -88,6 +83,29 @@ func (d Disks) CreateOverlay(ctx context.Context, parent Image, path string, siz
 	if err != nil {
 		_ = os.Remove(tmp)
 		return fmt.Errorf("create disk %s over %s: %w", path, parent.Path, err)
+	}
+	return nil
+}
+
+// Grow grows the qcow2 disk at path to size bytes, unless the
+// filesystem cannot hold the growth.
+func (d Disks) Grow(ctx context.Context, path string, size int64) error {
+	info, err := Inspect(ctx, Image{Path: path, Format: FormatQCOW2})
+	if err != nil {
+		return fmt.Errorf("disk %s: %w", path, err)
+	}
+	if info.VirtualSize >= size {
+		return nil
+	}
+	return d.grow(ctx, path, size-info.VirtualSize, size)
+}
+
+func (d Disks) grow(ctx context.Context, path string, by, size int64) error {
+	if err := d.reserve(filepath.Dir(path), "the growth of a disk", by); err != nil {
+		return err
+	}
+	if _, err := run(ctx, "qemu-img", "resize", "-q", "-f", FormatQCOW2, path, strconv.FormatInt(size, 10)); err != nil {
+		return fmt.Errorf("grow disk %s: %w", path, err)
 	}
 	return nil
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/alephvm/alephvm/api"
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/auth"
+	"github.com/alephvm/alephvm/backup"
 	"github.com/alephvm/alephvm/baseimage"
 	"github.com/alephvm/alephvm/config"
 	"github.com/alephvm/alephvm/db"
@@ -96,6 +97,8 @@ type node struct {
 	started time.Time
 	// diskSpace promises the VMs' disks their space.
 	diskSpace *diskusage.Ledger
+	// backups makes and restores instances' backups.
+	backups *backup.Manager
 }
 
 // serve runs the node until ctx ends. started, if given, runs once the API
@@ -137,7 +140,8 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		Programs: programsAPI{n.programs, persistentFile(cfg), log}, Instances: instancesAPI{n.instances, allocatedFile(cfg), log}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
 		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher, Storage: storageAPI{cfg: cfg, records: n.records},
-		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
+		Backups: n.backups,
+		Logs:    logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
 		Limits: api.Limits{
 			ReadHeaderTimeout: cfg.HTTPHeaderTimeout.Duration(), ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
 			IdleTimeout: cfg.HTTPIdleTimeout.Duration(), MaxConnections: cfg.HTTPMaxConnections,
@@ -302,6 +306,16 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
 		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Node: facts, Log: log,
 	})
+	backupKey, err := backup.LoadSecret(filepath.Join(cfg.ExecutionRoot, "backup_url_key"))
+	if err != nil {
+		return fail(err)
+	}
+	n.backups, err = backup.New(backup.Options{Dir: cfg.Backups(), Keep: cfg.BackupsPerVM, MaxAge: cfg.BackupMaxAge.Duration(),
+		Compression: cfg.BackupCompression, MaxUpload: int64(cfg.MaxRestoreUpload), Secret: backupKey, Domain: cfg.DomainName, Space: diskSpace,
+		Instances: n.instances, Store: st, Log: log})
+	if err != nil {
+		return fail(err)
+	}
 
 	// Programs do not outlive the node, but persistent ones: any other
 	// left by a crash is stopped; the persistent programs of the last

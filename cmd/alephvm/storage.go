@@ -99,6 +99,7 @@ func storageLayout(cfg config.Config) diskusage.Layout {
 		VolumesDir:   filepath.Join(cfg.ExecutionRoot, "volumes"),
 		RunDir:       filepath.Join(cfg.ExecutionRoot, "vms"),
 		LogsDir:      filepath.Join(cfg.ExecutionRoot, "logs"),
+		BackupsDir:   cfg.Backups(),
 	}
 }
 

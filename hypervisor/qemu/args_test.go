@@ -45,7 +45,8 @@ func instanceSpec() hypervisor.Spec {
 			{Path: "/var/lib/alephvm/volumes/9a8b7c/standalone.qcow2", Format: "qcow2"},
 			{Path: "/var/lib/alephvm/volumes/9a8b7c/cidata.iso", ReadOnly: true},
 		},
-		NICs: []hypervisor.NIC{{Tap: "avm9a8b7c", MAC: mac("06:00:ac:10:05:02")}},
+		NICs:       []hypervisor.NIC{{Tap: "avm9a8b7c", MAC: mac("06:00:ac:10:05:02")}},
+		GuestAgent: true,
 	}
 }
 

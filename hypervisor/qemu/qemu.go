@@ -29,8 +29,10 @@ const (
 	PidFile       = "qemu.pid"
 	ConsoleLog    = hypervisor.ConsoleLog
 	ControlSocket = "control.sock"
-	ArgsFile      = "qemu.args"
-	QEMULog       = "qemu.log" // QEMU's own messages
+	// GuestAgentSocket is the host end of the guest agent's channel.
+	GuestAgentSocket = "qga.sock"
+	ArgsFile         = "qemu.args"
+	QEMULog          = "qemu.log" // QEMU's own messages
 )
 
 // maxSocketPath is the longest unix socket path Linux accepts.
@@ -79,7 +81,7 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 	if accel != "kvm" && accel != "tcg" {
 		return nil, fmt.Errorf("accelerator must be kvm or tcg, got %q", accel)
 	}
-	for _, name := range []string{QMPSocket, ControlSocket} {
+	for _, name := range []string{QMPSocket, ControlSocket, GuestAgentSocket} {
 		if p := filepath.Join(spec.Dir, name); len(p) > maxSocketPath {
 			return nil, fmt.Errorf("vm %s: socket path %s is longer than %d bytes: use a shorter runtime directory", spec.Name, p, maxSocketPath)
 		}
@@ -148,11 +150,19 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 			"-device", fmt.Sprintf("virtio-net-pci,netdev=%s,mac=%s,romfile=", id, n.MAC),
 		)
 	}
+	if spec.Control || spec.GuestAgent {
+		a = append(a, "-device", "virtio-serial-pci,id=vser0")
+	}
 	if spec.Control {
 		a = append(a,
-			"-device", "virtio-serial-pci,id=vser0",
 			"-chardev", "socket,id=control,path="+dir(ControlSocket)+",server=on,wait=off",
 			"-device", "virtserialport,bus=vser0.0,chardev=control,name="+opt(spec.ControlPort),
+		)
+	}
+	if spec.GuestAgent {
+		a = append(a,
+			"-chardev", "socket,id=qga,path="+dir(GuestAgentSocket)+",server=on,wait=off",
+			"-device", "virtserialport,bus=vser0.0,chardev=qga,name="+GuestAgentPort,
 		)
 	}
 	return a, nil
