@@ -37,7 +37,7 @@ none.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			started := time.Now()
-			img, err := baseimage.Build(cmd.Context(), baseImageDir(a.cfg.Config), os.Stderr, a.log)
+			img, err := baseimage.Build(cmd.Context(), baseImageDir(a.cfg.Config), baseimage.Options{Progress: os.Stderr, Log: a.log})
 			if err != nil {
 				return err
 			}
