@@ -288,6 +288,10 @@ var runtimeHooks = []string{
 	`chroot "$1" useradd --uid 1000 --user-group --create-home --shell /bin/sh ` + RuntimeUser,
 	`mkdir -p "$1/opt/code" "$1/opt/packages" "$1/data"`,
 	`rm -f "$1/etc/resolv.conf" "$1/etc/hostname" && : > "$1/etc/machine-id"`,
+	// apt leaves its lists' download directory to its sandbox user _apt
+	// only when that user can reach the build directory (not under a
+	// 0700 parent): set what apt sets, whatever the build directory.
+	`chroot "$1" chown _apt:root /var/lib/apt/lists/partial`,
 }
 
 // debianAsset is a build step that makes images of a Debian root.

@@ -34,9 +34,20 @@ func TestReproducibleBuild(t *testing.T) {
 	initBin := buildInit(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
+	// One build in a private directory (t.TempDir is 0700: apt, not
+	// reaching it as its sandbox user, downloads as root), the other in one
+	// that every user reaches.
+	shared, err := os.MkdirTemp(testenv.CacheDir(t), "reproducible-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shared) })
+	if err := os.Chmod(shared, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	var builds [2]Manifest
-	for i := range builds {
-		m, err := Build(ctx, Options{Dir: t.TempDir(), Init: initBin, Runtime: true, PackageCache: packages, Progress: testWriter{t}})
+	for i, dir := range []string{t.TempDir(), shared} {
+		m, err := Build(ctx, Options{Dir: dir, Init: initBin, Runtime: true, PackageCache: packages, Progress: testWriter{t}})
 		if err != nil {
 			t.Fatal(err)
 		}
