@@ -29,7 +29,7 @@ func TestBuild(t *testing.T) {
 	dir := filepath.Join(testenv.CacheDir(t), "assets")
 	initBin := buildInit(t)
 	reg := &fakeRegistry{}
-	opts := Options{Dir: dir, Init: initBin, Runtime: true, Registry: reg, Progress: testWriter{t}}
+	opts := Options{Dir: dir, Init: initBin, Runtime: true, Registry: reg, PackageCache: testenv.PackageCache(), Progress: testWriter{t}}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	m, err := Build(ctx, opts)
