@@ -26,6 +26,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"syscall"
 	"time"
 )
@@ -43,7 +44,7 @@ const (
 	manifestFile       = "manifest.json"    // in the cache directory
 	lockFile           = ".lock"            // held while building or fetching
 	sha256HexLen       = sha256.Size * 2    //
-	recipeVersion      = "alephvm-assets-1" // part of every key: bump it when a build step's code changes
+	recipeVersion      = "alephvm-assets-2" // part of every key: bump it when a build step's code changes
 )
 
 // Asset is one file of the cache.
@@ -221,4 +222,18 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+// SourceDateEpoch is the time the images built from Debian packages
+// claim, so that the same packages make the same bytes on any node and
+// any day: mmdebstrap and the package scripts it runs see it as
+// SOURCE_DATE_EPOCH (the password dates of /etc/shadow, .pyc files
+// checked by hash instead of by their source's time), and every file time
+// after it is clamped to it. It is a constant rather than the newest
+// package's time, which would need the packages before the build starts;
+// it is part of the keys of the Debian steps.
+const SourceDateEpoch int64 = 1767225600 // 2026-01-01T00:00:00Z
+
+func sourceDateEpochEnv() string {
+	return "SOURCE_DATE_EPOCH=" + strconv.FormatInt(SourceDateEpoch, 10)
 }

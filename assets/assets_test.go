@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/internal/testenv"
 )
 
 // cpioEntry is what TestCPIO reads back.
@@ -316,5 +318,36 @@ func TestCheckStatic(t *testing.T) {
 	}
 	if _, err := Build(context.Background(), Options{Dir: t.TempDir(), Init: text}); err == nil {
 		t.Error("Build took a script for the init")
+	}
+}
+
+// TestCachedDeb finds a package's .deb in the package cache only at the
+// version asked for.
+func TestCachedDeb(t *testing.T) {
+	testenv.RequireTools(t, "dpkg-deb")
+	cache := t.TempDir()
+	for _, version := range []string{"1.0-1", "1.0-2"} {
+		tree := filepath.Join(t.TempDir(), "pkg")
+		if err := os.MkdirAll(filepath.Join(tree, "DEBIAN"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		control := "Package: linux-image-test\nVersion: " + version + "\nArchitecture: amd64\nMaintainer: t <t@example.org>\nDescription: test\n"
+		if err := os.WriteFile(filepath.Join(tree, "DEBIAN", "control"), []byte(control), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		deb := filepath.Join(cache, "linux-image-test_"+version+"_amd64.deb")
+		if out, err := exec.Command("dpkg-deb", "--root-owner-group", "--build", tree, deb).CombinedOutput(); err != nil {
+			t.Fatalf("dpkg-deb --build: %v\n%s", err, out)
+		}
+	}
+	ctx := context.Background()
+	if got := cachedDeb(ctx, cache, "linux-image-test", "1.0-2"); filepath.Base(got) != "linux-image-test_1.0-2_amd64.deb" {
+		t.Errorf("1.0-2: got %q", got)
+	}
+	if got := cachedDeb(ctx, cache, "linux-image-test", "1.0-3"); got != "" {
+		t.Errorf("1.0-3 is not in the cache, got %q", got)
+	}
+	if got := cachedDeb(ctx, "", "linux-image-test", "1.0-1"); got != "" {
+		t.Errorf("no cache, got %q", got)
 	}
 }

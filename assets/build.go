@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,8 +38,13 @@ type Options struct {
 	KeepModuleSignatures bool
 	// Registry, when set, receives the runtime.
 	Registry Registry
-	Progress io.Writer // where to say what is being done; nil for nowhere
-	Rebuild  bool      // rebuild even what is up to date
+	// PackageCache, when set, is a directory of downloaded .deb files
+	// that Debian roots are built from when they have the version apt
+	// wants, and that new downloads are added to. Builds in two cache
+	// directories can share one; it does not change what is built.
+	PackageCache string
+	Progress     io.Writer // where to say what is being done; nil for nowhere
+	Rebuild      bool      // rebuild even what is up to date
 }
 
 // DefaultRuntimePackages are the packages of the default runtime.
@@ -189,7 +195,7 @@ func (b *builder) kernel(ctx context.Context) error {
 		b.p.printf("kernel", "%s %s is up to date", k.Package, k.Version)
 		return nil
 	}
-	if err := fetchKernel(ctx, b.p, b.opts.Dir, &b.k); err != nil {
+	if err := fetchKernel(ctx, b.p, b.opts.Dir, b.opts.PackageCache, &b.k); err != nil {
 		return err
 	}
 	bzFile := filepath.Join(b.k.Dir, "boot", "vmlinuz-"+k.Release)
@@ -265,7 +271,13 @@ func (b *builder) runtime(ctx context.Context) error {
 		step: "runtime", dir: "runtime", packages: b.opts.RuntimePackages, hooks: runtimeHooks,
 		outputs: map[Name]string{Runtime: ".squashfs"},
 		images: func(ctx context.Context, p *progress, root string, out map[Name]string) error {
-			return p.run(ctx, "runtime", "mksquashfs", root, out[Runtime], "-comp", "zstd", "-noappend", "-no-progress", "-quiet")
+			// SOURCE_DATE_EPOCH sets the image's creation time and
+			// clamps every later file time to it (mksquashfs refuses it
+			// beside -mkfs-time or -all-time); -reproducible, the
+			// default, writes the files in the same order every time.
+			cmd := command(ctx, "mksquashfs", root, out[Runtime], "-comp", "zstd", "-reproducible", "-noappend", "-no-progress", "-quiet")
+			cmd.Env = append(os.Environ(), sourceDateEpochEnv())
+			return p.runCmd("runtime", cmd)
 		},
 	})
 }
@@ -276,6 +288,10 @@ var runtimeHooks = []string{
 	`chroot "$1" useradd --uid 1000 --user-group --create-home --shell /bin/sh ` + RuntimeUser,
 	`mkdir -p "$1/opt/code" "$1/opt/packages" "$1/data"`,
 	`rm -f "$1/etc/resolv.conf" "$1/etc/hostname" && : > "$1/etc/machine-id"`,
+	// apt leaves its lists' download directory to its sandbox user _apt
+	// only when that user can reach the build directory (not under a
+	// 0700 parent): set what apt sets, whatever the build directory.
+	`chroot "$1" chown _apt:root /var/lib/apt/lists/partial`,
 }
 
 // debianAsset is a build step that makes images of a Debian root.
@@ -291,12 +307,12 @@ type debianAsset struct {
 // debian runs a Debian step unless its assets are up to date, then
 // registers them.
 func (b *builder) debian(ctx context.Context, d debianAsset) error {
-	sources, err := aptSources(ctx, b.opts.Suite)
+	sources, err := AptSources(ctx, b.opts.Suite)
 	if err != nil {
 		return err
 	}
 	pkgs := slices.Sorted(slices.Values(d.packages))
-	key := inputKey(d.dir, b.opts.Suite, sources, strings.Join(pkgs, ","), strings.Join(d.hooks, "\n"))
+	key := inputKey(d.dir, b.opts.Suite, sources, strings.Join(pkgs, ","), strings.Join(d.hooks, "\n"), strconv.FormatInt(SourceDateEpoch, 10))
 	names := slices.Sorted(maps.Keys(d.outputs))
 	if b.upToDate(key, names...) {
 		b.p.printf(d.step, "up to date")
@@ -317,7 +333,8 @@ func (b *builder) buildDebian(ctx context.Context, d debianAsset, key, sources s
 	defer os.RemoveAll(work)
 	root := filepath.Join(work, "root")
 	b.p.printf(d.step, "Debian %s with %s (mmdebstrap takes a minute or more)", b.opts.Suite, strings.Join(pkgs, ", "))
-	boot := debootstrap{suite: b.opts.Suite, sources: sources, variant: "minbase", packages: pkgs, hooks: d.hooks, target: root}
+	boot := debootstrap{suite: b.opts.Suite, sources: sources, variant: "minbase", packages: pkgs, hooks: d.hooks, target: root,
+		packageCache: b.opts.PackageCache}
 	if err := boot.run(ctx, b.p, d.step); err != nil {
 		return err
 	}

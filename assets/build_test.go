@@ -27,14 +27,9 @@ func TestBuild(t *testing.T) {
 	}
 	testenv.RequireTools(t, "apt-get", "apt-cache", "dpkg-deb", "mmdebstrap", "mksquashfs", "unsquashfs", "mkfs.ext4", "e2fsck", "go")
 	dir := filepath.Join(testenv.CacheDir(t), "assets")
-	initBin := filepath.Join(t.TempDir(), "alephvm-init")
-	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", initBin, "../cmd/alephvm-init")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build alephvm-init: %v\n%s", err, out)
-	}
+	initBin := buildInit(t)
 	reg := &fakeRegistry{}
-	opts := Options{Dir: dir, Init: initBin, Runtime: true, Registry: reg, Progress: testWriter{t}}
+	opts := Options{Dir: dir, Init: initBin, Runtime: true, Registry: reg, PackageCache: testenv.PackageCache(), Progress: testWriter{t}}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	m, err := Build(ctx, opts)
@@ -114,6 +109,18 @@ func TestBuild(t *testing.T) {
 	if len(reg.added) > 1 {
 		t.Errorf("registered again: %v", reg.added)
 	}
+}
+
+// buildInit builds alephvm-init as the Debian package does, static.
+func buildInit(t *testing.T) string {
+	t.Helper()
+	initBin := filepath.Join(t.TempDir(), "alephvm-init")
+	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", initBin, "../cmd/alephvm-init")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build alephvm-init: %v\n%s", err, out)
+	}
+	return initBin
 }
 
 type testWriter struct{ t *testing.T }

@@ -9,11 +9,11 @@ import (
 	"strings"
 )
 
-// aptSources returns sources.list lines for suite (and its -updates and
+// AptSources returns sources.list lines for suite (and its -updates and
 // -security companions) taken from the machine's own apt configuration,
 // as apt itself sees it (apt-get indextargets), so that no mirror host is
 // ever written in the project.
-func aptSources(ctx context.Context, suite string) (string, error) {
+func AptSources(ctx context.Context, suite string) (string, error) {
 	out, err := output(ctx, "apt-get", "indextargets", "--format", "$(REPO_URI) $(RELEASE) $(COMPONENT)", "Identifier: Packages")
 	if err != nil {
 		return "", fmt.Errorf("read the machine's apt sources: %w", err)
@@ -68,6 +68,10 @@ type debootstrap struct {
 	packages       []string
 	hooks          []string // --customize-hook shell commands, "$1" is the root
 	target         string   // a directory
+	// packageCache, when set, is a directory of .deb files shared by
+	// builds: the packages found there are not downloaded again, and those
+	// downloaded are added to it. It does not change what is built.
+	packageCache string
 }
 
 // dpkgExcludes keep documentation out of the images.
@@ -84,28 +88,48 @@ func (d debootstrap) run(ctx context.Context, p *progress, step string) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("%s: building a Debian root needs root (mmdebstrap runs package scripts in a chroot)", step)
 	}
-	src, err := os.CreateTemp("", "alephvm-sources-*.list")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(src.Name())
-	if _, err := src.WriteString(d.sources); err != nil {
-		src.Close()
-		return err
-	}
-	src.Close()
 	args := []string{"--variant=" + d.variant, "--include=" + strings.Join(d.packages, ","), "--aptopt=Acquire::Retries=3"}
 	for _, e := range dpkgExcludes {
 		args = append(args, "--dpkgopt="+e)
 	}
+	if d.packageCache != "" {
+		cache, err := PackageCacheArgs(d.packageCache)
+		if err != nil {
+			return fmt.Errorf("%s: %w", step, err)
+		}
+		args = append(args, cache...)
+	}
 	for _, h := range d.hooks {
 		args = append(args, "--customize-hook="+h)
 	}
-	// The sources file is a "mirror" whose content mmdebstrap pastes into
-	// the root's sources.list.
-	args = append(args, d.suite, d.target, src.Name())
+	// The sources come on standard input ("-" as the mirror): mmdebstrap
+	// writes them to the root's /etc/apt/sources.list, a name that does
+	// not change from one build to the next (a temporary file's would).
+	args = append(args, d.suite, d.target, "-")
 	if err := os.MkdirAll(filepath.Dir(d.target), 0o755); err != nil {
 		return err
 	}
-	return p.run(ctx, step, "mmdebstrap", args...)
+	cmd := command(ctx, "mmdebstrap", args...)
+	cmd.Stdin = strings.NewReader(d.sources)
+	cmd.Env = append(os.Environ(), sourceDateEpochEnv())
+	return p.runCmd(step, cmd)
+}
+
+// PackageCacheArgs are the mmdebstrap options that build a root from the
+// .deb files of dir, a directory shared by builds, where they have the
+// version apt wants, and add the packages downloaded to it: mmdebstrap's
+// own recipe (the cache copied in before the download, the archives
+// copied out before its cleanup empties them, the essential packages left
+// in the archives). They do not change what is built.
+func PackageCacheArgs(dir string) ([]string, error) {
+	if strings.ContainsAny(dir, " \t\n") {
+		return nil, fmt.Errorf("package cache %q: mmdebstrap's sync hooks take no blanks in a path", dir)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	return []string{"--skip=essential/unlink",
+		`--setup-hook=mkdir -p "$1/var/cache/apt/archives"`,
+		"--setup-hook=sync-in " + dir + " /var/cache/apt/archives/",
+		"--customize-hook=sync-out /var/cache/apt/archives " + dir}, nil
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -64,8 +65,10 @@ func debField(control, name string) string {
 }
 
 // fetchKernel downloads and unpacks the kernel package into the cache,
-// unless it is already there.
-func fetchKernel(ctx context.Context, p *progress, dir string, k *kernel) error {
+// unless it is already there. With a package cache, a .deb of the same
+// version found there is not downloaded again, and one downloaded is
+// added to it.
+func fetchKernel(ctx context.Context, p *progress, dir, packageCache string, k *kernel) error {
 	k.Dir = filepath.Join("kernel", k.Package+"_"+k.Version)
 	final := filepath.Join(dir, k.Dir)
 	if _, err := os.Stat(filepath.Join(final, "boot", "vmlinuz-"+k.Release)); err == nil {
@@ -79,22 +82,82 @@ func fetchKernel(ctx context.Context, p *progress, dir string, k *kernel) error 
 		return err
 	}
 	defer os.RemoveAll(tmp)
-	// apt drops privileges to _apt for downloads when it can write there.
-	os.Chmod(tmp, 0o777)
-	p.printf("kernel", "downloading %s %s", k.Package, k.Version)
-	dl := command(ctx, "apt-get", "download", k.Package+"="+k.Version)
-	dl.Dir = tmp
-	if out, err := dl.CombinedOutput(); err != nil {
-		return fmt.Errorf("apt-get download %s: %w: %s", k.Package, err, bytes.TrimSpace(out))
-	}
-	debs, _ := filepath.Glob(filepath.Join(tmp, "*.deb"))
-	if len(debs) != 1 {
-		return fmt.Errorf("apt-get download %s: want one .deb, got %d", k.Package, len(debs))
+	deb := cachedDeb(ctx, packageCache, k.Package, k.Version)
+	if deb == "" {
+		if deb, err = downloadDeb(ctx, p, tmp, k.Package, k.Version); err != nil {
+			return err
+		}
+		if packageCache != "" {
+			if err := os.MkdirAll(packageCache, 0o755); err != nil {
+				return err
+			}
+			if err := copyFileAtomic(deb, filepath.Join(packageCache, filepath.Base(deb))); err != nil {
+				return fmt.Errorf("package cache: %w", err)
+			}
+		}
+	} else {
+		p.printf("kernel", "%s %s from the package cache", k.Package, k.Version)
 	}
 	tree := filepath.Join(tmp, "tree")
-	if err := p.run(ctx, "kernel", "dpkg-deb", "-x", debs[0], tree); err != nil {
+	if err := p.run(ctx, "kernel", "dpkg-deb", "-x", deb, tree); err != nil {
 		return err
 	}
 	os.RemoveAll(final)
 	return os.Rename(tree, final)
+}
+
+// downloadDeb downloads a package's .deb into dir and returns its path.
+func downloadDeb(ctx context.Context, p *progress, dir, pkg, version string) (string, error) {
+	// apt drops privileges to _apt for downloads when it can write there.
+	os.Chmod(dir, 0o777)
+	p.printf("kernel", "downloading %s %s", pkg, version)
+	dl := command(ctx, "apt-get", "download", pkg+"="+version)
+	dl.Dir = dir
+	if out, err := dl.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("apt-get download %s: %w: %s", pkg, err, bytes.TrimSpace(out))
+	}
+	debs, _ := filepath.Glob(filepath.Join(dir, "*.deb"))
+	if len(debs) != 1 {
+		return "", fmt.Errorf("apt-get download %s: want one .deb, got %d", pkg, len(debs))
+	}
+	return debs[0], nil
+}
+
+// cachedDeb returns the .deb of pkg at version in the package cache, or
+// "" when there is none.
+func cachedDeb(ctx context.Context, packageCache, pkg, version string) string {
+	if packageCache == "" {
+		return ""
+	}
+	debs, _ := filepath.Glob(filepath.Join(packageCache, pkg+"_*.deb"))
+	for _, deb := range debs {
+		control, err := output(ctx, "dpkg-deb", "--field", deb, "Package", "Version")
+		if err == nil && debField(control, "Package") == pkg && debField(control, "Version") == version {
+			return deb
+		}
+	}
+	return ""
+}
+
+// copyFileAtomic copies src to dst, whole or not at all.
+func copyFileAtomic(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	tmp := dst + ".part"
+	out, err := os.Create(tmp)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(out, in)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return os.Rename(tmp, dst)
 }

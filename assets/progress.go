@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -35,7 +36,13 @@ func (p *progress) printf(step, format string, args ...any) {
 // step's name, and says how long it took. A command that stays silent
 // for a while gets a line saying it is still running.
 func (p *progress) run(ctx context.Context, step string, name string, args ...string) error {
-	cmd := exec.CommandContext(ctx, name, args...)
+	return p.runCmd(step, exec.CommandContext(ctx, name, args...))
+}
+
+// runCmd is run for a command that needs more than its arguments (an
+// environment, a standard input).
+func (p *progress) runCmd(step string, cmd *exec.Cmd) error {
+	name, args := filepath.Base(cmd.Path), cmd.Args[1:]
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
 	var tail []string

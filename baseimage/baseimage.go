@@ -26,6 +26,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/kernelimage"
 	diskfs "github.com/diskfs/go-diskfs"
 	"github.com/diskfs/go-diskfs/disk"
@@ -97,7 +98,7 @@ const ManifestName = "base-image.json"
 // list or the customization makes a new image.
 func recipe() string {
 	h := sha256.New()
-	fmt.Fprintln(h, Suite, strings.Join(packages, ","), cloudConfig, strings.Join(customize, "\n"), espLayoutVersion)
+	fmt.Fprintln(h, Suite, strings.Join(packages, ","), cloudConfig, strings.Join(customize, "\n"), espLayoutVersion, assets.SourceDateEpoch)
 	return hex.EncodeToString(h.Sum(nil))[:16]
 }
 
@@ -152,13 +153,33 @@ func writeVmlinux(kernel, dst string) error {
 	return os.Rename(tmp, dst)
 }
 
-// Build builds the image into dir, unless a current one is there. Progress
-// lines go to progress.
-func Build(ctx context.Context, dir string, progress io.Writer, log *slog.Logger) (Image, error) {
+// Options are Build's settings; the zero value works.
+type Options struct {
+	Progress io.Writer    // where progress lines go; nil for nowhere
+	Log      *slog.Logger // nil for none
+	// PackageCache, when set, is a directory of .deb files shared by
+	// builds (see assets.PackageCacheArgs); it does not change the image.
+	PackageCache string
+}
+
+// Build builds the image into dir, unless a current one is there. The
+// same packages give the same bytes (see reproducible.go).
+func Build(ctx context.Context, dir string, opts Options) (Image, error) {
 	if img, err := Load(dir); err == nil {
 		return img, nil
 	}
+	progress, log := opts.Progress, opts.Log
+	if progress == nil {
+		progress = io.Discard
+	}
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
 	if err := checkTools(exec.LookPath); err != nil {
+		return Image{}, err
+	}
+	sources, err := assets.AptSources(ctx, Suite)
+	if err != nil {
 		return Image{}, err
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -174,12 +195,22 @@ func Build(ctx context.Context, dir string, progress io.Writer, log *slog.Logger
 	tree := filepath.Join(work, "tree")
 	step("building a Debian %s root with mmdebstrap (from this machine's apt sources)", Suite)
 	args := []string{"--variant=apt", "--include=" + strings.Join(packages, ",")}
+	if opts.PackageCache != "" {
+		cache, err := assets.PackageCacheArgs(opts.PackageCache)
+		if err != nil {
+			return Image{}, err
+		}
+		args = append(args, cache...)
+	}
 	for _, hook := range customize {
 		args = append(args, "--customize-hook="+hook)
 	}
-	args = append(args, Suite, tree)
+	// The sources on standard input ("-"): mmdebstrap writes them to the
+	// root's /etc/apt/sources.list.
+	args = append(args, Suite, tree, "-")
 	cmd := exec.CommandContext(ctx, "mmdebstrap", args...)
-	cmd.Env = append(os.Environ(), "ALEPHVM_CLOUD_CFG="+cloudConfig)
+	cmd.Stdin = strings.NewReader(sources)
+	cmd.Env = append(os.Environ(), "ALEPHVM_CLOUD_CFG="+cloudConfig, sourceDateEpochEnv())
 	cmd.Stdout, cmd.Stderr = progress, progress
 	started := time.Now()
 	if err := cmd.Run(); err != nil {
@@ -209,6 +240,9 @@ func Build(ctx context.Context, dir string, progress io.Writer, log *slog.Logger
 	// grow it to their root disk's size.
 	fsMiB := size*13/10>>20 + 256
 	step("making the ext4 root filesystem (%d MiB)", fsMiB)
+	if err := clampTimes(tree); err != nil {
+		return Image{}, err
+	}
 	if err := mkfsExt4(ctx, tree, out("rootfs.ext4"), fsMiB); err != nil {
 		return Image{}, err
 	}
@@ -277,20 +311,35 @@ func treeSize(root string) (int64, error) {
 	return total, err
 }
 
+// mkfsExt4 makes the ext4 root filesystem from tree, the same bytes from
+// the same tree: its UUID and directory hash seed derived from the
+// recipe, every time it writes at SourceDateEpoch, the entries it adds
+// in byte order (mke2fs sorts them with the locale's collation).
 func mkfsExt4(ctx context.Context, tree, path string, sizeMiB int64) error {
-	cmd := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-L", "rootfs", "-d", tree, "-E", "root_owner=0:0", path, fmt.Sprintf("%dM", sizeMiB))
+	cmd := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-L", "rootfs", "-U", fsUUID("uuid"), "-d", tree,
+		"-E", "root_owner=0:0,hash_seed="+fsUUID("hash_seed"), path, fmt.Sprintf("%dM", sizeMiB))
+	cmd.Env = append(os.Environ(), fakeTimeEnv(), "LC_ALL=C")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("mkfs.ext4: %w: %s", err, strings.TrimSpace(string(out)))
 	}
-	return nil
+	return settleInodeTimes(ctx, path)
 }
 
 // espLayoutVersion changes when makeDisk's layout does.
-const espLayoutVersion = 1
+// Version 2: the disk's and the EFI partition's GUIDs, FAT times and
+// volume id are fixed (reproducible builds).
+const espLayoutVersion = 2
 
 // RootPartUUID is the root partition's GUID, so that the boot entry can
 // name it.
 const RootPartUUID = "5e9c3f1c-7b3e-4a55-9a52-a1e9f0c0a1ef"
+
+// The disk's GUID and the EFI system partition's, fixed so that the same
+// files make the same disk.
+const (
+	diskGUID    = "a1e9f0c0-5e9c-4f1c-8b3e-7b3e4a559a52"
+	espPartUUID = "c12a7328-0000-4a55-9a52-a1e9f0c0a1ef"
+)
 
 const (
 	sector   = 512
@@ -319,16 +368,20 @@ func makeDisk(path, rootfs, kernel, initrd, bootEFI string) error {
 	}
 	defer d.Close()
 	table := &gpt.Table{
-		LogicalSectorSize: sector, PhysicalSectorSize: sector, ProtectiveMBR: true,
+		LogicalSectorSize: sector, PhysicalSectorSize: sector, ProtectiveMBR: true, GUID: diskGUID,
 		Partitions: []*gpt.Partition{
-			{Index: 1, Start: espStart, End: espEnd, Type: gpt.EFISystemPartition, Name: "ESP"},
+			{Index: 1, Start: espStart, End: espEnd, Type: gpt.EFISystemPartition, Name: "ESP", GUID: espPartUUID},
 			{Index: 2, Start: rootStart, End: rootEnd, Type: gpt.LinuxFilesystem, Name: "rootfs", GUID: RootPartUUID},
 		},
 	}
 	if err := d.Partition(table); err != nil {
 		return fmt.Errorf("partition disk: %w", err)
 	}
-	fs, err := d.CreateFilesystem(disk.FilesystemSpec{Partition: 1, FSType: filesystem.TypeFat32, VolumeLabel: "ESP"})
+	// go-diskfs times the FAT entries it writes by SOURCE_DATE_EPOCH in
+	// this process's environment, and by the clock without it.
+	restore := setSourceDateEpoch()
+	defer restore()
+	fs, err := d.CreateFilesystem(disk.FilesystemSpec{Partition: 1, FSType: filesystem.TypeFat32, VolumeLabel: "ESP", Reproducible: true})
 	if err != nil {
 		return fmt.Errorf("make EFI system partition: %w", err)
 	}

@@ -9,7 +9,7 @@ import (
 
 // tools are the host programs Build runs, with the Debian packages that
 // have them.
-var tools = map[string]string{"mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs"}
+var tools = map[string]string{"mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs", "dumpe2fs": "e2fsprogs"}
 
 // checkTools says which of the tools lookPath cannot find, and the
 // command that installs them.
@@ -22,6 +22,8 @@ func checkTools(lookPath func(string) (string, error)) error {
 		}
 	}
 	if len(missing) > 0 {
+		slices.Sort(packages)
+		packages = slices.Compact(packages)
 		return fmt.Errorf("base image: %s not installed (apt-get install %s)", strings.Join(missing, " and "), strings.Join(packages, " "))
 	}
 	return nil

@@ -29,7 +29,9 @@ sources: Debian ` + baseimage.Suite + ` with systemd, cloud-init, openssh-server
 qemu-guest-agent, as a UEFI-bootable GPT disk ("` + imageDebian + `") and as a bare ext4 root
 ("` + imageDebianExt4 + `", booted with the kernel kept beside it). Both are added to the
 store; their refs are printed. An image already built from the same recipe is
-reused. Needs root, mmdebstrap and e2fsprogs, and takes a few minutes.
+reused. Needs root, mmdebstrap and e2fsprogs, and takes a few minutes. The
+same packages make the same bytes, so the same refs, on any node (docs/assets.md,
+"Reproducible builds").
 
 The "` + imageDebian + `" form boots under QEMU with the UEFI firmware (Debian's ovmf,
 UEFI_FIRMWARE_CODE and UEFI_FIRMWARE_VARS); the build says when this host has
@@ -37,7 +39,7 @@ none.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			started := time.Now()
-			img, err := baseimage.Build(cmd.Context(), baseImageDir(a.cfg.Config), os.Stderr, a.log)
+			img, err := baseimage.Build(cmd.Context(), baseImageDir(a.cfg.Config), baseimage.Options{Progress: os.Stderr, Log: a.log})
 			if err != nil {
 				return err
 			}

@@ -9,8 +9,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,7 +48,7 @@ func Prepare(programs bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	var out bytes.Buffer
-	if _, err := baseimage.Build(ctx, dir, &out, slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {
+	if _, err := baseimage.Build(ctx, dir, baseimage.Options{Progress: &out, PackageCache: testenv.PackageCache()}); err != nil {
 		os.Setenv(baseErrEnv, fmt.Sprintf("%v\n%s", err, out.String()))
 		return
 	}
@@ -102,7 +100,7 @@ func prepareProgramAssets() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	var out bytes.Buffer
-	m, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, Progress: &out})
+	m, err := assets.Build(ctx, assets.Options{Dir: dir, Init: initBin, Runtime: true, PackageCache: testenv.PackageCache(), Progress: &out})
 	if err != nil {
 		fail(fmt.Errorf("%v\n%s", err, out.String()))
 		return

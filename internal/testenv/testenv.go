@@ -150,6 +150,13 @@ func CachePath() string {
 	return "/var/tmp/alephvm-test-cache"
 }
 
+// PackageCache is where tests that build Debian roots keep the .deb files
+// they download, for the next build (assets.Options.PackageCache): in the
+// test cache.
+func PackageCache() string {
+	return filepath.Join(CachePath(), "debs")
+}
+
 // OpenFiles returns the regular files process pid has open, by path.
 func OpenFiles(t testing.TB, pid int) []string {
 	t.Helper()
