@@ -243,6 +243,18 @@ func (c *Client) Sysinfo(ctx context.Context) (Sysinfo, error) {
 	return *r.Sysinfo, nil
 }
 
+// Resume gives a VM restored from a template its clock and seed; the
+// guest then carries on as after a boot (WaitFor Settled).
+func (c *Client) Resume(ctx context.Context, req ResumeRequest) error {
+	if len(req.Seed) < MinResumeSeed {
+		return fmt.Errorf("guest resume: a seed of %d bytes, fewer than %d", len(req.Seed), MinResumeSeed)
+	}
+	if _, err := c.call(ctx, request{Op: opResume, Resume: &req}, nil); err != nil {
+		return fmt.Errorf("guest resume: %w", err)
+	}
+	return nil
+}
+
 // Halt stops the workload, unmounts every drive and, once it has replied,
 // the guest powers off (or reboots, see Config.Halt). The client is closed
 // when Halt returns.

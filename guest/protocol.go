@@ -42,7 +42,27 @@ const (
 	StateExited   State = "exited"   // the workload ended; ExitCode says how
 	StateFailed   State = "failed"   // the init could not start the workload; Error says why
 	StateHalting  State = "halting"  // a halt is under way
+	// StateWaiting: a template's init, every driver loaded, waits for a
+	// resume (a VM restored from the template) before it reads any config.
+	StateWaiting State = "waiting"
 )
+
+// TemplateFlag on the kernel command line makes the init boot as a
+// template: it loads every driver and filesystem, reports StateWaiting and
+// waits for a resume before it touches anything program-specific.
+const TemplateFlag = "alephvm.template"
+
+// ResumeRequest is what a VM restored from a template gets before it
+// carries on as after a boot: the host's wall clock (the template's is as
+// old as the template) and entropy of its own (its kernel pool is the
+// template's, shared with every VM restored from it).
+type ResumeRequest struct {
+	Time time.Time `json:"time"`
+	Seed []byte    `json:"seed"`
+}
+
+// MinResumeSeed is the least seed a resume carries: 256 bits.
+const MinResumeSeed = 32
 
 // Status is the init's view of the workload.
 type Status struct {
@@ -71,6 +91,9 @@ type Boot struct {
 	Started   time.Duration `json:"started"`    // workload process started
 	Ready     time.Duration `json:"ready"`      // port 8080 accepting
 	Control   time.Duration `json:"control"`    // control channel open (concurrent with the rest)
+	// Resume is when a VM restored from a template was resumed; the steps
+	// before it are the template's own boot.
+	Resume time.Duration `json:"resume,omitempty"`
 	// ModuleWait is the time the boot spent waiting for kernel modules to
 	// load (finit_module, which includes the drivers probing devices).
 	ModuleWait time.Duration `json:"module_wait"`
@@ -186,18 +209,21 @@ const (
 	opAPIReply = "api_reply"
 	// A message the workload subscribed to (Client.DeliverEvent).
 	opEvent = "event"
+	// The resume of a VM restored from a template (ResumeRequest).
+	opResume = "resume"
 )
 
 // request is one line from the host.
 type request struct {
-	ID     uint64       `json:"id"`
-	Op     string       `json:"op"`
-	Follow bool         `json:"follow,omitempty"` // logs
-	Signal int          `json:"signal,omitempty"` // signal
-	Exec   *ExecRequest `json:"exec,omitempty"`   // exec
-	Target uint64       `json:"target,omitempty"` // cancel
-	Answer *APIAnswer   `json:"answer,omitempty"` // api_reply
-	Body   []byte       `json:"body,omitempty"`   // event
+	ID     uint64         `json:"id"`
+	Op     string         `json:"op"`
+	Follow bool           `json:"follow,omitempty"` // logs
+	Signal int            `json:"signal,omitempty"` // signal
+	Exec   *ExecRequest   `json:"exec,omitempty"`   // exec
+	Target uint64         `json:"target,omitempty"` // cancel
+	Answer *APIAnswer     `json:"answer,omitempty"` // api_reply
+	Body   []byte         `json:"body,omitempty"`   // event
+	Resume *ResumeRequest `json:"resume,omitempty"` // resume
 }
 
 // reply is one line from the guest: a reply to request ID (the last one

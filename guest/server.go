@@ -41,6 +41,13 @@ type APIAgent interface {
 	APIBridge() *APIBridge
 }
 
+// ResumeAgent is an Agent that can be restored from a template.
+type ResumeAgent interface {
+	// Resume sets the clock and the entropy pool from req and carries on
+	// as after a boot; it returns once the clock and the pool are set.
+	Resume(ctx context.Context, req ResumeRequest) error
+}
+
 // haltLinger is how long the guest waits, after replying to a halt, for
 // the host to close the session before it powers off, so that the reply
 // is not lost.
@@ -218,6 +225,20 @@ func (s *session) serve(ctx, sessionCtx context.Context, wg *sync.WaitGroup, req
 			return
 		}
 		s.send(reply{ID: req.ID, Done: true})
+	case opResume:
+		ra, ok := a.(ResumeAgent)
+		switch {
+		case !ok:
+			s.fail(req.ID, errors.New("this init cannot be resumed"))
+		case req.Resume == nil:
+			s.fail(req.ID, errors.New("resume: no clock or seed"))
+		default:
+			if err := ra.Resume(ctx, *req.Resume); err != nil {
+				s.fail(req.ID, err)
+				return
+			}
+			s.send(reply{ID: req.ID, Done: true})
+		}
 	default:
 		s.fail(req.ID, fmt.Errorf("unknown operation %q", req.Op))
 	}

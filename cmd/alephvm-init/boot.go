@@ -53,6 +53,11 @@ func boot() {
 		fatal(err)
 	}
 	in.milestone(func(b *guest.Boot) { b.Modules = uptime(); b.ModuleWait = b.Modules - start })
+	if hasKernelFlag(string(cmdline), guest.TemplateFlag) {
+		if have, err = in.runTemplate(loader, have); err != nil {
+			fatal(err)
+		}
+	}
 
 	cfg, err := readConfig()
 	if errors.Is(err, guest.ErrNotConfigDrive) || errors.Is(err, os.ErrNotExist) {
@@ -64,9 +69,16 @@ func boot() {
 		fatal(fmt.Errorf("config drive /dev/vda: %w", err))
 	}
 	in.cfg = cfg
+	for i := range cfg.Drives {
+		if err := waitForDevice("/dev/" + guest.DeviceName(i)); err != nil {
+			fatal(err)
+		}
+	}
 	in.milestone(func(b *guest.Boot) { b.Config = uptime() })
 	in.trace("started at %v, modules loaded at %v, config read", ms(start), ms(in.Status().Boot.Modules))
-	goSafe(func() { in.serveControl(have) })
+	if !in.controlServed {
+		goSafe(func() { in.serveControl(have) })
+	}
 
 	waitStart := uptime()
 	err = <-fsLoaded

@@ -42,6 +42,10 @@ type Init struct {
 	exited   chan struct{} // closed when the workload has exited
 	haltOnce sync.Once
 	haltErr  error
+	// A template's: closed by Resume; and whether the control channel is
+	// already served.
+	resumed       chan struct{}
+	controlServed bool
 }
 
 func newInit() *Init {

@@ -66,6 +66,14 @@ func (g guardedAgent) DeliverEvent(ctx context.Context, body []byte) error {
 	return errors.New("this init takes no events")
 }
 
+func (g guardedAgent) Resume(ctx context.Context, req guest.ResumeRequest) error {
+	defer recoverPanic()
+	if a, ok := g.in.(guest.ResumeAgent); ok {
+		return a.Resume(ctx, req)
+	}
+	return errors.New("this init cannot be resumed")
+}
+
 func (g guardedAgent) Status() guest.Status {
 	defer recoverPanic()
 	return g.in.Status()
