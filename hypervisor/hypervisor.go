@@ -45,7 +45,33 @@ type Spec struct {
 	// RebootExits makes a guest reboot end the VM, as programs want; an
 	// instance reboots inside the hypervisor.
 	RebootExits bool
+	// Memory, when set, backs the guest's RAM with a file (QEMU only).
+	Memory *Memory
+	// Incoming is a file of saved VM state (a template's): the VM starts
+	// from it instead of booting (QEMU only).
+	Incoming string
+	// FixedSlots puts every device on a fixed PCI slot, so that a template
+	// and the VMs restored from it agree: the template's own devices on
+	// low slots, drives and NICs (a template has none) on slots after them,
+	// where a restored guest finds them by rescanning its bus. It also adds
+	// a VM generation ID device, new for each VM (QEMU only).
+	FixedSlots bool
 }
+
+// Memory is a file behind a guest's RAM.
+type Memory struct {
+	Path string
+	// Shared writes the guest's RAM into the file (a template being
+	// built); otherwise the file is mapped copy-on-write (the template's
+	// RAM under a restored VM: its pages are shared until written).
+	Shared bool
+}
+
+// The limits of FixedSlots.
+const (
+	MaxFixedSlotDrives = 16
+	MaxFixedSlotNICs   = 4
+)
 
 // Boot is how a VM boots.
 type Boot struct {
@@ -137,6 +163,15 @@ func (s Spec) Validate() error {
 	}
 	if (s.Boot.FirmwareCode == "") != (s.Boot.FirmwareVars == "") {
 		errs = append(errs, errors.New("boot: UEFI firmware needs both its code and its variable store"))
+	}
+	if s.FixedSlots && (len(s.Drives) > MaxFixedSlotDrives || len(s.NICs) > MaxFixedSlotNICs) {
+		errs = append(errs, fmt.Errorf("fixed slots: at most %d drives and %d NICs, got %d and %d", MaxFixedSlotDrives, MaxFixedSlotNICs, len(s.Drives), len(s.NICs)))
+	}
+	if s.Memory != nil && !strings.HasPrefix(s.Memory.Path, "/") {
+		errs = append(errs, fmt.Errorf("memory file %q: must be an absolute path", s.Memory.Path))
+	}
+	if s.Incoming != "" && (s.Memory == nil || s.Memory.Shared || !s.FixedSlots) {
+		errs = append(errs, errors.New("incoming state: needs the template's memory, private, and fixed slots"))
 	}
 	if s.Control && s.ControlPort == "" {
 		errs = append(errs, errors.New("control: the channel needs a port name"))

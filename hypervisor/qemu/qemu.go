@@ -87,9 +87,13 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		}
 	}
 	dir := func(name string) string { return opt(filepath.Join(spec.Dir, name)) }
+	machine := "q35"
+	if spec.Memory != nil {
+		machine += ",memory-backend=" + memoryBackend
+	}
 	a := []string{
 		"-name", "guest=" + spec.Name + ",debug-threads=on",
-		"-machine", "q35",
+		"-machine", machine,
 		"-accel", accel,
 	}
 	if accel == "kvm" {
@@ -106,8 +110,23 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		"-chardev", "ringbuf,id="+consoleDevice+",size="+strconv.Itoa(ConsoleRingSize),
 		"-serial", "chardev:"+consoleDevice,
 		"-object", "rng-random,id=rng0,filename=/dev/urandom",
-		"-device", "virtio-rng-pci,rng=rng0",
+		"-device", "virtio-rng-pci,rng=rng0"+slot(spec, slotRNG),
 	)
+	if m := spec.Memory; m != nil {
+		share := "off"
+		if m.Shared {
+			share = "on"
+		}
+		a = append(a, "-object", fmt.Sprintf("memory-backend-file,id=%s,size=%dM,mem-path=%s,share=%s", memoryBackend, spec.MemoryMiB, opt(m.Path), share))
+	}
+	if spec.FixedSlots {
+		// A new generation ID for each VM: a guest kernel with the vmgenid
+		// driver reseeds its random generator when it changes.
+		a = append(a, "-device", "vmgenid,guid=auto")
+	}
+	if spec.Incoming != "" {
+		a = append(a, "-incoming", "defer")
+	}
 	if runAs != "" {
 		a = append(a, "-runas", runAs)
 	}
@@ -134,7 +153,7 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		for _, node := range blockdevs(id, d) {
 			a = append(a, "-blockdev", node)
 		}
-		dev := "virtio-blk-pci,drive=" + id
+		dev := "virtio-blk-pci,drive=" + id + slot(spec, slotFirstDrive+i)
 		if d.Serial != "" {
 			dev += ",serial=" + opt(d.Serial)
 		}
@@ -147,11 +166,11 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		id := "net" + strconv.Itoa(i)
 		a = append(a,
 			"-netdev", fmt.Sprintf("tap,id=%s,ifname=%s,script=no,downscript=no", id, n.Tap),
-			"-device", fmt.Sprintf("virtio-net-pci,netdev=%s,mac=%s,romfile=", id, n.MAC),
+			"-device", fmt.Sprintf("virtio-net-pci,netdev=%s,mac=%s,romfile=%s", id, n.MAC, slot(spec, slotFirstNIC+i)),
 		)
 	}
 	if spec.Control || spec.GuestAgent {
-		a = append(a, "-device", "virtio-serial-pci,id=vser0")
+		a = append(a, "-device", "virtio-serial-pci,id=vser0"+slot(spec, slotSerial))
 	}
 	if spec.Control {
 		a = append(a,
@@ -166,6 +185,25 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 		)
 	}
 	return a, nil
+}
+
+// memoryBackend names the RAM's backend object.
+const memoryBackend = "mem0"
+
+// The PCI slots of FixedSlots.
+const (
+	slotRNG        = 0x02
+	slotSerial     = 0x03
+	slotFirstDrive = 0x08 // to 0x17
+	slotFirstNIC   = 0x18 // to 0x1b
+)
+
+// slot returns a device's ",addr=" option under FixedSlots, else nothing.
+func slot(spec hypervisor.Spec, n int) string {
+	if !spec.FixedSlots {
+		return ""
+	}
+	return fmt.Sprintf(",addr=0x%x", n)
 }
 
 // blockdev is one -blockdev node: an image opened with its format driver
@@ -260,6 +298,9 @@ func New(ctx context.Context, o Options, log *slog.Logger) (*Driver, error) {
 	return &Driver{binary: bin, accel: accel, runAs: runAs, consoleMax: o.ConsoleMaxSize, log: log}, nil
 }
 
+// Binary is the QEMU binary the driver runs.
+func (d *Driver) Binary() string { return d.binary }
+
 // RunsAs says who the driver's QEMU processes run as.
 func (d *Driver) RunsAs() string { return d.runAs.String() }
 
@@ -301,6 +342,14 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 	// Not CommandContext: the VM must outlive the request that started it.
 	cmd := exec.Command(d.binary, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if spec.Incoming != "" {
+		state, err := os.Open(spec.Incoming)
+		if err != nil {
+			return nil, fmt.Errorf("vm %s: saved state: %w", spec.Name, err)
+		}
+		defer state.Close()
+		cmd.ExtraFiles = []*os.File{state} // fd 3: incomingFD
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	started := time.Now()
 	if err := cmd.Start(); err != nil {
@@ -330,6 +379,15 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 		_ = cmd.Process.Kill()
 		<-exited
 		return nil, fmt.Errorf("vm %s: qemu stopped: it %w", spec.Name, err)
+	}
+	if spec.Incoming != "" {
+		if err := loadState(ctx, qmp, exited); err != nil {
+			qmp.Close()
+			_ = cmd.Process.Kill()
+			<-exited
+			msg, _ := os.ReadFile(logPath)
+			return nil, fmt.Errorf("vm %s: restore from %s: %w: %s", spec.Name, spec.Incoming, err, strings.TrimSpace(string(msg)))
+		}
 	}
 	vm := newVM(spec.Dir, cmd.Process.Pid, qmp, exited, d.consoleMax, d.log)
 	d.log.Info("vm started", "vm", spec.Name, "pid", vm.pid, "accel", d.accel, "uid", id.uid, "took", time.Since(started).Round(time.Millisecond))

@@ -5,9 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"os"
 	"strconv"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // QMP is a client of QEMU's machine protocol on a unix socket. Responses
@@ -132,6 +136,16 @@ func (q *QMP) read(dec *json.Decoder) {
 // Execute runs a QMP command. args, if not nil, is marshaled as its
 // arguments; the reply's return value is unmarshaled into out if not nil.
 func (q *QMP) Execute(ctx context.Context, command string, args, out any) error {
+	return q.execute(ctx, command, args, out, nil)
+}
+
+// ExecuteWithFile runs a QMP command with f's descriptor passed along it
+// (SCM_RIGHTS), as getfd and add-fd take one.
+func (q *QMP) ExecuteWithFile(ctx context.Context, command string, args, out any, f *os.File) error {
+	return q.execute(ctx, command, args, out, f)
+}
+
+func (q *QMP) execute(ctx context.Context, command string, args, out any, f *os.File) error {
 	ch := make(chan qmpReply, 1)
 	q.mu.Lock()
 	if q.err != nil {
@@ -146,7 +160,12 @@ func (q *QMP) Execute(ctx context.Context, command string, args, out any) error 
 		Arguments any    `json:"arguments,omitempty"`
 		ID        string `json:"id"`
 	}{command, args, id}
-	err := q.enc.Encode(req)
+	var err error
+	if f == nil {
+		err = q.enc.Encode(req)
+	} else {
+		err = q.sendWithFile(req, f)
+	}
 	q.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("qmp %s: %w", command, err)
@@ -171,6 +190,24 @@ func (q *QMP) Execute(ctx context.Context, command string, args, out any) error 
 		q.mu.Unlock()
 		return fmt.Errorf("qmp %s: %w", command, ctx.Err())
 	}
+}
+
+// sendWithFile writes req in one message that carries f's descriptor.
+func (q *QMP) sendWithFile(req any, f *os.File) error {
+	uc, ok := q.conn.(*net.UnixConn)
+	if !ok {
+		return errors.New("passing a file needs a unix socket")
+	}
+	line, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	line = append(line, '\n')
+	n, _, err := uc.WriteMsgUnix(line, unix.UnixRights(int(f.Fd())), nil)
+	if err == nil && n != len(line) {
+		err = io.ErrShortWrite
+	}
+	return err
 }
 
 // Events delivers asynchronous events; it is closed when the connection
