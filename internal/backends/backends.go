@@ -10,10 +10,24 @@ import (
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/firecracker"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
+	"github.com/alephvm/alephvm/snapshot"
 )
 
 // QEMUBackend adapts the QEMU driver.
 func QEMUBackend(d *qemu.Driver) execution.Hypervisor { return backend[*qemu.VM]{hypervisor.QEMU, d} }
+
+// QEMUTemplates adapts the QEMU driver to build program templates.
+func QEMUTemplates(d *qemu.Driver) snapshot.Hypervisor { return qemuTemplates{d} }
+
+type qemuTemplates struct{ d *qemu.Driver }
+
+func (t qemuTemplates) StartTemplate(ctx context.Context, spec hypervisor.Spec) (snapshot.VM, error) {
+	vm, err := t.d.Start(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	return vm, nil
+}
 
 // FirecrackerBackend adapts the Firecracker driver.
 func FirecrackerBackend(d *firecracker.Driver) execution.Hypervisor {
