@@ -92,6 +92,7 @@ type Config struct {
 	UEFIVars            string  `env:"UEFI_FIRMWARE_VARS" yaml:"uefi_firmware_vars" help:"Template of the UEFI variable store each such instance gets a copy of."`
 	ProgramKernel       string  `env:"LINUX_PATH" yaml:"linux_path" help:"Kernel of program VMs (a bzImage for QEMU)."`
 	ProgramVmlinux      string  `env:"LINUX_VMLINUX_PATH" yaml:"linux_vmlinux_path" help:"Kernel of program VMs under Firecracker (the same kernel, an uncompressed vmlinux)."`
+	ProgramSnapshots    bool    `env:"PROGRAM_SNAPSHOTS" yaml:"program_snapshots" help:"Start program VMs by restoring a snapshot of a booted one (a template per kernel, initramfs, runtime, vCPUs and memory, built in the background on first use) instead of booting them; QEMU only. A failed restore boots the VM and is logged. Templates live in CACHE_ROOT/templates."`
 	ProgramInitrd       string  `env:"INITRD_PATH" yaml:"initrd_path" help:"Initramfs of program VMs, holding the guest init."`
 	FakeInstanceBase    string  `env:"FAKE_INSTANCE_BASE" yaml:"fake_instance_base" help:"Developer mode (serve --run-fake-instance): the base image file of the fake instance; empty means the built base image's UEFI disk."`
 	FakeInstanceMessage string  `env:"FAKE_INSTANCE_MESSAGE" yaml:"fake_instance_message" help:"Developer mode: the INSTANCE message file of the fake instance; its rootfs parent is replaced by the fake base image."`
@@ -169,6 +170,7 @@ func Default() Config {
 		HostMemoryReserved: 2048,
 		VCPUOvercommit:     4,
 		InitTimeout:        Seconds(2 * time.Minute),
+		ProgramSnapshots:   true,
 		MaxRequestBody:     1 << 30,
 		ConsoleLogMaxSize:  4 << 20,
 		MaxPublishedPorts:  64,

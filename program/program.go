@@ -30,6 +30,7 @@ import (
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
+	"github.com/alephvm/alephvm/snapshot"
 	"github.com/alephvm/alephvm/storage"
 	"github.com/alephvm/alephvm/store"
 )
@@ -66,7 +67,22 @@ type Options struct {
 	// GuestAPI answers the guest API calls of each program's workload
 	// (package guestapi); nil leaves them unanswered (503 in the guest).
 	GuestAPI GuestAPI
-	Log      *slog.Logger
+	// Templates, if set, restores program VMs from snapshots (QEMU only);
+	// TemplateInputs are the node's part of a template's inputs (the
+	// hypervisor, kernel and initramfs hashes). Any failure to restore
+	// boots the VM instead.
+	Templates      Templates
+	TemplateInputs snapshot.Inputs
+	Log            *slog.Logger
+}
+
+// Templates are the snapshots program VMs restore from.
+type Templates interface {
+	// Get returns the template of in, or nil when it is not built yet
+	// (its build then starts).
+	Get(ctx context.Context, in snapshot.Inputs, boot hypervisor.Boot) *snapshot.Template
+	// Drop forgets a template a restore failed from.
+	Drop(key string, why error)
 }
 
 // Launcher launches program VMs; it implements pool.Launcher.
@@ -184,6 +200,8 @@ type programVM struct {
 	files   programFiles
 	spec    hypervisor.Spec
 	status  guest.Status // when the workload got ready
+	// restored says the VM was restored from a template, not booted.
+	restored bool
 	// made holds the release of everything start made, added as it is
 	// made; a failed start and Stop release it.
 	made release.List
@@ -214,7 +232,7 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		}
 		timing.Done(phase.name)
 	}
-	v.log.Info("program started", "phases", timing, "kernel_to_ready", v.status.Boot.Ready, "ip", v.att.Guest)
+	v.log.Info("program started", "restored", v.restored, "phases", timing, "kernel_to_ready", v.status.Boot.Ready, "ip", v.att.Guest)
 	if v.opts.Records != nil {
 		if err := v.opts.Records.SetState(ctx, v.ref, execution.StateRunning); err != nil {
 			return err
@@ -303,12 +321,88 @@ func (v *programVM) launch(ctx context.Context) error {
 			return v.opts.Records.SetState(context.WithoutCancel(ctx), v.ref, execution.StateStopped)
 		})
 	}
+	if v.restore(ctx) {
+		return nil
+	}
 	vm, err := v.opts.Hypervisor.Start(ctx, spec)
 	if err != nil {
 		return err
 	}
 	v.holdVM(vm)
 	return nil
+}
+
+// restore starts the VM from its template, if there is one, and gives it
+// its clock and seed. It reports whether the VM runs; on any failure the
+// restored VM is stopped, the template dropped, and the caller boots.
+func (v *programVM) restore(ctx context.Context) bool {
+	if v.opts.Templates == nil || v.opts.Hypervisor.Name() != hypervisor.QEMU {
+		return false
+	}
+	in := v.opts.TemplateInputs
+	in.Runtime, in.Cmdline = string(v.content.Runtime.Ref), v.boot.Cmdline
+	in.VCPUs, in.MemoryMiB = v.spec.VCPUs, v.spec.MemoryMiB
+	t := v.opts.Templates.Get(ctx, in, v.boot)
+	if t == nil {
+		return false
+	}
+	started := time.Now()
+	vm, client, err := v.restoreFrom(ctx, t)
+	if err != nil {
+		v.log.Warn("restore from the template failed: booting instead", "template", t.Key()[:16], "err", err)
+		v.opts.Templates.Drop(t.Key(), err)
+		return false
+	}
+	v.restored = true
+	v.holdVM(vm)
+	v.useClient(client)
+	v.log.Info("program VM restored from its template", "template", t.Key()[:16], "took", time.Since(started).Round(time.Millisecond))
+	return true
+}
+
+// restoreFrom starts a VM from t and resumes its init; a VM that started
+// is stopped on failure.
+func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template) (_ execution.VM, _ *guest.Client, err error) {
+	vm, err := v.opts.Hypervisor.Start(ctx, t.Apply(v.spec))
+	if err != nil {
+		return nil, nil, err
+	}
+	var client *guest.Client
+	defer func() {
+		if err != nil {
+			if client != nil {
+				client.Close()
+			}
+			stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			defer cancel()
+			_ = vm.Stop(stopCtx, nil, stopTimeouts)
+		}
+	}()
+	helloCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conn, err := vm.DialControl(helloCtx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("control channel: %w", err)
+	}
+	if client, err = guest.NewClient(helloCtx, conn); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("control channel: %w", err)
+	}
+	if st := client.Hello().Status; st.State != guest.StateWaiting {
+		return nil, nil, fmt.Errorf("the restored init is %s, not waiting", st.State)
+	}
+	seed, err := snapshot.NewSeed()
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := client.Resume(helloCtx, guest.ResumeRequest{Time: time.Now(), Seed: seed}); err != nil {
+		return nil, nil, err
+	}
+	// The status the client holds is the template's "waiting" until asked.
+	if _, err := client.Status(helloCtx); err != nil {
+		return nil, nil, err
+	}
+	return vm, client, nil
 }
 
 // holdVM makes vm the program's VM, stopped by the release list: the init
@@ -411,6 +505,9 @@ func (v *programVM) waitReady(ctx context.Context) error {
 // connect opens the control channel and starts collecting the program's
 // output.
 func (v *programVM) connect(ctx context.Context) error {
+	if v.client != nil {
+		return nil // restored: connected to resume it
+	}
 	helloCtx, cancel := context.WithTimeout(ctx, v.opts.ReadyTimeout)
 	defer cancel()
 	conn, err := v.vm.DialControl(helloCtx)
@@ -422,6 +519,13 @@ func (v *programVM) connect(ctx context.Context) error {
 		conn.Close()
 		return fmt.Errorf("control channel: %w (console: %s)", err, v.vm.ConsoleLog())
 	}
+	v.useClient(client)
+	return nil
+}
+
+// useClient makes client the VM's control session and starts collecting
+// the program's output and serving its guest API.
+func (v *programVM) useClient(client *guest.Client) {
 	v.client = client
 	v.logs = v.opts.Logs.Start(v.ref)
 	go func() {
@@ -435,7 +539,6 @@ func (v *programVM) connect(ctx context.Context) error {
 			}
 		}()
 	}
-	return nil
 }
 
 // GuestAPI gives the guest API of each program's VM.

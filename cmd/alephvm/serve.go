@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -42,6 +45,7 @@ import (
 	"github.com/alephvm/alephvm/pool"
 	"github.com/alephvm/alephvm/program"
 	"github.com/alephvm/alephvm/reactor"
+	"github.com/alephvm/alephvm/snapshot"
 	"github.com/alephvm/alephvm/storage"
 	"github.com/alephvm/alephvm/store"
 )
@@ -253,7 +257,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if err != nil {
 		return fail(err)
 	}
-	plan, hvs, err := buildHypervisors(ctx, cfg, log)
+	plan, hvs, qemuDriver, err := buildHypervisors(ctx, cfg, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -288,10 +292,15 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	// Every VM's disks are promised before anything is made for it.
 	diskSpace := diskusage.NewLedger(volumesDir, diskusage.Space{Reserve: int64(cfg.DiskFreeFloor)})
 	n.diskSpace = diskSpace
+	templates, templateInputs := programTemplates(cfg, programHV, qemuDriver, kernel, log)
+	if templates != nil {
+		made.AddFunc("program templates", templates.Close)
+	}
 	launcher := program.New(program.Options{
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
 		ColdStarts: nodeMetrics, GuestAPI: guestAPI, Node: facts, Log: log,
+		Templates: orNilTemplates(templates), TemplateInputs: templateInputs,
 	})
 	n.launcher = launcher
 	// Programs and instances are admitted into one capacity.
@@ -354,16 +363,18 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 
 // buildHypervisors probes the host, decides which backends run here
 // (as alephvm doctor says) and starts their drivers.
-func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) (hostcheck.Plan, execution.Hypervisors, error) {
+func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) (hostcheck.Plan, execution.Hypervisors, *qemu.Driver, error) {
 	host := hostcheck.ProbeHost(ctx, hostPaths(cfg))
 	plan := hostcheck.Decide(host, doctorSettings(cfg))
 	hvs := execution.Hypervisors{}
+	var qemuDriver *qemu.Driver
 	if plan.QEMU.Usable {
 		driver, err := qemu.New(ctx, qemu.Options{Accel: cfg.QEMUAccel, RunAs: cfg.QEMURunAs, FirstUID: cfg.QEMUFirstUID, ConsoleMaxSize: int64(cfg.ConsoleLogMaxSize)}, log)
 		if err != nil {
-			return plan, nil, err
+			return plan, nil, nil, err
 		}
 		hvs[hypervisor.QEMU] = backends.QEMUBackend(driver)
+		qemuDriver = driver
 	}
 	if plan.Firecracker.Usable {
 		driver, err := firecracker.New(firecracker.Options{
@@ -371,13 +382,76 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 			JailerBase: cfg.JailerBase(), FirstUID: cfg.JailerFirstUID, ConsoleMaxSize: int64(cfg.ConsoleLogMaxSize),
 		}, log)
 		if err != nil {
-			return plan, nil, err
+			return plan, nil, nil, err
 		}
 		hvs[hypervisor.Firecracker] = backends.FirecrackerBackend(driver)
 	}
 	log.Info("hypervisors", "qemu", plan.QEMU.Why, "firecracker", plan.Firecracker.Why,
 		"programs", plan.Programs.Hypervisor, "instances_default", plan.Instances.Hypervisor, "firecracker_disks", plan.RawDisks)
-	return plan, hvs, nil
+	return plan, hvs, qemuDriver, nil
+}
+
+// programTemplates starts the manager of the snapshots programs restore
+// from, when PROGRAM_SNAPSHOTS is on and programs run under QEMU; it
+// returns nil, and logs why, when they do not.
+func programTemplates(cfg config.Config, programHV string, driver *qemu.Driver, kernel execution.Kernel, log *slog.Logger) (*snapshot.Manager, snapshot.Inputs) {
+	var in snapshot.Inputs
+	switch {
+	case !cfg.ProgramSnapshots:
+		log.Info("program snapshots are off (PROGRAM_SNAPSHOTS): programs boot")
+		return nil, in
+	case programHV != hypervisor.QEMU || driver == nil:
+		log.Info("program snapshots are QEMU's only: programs boot", "hypervisor", programHV)
+		return nil, in
+	case kernel.Kernel == "" || kernel.Initrd == "":
+		return nil, in
+	}
+	var err error
+	for _, f := range []struct {
+		path string
+		sum  *string
+	}{{driver.Binary(), &in.Hypervisor}, {kernel.Kernel, &in.Kernel}, {kernel.Initrd, &in.Initrd}} {
+		if *f.sum, err = fileSHA256(f.path); err != nil {
+			log.Warn("program snapshots off: programs boot", "err", err)
+			return nil, in
+		}
+	}
+	m, err := snapshot.NewManager(snapshot.Options{Dir: filepath.Join(cfg.CacheRoot, "templates"),
+		Hypervisor: backends.QEMUTemplates(driver), Log: log.With("part", "templates")})
+	if err != nil {
+		log.Warn("program snapshots off: programs boot", "err", err)
+		return nil, in
+	}
+	// Templates of another kernel, initramfs or QEMU cannot be used again.
+	current := in
+	if n := m.Sweep(func(t snapshot.Inputs) bool {
+		return t.Hypervisor == current.Hypervisor && t.Kernel == current.Kernel && t.Initrd == current.Initrd
+	}); n > 0 {
+		log.Info("old program templates removed", "count", n)
+	}
+	return m, in
+}
+
+// orNilTemplates keeps a nil manager from becoming a non-nil interface.
+func orNilTemplates(m *snapshot.Manager) program.Templates {
+	if m == nil {
+		return nil
+	}
+	return m
+}
+
+// fileSHA256 is the sha256 of a file, in hex.
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fmt.Errorf("hash %s: %w", path, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []netip.Addr, error) {
