@@ -99,6 +99,9 @@ func nodeEnv(t testing.TB, uplink, dns string) (dir string, port int, env []stri
 		"ALEPH_VM_SUPERVISOR_PORT=" + strconv.Itoa(port), "ALEPH_VM_ALLOCATION_TOKEN_HASH=" + hex.EncodeToString(sum[:]),
 		"ALEPH_VM_ALLOCATION_TOKEN=test", "ALEPH_VM_NETWORK_INTERFACE=" + uplink, "ALEPH_VM_DNS_NAMESERVERS=" + dns,
 		"ALEPH_VM_QEMU_ACCEL=tcg",
+		// Template VMs would boot beside the tests' own: only the snapshot
+		// tests turn them on.
+		"ALEPH_VM_PROGRAM_SNAPSHOTS=false",
 	}
 	return dir, port, env
 }
