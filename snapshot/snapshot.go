@@ -64,6 +64,9 @@ type VM interface {
 // Hypervisor starts template VMs.
 type Hypervisor interface {
 	StartTemplate(ctx context.Context, spec hypervisor.Spec) (VM, error)
+	// AttachTemplate finds the template VM a killed node left running in
+	// dir, to stop it.
+	AttachTemplate(ctx context.Context, dir string) (VM, error)
 }
 
 // Options configure a Manager.
@@ -143,9 +146,9 @@ func (t *Template) Apply(spec hypervisor.Spec) hypervisor.Spec {
 	return spec
 }
 
-// NewManager returns a manager of the templates in opts.Dir, removing the
-// leftovers of builds a killed node left.
-func NewManager(opts Options) (*Manager, error) {
+// NewManager returns a manager of the templates in opts.Dir, stopping the
+// template VMs and removing the files of builds a killed node left.
+func NewManager(ctx context.Context, opts Options) (*Manager, error) {
 	if opts.BuildTimeout == 0 {
 		opts.BuildTimeout = 3 * time.Minute
 	}
@@ -163,9 +166,17 @@ func NewManager(opts Options) (*Manager, error) {
 		return nil, fmt.Errorf("templates directory: %w", err)
 	}
 	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), ".build") {
-			os.RemoveAll(filepath.Join(opts.Dir, e.Name()))
+		if !strings.HasSuffix(e.Name(), ".build") {
+			continue
 		}
+		dir := filepath.Join(opts.Dir, e.Name())
+		if vm, err := opts.Hypervisor.AttachTemplate(ctx, dir); err == nil {
+			stopCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			err = vm.Stop(stopCtx, nil, templateStop)
+			cancel()
+			opts.Log.Warn("template VM of an interrupted build stopped", "dir", dir, "err", err)
+		}
+		os.RemoveAll(dir)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{opts: opts, loaded: map[string]*Template{}, building: map[string]chan struct{}{},

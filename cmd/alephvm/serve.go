@@ -292,7 +292,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	// Every VM's disks are promised before anything is made for it.
 	diskSpace := diskusage.NewLedger(volumesDir, diskusage.Space{Reserve: int64(cfg.DiskFreeFloor)})
 	n.diskSpace = diskSpace
-	templates, templateInputs := programTemplates(cfg, programHV, qemuDriver, kernel, log)
+	templates, templateInputs := programTemplates(ctx, cfg, programHV, qemuDriver, kernel, log)
 	if templates != nil {
 		made.AddFunc("program templates", templates.Close)
 	}
@@ -394,7 +394,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 // programTemplates starts the manager of the snapshots programs restore
 // from, when PROGRAM_SNAPSHOTS is on and programs run under QEMU; it
 // returns nil, and logs why, when they do not.
-func programTemplates(cfg config.Config, programHV string, driver *qemu.Driver, kernel execution.Kernel, log *slog.Logger) (*snapshot.Manager, snapshot.Inputs) {
+func programTemplates(ctx context.Context, cfg config.Config, programHV string, driver *qemu.Driver, kernel execution.Kernel, log *slog.Logger) (*snapshot.Manager, snapshot.Inputs) {
 	var in snapshot.Inputs
 	switch {
 	case !cfg.ProgramSnapshots:
@@ -416,7 +416,7 @@ func programTemplates(cfg config.Config, programHV string, driver *qemu.Driver, 
 			return nil, in
 		}
 	}
-	m, err := snapshot.NewManager(snapshot.Options{Dir: filepath.Join(cfg.CacheRoot, "templates"),
+	m, err := snapshot.NewManager(ctx, snapshot.Options{Dir: filepath.Join(cfg.CacheRoot, "templates"),
 		Hypervisor: backends.QEMUTemplates(driver), Log: log.With("part", "templates")})
 	if err != nil {
 		log.Warn("program snapshots off: programs boot", "err", err)

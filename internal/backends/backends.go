@@ -21,6 +21,14 @@ func QEMUTemplates(d *qemu.Driver) snapshot.Hypervisor { return qemuTemplates{d}
 
 type qemuTemplates struct{ d *qemu.Driver }
 
+func (t qemuTemplates) AttachTemplate(ctx context.Context, dir string) (snapshot.VM, error) {
+	vm, err := t.d.Attach(ctx, dir)
+	if err != nil {
+		return nil, err
+	}
+	return vm, nil
+}
+
 func (t qemuTemplates) StartTemplate(ctx context.Context, spec hypervisor.Spec) (snapshot.VM, error) {
 	vm, err := t.d.Start(ctx, spec)
 	if err != nil {

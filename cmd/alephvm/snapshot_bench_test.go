@@ -1,0 +1,138 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/alephvm/alephvm/internal/testassets"
+	"github.com/alephvm/alephvm/internal/testenv"
+)
+
+// BenchmarkProgramSnapshots measures, in one run, for both examples: the
+// cold start through the node (a new program's first request until its
+// answer) of programs restored from a template divided by that of booted
+// programs (median of 10 each), and the memory (PSS) of 10 idle restored
+// VMs against 10 booted ones. The restored programs' phases are in the
+// node's log lines "program started" (ALEPH_VM_BENCH_LOG=1 prints them).
+//
+//	go test -run NONE -bench ProgramSnapshots -benchtime 1x -timeout 60m ./cmd/alephvm
+func BenchmarkProgramSnapshots(b *testing.B) {
+	assetsDir := testassets.ProgramAssets(b)
+	testenv.RequireTools(b, "qemu-system-x86_64", "nft", "mkfs.ext4", "go")
+	for range b.N {
+		for _, example := range []string{"go-hello", "asgi-hello"} {
+			booted, bootedPSS := snapshotRun(b, assetsDir, example, false)
+			restored, restoredPSS := snapshotRun(b, assetsDir, example, true)
+			b.ReportMetric(booted.Seconds(), "s/booted-"+example)
+			b.ReportMetric(restored.Seconds(), "s/restored-"+example)
+			b.ReportMetric(restored.Seconds()/booted.Seconds(), "cold-ratio-"+example)
+			b.ReportMetric(float64(bootedPSS>>20), "MiB-PSS-10-booted-"+example)
+			b.ReportMetric(float64(restoredPSS>>20), "MiB-PSS-10-restored-"+example)
+		}
+	}
+}
+
+// snapshotRun starts a node, with or without snapshots, and 10 programs of
+// the example one after the other; it returns the median cold start and
+// the PSS of their 10 VMs once idle.
+func snapshotRun(b *testing.B, assetsDir, example string, snapshots bool) (time.Duration, uint64) {
+	dir, port, env := nodeEnv(b, "lo", "10.0.0.53")
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=3600", "ALEPH_VM_INIT_TIMEOUT=300",
+		"ALEPH_VM_PROGRAM_HYPERVISOR=qemu", "ALEPH_VM_PROGRAM_SNAPSHOTS="+strconv.FormatBool(snapshots), "ALEPH_VM_VCPU_OVERCOMMIT_FACTOR=16")
+	node := startNode(b, env, port)
+	defer func() {
+		node.cmd.Process.Signal(syscall.SIGTERM)
+		node.cmd.Wait()
+		if os.Getenv("ALEPH_VM_BENCH_LOG") != "" {
+			for _, l := range strings.Split(node.logs.String(), "\n") {
+				if strings.Contains(l, "program started") || strings.Contains(l, "template built") {
+					b.Log(l)
+				}
+			}
+		}
+	}()
+	create := func(i int) string {
+		var args []string
+		if example == "go-hello" {
+			ref := createGoHello(b, env, dir, "--env", fmt.Sprintf("N=%d", i))
+			return ref
+		}
+		args = []string{"program", "create", "../../examples/asgi-hello", "--entrypoint", "main:app", "--env", fmt.Sprintf("N=%d", i)}
+		code, out, errOut := runCLI(b, env, args...)
+		if code != 0 {
+			b.Fatalf("program create: %s %s", out, errOut)
+		}
+		return strings.Fields(out)[0]
+	}
+	get := func(ref string) time.Duration {
+		start := time.Now()
+		if status, body := httpGet(b, programURL(port, ref, "/")); status != 200 {
+			b.Fatalf("%s: %d %s\n%s", ref, status, body, node.logs.String())
+		}
+		return time.Since(start)
+	}
+	if snapshots {
+		// A first program boots and has the template built.
+		get(create(-1))
+		for deadline := time.Now().Add(5 * time.Minute); !strings.Contains(node.logs.String(), `msg="template built"`); time.Sleep(200 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				b.Fatalf("no template built:\n%s", node.logs.String())
+			}
+		}
+	}
+	var times []time.Duration
+	var refs []string
+	for i := range 10 {
+		ref := create(i)
+		refs = append(refs, ref)
+		times = append(times, get(ref))
+	}
+	if snapshots {
+		for _, ref := range refs {
+			if !restoredInLog(node.logs.String(), ref) {
+				b.Fatalf("program %s was not restored:\n%s", ref, node.logs.String())
+			}
+		}
+	}
+	time.Sleep(5 * time.Second) // idle
+	var pss uint64
+	for _, ref := range refs {
+		pss += qemuPSS(b, "prog-"+ref[:12])
+	}
+	slices.Sort(times)
+	return (times[4] + times[5]) / 2, pss
+}
+
+// qemuPSS is the proportional set size of the QEMU process whose guest
+// name is name.
+func qemuPSS(b *testing.B, name string) uint64 {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		cmdline, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(cmdline), "guest="+name+",") {
+			continue
+		}
+		f, err := os.Open(filepath.Join(filepath.Dir(p), "smaps_rollup"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), "Pss:"); ok {
+				kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+				return kb << 10
+			}
+		}
+	}
+	b.Fatalf("no QEMU process of %s", name)
+	return 0
+}
