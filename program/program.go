@@ -232,15 +232,13 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		}
 		timing.Done(phase.name)
 	}
-	if b := v.status.Boot; v.restored {
-		// The guest's own steps after its resume (its clock is the
-		// template's boot clock, carried on).
-		v.log.Info("program started", "restored", true, "phases", timing, "guest.config", b.Config-b.Resume,
-			"guest.mounts", b.Mounts-b.Config, "guest.network", b.Network-b.Mounts, "guest.started", b.Started-b.Network,
-			"guest.ready", b.Ready-b.Started, "ip", v.att.Guest)
-	} else {
-		v.log.Info("program started", "restored", false, "phases", timing, "kernel_to_ready", b.Ready, "ip", v.att.Guest)
-	}
+	// The guest's own steps: from its resume for a restored VM (its clock
+	// is the template's boot clock, carried on), from its kernel's start
+	// for a booted one.
+	b := v.status.Boot
+	v.log.Info("program started", "restored", v.restored, "phases", timing, "guest.boot", b.Config-b.Resume,
+		"guest.mounts", b.Mounts-b.Config, "guest.network", b.Network-b.Mounts, "guest.started", b.Started-b.Network,
+		"guest.ready", b.Ready-b.Started, "kernel_to_ready", b.Ready-b.Resume, "ip", v.att.Guest)
 	if v.opts.Records != nil {
 		if err := v.opts.Records.SetState(ctx, v.ref, execution.StateRunning); err != nil {
 			return err

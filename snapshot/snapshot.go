@@ -353,6 +353,11 @@ func (m *Manager) build(ctx context.Context, key string, in Inputs, boot hypervi
 	if err != nil {
 		return fmt.Errorf("stop the template VM: %w", err)
 	}
+	// QEMU made the RAM file world-readable; the directory is not, but
+	// the file need not be either.
+	if err := os.Chmod(filepath.Join(tmp, memoryFile), 0o600); err != nil {
+		return err
+	}
 	for _, name := range []string{"qmp.sock", "control.sock", "qga.sock", "qemu.pid"} {
 		os.Remove(filepath.Join(tmp, name))
 	}
