@@ -59,6 +59,9 @@ const TemplateFlag = "alephvm.template"
 type ResumeRequest struct {
 	Time time.Time `json:"time"`
 	Seed []byte    `json:"seed"`
+	// Network is the VM's own network, for a VM restored from a program's
+	// snapshot: its workload already runs, and its NIC is new.
+	Network *Network `json:"network,omitempty"`
 }
 
 // MinResumeSeed is the least seed a resume carries: 256 bits.

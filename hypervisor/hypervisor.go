@@ -170,8 +170,8 @@ func (s Spec) Validate() error {
 	if s.Memory != nil && !strings.HasPrefix(s.Memory.Path, "/") {
 		errs = append(errs, fmt.Errorf("memory file %q: must be an absolute path", s.Memory.Path))
 	}
-	if s.Incoming != "" && (s.Memory == nil || s.Memory.Shared || !s.FixedSlots) {
-		errs = append(errs, errors.New("incoming state: needs the template's memory, private, and fixed slots"))
+	if s.Incoming != "" && (s.Memory == nil || !s.FixedSlots) {
+		errs = append(errs, errors.New("incoming state: needs the template's memory and fixed slots"))
 	}
 	if s.Control && s.ControlPort == "" {
 		errs = append(errs, errors.New("control: the channel needs a port name"))

@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -73,7 +74,11 @@ type Options struct {
 	// boots the VM instead.
 	Templates      Templates
 	TemplateInputs snapshot.Inputs
-	Log            *slog.Logger
+	// ProgramSnapshots also snapshots each eligible program after its
+	// first start (its workload ready, no network), and restores its
+	// later cold starts from that.
+	ProgramSnapshots bool
+	Log              *slog.Logger
 }
 
 // Templates are the snapshots program VMs restore from.
@@ -83,6 +88,10 @@ type Templates interface {
 	Get(ctx context.Context, in snapshot.Inputs, boot hypervisor.Boot) *snapshot.Template
 	// Drop forgets a template a restore failed from.
 	Drop(key string, why error)
+	// GetProgram returns a program's own snapshot, or nil.
+	GetProgram(key string) *snapshot.Template
+	// BuildProgram builds a program's own snapshot in the background.
+	BuildProgram(key string, build snapshot.BuildFunc)
 }
 
 // Launcher launches program VMs; it implements pool.Launcher.
@@ -199,9 +208,14 @@ type programVM struct {
 	boot    hypervisor.Boot
 	files   programFiles
 	spec    hypervisor.Spec
+	cfg     guest.Config
 	status  guest.Status // when the workload got ready
-	// restored says the VM was restored from a template, not booted.
-	restored bool
+	// restored says the VM was restored from a template, not booted;
+	// fromProgramSnapshot, from the program's own snapshot.
+	restored, fromProgramSnapshot bool
+	// afterStart, if set, runs once the VM is ready (a program's snapshot
+	// build to start).
+	afterStart func()
 	// made holds the release of everything start made, added as it is
 	// made; a failed start and Stop release it.
 	made release.List
@@ -245,6 +259,9 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		}
 	}
 	go v.watch()
+	if v.afterStart != nil {
+		v.afterStart()
+	}
 	return nil
 }
 
@@ -306,9 +323,8 @@ func (v *programVM) makeDisks(ctx context.Context) error {
 		}
 		drives = append(drives, d)
 	}
-	var cfg guest.Config
-	cfg, v.spec = programSpec(specInputs{Ref: v.ref, Content: v.content, Drives: drives, Network: v.att, DNS: v.opts.DNS, Boot: v.boot, Dir: v.dir})
-	return guest.WriteConfigDrive(v.spec.Drives[0].Path, cfg)
+	v.cfg, v.spec = programSpec(specInputs{Ref: v.ref, Content: v.content, Drives: drives, Network: v.att, DNS: v.opts.DNS, Boot: v.boot, Dir: v.dir})
+	return guest.WriteConfigDrive(v.spec.Drives[0].Path, v.cfg)
 }
 
 // launch records the VM, then starts it: the record comes first, so that
@@ -338,9 +354,10 @@ func (v *programVM) launch(ctx context.Context) error {
 	return nil
 }
 
-// restore starts the VM from its template, if there is one, and gives it
-// its clock and seed. It reports whether the VM runs; on any failure the
-// restored VM is stopped, the template dropped, and the caller boots.
+// restore starts the VM from the program's own snapshot, or else from its
+// template, if there is one, and resumes it. It reports whether the VM
+// runs; on any failure the restored VM is stopped, the snapshot dropped,
+// and the caller boots.
 func (v *programVM) restore(ctx context.Context) bool {
 	if v.opts.Templates == nil || v.opts.Hypervisor.Name() != hypervisor.QEMU {
 		return false
@@ -348,28 +365,53 @@ func (v *programVM) restore(ctx context.Context) bool {
 	in := v.opts.TemplateInputs
 	in.Runtime, in.Cmdline = string(v.content.Runtime.Ref), v.boot.Cmdline
 	in.VCPUs, in.MemoryMiB = v.spec.VCPUs, v.spec.MemoryMiB
+	own := ""
+	if v.opts.ProgramSnapshots && v.snapshotEligible() {
+		own = programSnapshotKey(in.Key(), v.ref, v.spec)
+		if t := v.opts.Templates.GetProgram(own); t != nil {
+			spec := v.spec
+			spec.Drives = append([]hypervisor.Drive(nil), spec.Drives...)
+			spec.Drives[0].Path = t.File(programSnapshotConfig)
+			if v.restoreWith(ctx, t, spec, v.cfg.Network) {
+				v.fromProgramSnapshot = true
+				return true
+			}
+		}
+	}
 	t := v.opts.Templates.Get(ctx, in, v.boot)
 	if t == nil {
 		return false
 	}
+	if !v.restoreWith(ctx, t, v.spec, nil) {
+		return false
+	}
+	if own != "" {
+		v.afterStart = func() { v.opts.Templates.BuildProgram(own, v.programSnapshotBuild(t, in)) }
+	}
+	return true
+}
+
+// restoreWith restores the VM of spec from t; network is given to the
+// guest for a program's snapshot.
+func (v *programVM) restoreWith(ctx context.Context, t *snapshot.Template, spec hypervisor.Spec, network *guest.Network) bool {
 	started := time.Now()
-	vm, client, err := v.restoreFrom(ctx, t)
+	vm, client, err := v.restoreFrom(ctx, t, spec, network)
 	if err != nil {
-		v.log.Warn("restore from the template failed: booting instead", "template", t.Key()[:16], "err", err)
+		v.log.Warn("restore from the template failed: booting instead", "template", t.Key()[:16], "program_snapshot", t.Program != "", "err", err)
 		v.opts.Templates.Drop(t.Key(), err)
 		return false
 	}
 	v.restored = true
 	v.holdVM(vm)
 	v.useClient(client)
-	v.log.Info("program VM restored from its template", "template", t.Key()[:16], "took", time.Since(started).Round(time.Millisecond))
+	v.log.Info("program VM restored from its template", "template", t.Key()[:16], "program_snapshot", t.Program != "", "took", time.Since(started).Round(time.Millisecond))
 	return true
 }
 
 // restoreFrom starts a VM from t and resumes its init; a VM that started
 // is stopped on failure.
-func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template) (_ execution.VM, _ *guest.Client, err error) {
-	vm, err := v.opts.Hypervisor.Start(ctx, t.Apply(v.spec))
+func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template, spec hypervisor.Spec, network *guest.Network) (_ execution.VM, _ *guest.Client, err error) {
+	vm, err := v.opts.Hypervisor.Start(ctx, t.Apply(spec))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -384,32 +426,141 @@ func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template) (_ ex
 			_ = vm.Stop(stopCtx, nil, stopTimeouts)
 		}
 	}()
+	client, err = resumeVM(ctx, vm, network)
+	return vm, client, err
+}
+
+// resumeVM opens the control channel of a VM restored from a template
+// and resumes it: a template's init is waiting, a program's snapshot's is
+// ready and gets its network.
+func resumeVM(ctx context.Context, vm execution.VM, network *guest.Network) (*guest.Client, error) {
 	helloCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	conn, err := vm.DialControl(helloCtx)
 	if err != nil {
-		return nil, nil, fmt.Errorf("control channel: %w", err)
+		return nil, fmt.Errorf("control channel: %w", err)
 	}
-	if client, err = guest.NewClient(helloCtx, conn); err != nil {
+	client, err := guest.NewClient(helloCtx, conn)
+	if err != nil {
 		conn.Close()
-		return nil, nil, fmt.Errorf("control channel: %w", err)
+		return nil, fmt.Errorf("control channel: %w", err)
 	}
-	if st := client.Hello().Status; st.State != guest.StateWaiting {
-		return nil, nil, fmt.Errorf("the restored init is %s, not waiting", st.State)
+	want := guest.StateWaiting
+	if network != nil {
+		want = guest.StateReady
+	}
+	if st := client.Hello().Status; st.State != want {
+		client.Close()
+		return nil, fmt.Errorf("the restored init is %s, not %s", st.State, want)
 	}
 	seed, err := snapshot.NewSeed()
+	if err == nil {
+		err = client.Resume(helloCtx, guest.ResumeRequest{Time: time.Now(), Seed: seed, Network: network})
+	}
+	if err == nil {
+		// The status the client holds is the template's until asked.
+		_, err = client.Status(helloCtx)
+	}
 	if err != nil {
-		return nil, nil, err
+		client.Close()
+		return nil, err
 	}
-	if err := client.Resume(helloCtx, guest.ResumeRequest{Time: time.Now(), Seed: seed}); err != nil {
-		return nil, nil, err
-	}
-	// The status the client holds is the template's "waiting" until asked.
-	if _, err := client.Status(helloCtx); err != nil {
-		return nil, nil, err
-	}
-	return vm, client, nil
+	return client, nil
 }
+
+// programSnapshotConfig is the config drive a program's snapshot keeps:
+// the one its guest read.
+const programSnapshotConfig = "config.img"
+
+// snapshotEligible says whether the program may have a snapshot of its
+// own: not persistent, and every drive but the config drive read-only
+// (store items, the same bytes in every VM of the program).
+func (v *programVM) snapshotEligible() bool {
+	if Type(v.content) == execution.TypePersistentProgram {
+		return false
+	}
+	for _, d := range v.spec.Drives[1:] {
+		if !d.ReadOnly {
+			return false
+		}
+	}
+	return true
+}
+
+// programSnapshotKey names a program's snapshot: its template's key, the
+// program, and its drives' files (store items, named by their hash).
+func programSnapshotKey(templateKey string, ref message.ItemHash, spec hypervisor.Spec) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\n%s\n", templateKey, ref)
+	for _, d := range spec.Drives[1:] {
+		fmt.Fprintf(h, "%s\n", d.Path)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// programSnapshotBuild is the build of the program's own snapshot: a VM
+// restored from t with the program's drives and no NIC, whose workload is
+// started, then saved with its RAM in its own file.
+func (v *programVM) programSnapshotBuild(t *snapshot.Template, in snapshot.Inputs) snapshot.BuildFunc {
+	cfg, spec, ref := v.cfg, v.spec, v.ref
+	spec.Drives = append([]hypervisor.Drive(nil), spec.Drives...)
+	hv := v.opts.Hypervisor
+	return func(ctx context.Context, dir string) (_ snapshot.Built, err error) {
+		built := snapshot.Built{Inputs: in, Boot: t.Boot(), Program: string(ref), Files: []string{programSnapshotConfig}}
+		cfg.Network = nil
+		spec.Name, spec.Dir, spec.NICs = "snap-"+string(ref)[:12], dir, nil
+		spec.Drives[0].Path = filepath.Join(dir, programSnapshotConfig)
+		if err := guest.WriteConfigDrive(spec.Drives[0].Path, cfg); err != nil {
+			return built, err
+		}
+		if err := t.CopyMemory(filepath.Join(dir, snapshot.MemoryFile)); err != nil {
+			return built, fmt.Errorf("copy the template's RAM: %w", err)
+		}
+		spec = t.Apply(spec)
+		spec.Memory = &hypervisor.Memory{Path: filepath.Join(dir, snapshot.MemoryFile), Shared: true}
+		vm, err := hv.Start(ctx, spec)
+		if err != nil {
+			return built, err
+		}
+		stopped := false
+		defer func() {
+			if !stopped {
+				stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+				defer cancel()
+				_ = vm.Stop(stopCtx, nil, stopTimeouts)
+			}
+		}()
+		client, err := resumeVM(ctx, vm, nil)
+		if err != nil {
+			return built, err
+		}
+		defer client.Close()
+		st, err := client.WaitFor(ctx, guest.Settled)
+		if err != nil {
+			return built, err
+		}
+		if st.State != guest.StateReady {
+			return built, fmt.Errorf("the program did not start without a network: %s", describeStatus(st))
+		}
+		saver, ok := vm.(interface {
+			SaveState(context.Context, string) error
+		})
+		if !ok {
+			return built, errors.New("this hypervisor cannot save a VM")
+		}
+		if err := saver.SaveState(ctx, filepath.Join(dir, snapshot.StateFile)); err != nil {
+			return built, err
+		}
+		stopped = true
+		client.Close()
+		stopCtx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		return built, vm.Stop(stopCtx, nil, snapshotStop)
+	}
+}
+
+// snapshotStop ends a saved (paused) VM: QEMU's quit first.
+var snapshotStop = hypervisor.StopTimeouts{Quit: 10 * time.Second, Kill: 5 * time.Second}
 
 // holdVM makes vm the program's VM, stopped by the release list: the init
 // is asked to halt when the control channel is up; QEMU escalates if it

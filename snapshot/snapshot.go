@@ -19,6 +19,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -79,7 +80,11 @@ type Options struct {
 	// RetryAfter is how long a failed build is not tried again (10 min).
 	BuildTimeout time.Duration
 	RetryAfter   time.Duration
-	Log          *slog.Logger
+	// MaxProgramSnapshots bounds the programs' own snapshots kept (each
+	// holds the RAM its program used); the least recently used go first.
+	// Default 16.
+	MaxProgramSnapshots int
+	Log                 *slog.Logger
 }
 
 // Files of a template.
@@ -98,6 +103,10 @@ type meta struct {
 	StateSHA256 string    `json:"state_sha256"`
 	MemSHA256   string    `json:"memory_sha256"`
 	BuildTime   string    `json:"build_time"`
+	// Program is set on a program's own snapshot (a second level): the
+	// program it was taken of; Files are its other files, by sha256.
+	Program string            `json:"program,omitempty"`
+	Files   map[string]string `json:"files,omitempty"`
 }
 
 type bootMeta struct {
@@ -129,6 +138,46 @@ type Template struct {
 	boot  hypervisor.Boot
 	mem   *os.File // a sealed memfd holding the RAM
 	state string
+	size  int
+	// Program is the program of a program's own snapshot, else empty.
+	Program string
+}
+
+// File is the path of one of the template's other files (those its build
+// wrote besides the RAM and the state).
+func (t *Template) File(name string) string { return filepath.Join(t.dir, name) }
+
+// Boot is the boot of the guest the template saved.
+func (t *Template) Boot() hypervisor.Boot { return t.boot }
+
+// CopyMemory writes the template's RAM into a new file at path, holes
+// where it is zero: the RAM file of a VM restored from t whose own RAM is
+// to be saved (a program's snapshot is built this way).
+func (t *Template) CopyMemory(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(int64(t.size)); err != nil {
+		f.Close()
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	zero := make([]byte, len(buf))
+	for off := 0; off < t.size; off += len(buf) {
+		n, err := t.mem.ReadAt(buf, int64(off))
+		if err != nil && !errors.Is(err, io.EOF) {
+			f.Close()
+			return err
+		}
+		if n > 0 && !bytesEqual(buf[:n], zero[:n]) {
+			if _, err := f.WriteAt(buf[:n], int64(off)); err != nil {
+				f.Close()
+				return err
+			}
+		}
+	}
+	return f.Close()
 }
 
 // Key is the template's key.
@@ -154,6 +203,9 @@ func NewManager(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	if opts.RetryAfter == 0 {
 		opts.RetryAfter = 10 * time.Minute
+	}
+	if opts.MaxProgramSnapshots == 0 {
+		opts.MaxProgramSnapshots = 16
 	}
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
@@ -234,7 +286,7 @@ func (m *Manager) Get(ctx context.Context, in Inputs, boot hypervisor.Boot) *Tem
 		m.opts.Log.Warn("template unusable: dropped, to be built again", "template", key[:16], "err", err)
 		os.RemoveAll(m.dirName(key))
 	}
-	m.startBuild(key, in, boot)
+	m.startBuild(key, m.bootTemplate(key, in, boot))
 	return nil
 }
 
@@ -244,7 +296,7 @@ func (m *Manager) Build(ctx context.Context, in Inputs, boot hypervisor.Boot) er
 	if _, err := os.Stat(filepath.Join(m.dirName(key), metaFile)); err == nil {
 		return nil
 	}
-	done := m.startBuild(key, in, boot)
+	done := m.startBuild(key, m.bootTemplate(key, in, boot))
 	if done == nil {
 		return errors.New("template build: not started (closed, or failed less than the retry delay ago)")
 	}
@@ -273,9 +325,28 @@ func (m *Manager) Drop(key string, why error) {
 	os.RemoveAll(m.dirName(key))
 }
 
-// startBuild starts a build in the background and returns the channel
+// BuildFunc makes a template's files in dir: the RAM in File "memory"
+// (MemoryFile), the state in "state" (StateFile), any other file it names in
+// its result. It returns the template's record: its inputs, boot and files.
+type BuildFunc func(ctx context.Context, dir string) (Built, error)
+
+// Built is what a BuildFunc made.
+type Built struct {
+	Inputs  Inputs
+	Boot    hypervisor.Boot
+	Program string
+	Files   []string // names of the other files, in dir
+}
+
+// The files every template has.
+const (
+	MemoryFile = memoryFile
+	StateFile  = stateFile
+)
+
+// startBuild starts build in the background and returns the channel
 // closed when it ends, or nil when none was started.
-func (m *Manager) startBuild(key string, in Inputs, boot hypervisor.Boot) chan struct{} {
+func (m *Manager) startBuild(key string, build BuildFunc) chan struct{} {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if done, ok := m.building[key]; ok {
@@ -290,7 +361,7 @@ func (m *Manager) startBuild(key string, in Inputs, boot hypervisor.Boot) chan s
 	go func() {
 		defer m.wg.Done()
 		started := time.Now()
-		err := m.build(m.ctx, key, in, boot)
+		b, err := m.build(m.ctx, key, build)
 		m.mu.Lock()
 		delete(m.building, key)
 		if err != nil {
@@ -299,86 +370,183 @@ func (m *Manager) startBuild(key string, in Inputs, boot hypervisor.Boot) chan s
 		m.mu.Unlock()
 		close(done)
 		if err != nil {
-			m.opts.Log.Error("template build failed: programs boot without it", "template", key[:16], "err", err, "retry_after", m.opts.RetryAfter)
+			m.opts.Log.Error("template build failed: programs boot without it", "template", key[:16], "program", b.Program, "err", err, "retry_after", m.opts.RetryAfter)
 			return
 		}
-		m.opts.Log.Info("template built", "template", key[:16], "vcpus", in.VCPUs, "memory_mib", in.MemoryMiB, "took", time.Since(started).Round(time.Millisecond))
+		m.opts.Log.Info("template built", "template", key[:16], "program", b.Program, "vcpus", b.Inputs.VCPUs, "memory_mib", b.Inputs.MemoryMiB, "took", time.Since(started).Round(time.Millisecond))
 	}()
 	return done
 }
 
-// build boots a template VM, waits for its init to wait, saves it, and
-// puts its files in place; nothing of a failed build stays.
-func (m *Manager) build(ctx context.Context, key string, in Inputs, boot hypervisor.Boot) (err error) {
+// build runs a BuildFunc in a fresh directory and, when it succeeds,
+// records the files' sha256 and puts the directory in place; nothing of a
+// failed build stays.
+func (m *Manager) build(ctx context.Context, key string, build BuildFunc) (b Built, err error) {
 	ctx, cancel := context.WithTimeout(ctx, m.opts.BuildTimeout)
 	defer cancel()
 	started := time.Now()
 	tmp := m.dirName(key) + ".build"
 	os.RemoveAll(tmp)
 	if err := os.Mkdir(tmp, 0o700); err != nil {
-		return err
+		return b, err
 	}
 	defer func() {
 		if err != nil {
 			os.RemoveAll(tmp)
 		}
 	}()
-	boot.Cmdline = strings.TrimSpace(boot.Cmdline + " " + guest.TemplateFlag)
-	spec := hypervisor.Spec{
-		Name: "template-" + key[:16], Dir: tmp, VCPUs: in.VCPUs, MemoryMiB: in.MemoryMiB, Boot: boot,
-		Control: true, ControlPort: guest.ControlPortName, RebootExits: true,
-		Memory: &hypervisor.Memory{Path: filepath.Join(tmp, memoryFile), Shared: true}, FixedSlots: true,
-	}
-	vm, err := m.opts.Hypervisor.StartTemplate(ctx, spec)
-	if err != nil {
-		return fmt.Errorf("start the template VM: %w", err)
-	}
-	defer func() {
-		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		defer cancel()
-		if serr := vm.Stop(stopCtx, nil, templateStop); serr != nil && err == nil {
-			err = fmt.Errorf("stop the template VM: %w", serr)
-		}
-	}()
-	if err := waitForTemplate(ctx, vm); err != nil {
-		return err
-	}
-	if err := vm.SaveState(ctx, filepath.Join(tmp, stateFile)); err != nil {
-		return fmt.Errorf("save the template: %w", err)
-	}
-	// The VM must be gone before its RAM file is read: stop it now.
-	stopCtx, stopCancel := context.WithTimeout(ctx, 30*time.Second)
-	err = vm.Stop(stopCtx, nil, templateStop)
-	stopCancel()
-	if err != nil {
-		return fmt.Errorf("stop the template VM: %w", err)
+	if b, err = build(ctx, tmp); err != nil {
+		return b, err
 	}
 	// QEMU made the RAM file world-readable; the directory is not, but
 	// the file need not be either.
 	if err := os.Chmod(filepath.Join(tmp, memoryFile), 0o600); err != nil {
-		return err
+		return b, err
 	}
 	for _, name := range []string{"qmp.sock", "control.sock", "qga.sock", "qemu.pid"} {
 		os.Remove(filepath.Join(tmp, name))
 	}
-	mt := meta{Key: key, Inputs: in, Boot: bootMeta{Kernel: boot.Kernel, Initrd: boot.Initrd, Cmdline: boot.Cmdline},
-		Created: time.Now().UTC(), BuildTime: time.Since(started).Round(time.Millisecond).String()}
+	mt := meta{Key: key, Inputs: b.Inputs, Boot: bootMeta{Kernel: b.Boot.Kernel, Initrd: b.Boot.Initrd, Cmdline: b.Boot.Cmdline},
+		Created: time.Now().UTC(), BuildTime: time.Since(started).Round(time.Millisecond).String(), Program: b.Program}
 	if mt.StateSHA256, err = fileSHA256(filepath.Join(tmp, stateFile)); err != nil {
-		return err
+		return b, err
 	}
 	if mt.MemSHA256, err = fileSHA256(filepath.Join(tmp, memoryFile)); err != nil {
-		return err
+		return b, err
 	}
-	b, _ := json.MarshalIndent(mt, "", "  ")
-	if err := writeSynced(filepath.Join(tmp, metaFile), b); err != nil {
-		return err
+	for _, name := range b.Files {
+		if mt.Files == nil {
+			mt.Files = map[string]string{}
+		}
+		if mt.Files[name], err = fileSHA256(filepath.Join(tmp, name)); err != nil {
+			return b, err
+		}
+	}
+	data, _ := json.MarshalIndent(mt, "", "  ")
+	if err := writeSynced(filepath.Join(tmp, metaFile), data); err != nil {
+		return b, err
 	}
 	final := m.dirName(key)
 	os.RemoveAll(final)
 	if err := os.Rename(tmp, final); err != nil {
-		return fmt.Errorf("put the template in place: %w", err)
+		return b, fmt.Errorf("put the template in place: %w", err)
 	}
-	return nil
+	return b, nil
+}
+
+// bootTemplate is the BuildFunc of a first-level template: a VM booted
+// until its init waits, then saved.
+func (m *Manager) bootTemplate(key string, in Inputs, boot hypervisor.Boot) BuildFunc {
+	return func(ctx context.Context, tmp string) (_ Built, err error) {
+		boot.Cmdline = strings.TrimSpace(boot.Cmdline + " " + guest.TemplateFlag)
+		built := Built{Inputs: in, Boot: boot}
+		spec := hypervisor.Spec{
+			Name: "template-" + key[:16], Dir: tmp, VCPUs: in.VCPUs, MemoryMiB: in.MemoryMiB, Boot: boot,
+			Control: true, ControlPort: guest.ControlPortName, RebootExits: true,
+			Memory: &hypervisor.Memory{Path: filepath.Join(tmp, memoryFile), Shared: true}, FixedSlots: true,
+		}
+		vm, err := m.opts.Hypervisor.StartTemplate(ctx, spec)
+		if err != nil {
+			return built, fmt.Errorf("start the template VM: %w", err)
+		}
+		defer func() {
+			stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			defer cancel()
+			if serr := vm.Stop(stopCtx, nil, templateStop); serr != nil && err == nil {
+				err = fmt.Errorf("stop the template VM: %w", serr)
+			}
+		}()
+		if err := waitForTemplate(ctx, vm); err != nil {
+			return built, err
+		}
+		if err := vm.SaveState(ctx, filepath.Join(tmp, stateFile)); err != nil {
+			return built, fmt.Errorf("save the template: %w", err)
+		}
+		// The VM must be gone before its RAM file is read: stop it now.
+		stopCtx, stopCancel := context.WithTimeout(ctx, 30*time.Second)
+		defer stopCancel()
+		if err := vm.Stop(stopCtx, nil, templateStop); err != nil {
+			return built, fmt.Errorf("stop the template VM: %w", err)
+		}
+		return built, nil
+	}
+}
+
+// GetProgram returns the program snapshot of key, or nil when there is
+// none (a corrupt one is removed).
+func (m *Manager) GetProgram(key string) *Template {
+	m.mu.Lock()
+	if t := m.loaded[key]; t != nil {
+		m.mu.Unlock()
+		return t
+	}
+	_, building := m.building[key]
+	m.mu.Unlock()
+	if building {
+		return nil
+	}
+	t, err := m.load(key)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			m.opts.Log.Warn("program snapshot unusable: dropped", "template", key[:16], "err", err)
+			os.RemoveAll(m.dirName(key))
+		}
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if old := m.loaded[key]; old != nil {
+		t.mem.Close()
+		return old
+	}
+	m.loaded[key] = t
+	now := time.Now()
+	os.Chtimes(filepath.Join(m.dirName(key), metaFile), now, now) // its last use, for eviction
+	return t
+}
+
+// BuildProgram builds a program's snapshot of key in the background with
+// build, unless it exists, is being built, or failed a short while ago.
+func (m *Manager) BuildProgram(key string, build BuildFunc) {
+	if _, err := os.Stat(filepath.Join(m.dirName(key), metaFile)); err == nil {
+		return
+	}
+	m.evictProgramSnapshots(m.opts.MaxProgramSnapshots - 1)
+	m.startBuild(key, build)
+}
+
+// evictProgramSnapshots removes the least recently used programs'
+// snapshots past keep.
+func (m *Manager) evictProgramSnapshots(keep int) {
+	type snap struct {
+		key  string
+		used time.Time
+	}
+	var snaps []snap
+	entries, _ := os.ReadDir(m.opts.Dir)
+	for _, e := range entries {
+		path := filepath.Join(m.opts.Dir, e.Name(), metaFile)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		var mt meta
+		if json.Unmarshal(b, &mt) != nil || mt.Program == "" {
+			continue
+		}
+		st, err := os.Stat(path)
+		if err != nil {
+			continue
+		}
+		snaps = append(snaps, snap{mt.Key, st.ModTime()})
+	}
+	if len(snaps) <= keep {
+		return
+	}
+	slices.SortFunc(snaps, func(a, b snap) int { return a.used.Compare(b.used) })
+	for _, s := range snaps[:len(snaps)-keep] {
+		m.Drop(s.key, errors.New("evicted: more program snapshots than the limit"))
+	}
 }
 
 // waitForTemplate waits for the template's init to report it waits.
@@ -425,11 +593,19 @@ func (m *Manager) load(key string) (*Template, error) {
 	if sum != mt.StateSHA256 {
 		return nil, fmt.Errorf("state file: sha256 %s, recorded %s", sum, mt.StateSHA256)
 	}
+	for name, want := range mt.Files {
+		if strings.ContainsAny(name, "/") {
+			return nil, fmt.Errorf("template record names the file %q", name)
+		}
+		if sum, err := fileSHA256(filepath.Join(dir, name)); err != nil || sum != want {
+			return nil, fmt.Errorf("%s: sha256 %s, recorded %s (%v)", name, sum, want, err)
+		}
+	}
 	mem, err := sealedCopy(filepath.Join(dir, memoryFile), "alephvm-template-"+key[:16], mt.MemSHA256, mt.Inputs.MemoryMiB<<20)
 	if err != nil {
 		return nil, err
 	}
-	return &Template{key: key, dir: dir, mem: mem, state: filepath.Join(dir, stateFile),
+	return &Template{key: key, dir: dir, mem: mem, state: filepath.Join(dir, stateFile), size: mt.Inputs.MemoryMiB << 20, Program: mt.Program,
 		boot: hypervisor.Boot{Kernel: mt.Boot.Kernel, Initrd: mt.Boot.Initrd, Cmdline: mt.Boot.Cmdline}}, nil
 }
 

@@ -46,6 +46,7 @@ type Init struct {
 	// already served.
 	resumed       chan struct{}
 	controlServed bool
+	networked     bool // a program's snapshot got its network
 }
 
 func newInit() *Init {

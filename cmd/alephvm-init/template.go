@@ -57,18 +57,26 @@ func (in *Init) runTemplate(loader *moduleLoader, have devices) (devices, error)
 	return have, nil
 }
 
-// Resume implements guest.ResumeAgent.
+// Resume implements guest.ResumeAgent. A template's init (waiting)
+// carries on as after a boot once the clock and pool are set; the init of
+// a program's snapshot (its workload ready, no network) also gets its NIC
+// and network, and its workload carries on.
 func (in *Init) Resume(_ context.Context, req guest.ResumeRequest) error {
 	if len(req.Seed) < guest.MinResumeSeed {
 		return fmt.Errorf("resume: a seed of %d bytes, fewer than %d", len(req.Seed), guest.MinResumeSeed)
 	}
 	in.mu.Lock()
-	if in.state != guest.StateWaiting {
-		st := in.state
+	st := in.state
+	programSnapshot := st == guest.StateReady && in.cfg.Network == nil && req.Network != nil && !in.networked
+	switch {
+	case st == guest.StateWaiting && req.Network == nil:
+		in.state = guest.StateStarting
+	case programSnapshot:
+		in.networked = true
+	default:
 		in.mu.Unlock()
-		return fmt.Errorf("resume: the init is %s, not a waiting template", st)
+		return fmt.Errorf("resume: the init is %s, not a waiting template or a program's snapshot to network", st)
 	}
-	in.state = guest.StateStarting
 	in.mu.Unlock()
 	ts := unix.NsecToTimespec(req.Time.UnixNano())
 	if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
@@ -77,8 +85,37 @@ func (in *Init) Resume(_ context.Context, req guest.ResumeRequest) error {
 	if err := addEntropy(req.Seed); err != nil {
 		return fmt.Errorf("resume: %w", err)
 	}
-	close(in.resumed)
+	if !programSnapshot {
+		close(in.resumed)
+		return nil
+	}
+	if err := os.WriteFile(pciRescan, []byte("1"), 0); err != nil {
+		return fmt.Errorf("resume: rescan the PCI bus: %w", err)
+	}
+	if err := waitForDevice("/sys/class/net/" + netInterface(*req.Network)); err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	cfg := in.cfg
+	cfg.Network = req.Network
+	for file, content := range etcFiles(cfg) {
+		os.Remove(file)
+		if err := os.WriteFile(file, []byte(content), 0o644); err != nil {
+			return fmt.Errorf("resume: %w", err)
+		}
+	}
+	if err := configureInterface(*req.Network); err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	in.milestone(func(b *guest.Boot) { b.Resume = uptime() })
 	return nil
+}
+
+// netInterface is the name of the VM's interface.
+func netInterface(n guest.Network) string {
+	if n.Interface == "" {
+		return "eth0"
+	}
+	return n.Interface
 }
 
 // addEntropy mixes seed into the kernel's pool, credited as entropy, and

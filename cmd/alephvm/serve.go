@@ -300,7 +300,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 		Store: st, Hypervisor: hvs[programHV], Unavailable: programErr, Networks: networks, Kernel: kernel, Records: n.records,
 		RunDir: runDir, VolumesDir: volumesDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, ReadyTimeout: cfg.InitTimeout.Duration(), Logs: n.logs,
 		ColdStarts: nodeMetrics, GuestAPI: guestAPI, Node: facts, Log: log,
-		Templates: orNilTemplates(templates), TemplateInputs: templateInputs,
+		Templates: orNilTemplates(templates), TemplateInputs: templateInputs, ProgramSnapshots: cfg.ProgramOwnSnapshots,
 	})
 	n.launcher = launcher
 	// Programs and instances are admitted into one capacity.

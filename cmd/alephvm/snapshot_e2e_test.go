@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -118,6 +119,41 @@ func TestProgramSnapshots(t *testing.T) {
 		t.Errorf("two restored VMs drew the same random bytes: %s %s / %s %s", b.Random, b.URandom, c.Random, c.URandom)
 	}
 
+	// Each restored program then has a snapshot of its own built; its next
+	// cold start restores from it, with a network of its own and the
+	// host's clock, and the two differ in their random bytes still.
+	waitLog(`msg="template built"`, 3)
+	waitLog(`program=`+refs[0], 1)
+	waitLog(`program=`+refs[1], 1)
+	for _, ref := range refs {
+		if status, body := operatorPost(t, fmt.Sprintf("http://127.0.0.1:%d/control/machine/%s/stop", port, ref)); status != 200 {
+			t.Fatalf("stop %s: %d %s", ref, status, body)
+		}
+	}
+	var again [2]snapAnswer
+	for i, ref := range refs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			again[i] = ask(ref)
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	if n := strings.Count(node.logs.String(), `program_snapshot=true took=`); n != 2 {
+		t.Errorf("%d restores from programs' own snapshots, want 2:\n%s", n, node.logs.String())
+	}
+	if again[0].Env != "b" || again[1].Env != "c" || again[0].MAC == again[1].MAC || again[0].Random == again[1].Random || again[0].URandom == again[1].URandom {
+		t.Errorf("restored from their own snapshots: %+v / %+v", again[0], again[1])
+	}
+	for _, a := range again {
+		if d := time.Duration(a.hostNS - a.TimeNS); d < -time.Second || d > time.Second {
+			t.Errorf("a program restored from its snapshot: the guest's clock is %v off the host's", d)
+		}
+	}
+
 	// Another runtime (the same squashfs, one more block: another hash)
 	// builds a template of its own.
 	runtime := filepath.Join(dir, "runtime2.squashfs")
@@ -129,14 +165,14 @@ func TestProgramSnapshots(t *testing.T) {
 		t.Fatal(err)
 	}
 	ask(create("d", "--runtime", runtime))
-	waitLog(`msg="template built"`, 2)
+	waitLog(`msg="template built"`, 4)
 
 	// A corrupt template is dropped, and the program boots.
 	node.cmd.Process.Signal(syscall.SIGTERM)
 	node.cmd.Wait()
 	mems, _ := filepath.Glob(filepath.Join(dir, "cache", "templates", "*", "memory"))
-	if len(mems) != 2 {
-		t.Fatalf("%d template memory files, want 2", len(mems))
+	if len(mems) != 4 {
+		t.Fatalf("%d template memory files, want 4 (2 templates, 2 programs' snapshots)", len(mems))
 	}
 	for _, m := range mems {
 		f, err := os.OpenFile(m, os.O_WRONLY, 0)
