@@ -246,13 +246,13 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		}
 		timing.Done(phase.name)
 	}
-	// The guest's own steps: from its resume for a restored VM (its clock
-	// is the template's boot clock, carried on), from its kernel's start
-	// for a booted one.
 	b := v.status.Boot
-	v.log.Info("program started", "restored", v.restored, "phases", timing, "guest.boot", b.Config-b.Resume,
-		"guest.mounts", b.Mounts-b.Config, "guest.network", b.Network-b.Mounts, "guest.started", b.Started-b.Network,
-		"guest.ready", b.Ready-b.Started, "kernel_to_ready", b.Ready-b.Resume, "ip", v.att.Guest)
+	if v.fromProgramSnapshot {
+		// Its workload started in the snapshot's VM.
+		v.log.Info("program started", "restored", true, "program_snapshot", true, "phases", timing, "ip", v.att.Guest)
+	} else {
+		v.logStarted(timing, b)
+	}
 	if v.opts.Records != nil {
 		if err := v.opts.Records.SetState(ctx, v.ref, execution.StateRunning); err != nil {
 			return err
@@ -263,6 +263,15 @@ func (v *programVM) start(ctx context.Context, c *message.ProgramContent, boot h
 		v.afterStart()
 	}
 	return nil
+}
+
+// logStarted logs a started program with the guest's own steps: from its
+// resume for a VM restored from a template (its clock is the template's
+// boot clock, carried on), from its kernel's start for a booted one.
+func (v *programVM) logStarted(timing *execution.Timing, b guest.Boot) {
+	v.log.Info("program started", "restored", v.restored, "phases", timing, "guest.boot", b.Config-b.Resume,
+		"guest.mounts", b.Mounts-b.Config, "guest.network", b.Network-b.Mounts, "guest.started", b.Started-b.Network,
+		"guest.ready", b.Ready-b.Started, "kernel_to_ready", b.Ready-b.Resume, "ip", v.att.Guest)
 }
 
 // reserveDisks promises the space of the program's writable volumes.

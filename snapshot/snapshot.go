@@ -512,7 +512,21 @@ func (m *Manager) BuildProgram(key string, build BuildFunc) {
 		return
 	}
 	m.evictProgramSnapshots(m.opts.MaxProgramSnapshots - 1)
-	m.startBuild(key, build)
+	done := m.startBuild(key, build)
+	if done == nil {
+		return
+	}
+	// Loaded (checked, its RAM sealed) once built, so that the program's
+	// next cold start does not wait for it.
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		select {
+		case <-done:
+			m.GetProgram(key)
+		case <-m.ctx.Done():
+		}
+	}()
 }
 
 // evictProgramSnapshots removes the least recently used programs'

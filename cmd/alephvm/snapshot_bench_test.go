@@ -29,16 +29,17 @@ func BenchmarkProgramSnapshots(b *testing.B) {
 	testenv.RequireTools(b, "qemu-system-x86_64", "nft", "mkfs.ext4", "go")
 	for range b.N {
 		for _, example := range []string{"go-hello", "asgi-hello"} {
-			booted := snapshotRun(b, assetsDir, example, false)[0]
-			snap := snapshotRun(b, assetsDir, example, true)
+			booted := snapshotRun(b, assetsDir, example, bootMode)
+			tmpl := snapshotRun(b, assetsDir, example, templateMode)
+			own := snapshotRun(b, assetsDir, example, ownMode)
 			b.ReportMetric(booted.cold.Seconds(), "s/booted-"+example)
-			b.ReportMetric(snap[0].cold.Seconds(), "s/template-"+example)
-			b.ReportMetric(snap[1].cold.Seconds(), "s/own-snapshot-"+example)
-			b.ReportMetric(snap[0].cold.Seconds()/booted.cold.Seconds(), "ratio-template-"+example)
-			b.ReportMetric(snap[1].cold.Seconds()/booted.cold.Seconds(), "ratio-own-snapshot-"+example)
+			b.ReportMetric(tmpl.cold.Seconds(), "s/template-"+example)
+			b.ReportMetric(own.cold.Seconds(), "s/own-snapshot-"+example)
+			b.ReportMetric(tmpl.cold.Seconds()/booted.cold.Seconds(), "ratio-template-"+example)
+			b.ReportMetric(own.cold.Seconds()/booted.cold.Seconds(), "ratio-own-snapshot-"+example)
 			b.ReportMetric(float64(booted.pss>>20), "MiB-PSS-10-booted-"+example)
-			b.ReportMetric(float64(snap[0].pss>>20), "MiB-PSS-10-template-"+example)
-			b.ReportMetric(float64(snap[1].pss>>20), "MiB-PSS-10-own-snapshot-"+example)
+			b.ReportMetric(float64(tmpl.pss>>20), "MiB-PSS-10-template-"+example)
+			b.ReportMetric(float64(own.pss>>20), "MiB-PSS-10-own-snapshot-"+example)
 		}
 	}
 }
@@ -50,13 +51,24 @@ type coldStarts struct {
 	pss  uint64
 }
 
-// snapshotRun starts a node, with or without snapshots, and 10 programs of
-// the example one after the other. With snapshots, once each program has a
-// snapshot of its own, it stops them and starts them again, from those.
-func snapshotRun(b *testing.B, assetsDir, example string, snapshots bool) []coldStarts {
+// How the programs of a snapshotRun start.
+type startMode int
+
+const (
+	bootMode     startMode = iota // booted: no snapshots
+	templateMode                  // restored from their template
+	ownMode                       // restored from their own snapshots
+)
+
+// snapshotRun starts a node and 10 programs of the example one after the
+// other, booted or restored from their template; in ownMode, once each has
+// a snapshot of its own, it stops them and starts them again, from those,
+// and measures that.
+func snapshotRun(b *testing.B, assetsDir, example string, mode startMode) coldStarts {
+	snapshots := mode != bootMode
 	dir, port, env := nodeEnv(b, "lo", "10.0.0.53")
 	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=3600", "ALEPH_VM_INIT_TIMEOUT=300",
-		"ALEPH_VM_PROGRAM_HYPERVISOR=qemu", "ALEPH_VM_PROGRAM_SNAPSHOTS="+strconv.FormatBool(snapshots), "ALEPH_VM_VCPU_OVERCOMMIT_FACTOR=16")
+		"ALEPH_VM_PROGRAM_HYPERVISOR=qemu", "ALEPH_VM_PROGRAM_SNAPSHOTS="+strconv.FormatBool(snapshots), "ALEPH_VM_PROGRAM_SNAPSHOTS_PER_PROGRAM="+strconv.FormatBool(mode == ownMode), "ALEPH_VM_VCPU_OVERCOMMIT_FACTOR=16")
 	node := startNode(b, env, port)
 	defer func() {
 		node.cmd.Process.Signal(syscall.SIGTERM)
@@ -117,12 +129,15 @@ func snapshotRun(b *testing.B, assetsDir, example string, snapshots bool) []cold
 	}
 	first := measure()
 	if !snapshots {
-		return []coldStarts{first}
+		return first
 	}
 	for _, ref := range refs {
 		if !restoredInLog(node.logs.String(), ref) {
 			b.Fatalf("program %s was not restored:\n%s", ref, node.logs.String())
 		}
+	}
+	if mode == templateMode {
+		return first
 	}
 	// Each program's own snapshot, built in the background.
 	for deadline := time.Now().Add(20 * time.Minute); ; time.Sleep(time.Second) {
@@ -148,7 +163,7 @@ func snapshotRun(b *testing.B, assetsDir, example string, snapshots bool) []cold
 	if n := strings.Count(node.logs.String(), "program_snapshot=true took="); n != len(refs) {
 		b.Fatalf("%d restores from programs' own snapshots, want %d:\n%s", n, len(refs), node.logs.String())
 	}
-	return []coldStarts{first, second}
+	return second
 }
 
 // qemuPSS is the proportional set size of the QEMU process whose guest

@@ -38,7 +38,7 @@ func TestProgramSnapshots(t *testing.T) {
 	testenv.RequireTools(t, "nft", "mkfs.ext4", "go")
 	dir, port, env := nodeEnv(t, "lo", "10.0.0.53")
 	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=600", "ALEPH_VM_INIT_TIMEOUT=180",
-		"ALEPH_VM_PROGRAM_HYPERVISOR=qemu", "ALEPH_VM_PROGRAM_SNAPSHOTS=true")
+		"ALEPH_VM_PROGRAM_HYPERVISOR=qemu", "ALEPH_VM_PROGRAM_SNAPSHOTS=true", "ALEPH_VM_PROGRAM_SNAPSHOTS_PER_PROGRAM=true")
 	node := startNode(t, env, port)
 
 	progDir := filepath.Join(dir, "snapprog")
