@@ -404,7 +404,7 @@ func (v *programVM) restore(ctx context.Context) bool {
 // guest for a program's snapshot.
 func (v *programVM) restoreWith(ctx context.Context, t *snapshot.Template, spec hypervisor.Spec, network *guest.Network) bool {
 	started := time.Now()
-	vm, client, err := v.restoreFrom(ctx, t, spec, network)
+	vm, client, loaded, err := v.restoreFrom(ctx, t, spec, network)
 	if err != nil {
 		v.log.Warn("restore from the template failed: booting instead", "template", t.Key()[:16], "program_snapshot", t.Program != "", "err", err)
 		v.opts.Templates.Drop(t.Key(), err)
@@ -413,17 +413,20 @@ func (v *programVM) restoreWith(ctx context.Context, t *snapshot.Template, spec 
 	v.restored = true
 	v.holdVM(vm)
 	v.useClient(client)
-	v.log.Info("program VM restored from its template", "template", t.Key()[:16], "program_snapshot", t.Program != "", "took", time.Since(started).Round(time.Millisecond))
+	v.log.Info("program VM restored from its template", "template", t.Key()[:16], "program_snapshot", t.Program != "",
+		"qemu_and_state", loaded.Round(time.Millisecond), "took", time.Since(started).Round(time.Millisecond))
 	return true
 }
 
 // restoreFrom starts a VM from t and resumes its init; a VM that started
 // is stopped on failure.
-func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template, spec hypervisor.Spec, network *guest.Network) (_ execution.VM, _ *guest.Client, err error) {
+func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template, spec hypervisor.Spec, network *guest.Network) (_ execution.VM, _ *guest.Client, loaded time.Duration, err error) {
+	started := time.Now()
 	vm, err := v.opts.Hypervisor.Start(ctx, t.Apply(spec))
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
+	loaded = time.Since(started)
 	var client *guest.Client
 	defer func() {
 		if err != nil {
@@ -436,7 +439,7 @@ func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template, spec 
 		}
 	}()
 	client, err = resumeVM(ctx, vm, network)
-	return vm, client, err
+	return vm, client, loaded, err
 }
 
 // resumeVM opens the control channel of a VM restored from a template
