@@ -408,17 +408,17 @@ func (m *Manager) build(ctx context.Context, key string, build BuildFunc) (b Bui
 	}
 	mt := meta{Key: key, Inputs: b.Inputs, Boot: bootMeta{Kernel: b.Boot.Kernel, Initrd: b.Boot.Initrd, Cmdline: b.Boot.Cmdline},
 		Created: time.Now().UTC(), BuildTime: time.Since(started).Round(time.Millisecond).String(), Program: b.Program}
-	if mt.StateSHA256, err = fileSHA256(filepath.Join(tmp, stateFile)); err != nil {
+	if mt.StateSHA256, err = FileSHA256(filepath.Join(tmp, stateFile)); err != nil {
 		return b, err
 	}
-	if mt.MemSHA256, err = fileSHA256(filepath.Join(tmp, memoryFile)); err != nil {
+	if mt.MemSHA256, err = FileSHA256(filepath.Join(tmp, memoryFile)); err != nil {
 		return b, err
 	}
 	for _, name := range b.Files {
 		if mt.Files == nil {
 			mt.Files = map[string]string{}
 		}
-		if mt.Files[name], err = fileSHA256(filepath.Join(tmp, name)); err != nil {
+		if mt.Files[name], err = FileSHA256(filepath.Join(tmp, name)); err != nil {
 			return b, err
 		}
 	}
@@ -600,7 +600,7 @@ func (m *Manager) load(key string) (*Template, error) {
 	if mt.Key != key {
 		return nil, fmt.Errorf("template record names %s", mt.Key)
 	}
-	sum, err := fileSHA256(filepath.Join(dir, stateFile))
+	sum, err := FileSHA256(filepath.Join(dir, stateFile))
 	if err != nil {
 		return nil, err
 	}
@@ -611,7 +611,7 @@ func (m *Manager) load(key string) (*Template, error) {
 		if strings.ContainsAny(name, "/") {
 			return nil, fmt.Errorf("template record names the file %q", name)
 		}
-		if sum, err := fileSHA256(filepath.Join(dir, name)); err != nil || sum != want {
+		if sum, err := FileSHA256(filepath.Join(dir, name)); err != nil || sum != want {
 			return nil, fmt.Errorf("%s: sha256 %s, recorded %s (%v)", name, sum, want, err)
 		}
 	}
@@ -683,7 +683,8 @@ func sealedCopy(path, name, wantSHA256 string, size int) (_ *os.File, err error)
 
 func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
 
-func fileSHA256(path string) (string, error) {
+// FileSHA256 is the sha256 of a file, in hex.
+func FileSHA256(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err

@@ -2,12 +2,9 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
 	"database/sql"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -411,7 +408,7 @@ func programTemplates(ctx context.Context, cfg config.Config, programHV string, 
 		path string
 		sum  *string
 	}{{driver.Binary(), &in.Hypervisor}, {kernel.Kernel, &in.Kernel}, {kernel.Initrd, &in.Initrd}} {
-		if *f.sum, err = fileSHA256(f.path); err != nil {
+		if *f.sum, err = snapshot.FileSHA256(f.path); err != nil {
 			log.Warn("program snapshots off: programs boot", "err", err)
 			return nil, in
 		}
@@ -438,20 +435,6 @@ func orNilTemplates(m *snapshot.Manager) program.Templates {
 		return nil
 	}
 	return m
-}
-
-// fileSHA256 is the sha256 of a file, in hex.
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", fmt.Errorf("hash %s: %w", path, err)
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 func buildNetwork(cfg config.Config, log *slog.Logger) (*network.Manager, []netip.Addr, error) {
