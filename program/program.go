@@ -438,8 +438,54 @@ func (v *programVM) restoreFrom(ctx context.Context, t *snapshot.Template, spec 
 			_ = vm.Stop(stopCtx, nil, stopTimeouts)
 		}
 	}()
-	client, err = resumeVM(ctx, vm, network)
+	if client, err = resumeVM(ctx, vm, network); err != nil {
+		return vm, nil, loaded, err
+	}
+	if network == nil {
+		if err = waitStarted(ctx, client); err != nil {
+			err = fmt.Errorf("%w; console: %s", err, consoleTail(vm.ConsoleLog(), 2048))
+		}
+	}
 	return vm, client, loaded, err
+}
+
+// restoreStartTimeout bounds the steps of a VM restored from a template
+// up to its workload's start (a second or two here): past it, the VM is
+// taken for stuck and the program boots instead.
+const restoreStartTimeout = 30 * time.Second
+
+// waitStarted waits for a resumed init to start the workload (or fail).
+func waitStarted(ctx context.Context, client *guest.Client) error {
+	ctx, cancel := context.WithTimeout(ctx, restoreStartTimeout)
+	defer cancel()
+	for {
+		st, err := client.Status(ctx)
+		if err == nil && (st.Boot.Started != 0 || st.State != guest.StateStarting) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the restored VM did not start the workload within %s (last: %s, %+v)", restoreStartTimeout, st.State, st.Boot)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// consoleTail is the end of a console log, for an error message.
+func consoleTail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return err.Error()
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err.Error()
+	}
+	off := max(st.Size()-n, 0)
+	b := make([]byte, st.Size()-off)
+	n2, _ := f.ReadAt(b, off)
+	return strconv.Quote(string(b[:n2]))
 }
 
 // resumeVM opens the control channel of a VM restored from a template

@@ -75,7 +75,7 @@ func snapshotRun(b *testing.B, assetsDir, example string, mode startMode) coldSt
 		node.cmd.Wait()
 		if os.Getenv("ALEPH_VM_BENCH_LOG") != "" {
 			for _, l := range strings.Split(node.logs.String(), "\n") {
-				if strings.Contains(l, "program started") || strings.Contains(l, "template built") {
+				if strings.Contains(l, "program started") || strings.Contains(l, "template built") || strings.Contains(l, "failed") || strings.Contains(l, "restored from") {
 					b.Log(l)
 				}
 			}
