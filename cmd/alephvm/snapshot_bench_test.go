@@ -160,7 +160,7 @@ func snapshotRun(b *testing.B, assetsDir, example string, mode startMode) coldSt
 		}
 	}
 	second := measure()
-	if n := strings.Count(node.logs.String(), "program_snapshot=true took="); n != len(refs) {
+	if n := strings.Count(node.logs.String(), "program_snapshot=true qemu_and_state="); n != len(refs) {
 		b.Fatalf("%d restores from programs' own snapshots, want %d:\n%s", n, len(refs), node.logs.String())
 	}
 	return second

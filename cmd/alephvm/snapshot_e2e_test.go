@@ -142,7 +142,7 @@ func TestProgramSnapshots(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	if n := strings.Count(node.logs.String(), `program_snapshot=true took=`); n != 2 {
+	if n := strings.Count(node.logs.String(), `program_snapshot=true qemu_and_state=`); n != 2 {
 		t.Errorf("%d restores from programs' own snapshots, want 2:\n%s", n, node.logs.String())
 	}
 	if again[0].Env != "b" || again[1].Env != "c" || again[0].MAC == again[1].MAC || again[0].Random == again[1].Random || again[0].URandom == again[1].URandom {
