@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -589,3 +590,55 @@ func TestWatchdog(t *testing.T) {
 		d.unwatch(x)
 	}
 }
+
+// A VM whose port refuses the first connections (a neighbour resolution
+// that failed, a listener not there yet) is connected to once it accepts,
+// within the dial's time; a stopped VM is not waited for.
+func TestDialRetriesATransientRefusal(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	accepted := make(chan net.Listener, 1)
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- l
+	}()
+	u := newUpstreams()
+	c, _, err := u.get(context.Background(), &addrProgram{addr: addr, done: make(chan struct{})}, time.Time{})
+	if l, ok := <-accepted; ok {
+		defer l.Close()
+	}
+	if err != nil {
+		t.Fatalf("a VM that listens after 300 ms: %v", err)
+	}
+	c.conn.Close()
+
+	l, _ = net.Listen("tcp", "127.0.0.1:0")
+	refused := l.Addr().String()
+	l.Close()
+	stopped := &addrProgram{addr: refused, done: make(chan struct{})}
+	close(stopped.done)
+	start := time.Now()
+	if _, _, err := u.get(context.Background(), stopped, time.Time{}); err == nil || time.Since(start) > time.Second {
+		t.Errorf("a stopped VM: %v after %v", err, time.Since(start))
+	}
+}
+
+// addrProgram is a program VM at addr.
+type addrProgram struct {
+	addr string
+	done chan struct{}
+}
+
+func (p *addrProgram) Target() *url.URL            { return &url.URL{Scheme: "http", Host: p.addr, Path: "/"} }
+func (p *addrProgram) Done() <-chan struct{}       { return p.done }
+func (p *addrProgram) Stop(context.Context) error  { return nil }
+func (p *addrProgram) Networking() pool.Networking { return pool.Networking{} }

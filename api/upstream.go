@@ -106,6 +106,20 @@ func (u *upstreams) dial(ctx context.Context, prog pool.Program, deadline time.T
 	ctx, cancel := context.WithDeadline(ctx, limit)
 	defer cancel()
 	conn, err := u.dialer.DialContext(ctx, "tcp", target.Host)
+	// A VM that has just said it listens can still miss the host's first
+	// neighbour resolution (seen under heavy CPU load: EHOSTUNREACH at
+	// once, from a resolution that failed while the guest was busy): the
+	// next attempt resolves again. Retried until the dial's deadline.
+	for wait := 50 * time.Millisecond; err != nil && transientDialError(err); wait = min(2*wait, time.Second) {
+		select {
+		case <-ctx.Done():
+		case <-prog.Done():
+		case <-time.After(wait):
+			conn, err = u.dialer.DialContext(ctx, "tcp", target.Host)
+			continue
+		}
+		break
+	}
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", target.Host, err)
 	}
@@ -113,6 +127,12 @@ func (u *upstreams) dial(ctx context.Context, prog pool.Program, deadline time.T
 	c.br = bufio.NewReaderSize(c, 4<<10)
 	c.bw = bufio.NewWriterSize(conn, 4<<10)
 	return c, nil
+}
+
+// transientDialError says whether a failed connection to a VM is worth
+// trying again: its address unreachable for now, or nothing listening yet.
+func transientDialError(err error) bool {
+	return errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.ECONNREFUSED)
 }
 
 // put keeps c for the next request to its program, unless the pool is
