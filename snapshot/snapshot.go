@@ -125,9 +125,12 @@ type Manager struct {
 	building map[string]chan struct{} // closed when the build ends
 	failed   map[string]time.Time     // when a build last failed
 	closed   bool
-	wg       sync.WaitGroup
-	ctx      context.Context
-	cancel   context.CancelFunc
+	// slot admits one build at a time: builds are background work, and
+	// each is a VM that competes with the programs it is to speed up.
+	slot   chan struct{}
+	wg     sync.WaitGroup
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 // Template is a template loaded for restores: its RAM sealed in memory,
@@ -231,7 +234,7 @@ func NewManager(ctx context.Context, opts Options) (*Manager, error) {
 		os.RemoveAll(dir)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{opts: opts, loaded: map[string]*Template{}, building: map[string]chan struct{}{},
+	return &Manager{opts: opts, slot: make(chan struct{}, 1), loaded: map[string]*Template{}, building: map[string]chan struct{}{},
 		failed: map[string]time.Time{}, ctx: ctx, cancel: cancel}, nil
 }
 
@@ -361,7 +364,16 @@ func (m *Manager) startBuild(key string, build BuildFunc) chan struct{} {
 	go func() {
 		defer m.wg.Done()
 		started := time.Now()
-		b, err := m.build(m.ctx, key, build)
+		var b Built
+		var err error
+		select {
+		case m.slot <- struct{}{}:
+			started = time.Now()
+			b, err = m.build(m.ctx, key, build)
+			<-m.slot
+		case <-m.ctx.Done():
+			err = m.ctx.Err()
+		}
 		m.mu.Lock()
 		delete(m.building, key)
 		if err != nil {
