@@ -288,11 +288,15 @@ var runtimeHooks = []string{
 	`chroot "$1" useradd --uid 1000 --user-group --create-home --shell /bin/sh ` + RuntimeUser,
 	`mkdir -p "$1/opt/code" "$1/opt/packages" "$1/data"`,
 	`rm -f "$1/etc/resolv.conf" "$1/etc/hostname" && : > "$1/etc/machine-id"`,
-	// apt leaves its lists' download directory to its sandbox user _apt
-	// only when that user can reach the build directory (not under a
-	// 0700 parent): set what apt sets, whatever the build directory.
-	`chroot "$1" chown _apt:root /var/lib/apt/lists/partial`,
+	AptPartialDirsHook,
 }
+
+// AptPartialDirsHook is a customize hook that gives apt's download
+// directories to its sandbox user _apt, as apt does only when that user can
+// reach the build directory (not under a 0700 parent): without it, the same
+// packages built in two directories make two images. Directories an
+// earlier hook removed are left alone.
+const AptPartialDirsHook = `for d in /var/lib/apt/lists/partial /var/cache/apt/archives/partial; do if [ -d "$1$d" ]; then chroot "$1" chown _apt:root "$d"; fi; done`
 
 // debianAsset is a build step that makes images of a Debian root.
 type debianAsset struct {

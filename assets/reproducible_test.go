@@ -3,11 +3,15 @@ package assets
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -60,6 +64,9 @@ func TestReproducibleBuild(t *testing.T) {
 		}
 		if a.SHA256 != b.SHA256 || a.Size != b.Size {
 			t.Errorf("%s differs between two builds: %s (%d bytes), then %s (%d bytes)", name, a.SHA256, a.Size, b.SHA256, b.Size)
+			if name == Runtime {
+				reportRuntimeDiff(t, mustPath(t, builds[0], Runtime), mustPath(t, builds[1], Runtime))
+			}
 		} else {
 			t.Logf("%s: sha256 %s both times", name, a.SHA256)
 		}
@@ -125,5 +132,63 @@ func checkNoBuildDay(t *testing.T, root string) {
 		if f := strings.Split(string(line), ":"); len(f) < 3 || f[2] != day {
 			t.Errorf("/etc/shadow: %s: last change not on day %s (SOURCE_DATE_EPOCH)", f[0], day)
 		}
+	}
+}
+
+// reportRuntimeDiff unpacks two runtimes and names the files that differ
+// in content, mode, owner or time, so that a failure says what to fix.
+func reportRuntimeDiff(t *testing.T, a, b string) {
+	t.Helper()
+	var sums [2]map[string]string
+	for i, img := range []string{a, b} {
+		root := filepath.Join(t.TempDir(), "root")
+		runOut(t, "unsquashfs", "-quiet", "-no-progress", "-d", root, img)
+		sums[i] = map[string]string{}
+		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			info, err := d.Info()
+			if err != nil {
+				return err
+			}
+			rel, _ := filepath.Rel(root, p)
+			st := info.Sys().(*syscall.Stat_t)
+			desc := fmt.Sprintf("%v %d:%d %d", info.Mode(), st.Uid, st.Gid, info.ModTime().Unix())
+			switch {
+			case d.Type().IsRegular():
+				data, err := os.ReadFile(p)
+				if err != nil {
+					return err
+				}
+				desc += fmt.Sprintf(" %x", sha256.Sum256(data))
+			case d.Type()&fs.ModeSymlink != 0:
+				target, _ := os.Readlink(p)
+				desc += " -> " + target
+			}
+			sums[i][rel] = desc
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var diffs []string
+	for p, d := range sums[0] {
+		if sums[1][p] != d {
+			diffs = append(diffs, fmt.Sprintf("%s: %q, then %q", p, d, sums[1][p]))
+		}
+	}
+	for p, d := range sums[1] {
+		if _, ok := sums[0][p]; !ok {
+			diffs = append(diffs, fmt.Sprintf("%s: missing, then %q", p, d))
+		}
+	}
+	sort.Strings(diffs)
+	if len(diffs) == 0 {
+		t.Log("the two runtimes hold the same files, modes, owners and times: the difference is in the image's layout")
+	}
+	for _, d := range diffs[:min(len(diffs), 20)] {
+		t.Log("differs:", d)
 	}
 }

@@ -69,6 +69,7 @@ var customize = []string{
 	`echo localhost > "$1/etc/hostname"`,
 	`passwd --root "$1" --lock root`,
 	`rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*`,
+	assets.AptPartialDirsHook,
 }
 
 // Image is a built base image.
