@@ -174,6 +174,9 @@ func (m *Manager) Attach(req AttachRequest) (Attachment, error) {
 			made.AddFunc("ndp proxy", func() { _ = proxyNDP(m.ipv6.Uplink, v6.Guest, false) })
 		}
 	}
+	if err := pinNeighbours(alloc.Tap, alloc.MAC(), alloc.Guest, v6.Guest); err != nil {
+		return fail(err)
+	}
 	m.vms[owner] = v
 	made.AddFunc("rules", func() { delete(m.vms, owner) })
 	if err := m.applyLocked(); err != nil {

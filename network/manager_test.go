@@ -44,6 +44,9 @@ func TestManager(t *testing.T) {
 			t.Errorf("ruleset lacks %q:\n%s", want, ruleset)
 		}
 	}
+	if neigh := testenv.Cmd(t, "ip", "neigh", "show", "dev", "avm4"); !strings.Contains(neigh, "172.16.4.2 lladdr 06:00:ac:10:04:02 PERMANENT") {
+		t.Errorf("the guest's address is not a permanent neighbour on its tap:\n%s", neigh)
+	}
 	if strings.Contains(ruleset, `"avm5" : jump egress`) {
 		t.Error("vm-b has internet")
 	}

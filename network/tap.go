@@ -132,6 +132,33 @@ func setTapAddress(link netlink.Link, name string, addr netip.Prefix) error {
 	return nil
 }
 
+// pinNeighbours records the guest's addresses on the tap as permanent
+// neighbours with the NIC's MAC: the host never waits for the guest to
+// answer ARP or neighbour solicitation. A guest slow to answer (under
+// load, as an emulated one often is) otherwise left a connection made
+// right after its start with "no route to host" once the kernel's three
+// probes had gone unanswered. The entries go with the tap.
+func pinNeighbours(tap string, mac net.HardwareAddr, addrs ...netip.Addr) error {
+	link, err := netlink.LinkByName(tap)
+	if err != nil {
+		return fmt.Errorf("find tap %s: %w", tap, err)
+	}
+	for _, a := range addrs {
+		if !a.IsValid() {
+			continue
+		}
+		family := unix.AF_INET
+		if a.Is6() {
+			family = unix.AF_INET6
+		}
+		n := &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: family, State: netlink.NUD_PERMANENT, IP: net.IP(a.AsSlice()), HardwareAddr: mac}
+		if err := netlink.NeighSet(n); err != nil {
+			return fmt.Errorf("neighbour %s at %s on tap %s: %w", a, mac, tap, err)
+		}
+	}
+	return nil
+}
+
 // proxyNDP adds (or removes) a proxy neighbour entry for addr on the
 // uplink, so that the host answers the link's neighbour solicitations for
 // a guest: for IPv6 pools routed on the uplink's link.
