@@ -137,9 +137,19 @@ func TestReproducibleBaseImage(t *testing.T) {
 	testenv.RequireTools(t, "apt-get", "mmdebstrap", "mkfs.ext4", "debugfs", "dumpe2fs")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
+	// One build in a private directory (apt downloads as root), the other
+	// in one its sandbox user reaches, as TestReproducibleBuild does.
+	shared, err := os.MkdirTemp(testenv.CacheDir(t), "reproducible-base-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shared) })
+	if err := os.Chmod(shared, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	var images [2]Image
-	for i := range images {
-		img, err := Build(ctx, t.TempDir(), Options{Progress: testWriter{t}, PackageCache: testenv.PackageCache()})
+	for i, dir := range []string{t.TempDir(), shared} {
+		img, err := Build(ctx, dir, Options{Progress: testWriter{t}, PackageCache: testenv.PackageCache()})
 		if err != nil {
 			t.Fatal(err)
 		}
