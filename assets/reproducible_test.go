@@ -88,15 +88,7 @@ func checkNoBuildDay(t *testing.T, root string) {
 	epoch := time.Unix(SourceDateEpoch, 0)
 	var later []string
 	pycs := 0
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
+	err := walkRoot(root, func(p, rel string, d fs.DirEntry, info fs.FileInfo) error {
 		if info.ModTime().After(epoch) && rel != "." {
 			later = append(later, rel+" "+info.ModTime().UTC().Format(time.RFC3339))
 		}
@@ -144,15 +136,7 @@ func reportRuntimeDiff(t *testing.T, a, b string) {
 		root := filepath.Join(t.TempDir(), "root")
 		runOut(t, "unsquashfs", "-quiet", "-no-progress", "-d", root, img)
 		sums[i] = map[string]string{}
-		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			info, err := d.Info()
-			if err != nil {
-				return err
-			}
-			rel, _ := filepath.Rel(root, p)
+		err := walkRoot(root, func(p, rel string, d fs.DirEntry, info fs.FileInfo) error {
 			st := info.Sys().(*syscall.Stat_t)
 			desc := fmt.Sprintf("%v %d:%d %d", info.Mode(), st.Uid, st.Gid, info.ModTime().Unix())
 			switch {
@@ -191,4 +175,20 @@ func reportRuntimeDiff(t *testing.T, a, b string) {
 	for _, d := range diffs[:min(len(diffs), 20)] {
 		t.Log("differs:", d)
 	}
+}
+
+// walkRoot calls fn for every file of an unpacked root, with its path
+// relative to the root and its information.
+func walkRoot(root string, fn func(path, rel string, d fs.DirEntry, info fs.FileInfo) error) error {
+	return filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, p)
+		return fn(p, rel, d, info)
+	})
 }
