@@ -41,14 +41,7 @@ func TestReproducibleBuild(t *testing.T) {
 	// One build in a private directory (t.TempDir is 0700: apt, not
 	// reaching it as its sandbox user, downloads as root), the other in one
 	// that every user reaches.
-	shared, err := os.MkdirTemp(testenv.CacheDir(t), "reproducible-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(shared) })
-	if err := os.Chmod(shared, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	shared := testenv.ReachableTempDir(t, "reproducible-")
 	var builds [2]Manifest
 	for i, dir := range []string{t.TempDir(), shared} {
 		m, err := Build(ctx, Options{Dir: dir, Init: initBin, Runtime: true, PackageCache: packages, Progress: testWriter{t}})

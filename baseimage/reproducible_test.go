@@ -139,14 +139,7 @@ func TestReproducibleBaseImage(t *testing.T) {
 	defer cancel()
 	// One build in a private directory (apt downloads as root), the other
 	// in one its sandbox user reaches, as TestReproducibleBuild does.
-	shared, err := os.MkdirTemp(testenv.CacheDir(t), "reproducible-base-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(shared) })
-	if err := os.Chmod(shared, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	shared := testenv.ReachableTempDir(t, "reproducible-base-")
 	var images [2]Image
 	for i, dir := range []string{t.TempDir(), shared} {
 		img, err := Build(ctx, dir, Options{Progress: testWriter{t}, PackageCache: testenv.PackageCache()})

@@ -118,6 +118,22 @@ func CacheDir(t testing.TB) string {
 	return dir
 }
 
+// ReachableTempDir returns a new directory in the test cache that every
+// user can reach (0755, unlike t.TempDir's 0700 parents), removed when the
+// test ends: for builds whose tools drop privileges, such as apt's _apt.
+func ReachableTempDir(t testing.TB, pattern string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp(CacheDir(t), pattern)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
 // Golden compares got with the golden file path, failing the test where
 // they differ. With UPDATE_GOLDEN=1 in the environment it rewrites the file
 // instead.
