@@ -14,7 +14,8 @@ if [ "$(id -u)" -eq 0 ]; then
 	echo "== system packages"
 	apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs xfsprogs \
 		squashfs-tools genisoimage util-linux mmdebstrap ovmf openssh-client cpio dmsetup strace \
-		systemd-container logrotate chromium
+		systemd-container logrotate chromium \
+		grub-pc-bin grub2-common fdisk
 fi
 
 echo "== static checks"
