@@ -857,7 +857,24 @@ func (m *Manager) base(ctx context.Context, parent, disks string, log *slog.Logg
 		return storage.Image{}, "", err
 	}
 	form, err := bootForm(ctx, info.Image, disks)
-	return info.Image, form, err
+	if err != nil {
+		return storage.Image{}, "", err
+	}
+	// The base does not change under an instance: it is looked into once.
+	marker := filepath.Join(disks, "base.checked")
+	if _, err := os.Stat(marker); errors.Is(err, os.ErrNotExist) {
+		checked, err := guestCheck(ctx, info.Image, form, disks)
+		if err != nil {
+			return storage.Image{}, "", err
+		}
+		if !checked {
+			log.Warn("base image: its root filesystem was not looked into (not ext4, or no Linux partition); it must have cloud-init with the NoCloud datasource")
+		}
+		if err := os.WriteFile(marker, nil, 0o644); err != nil {
+			return storage.Image{}, "", fmt.Errorf("base image: %w", err)
+		}
+	}
+	return info.Image, form, nil
 }
 
 // volume prepares one volume of an instance.
