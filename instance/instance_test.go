@@ -37,6 +37,7 @@ import (
 func TestMain(m *testing.M) {
 	flag.Parse()
 	testassets.Prepare(false)
+	prepareOwnImages()
 	testenv.RunIsolated(m)
 }
 

@@ -15,7 +15,7 @@ if [ "$(id -u)" -eq 0 ]; then
 	apt_install qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs xfsprogs \
 		squashfs-tools genisoimage util-linux mmdebstrap ovmf openssh-client cpio dmsetup strace \
 		systemd-container logrotate chromium \
-		grub-pc-bin grub2-common fdisk
+		grub-pc-bin fdisk
 fi
 
 echo "== static checks"

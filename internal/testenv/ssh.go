@@ -25,7 +25,8 @@ func SSHKey(t testing.TB) (private, public string) {
 	return private, strings.TrimSpace(string(pub))
 }
 
-// SSH runs command as root on host with key, trusting any host key. A
+// SSH runs command on host with key, trusting any host key, as root
+// unless host is written user@host. A
 // starved TCG guest can take more than a few seconds for the banner
 // exchange, so a connection that failed before the command ran (ssh's exit
 // 255 with a connect or banner error) is tried twice more.
@@ -42,10 +43,13 @@ func SSH(key, host, command string) (string, error) {
 }
 
 func sshOnce(key, host, command string) (string, error) {
+	if !strings.Contains(host, "@") {
+		host = "root@" + host
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-		"-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@"+host, command)
+		"-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", host, command)
 	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
 }
