@@ -27,4 +27,6 @@ echo "== tests"
 # Screenshots and other files the tests leave for a person to look at.
 export ALEPHVM_TEST_ARTIFACTS="${ALEPHVM_TEST_ARTIFACTS:-$PWD/test-artifacts}"
 # The first run builds the VM assets (a few minutes) before booting VMs.
+# Two more builds of the base image check it is reproducible (3 minutes).
+export ALEPHVM_TEST_REPRODUCIBLE_BASE_IMAGE="${ALEPHVM_TEST_REPRODUCIBLE_BASE_IMAGE:-1}"
 go test -count=1 -timeout 60m ./...
