@@ -138,8 +138,14 @@ func TestReproducibleBaseImage(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	// One build in a private directory (apt downloads as root), the other
-	// in one its sandbox user reaches, as TestReproducibleBuild does.
-	shared := testenv.ReachableTempDir(t, "reproducible-base-")
+	// in one its sandbox user reaches, as TestReproducibleBuild does: the
+	// test cache's, which the VM tests boot (built there if missing), so
+	// that a run builds it once more only; unless it was built more than
+	// 12 hours ago, maybe from other packages of the mirror.
+	shared := filepath.Join(testenv.CachePath(), "base-image")
+	if img, err := Load(shared); err == nil && time.Since(img.BuiltAt) > 12*time.Hour {
+		shared = testenv.ReachableTempDir(t, "reproducible-base-")
+	}
 	var images [2]Image
 	for i, dir := range []string{t.TempDir(), shared} {
 		img, err := Build(ctx, dir, Options{Progress: testWriter{t}, PackageCache: testenv.PackageCache()})
