@@ -879,7 +879,7 @@ func (m *Manager) base(ctx context.Context, parent string, parentRef message.Ite
 		}
 		item, err := m.opts.Store.Fetch(ctx, hash, false)
 		if err != nil {
-			return "", execution.StoreError("Layer parent", hash, err)
+			return "", execution.StoreError("Item", hash, err)
 		}
 		s.made.AddFunc("layer parent "+string(hash), item.Release)
 		path, err := m.unpacked(ctx, item, s.c.Rootfs.SizeMiB<<20, s.log)
