@@ -8,7 +8,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/alephvm/alephvm/execution"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/internal/testenv"
+	"github.com/alephvm/alephvm/internal/teststore"
 	"github.com/alephvm/alephvm/message"
 	"github.com/alephvm/alephvm/storage"
 )
@@ -59,5 +62,39 @@ func TestMakeLayer(t *testing.T) {
 	}
 	if err := MakeLayer(ctx, LayerSource{Disks: disks, Parent: parent}, dst+"2"); err == nil || !strings.Contains(err.Error(), "restored from a backup") {
 		t.Errorf("a restored root disk: %v", err)
+	}
+}
+
+// TestFindLayerSource: a layer is made of a stopped QEMU instance this
+// node hosts, over the item its base was linked from; a running one, one
+// under Firecracker and one the node does not host are refused.
+func TestFindLayerSource(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, database := teststore.Open(t, dir)
+	records := execution.NewRecords(database)
+	volumes := filepath.Join(dir, "volumes")
+	parent := message.ItemHash(strings.Repeat("e", 64))
+	ref := func(c string) message.ItemHash { return message.ItemHash(strings.Repeat(c, 64)) }
+	for i, state := range []execution.State{execution.StateStopped, execution.StateRunning, execution.StateStarting} {
+		c := string(rune('1' + i))
+		if err := records.Put(ctx, execution.Record{Ref: ref(c), Kind: execution.KindInstance, State: state, Hypervisor: hypervisor.QEMU, NetIndex: i}); err != nil {
+			t.Fatal(err)
+		}
+		os.MkdirAll(filepath.Join(volumes, string(ref(c))), 0o700)
+		os.WriteFile(filepath.Join(volumes, string(ref(c)), baseRefFile), []byte(parent+"\n"), 0o600)
+	}
+	if err := records.Put(ctx, execution.Record{Ref: ref("4"), Kind: execution.KindInstance, State: execution.StateStopped, Hypervisor: hypervisor.Firecracker, NetIndex: 3}); err != nil {
+		t.Fatal(err)
+	}
+
+	src, err := FindLayerSource(ctx, records, st, volumes, ref("1"))
+	if err != nil || src.Parent != parent || src.Disks != filepath.Join(volumes, string(ref("1"))) {
+		t.Errorf("stopped instance: %+v %v", src, err)
+	}
+	for c, why := range map[string]string{"2": "running", "3": "running", "4": "firecracker", "5": "not hosted"} {
+		if _, err := FindLayerSource(ctx, records, st, volumes, ref(c)); err == nil || !strings.Contains(err.Error(), why) {
+			t.Errorf("instance %s: %v, want %q", c, err, why)
+		}
 	}
 }
