@@ -6,7 +6,9 @@
 // It decides what an image is and refuses those that reach past their own
 // bytes (InspectParent): a base image is raw, or a qcow2 with no backing
 // file, data file or encryption of its own, and its format, decided once,
-// is named wherever it is opened. It refuses a disk its filesystem cannot
+// is named wherever it is opened. A layer may name its parent only by
+// item hash (aleph://, InspectChain): the node resolves it and builds the
+// chain itself. It refuses a disk its filesystem cannot
 // hold (Disks), makes every disk durably (synced before and after its
 // rename), and gives every volume name its own file (VolumeFileName).
 package storage
