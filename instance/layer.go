@@ -102,8 +102,9 @@ func MakeLayer(ctx context.Context, src LayerSource, dst string) error {
 		return fmt.Errorf("layer of %s: %w", root, err)
 	}
 	steps := [][]string{
-		// A disk left by a VM that was killed has lazy refcounts to mend.
-		{"check", "-q", "-r", "all", "-f", storage.FormatQCOW2, tmp},
+		// A disk left by a VM that was killed has lazy refcounts to mend;
+		// its backing is not opened (it may be a layer: aleph://).
+		{"check", "-q", "-r", "all", "--image-opts", "driver=qcow2,file.driver=file,file.filename=" + strings.ReplaceAll(tmp, ",", ",,") + ",backing="},
 		{"rebase", "-u", "-f", storage.FormatQCOW2, "-b", storage.LayerBacking(src.Parent), "-F", info.BackingFormat, tmp},
 	}
 	for _, args := range steps {

@@ -56,6 +56,22 @@ func TestMakeLayer(t *testing.T) {
 		t.Errorf("read through the layer: %.40q...", b)
 	}
 
+	// Over a base that is itself a layer, which qemu-img cannot open.
+	os.Remove(root)
+	os.Remove(base)
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", storage.LayerScheme+strings.Repeat("f", 64), base, "1M").CombinedOutput(); err != nil {
+		t.Fatal(err, string(out))
+	}
+	if err := (storage.Disks{}).CreateOverlay(ctx, storage.Image{Path: base, Format: storage.FormatQCOW2}, root, 4); err != nil {
+		t.Fatal(err)
+	}
+	if err := MakeLayer(ctx, LayerSource{Disks: disks, Parent: parent}, dst+"1"); err != nil {
+		t.Fatalf("over a layer: %v", err)
+	}
+	if info, err := storage.Inspect(ctx, storage.Image{Path: dst + "1", Format: storage.FormatQCOW2}); err != nil || info.BackingFormat != storage.FormatQCOW2 {
+		t.Errorf("layer over a layer: %+v %v", info, err)
+	}
+
 	os.Remove(root)
 	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", root, "4M").CombinedOutput(); err != nil {
 		t.Fatal(err, string(out))
