@@ -81,6 +81,7 @@ type Config struct {
 	IPv4PrefixLength    int     `env:"IPV4_NETWORK_PREFIX_LENGTH" yaml:"ipv4_network_prefix_length" help:"Prefix length of each VM's network; the host is .1 and the guest .2 of it."`
 	UseNDPProxy         bool    `env:"USE_NDP_PROXY" yaml:"use_ndp_proxy" help:"Answer IPv6 neighbour solicitations on the uplink for the VMs' addresses: for an IPV6_ADDRESS_POOL that is on the uplink's link rather than routed to the node."`
 	IPv6AddressPool     string  `env:"IPV6_ADDRESS_POOL" yaml:"ipv6_address_pool" help:"IPv6 /64 (or larger) from which each VM gets a /124 derived from its hash; empty means no IPv6."`
+	LayerMaxDepth       int     `env:"LAYER_MAX_DEPTH" yaml:"layer_max_depth" help:"Most qcow2 layers an instance's base image may stack over its base, each naming its parent by item hash (docs/layers.md); a deeper chain is refused with 400."`
 	MaxPublishedPorts   int     `env:"MAX_PUBLISHED_PORTS" yaml:"max_published_ports" help:"Most ports one instance may publish (forward from the host); a message asking for more is refused with 400."`
 	DNSNameservers      List    `env:"DNS_NAMESERVERS" yaml:"dns_nameservers" help:"DNS servers given to guests (a JSON list or commas); empty means the host's upstream servers (resolvectl, then /etc/resolv.conf)."`
 	GuestAllowedNets    List    `env:"GUEST_ALLOWED_NETWORKS" yaml:"guest_allowed_networks" help:"Networks VMs with internet may reach through the uplink although they are private (RFC 1918, ULA, 100.64.0.0/10), link-local (169.254.0.0/16, where clouds serve their metadata) or routed by the host other than by its default route: prefixes or addresses, a JSON list or commas; empty means none. The guests' DNS servers are reachable on port 53 in any case."`
@@ -151,6 +152,7 @@ func Default() Config {
 		MaxRestoreUpload:   100 << 30,
 		StallTimeout:       Seconds(2 * time.Minute),
 		MaxItemSize:        20 << 30,
+		LayerMaxDepth:      8,
 		MinFreeSpace:       2 << 30,
 		PartMaxAge:         Seconds(24 * time.Hour),
 		MessageMaxAge:      Seconds(7 * 24 * time.Hour),
@@ -388,6 +390,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxItemSize <= 0 {
 		errs = append(errs, fmt.Errorf("%sSTORE_MAX_ITEM_SIZE: must be positive", EnvPrefix))
+	}
+	if c.LayerMaxDepth < 1 || c.LayerMaxDepth > 64 {
+		errs = append(errs, fmt.Errorf("%sLAYER_MAX_DEPTH: must be between 1 and 64, got %d", EnvPrefix, c.LayerMaxDepth))
 	}
 	if c.PartMaxAge <= 0 {
 		errs = append(errs, fmt.Errorf("%sDOWNLOAD_PART_MAX_AGE: must be positive", EnvPrefix))

@@ -55,7 +55,7 @@ func (m *Manager) BackupVM(ctx context.Context, ref message.ItemHash, volumes bo
 		return backup.VM{}, backup.ErrNotQEMU
 	}
 	disks := filepath.Join(m.opts.VolumesDir, string(ref))
-	root, err := rootDiskChain(ctx, disks)
+	root, err := rootDiskChain(ctx, disks, m.opts.LayerMaxDepth)
 	if err != nil {
 		return backup.VM{}, err
 	}
@@ -76,10 +76,11 @@ func (m *Manager) BackupVM(ctx context.Context, ref message.ItemHash, volumes bo
 }
 
 // rootDiskChain is a QEMU instance's root disk as its VM opens it: a
-// layer over the base image the node linked among its disks, or a
-// standalone qcow2 put there by a restore. The node wrote the layer's
-// header; one that names anything else is refused.
-func rootDiskChain(ctx context.Context, disks string) (backup.Disk, error) {
+// layer over the base image the node linked among its disks (and the
+// layers under the base, linked there too: layer-<item hash>), or a
+// standalone qcow2 put there by a restore. The node wrote the root
+// disk's header; one that names anything else is refused.
+func rootDiskChain(ctx context.Context, disks string, maxDepth int) (backup.Disk, error) {
 	path := filepath.Join(disks, rootDiskFile)
 	info, err := storage.Inspect(ctx, storage.Image{Path: path, Format: storage.FormatQCOW2})
 	if err != nil {
@@ -94,8 +95,29 @@ func rootDiskChain(ctx context.Context, disks string) (backup.Disk, error) {
 		(info.BackingFormat != storage.FormatRaw && info.BackingFormat != storage.FormatQCOW2) {
 		return backup.Disk{}, fmt.Errorf("root disk %s is not a layer over %s", path, base)
 	}
-	d.Backing = []hypervisor.Layer{{Path: base, Format: info.BackingFormat}}
+	chain, err := storage.InspectChain(ctx, base, linkedLayers(disks), maxDepth)
+	if err != nil {
+		return backup.Disk{}, fmt.Errorf("root disk %s: %w", path, err)
+	}
+	if chain[0].Format != info.BackingFormat {
+		return backup.Disk{}, fmt.Errorf("root disk %s names %s as %s, and it is %s", path, base, info.BackingFormat, chain[0].Format)
+	}
+	for _, img := range storage.Images(chain) {
+		d.Backing = append(d.Backing, hypervisor.Layer{Path: img.Path, Format: img.Format})
+	}
 	return d, nil
+}
+
+// linkedLayers resolves the layers under an instance's base to the links
+// its start made among its disks, and to nothing else.
+func linkedLayers(disks string) storage.Resolver {
+	return func(_ context.Context, hash message.ItemHash) (string, error) {
+		p := filepath.Join(disks, layerPrefix+string(hash))
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("layer %s is not among the instance's disks: %w", hash, err)
+		}
+		return p, nil
+	}
 }
 
 // RootDiskSizeMiB is the root disk size ref's message gives, for a QEMU

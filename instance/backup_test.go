@@ -7,8 +7,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/storage"
 )
@@ -29,7 +32,7 @@ func TestRestoredRootDisk(t *testing.T) {
 	if err := (storage.Disks{}).CreateOverlay(ctx, storage.Image{Path: base, Format: storage.FormatRaw}, root, 32); err != nil {
 		t.Fatal(err)
 	}
-	d, err := rootDiskChain(ctx, disks)
+	d, err := rootDiskChain(ctx, disks, 0)
 	if err != nil || d.Member != "rootfs.qcow2" || len(d.Backing) != 1 || d.Backing[0].Path != base || d.Backing[0].Format != "raw" {
 		t.Fatalf("layered chain: %+v %v", d, err)
 	}
@@ -43,7 +46,7 @@ func TestRestoredRootDisk(t *testing.T) {
 	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", root, "16M").CombinedOutput(); err != nil {
 		t.Fatal(err, string(out))
 	}
-	if d, err := rootDiskChain(ctx, disks); err != nil || len(d.Backing) != 0 {
+	if d, err := rootDiskChain(ctx, disks, 0); err != nil || len(d.Backing) != 0 {
 		t.Fatalf("standalone chain: %+v %v", d, err)
 	}
 	drive, ok, err := m.restoredRootDisk(ctx, root, 32)
@@ -57,7 +60,7 @@ func TestRestoredRootDisk(t *testing.T) {
 	// A layer that names another backing file is refused.
 	os.Remove(root)
 	exec.Command("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", root, "16M").Run()
-	if _, err := rootDiskChain(ctx, disks); err == nil {
+	if _, err := rootDiskChain(ctx, disks, 0); err == nil {
 		t.Fatal("a root disk over /etc/shadow is backed up")
 	}
 
@@ -84,5 +87,35 @@ func TestRestoredRootDisk(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(root); string(b) != "previous" {
 		t.Fatalf("a disk in place is replaced: %q", b)
+	}
+}
+
+// TestRootDiskChainOverLayers: a backup reads the root disk through the
+// layers linked among the instance's disks, and through nothing else.
+func TestRootDiskChainOverLayers(t *testing.T) {
+	testenv.RequireTools(t, "qemu-img")
+	ctx := context.Background()
+	disks := t.TempDir()
+	hash := strings.Repeat("c", 64)
+	lower := filepath.Join(disks, layerPrefix+hash)
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "raw", lower, "16M").CombinedOutput(); err != nil {
+		t.Fatal(err, string(out))
+	}
+	base := filepath.Join(disks, "base")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b", storage.LayerScheme+hash, base, "16M").CombinedOutput(); err != nil {
+		t.Fatal(err, string(out))
+	}
+	root := filepath.Join(disks, rootDiskFile)
+	if err := (storage.Disks{}).CreateOverlay(ctx, storage.Image{Path: base, Format: storage.FormatQCOW2}, root, 32); err != nil {
+		t.Fatal(err)
+	}
+	d, err := rootDiskChain(ctx, disks, 0)
+	want := []hypervisor.Layer{{Path: base, Format: "qcow2"}, {Path: lower, Format: "raw"}}
+	if err != nil || !slices.Equal(d.Backing, want) {
+		t.Fatalf("chain %+v %v, want %v", d.Backing, err, want)
+	}
+	os.Remove(lower)
+	if _, err := rootDiskChain(ctx, disks, 0); err == nil || !strings.Contains(err.Error(), "not among the instance's disks") {
+		t.Fatalf("a layer not linked: %v", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -18,16 +19,18 @@ import (
 // and, where partitioning tools put it, the GPT partition array.
 const bootHead = 1 << 20
 
-// bootForm reads the start of the disk the guest will see (through
-// qemu-img for a qcow2) and says how it boots.
-func bootForm(ctx context.Context, img storage.Image, scratch string) (baseForm, error) {
-	head, err := readHead(ctx, img, scratch)
+// bootForm reads the start of the disk the guest will see from chain, a
+// base image and the layers under it, top first (through qemu-img for a
+// qcow2), and says how it boots. A bare ext4 filesystem must be stored
+// raw, as the bottom of the chain: layers over it are qcow2.
+func bootForm(ctx context.Context, chain []storage.Image, scratch string) (baseForm, error) {
+	head, err := readHead(ctx, chain, scratch)
 	if err != nil {
 		return "", err
 	}
 	form, err := classifyBoot(head)
-	if err == nil && form == formExt4 && img.Format != storage.FormatRaw {
-		err = fmt.Errorf("base image: a %s image holding a bare ext4 filesystem: store the filesystem raw", img.Format)
+	if bottom := chain[len(chain)-1]; err == nil && form == formExt4 && bottom.Format != storage.FormatRaw {
+		err = fmt.Errorf("base image: a %s image holding a bare ext4 filesystem: store the filesystem raw", bottom.Format)
 	}
 	if err != nil {
 		// What the image is, not a failure of the node's.
@@ -36,16 +39,24 @@ func bootForm(ctx context.Context, img storage.Image, scratch string) (baseForm,
 	return form, nil
 }
 
-func readHead(ctx context.Context, img storage.Image, scratch string) ([]byte, error) {
-	path := img.Path
-	if img.Format != storage.FormatRaw {
-		// qemu-img dd reads what the guest would, whatever the clusters.
+func readHead(ctx context.Context, chain []storage.Image, scratch string) ([]byte, error) {
+	top := chain[0]
+	path := top.Path
+	if top.Format != storage.FormatRaw {
+		// qemu-img dd reads what the guest would, whatever the clusters,
+		// through the chain the node built, spelled out: it could not
+		// follow the aleph:// names in the layers' headers, and must not
+		// follow any other.
 		tmp := filepath.Join(scratch, "boot-head.tmp")
 		defer os.Remove(tmp)
 		os.Remove(tmp)
-		cmd := exec.CommandContext(ctx, "qemu-img", "dd", "-f", img.Format, "-O", "raw", fmt.Sprintf("bs=%d", bootHead), "count=1", "if="+img.Path, "of="+tmp)
+		spec, err := chainJSON(chain)
+		if err != nil {
+			return nil, err
+		}
+		cmd := exec.CommandContext(ctx, "qemu-img", "dd", "-O", "raw", fmt.Sprintf("bs=%d", bootHead), "count=1", "if=json:"+spec, "of="+tmp)
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("read the start of base image %s: %v: %s", img.Path, err, bytes.TrimSpace(out))
+			return nil, fmt.Errorf("read the start of base image %s: %v: %s", top.Path, err, bytes.TrimSpace(out))
 		}
 		path = tmp
 	}
@@ -60,6 +71,28 @@ func readHead(ctx context.Context, img storage.Image, scratch string) ([]byte, e
 		return nil, fmt.Errorf("read base image: %w", err)
 	}
 	return head[:n], nil
+}
+
+// chainJSON is QEMU's description of chain, top first, each image opened
+// with its format and the last with no backing: a json: file name.
+func chainJSON(chain []storage.Image) (string, error) {
+	var node map[string]any
+	for i := len(chain) - 1; i >= 0; i-- {
+		img := chain[i]
+		if img.Format != storage.FormatRaw && img.Format != storage.FormatQCOW2 {
+			return "", fmt.Errorf("base image %s: format %q", img.Path, img.Format)
+		}
+		n := map[string]any{"driver": img.Format, "read-only": true,
+			"file": map[string]any{"driver": "file", "filename": img.Path}}
+		if img.Format == storage.FormatQCOW2 {
+			n["backing"] = node // nil: JSON null, no backing
+		} else if node != nil {
+			return "", fmt.Errorf("base image %s: a raw image has nothing under it", img.Path)
+		}
+		node = n
+	}
+	b, err := json.Marshal(node)
+	return string(b), err
 }
 
 // GPT partition type GUIDs, as stored (the first three fields little

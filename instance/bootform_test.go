@@ -78,19 +78,53 @@ func TestBootFormOfQCOW2(t *testing.T) {
 	if out, err := exec.Command("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, qcow).CombinedOutput(); err != nil {
 		t.Fatal(err, string(out))
 	}
-	form, err := bootForm(context.Background(), storage.Image{Path: qcow, Format: storage.FormatQCOW2}, dir)
+	form, err := bootForm(context.Background(), []storage.Image{{Path: qcow, Format: storage.FormatQCOW2}}, dir)
 	if err != nil || form != formDisk {
 		t.Errorf("%q %v", form, err)
 	}
 	os.WriteFile(raw, disk(false, "ext4"), 0o644)
 	os.Remove(qcow)
 	exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow).Run()
-	_, err = bootForm(context.Background(), storage.Image{Path: qcow, Format: storage.FormatQCOW2}, dir)
+	_, err = bootForm(context.Background(), []storage.Image{{Path: qcow, Format: storage.FormatQCOW2}}, dir)
 	var e *execution.Error
 	if !errors.As(err, &e) || e.Status != 400 || !strings.Contains(err.Error(), "store the filesystem raw") {
 		t.Errorf("a qcow2 of a bare filesystem: %v", err)
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "*.tmp")); len(left) > 0 {
 		t.Errorf("left: %v", left)
+	}
+}
+
+// TestBootFormOfLayers reads through the chain the node gives, not the
+// names in the layers' headers (aleph://, which qemu-img cannot open): an
+// upper layer over a lower one over a raw ext4 base boots as ext4, and the
+// head is the upper layer's where it wrote over it.
+func TestBootFormOfLayers(t *testing.T) {
+	testenv.RequireTools(t, "qemu-img")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "base.raw")
+	os.WriteFile(raw, disk(false, "ext4"), 0o644)
+	os.Truncate(raw, 8<<20)
+	layer := func(name, format string) string {
+		p := filepath.Join(dir, name)
+		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", format,
+			"-b", "aleph://"+strings.Repeat("ab", 32), p, "8M").CombinedOutput(); err != nil {
+			t.Fatal(err, string(out))
+		}
+		return p
+	}
+	lower := layer("lower.qcow2", "raw")
+	upper := layer("upper.qcow2", "qcow2")
+	chain := []storage.Image{{Path: upper, Format: "qcow2"}, {Path: lower, Format: "qcow2"}, {Path: raw, Format: "raw"}}
+	if form, err := bootForm(context.Background(), chain, dir); err != nil || form != formExt4 {
+		t.Errorf("ext4 under two layers: %q %v", form, err)
+	}
+	// The upper layer writes zeros over the filesystem's head.
+	alone, _ := chainJSON(chain[:1])
+	if out, err := exec.Command("qemu-io", "-c", "write -z 0 1M", "json:"+strings.Replace(alone, `"read-only":true`, `"read-only":false`, 1)).CombinedOutput(); err != nil {
+		t.Fatal(err, string(out))
+	}
+	if _, err := bootForm(context.Background(), chain, dir); err == nil || !strings.Contains(err.Error(), "unknown format") {
+		t.Errorf("zeros written over the filesystem by the upper layer: %v", err)
 	}
 }

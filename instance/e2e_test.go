@@ -144,12 +144,24 @@ func (r *rig) messageFor(image, hv string, sizeMiB int, pub string) message.Item
 	if err != nil {
 		r.t.Fatal(err)
 	}
+	return r.instanceUnder(added.Ref, hv, sizeMiB, pub)
+}
+
+// instanceOver stores an INSTANCE message over the stored image parent,
+// to run under QEMU, with pub as its SSH key.
+func (r *rig) instanceOver(parent message.ItemHash, sizeMiB int, pub string) message.ItemHash {
+	r.t.Helper()
+	return r.instanceUnder(parent, hypervisor.QEMU, sizeMiB, pub)
+}
+
+func (r *rig) instanceUnder(parent message.ItemHash, hv string, sizeMiB int, pub string) message.ItemHash {
+	r.t.Helper()
 	return r.storeInstance(map[string]any{
 		"address": "0x1", "time": 1700000000, "allow_amend": false,
 		"authorized_keys": []string{pub},
 		"environment":     map[string]any{"internet": false, "hypervisor": hv},
 		"resources":       map[string]any{"vcpus": 1, "memory": 1024, "seconds": 30},
-		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
+		"rootfs":          map[string]any{"parent": map[string]any{"ref": string(parent), "use_latest": false}, "persistence": "host", "size_mib": sizeMiB},
 	})
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/alephvm/alephvm/internal/backends"
 	"github.com/alephvm/alephvm/internal/testenv"
 	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/storage"
 )
 
 // withFakeFirecracker gives the rig a jailed Firecracker backend played by
@@ -194,6 +195,23 @@ func TestFirecrackerRefusals(t *testing.T) {
 	})
 	if err := r.manager().Start(ctx, disk); !asError(err, &e) || e.Status != 400 || !strings.Contains(err.Error(), "bare ext4") {
 		t.Errorf("disk image under firecracker: %v", err)
+	}
+
+	// Firecracker reads raw disks only: a layer cannot be its base.
+	layer := filepath.Join(r.dir, "layer.qcow2")
+	testenv.Cmd(t, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", storage.LayerBacking(r.mbrBase()), layer, "32M")
+	added, err := r.st.AddFile(ctx, layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layered := r.storeInstance(map[string]any{
+		"address": "0x1", "time": 1700000002, "allow_amend": false,
+		"environment": map[string]any{"internet": false, "hypervisor": "firecracker"},
+		"resources":   map[string]any{"vcpus": 1, "memory": 128, "seconds": 30},
+		"rootfs":      map[string]any{"parent": map[string]any{"ref": string(added.Ref), "use_latest": false}, "persistence": "host", "size_mib": 64},
+	})
+	if err := r.manager().Start(ctx, layered); !asError(err, &e) || e.Status != 400 || !strings.Contains(err.Error(), "raw disks only") {
+		t.Errorf("layer under firecracker: %v", err)
 	}
 	if entries, _ := os.ReadDir(filepath.Join(r.dir, "jail", "firecracker")); len(entries) > 0 {
 		t.Errorf("failed starts left jails: %v", entries)

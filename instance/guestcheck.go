@@ -175,13 +175,14 @@ func (r ext4Reader) names(ctx context.Context, path string) ([]string, error) {
 // datasources. It returns a 400 naming what is missing, nil when the
 // image has it, and nil too when the root filesystem cannot be read here
 // (not ext4: XFS, btrfs; no Linux partition), which is then logged.
-func guestCheck(ctx context.Context, img storage.Image, form baseForm, scratch string) (checked bool, err error) {
+func guestCheck(ctx context.Context, chain []storage.Image, form baseForm, scratch string) (checked bool, err error) {
+	img := chain[0]
 	info, err := storage.Inspect(ctx, img)
 	if err != nil {
 		return false, err
 	}
 	size := info.VirtualSize
-	head, err := readHead(ctx, img, scratch)
+	head, err := readHead(ctx, chain, scratch)
 	if err != nil {
 		return false, err
 	}
@@ -190,11 +191,11 @@ func guestCheck(ctx context.Context, img storage.Image, form baseForm, scratch s
 		return false, nil
 	}
 	path, offset := img.Path, root.offset
-	if img.Format != storage.FormatRaw {
+	if len(chain) > 1 || img.Format != storage.FormatRaw {
 		// debugfs reads raw bytes: the partition is copied out, sparse.
 		path = filepath.Join(scratch, "root-partition.tmp")
 		defer os.Remove(path)
-		if err := storage.ExtractRange(ctx, img, root.offset, root.size, path); err != nil {
+		if err := extractRange(ctx, chain, root, path); err != nil {
 			return false, fmt.Errorf("read the root partition of the base image: %w", err)
 		}
 		offset = 0
@@ -277,4 +278,19 @@ func datasourceList(ctx context.Context, r ext4Reader) (list []string, where str
 		}
 	}
 	return list, where, nil
+}
+
+// extractRange writes what a guest sees of chain (top first) in e to dst,
+// a sparse raw file, through the chain the node built (chainJSON).
+func extractRange(ctx context.Context, chain []storage.Image, e extent, dst string) error {
+	spec, err := chainJSON(chain)
+	if err != nil {
+		return err
+	}
+	src := fmt.Sprintf(`json:{"driver":"raw","offset":%d,"size":%d,"file":%s}`, e.offset, e.size, spec)
+	cmd := exec.CommandContext(ctx, "qemu-img", "convert", "-O", "raw", src, dst)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("qemu-img convert: %v: %s", err, bytes.TrimSpace(out))
+	}
+	return nil
 }

@@ -65,7 +65,7 @@ func TestGuestCheck(t *testing.T) {
 				{storage.Image{Path: disk, Format: storage.FormatRaw}, formDisk},
 				{storage.Image{Path: qcow, Format: storage.FormatQCOW2}, formDisk},
 			} {
-				checked, err := guestCheck(context.Background(), c.img, c.form, dir)
+				checked, err := guestCheck(context.Background(), []storage.Image{c.img}, c.form, dir)
 				if checked != tt.checked {
 					t.Errorf("%s: checked %v, want %v", filepath.Base(c.img.Path), checked, tt.checked)
 				}

@@ -62,6 +62,10 @@ type Options struct {
 	// UnpackDir keeps the unpacked copies of compressed base images; empty
 	// refuses them.
 	UnpackDir string
+	// LayerMaxDepth bounds the layers a base image may stack, each naming
+	// its parent by item hash (storage.InspectChain); 0 means
+	// storage.DefaultLayerMaxDepth.
+	LayerMaxDepth int
 	// VolumesDir keeps each instance's disks (VolumesDir/<hash>/), RunDir
 	// its runtime files (sockets, console).
 	VolumesDir string
@@ -225,8 +229,10 @@ type instanceStart struct {
 	timing   *execution.Timing
 	made     *release.List
 
-	disks   string // the instance's disks directory
-	base    storage.Image
+	disks string // the instance's disks directory
+	// chain is the base image and the layers under it, top first, as
+	// linked among the instance's disks.
+	chain   []storage.Image
 	form    baseForm
 	root    hypervisor.Drive
 	boot    hypervisor.Boot
@@ -286,8 +292,9 @@ func (m *Manager) admit(_ context.Context, s *instanceStart) error {
 	return nil
 }
 
-// fetchBase fetches the base image (pinned until the VM is gone) and
-// links it among the instance's disks.
+// fetchBase fetches the base image, and the layers under it when it is a
+// layer (all pinned until the VM is gone), and links them among the
+// instance's disks.
 func (m *Manager) fetchBase(ctx context.Context, s *instanceStart) error {
 	parent, err := m.opts.Store.Fetch(ctx, s.c.Rootfs.Parent.Ref, s.c.Rootfs.Parent.UseLatest)
 	if err != nil {
@@ -302,7 +309,7 @@ func (m *Manager) fetchBase(ctx context.Context, s *instanceStart) error {
 	if err != nil {
 		return err
 	}
-	s.base, s.form, err = m.base(ctx, path, s.disks, s.log)
+	s.chain, s.form, err = m.base(ctx, path, parent.Ref, s)
 	return err
 }
 
@@ -340,7 +347,7 @@ func (m *Manager) unpacked(ctx context.Context, parent *store.Item, limit int64,
 // makeRootDisk makes (or keeps) the root disk over the base, and chooses
 // how the VM boots.
 func (m *Manager) makeRootDisk(ctx context.Context, s *instanceStart) error {
-	root, disk, err := m.rootDisk(ctx, s.ref, s.hv, s.base, s.form, s.disks, s.c.Rootfs.SizeMiB, s.log)
+	root, disk, err := m.rootDisk(ctx, s.ref, s.hv, s.chain, s.form, s.disks, s.c.Rootfs.SizeMiB, s.log)
 	if err != nil {
 		return err
 	}
@@ -479,8 +486,11 @@ func diskName(ref message.ItemHash) string { return "inst-" + string(ref)[:16] }
 // root disk over its base: a qcow2 layer under QEMU; under Firecracker,
 // which reads raw images only, a raw disk (storage.CreateRawDisk: a
 // device-mapper snapshot, a reflink or a copy), which only a bare ext4
-// base can be, since Firecracker boots no bootloader.
-func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv execution.Hypervisor, base storage.Image, form baseForm, disks string, sizeMiB int64, log *slog.Logger) (hypervisor.Drive, storage.RawDisk, error) {
+// base can be, since Firecracker boots no bootloader. chain is the base
+// and the layers under it, top first: QEMU is given it whole; Firecracker
+// takes a base that is no layer.
+func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv execution.Hypervisor, chain []storage.Image, form baseForm, disks string, sizeMiB int64, log *slog.Logger) (hypervisor.Drive, storage.RawDisk, error) {
+	base := chain[0]
 	tooSmall := func(err error) error {
 		if errors.Is(err, storage.ErrTooSmall) {
 			return &execution.Error{Status: 400, Msg: err.Error()}
@@ -498,9 +508,16 @@ func (m *Manager) rootDisk(ctx context.Context, ref message.ItemHash, hv executi
 		if err := m.opts.Disks.CreateOverlay(ctx, base, rootfs, sizeMiB); err != nil {
 			return hypervisor.Drive{}, storage.RawDisk{}, tooSmall(err)
 		}
-		// QEMU opens this chain, not the one the layer's header names.
-		return hypervisor.Drive{Path: rootfs, Format: storage.FormatQCOW2, Serial: "rootfs",
-			Backing: []hypervisor.Layer{{Path: base.Path, Format: base.Format}}}, storage.RawDisk{}, nil
+		// QEMU opens this chain, not the one the layers' headers name.
+		backing := make([]hypervisor.Layer, len(chain))
+		for i, img := range chain {
+			backing[i] = hypervisor.Layer{Path: img.Path, Format: img.Format}
+		}
+		return hypervisor.Drive{Path: rootfs, Format: storage.FormatQCOW2, Serial: "rootfs", Backing: backing}, storage.RawDisk{}, nil
+	}
+	if len(chain) > 1 {
+		return hypervisor.Drive{}, storage.RawDisk{}, &execution.Error{Status: 400,
+			Msg: fmt.Sprintf("instance %s runs under firecracker, which reads raw disks only; its base image is a qcow2 layer over %d other images: run it under qemu", ref, len(chain)-1)}
 	}
 	if form != formExt4 {
 		return hypervisor.Drive{}, storage.RawDisk{}, &execution.Error{Status: 400,
@@ -835,46 +852,96 @@ const (
 )
 
 // base links the parent image into the instance's directory, so that the
-// root disk's backing file stays even if the store evicts the parent,
-// refuses it unless it stands alone (storage.InspectParent: no backing
-// file, data file or encryption), and says which format and boot form it
-// has. An existing link is kept: the instance's data was written over it.
-func (m *Manager) base(ctx context.Context, parent, disks string, log *slog.Logger) (storage.Image, baseForm, error) {
-	base := filepath.Join(disks, "base")
-	if _, err := os.Stat(base); errors.Is(err, os.ErrNotExist) {
-		if err := os.Link(parent, base); err != nil {
-			method, cerr := storage.CloneFile(parent, base)
-			if cerr != nil {
-				return storage.Image{}, "", fmt.Errorf("keep base image: %w", errors.Join(err, cerr))
-			}
-			if method == storage.FullCopy {
-				log.Warn("base image copied whole: the store and the volumes are on different filesystems without reflinks", "base", base)
-			}
+// root disk's backing file stays even if the store evicts the parent, and
+// reads the chain under it (storage.InspectChain): a parent that stands
+// alone (no backing file, data file or encryption), or a layer naming its
+// own parent by item hash, which is fetched through the store and linked
+// there too (layer-<item hash>), down to a base that stands alone. It
+// returns the chain, top first, and says how its disk boots. Existing
+// links are kept: the instance's data was written over them.
+func (m *Manager) base(ctx context.Context, parent string, parentRef message.ItemHash, s *instanceStart) ([]storage.Image, baseForm, error) {
+	base := filepath.Join(s.disks, "base")
+	made, err := keepLink(parent, base, s.log)
+	if err != nil {
+		return nil, "", fmt.Errorf("keep base image: %w", err)
+	}
+	if made {
+		// What `alephvm image layer` names as the parent of a layer made
+		// from this instance: the item its root disk was made over.
+		if err := os.WriteFile(filepath.Join(s.disks, baseRefFile), []byte(parentRef+"\n"), 0o600); err != nil {
+			return nil, "", fmt.Errorf("keep base image: %w", err)
 		}
 	}
-	info, err := storage.InspectParent(ctx, base)
-	if err != nil {
-		return storage.Image{}, "", err
+	resolve := func(ctx context.Context, hash message.ItemHash) (string, error) {
+		dst := filepath.Join(s.disks, layerPrefix+string(hash))
+		if _, err := os.Stat(dst); err == nil {
+			return dst, nil
+		}
+		item, err := m.opts.Store.Fetch(ctx, hash, false)
+		if err != nil {
+			return "", execution.StoreError("Item", hash, err)
+		}
+		s.made.AddFunc("layer parent "+string(hash), item.Release)
+		path, err := m.unpacked(ctx, item, s.c.Rootfs.SizeMiB<<20, s.log)
+		if err != nil {
+			return "", err
+		}
+		if _, err := keepLink(path, dst, s.log); err != nil {
+			return "", fmt.Errorf("keep layer parent %s: %w", hash, err)
+		}
+		return dst, nil
 	}
-	form, err := bootForm(ctx, info.Image, disks)
+	chain, err := storage.InspectChain(ctx, base, resolve, m.opts.LayerMaxDepth)
 	if err != nil {
-		return storage.Image{}, "", err
+		return nil, "", err
+	}
+	images := storage.Images(chain)
+	form, err := bootForm(ctx, images, s.disks)
+	if err != nil {
+		return nil, "", err
 	}
 	// The base does not change under an instance: it is looked into once.
-	marker := filepath.Join(disks, "base.checked")
+	marker := filepath.Join(s.disks, "base.checked")
 	if _, err := os.Stat(marker); errors.Is(err, os.ErrNotExist) {
-		checked, err := guestCheck(ctx, info.Image, form, disks)
+		checked, err := guestCheck(ctx, images, form, s.disks)
 		if err != nil {
-			return storage.Image{}, "", err
+			return nil, "", err
 		}
 		if !checked {
-			log.Warn("base image: its root filesystem was not looked into (not ext4, or no Linux partition); it must have cloud-init with the NoCloud datasource")
+			s.log.Warn("base image: its root filesystem was not looked into (not ext4, or no Linux partition); it must have cloud-init with the NoCloud datasource")
 		}
 		if err := os.WriteFile(marker, nil, 0o644); err != nil {
-			return storage.Image{}, "", fmt.Errorf("base image: %w", err)
+			return nil, "", fmt.Errorf("base image: %w", err)
 		}
 	}
-	return info.Image, form, nil
+	return images, form, nil
+}
+
+// The files base keeps among an instance's disks besides "base": the ref
+// of the item linked as base, and the links to the layers under it.
+const (
+	baseRefFile = "base.ref"
+	layerPrefix = "layer-"
+)
+
+// keepLink makes dst a hard link to src (a reflink or a copy across
+// filesystems) unless dst exists, and reports whether it made it.
+func keepLink(src, dst string, log *slog.Logger) (bool, error) {
+	if _, err := os.Stat(dst); err == nil {
+		return false, nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return false, err
+	}
+	if err := os.Link(src, dst); err != nil {
+		method, cerr := storage.CloneFile(src, dst)
+		if cerr != nil {
+			return false, errors.Join(err, cerr)
+		}
+		if method == storage.FullCopy {
+			log.Warn("base image copied whole: the store and the volumes are on different filesystems without reflinks", "base", dst)
+		}
+	}
+	return true, nil
 }
 
 // volume prepares one volume of an instance.

@@ -364,18 +364,23 @@ func TestInstanceRefusesBaseImages(t *testing.T) {
 		})
 	}
 	m := r.manager()
+	unknown := strings.Repeat("9", 64)
+	raw := string(r.mbrBase())
 	for _, tc := range []struct {
-		name string
-		ref  message.ItemHash
-		want string
+		name   string
+		ref    message.ItemHash
+		status int
+		want   string
 	}{
-		{"backing file", stored("", "-F", "raw", "-b", secret), `names a backing file ("` + secret + `")`},
-		{"data file", stored("32M", "-o", "data_file="+filepath.Join(r.dir, "data.raw")), "external data file"},
+		{"backing file", stored("", "-F", "raw", "-b", secret), 400, `names a backing file ("` + secret + `")`},
+		{"data file", stored("32M", "-o", "data_file="+filepath.Join(r.dir, "data.raw")), 400, "external data file"},
+		{"layer over an unknown item", stored("32M", "-u", "-F", "raw", "-b", storage.LayerScheme+unknown), 404, "aleph://" + unknown},
+		{"layer naming a raw item as qcow2", stored("32M", "-u", "-F", "qcow2", "-b", storage.LayerScheme+raw), 400, `as a "qcow2" image, and that image is raw`},
 	} {
 		err := m.Start(ctx, tc.ref)
 		var se interface{ HTTPStatus() int }
-		if !errors.As(err, &se) || se.HTTPStatus() != 400 || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("%s: got %v, want a 400 saying %q", tc.name, err, tc.want)
+		if !errors.As(err, &se) || se.HTTPStatus() != tc.status || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v, want a %d saying %q", tc.name, err, tc.status, tc.want)
 		}
 		checkNothingMade(t, r, tc.ref)
 	}

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"unicode/utf8"
 )
 
@@ -228,26 +227,4 @@ func DetectFormat(path string) (string, error) {
 func refusedFormat(name string) error {
 	return &Error{Status: 400, Kind: ErrImageRefused,
 		Msg: fmt.Sprintf("image refused: it is a %s image; an image must be raw, or a qcow2 with no backing file, data file or encryption of its own", name)}
-}
-
-// ExtractRange writes the size bytes at offset of what a guest sees of
-// img (a partition) to dst as a sparse raw file. The image is opened with
-// its format named and no backing file.
-func ExtractRange(ctx context.Context, img Image, offset, size int64, dst string) error {
-	if img.Format != FormatRaw && img.Format != FormatQCOW2 {
-		return fmt.Errorf("extract from %s: format %q", img.Path, img.Format)
-	}
-	// In --image-opts, a comma in a value is written twice.
-	name := strings.ReplaceAll(img.Path, ",", ",,")
-	opts := fmt.Sprintf("driver=raw,offset=%d,size=%d,file.driver=%s,file.file.driver=file,file.file.filename=%s", offset, size, img.Format, name)
-	if img.Format == FormatRaw {
-		opts = fmt.Sprintf("driver=raw,offset=%d,size=%d,file.driver=file,file.filename=%s", offset, size, name)
-	}
-	if img.Format == FormatQCOW2 {
-		opts += ",file.backing="
-	}
-	if _, err := run(ctx, "qemu-img", "convert", "--image-opts", opts, "-O", "raw", dst); err != nil {
-		return fmt.Errorf("extract %d bytes at %d of %s: %w", size, offset, img.Path, err)
-	}
-	return nil
 }

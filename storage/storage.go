@@ -6,7 +6,9 @@
 // It decides what an image is and refuses those that reach past their own
 // bytes (InspectParent): a base image is raw, or a qcow2 with no backing
 // file, data file or encryption of its own, and its format, decided once,
-// is named wherever it is opened. It refuses a disk its filesystem cannot
+// is named wherever it is opened. A layer may name its parent only by
+// item hash (aleph://, InspectChain): the node resolves it and builds the
+// chain itself. It refuses a disk its filesystem cannot
 // hold (Disks), makes every disk durably (synced before and after its
 // rename), and gives every volume name its own file (VolumeFileName).
 package storage
@@ -29,8 +31,10 @@ var ErrTooSmall = errors.New("disk smaller than its base image")
 // CreateOverlay makes path a qcow2 layer of sizeMiB over parent: reads
 // fall through to the parent, writes stay in the layer, and creating it
 // costs the same whatever the size. The parent must stand alone
-// (ImageInfo.Standalone): the layer's backing file is the only one named
-// in the chain, and it is named with its format. An existing layer over
+// (ImageInfo.Standalone), or be a layer naming its own parent by item
+// hash (InspectChain, which the caller ran on the whole chain): the
+// layer's backing file is the only path named in the chain, and it is
+// named with its format. An existing layer over
 // the same parent is kept as it is (the instance's data lives there), and
 // grown if asked, so the call is idempotent. A size below the parent's is
 // refused, as is one the filesystem cannot hold.
@@ -44,7 +48,12 @@ func (d Disks) CreateOverlay(ctx context.Context, parent Image, path string, siz
 	if err != nil {
 		return err
 	}
-	if err := pinfo.Standalone(); err != nil {
+	layered := pinfo.BackingFile != ""
+	if layered {
+		if _, err := pinfo.layerParent(); err != nil {
+			return err
+		}
+	} else if err := pinfo.Standalone(); err != nil {
 		return err
 	}
 	size := sizeMiB << 20
@@ -72,8 +81,13 @@ func (d Disks) CreateOverlay(ctx context.Context, parent Image, path string, siz
 	}
 	tmp := path + ".tmp"
 	_ = os.Remove(tmp)
-	_, err = run(ctx, "qemu-img", "create", "-q", "-f", FormatQCOW2, "-o", "cluster_size=65536,lazy_refcounts=on",
-		"-F", parent.Format, "-b", parent.Path, tmp, strconv.FormatInt(size, 10))
+	args := []string{"create", "-q", "-f", FormatQCOW2, "-o", "cluster_size=65536,lazy_refcounts=on"}
+	if layered {
+		// qemu-img would open the parent's chain, which only the node
+		// can build.
+		args = append(args, "-u")
+	}
+	_, err = run(ctx, "qemu-img", append(args, "-F", parent.Format, "-b", parent.Path, tmp, strconv.FormatInt(size, 10))...)
 	if err == nil {
 		err = syncFile(tmp)
 	}

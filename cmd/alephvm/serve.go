@@ -308,7 +308,7 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	n.instances = instance.New(instance.Options{
 		Store: st, Hypervisors: hvs, Choose: plan, Networks: networks, Records: n.records,
 		DirectBoot: execution.Kernel{Kernel: base.Kernel, Vmlinux: base.Vmlinux, Initrd: base.Initrd, Cmdline: base.Cmdline},
-		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars, UnpackDir: unpackDir(cfg),
+		UEFICode:   cfg.UEFICode, UEFIVars: cfg.UEFIVars, UnpackDir: unpackDir(cfg), LayerMaxDepth: cfg.LayerMaxDepth,
 		VolumesDir: volumesDir, RunDir: runDir, Disks: disks, DiskSpace: diskSpace, DNS: dns, DeveloperKeys: cfg.DeveloperSSHKeys,
 		MaxPublishedPorts: cfg.MaxPublishedPorts, Ports: n.aggregates, Admission: admission, ColdStarts: nodeMetrics, Node: facts, Log: log,
 	})

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -130,6 +131,12 @@ minutes by itself.`,
 
 // withStore opens the node's database and content store for fn.
 func (a *app) withStore(ctx context.Context, fn func(*store.Store) error) error {
+	return a.withStoreDB(ctx, func(s *store.Store, _ *sql.DB) error { return fn(s) })
+}
+
+// withStoreDB opens the node's database and content store for fn, which
+// is given both.
+func (a *app) withStoreDB(ctx context.Context, fn func(*store.Store, *sql.DB) error) error {
 	database, err := db.Open(ctx, db.Path(a.cfg.ExecutionRoot), a.log)
 	if err != nil {
 		return err
@@ -157,7 +164,7 @@ func (a *app) withStore(ctx context.Context, fn func(*store.Store) error) error 
 	if err != nil {
 		return err
 	}
-	return fn(s)
+	return fn(s, database)
 }
 
 // copyOut copies a stored file to path, or to stdout for "-".

@@ -73,7 +73,7 @@ var categories = []struct{ name, about string }{
 	{"HTTP server", "What reaches the node's `http.Server`, built by `api.Server.HTTPServer` with the node's limits."},
 	{"Websocket frames", "The logs websockets: the owner's `stream_logs` (credentials in the first frame) and the operator's `logs`."},
 	{"Guest frames", "What a hostile guest writes on its control channel, to the host's `guest.Client` (over `net.Pipe`, with a fake guest)."},
-	{"Images", "Instance base images, as `storage.InspectParent` meets them before any use (made with `qemu-img` or by hand)."},
+	{"Images", "Instance base images, as `storage.InspectParent` meets them before any use, and the layers naming their parent by item hash, as `storage.InspectChain` meets them with the store's answers (made with `qemu-img` or by hand)."},
 	{"Archives", "Code, data and runtime files, and IPFS CAR streams from a gateway (`store.Store.Fetch` against a fake gateway)."},
 	{"Downloads", "Answers of the core node API and of the gateway to `store.Store.Fetch`."},
 	{"Aggregates", "Owners' aggregates read from the core node API (`aggregate.Client`)."},
@@ -85,7 +85,7 @@ var categories = []struct{ name, about string }{
 func allRows() []row {
 	var rows []row
 	for _, f := range []func() []row{messageRows, refRows, headerRows, bodyRows, serverRows, websocketRows, guestRows,
-		imageRows, compressedRows, archiveRows, downloadRows, aggregateRows, volumeNameRows, settingRows, guestAPIRows} {
+		imageRows, layerRows, compressedRows, archiveRows, downloadRows, aggregateRows, volumeNameRows, settingRows, guestAPIRows} {
 		rows = append(rows, f()...)
 	}
 	return rows
