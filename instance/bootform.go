@@ -139,23 +139,33 @@ func classifyBoot(head []byte) (baseForm, error) {
 // gptPartitions reads the GPT partition array in head (what of it head
 // holds) for an EFI system partition and a BIOS boot partition.
 func gptPartitions(head []byte) (esp, biosBoot bool) {
+	for _, e := range gptEntries(head) {
+		esp = esp || bytes.Equal(e[:16], gptESP)
+		biosBoot = biosBoot || bytes.Equal(e[:16], gptBIOSBoot)
+	}
+	return esp, biosBoot
+}
+
+// gptEntries returns the entries of the GPT partition array in head (what
+// of it head holds), 48 bytes or more each: type, GUID, first and last
+// sector.
+func gptEntries(head []byte) [][]byte {
 	hdr := head[512:]
 	start := binary.LittleEndian.Uint64(hdr[72:80]) * 512
 	count := uint64(binary.LittleEndian.Uint32(hdr[80:84]))
 	size := uint64(binary.LittleEndian.Uint32(hdr[84:88]))
 	if size < 128 || count > 1024 {
-		return false, false
+		return nil
 	}
+	var entries [][]byte
 	for i := range count {
 		off := start + i*size
-		if off+16 > uint64(len(head)) {
+		if off+48 > uint64(len(head)) {
 			break
 		}
-		typ := head[off : off+16]
-		esp = esp || bytes.Equal(typ, gptESP)
-		biosBoot = biosBoot || bytes.Equal(typ, gptBIOSBoot)
+		entries = append(entries, head[off:off+48])
 	}
-	return esp, biosBoot
+	return entries
 }
 
 func isZero(b []byte) bool {

@@ -55,22 +55,11 @@ func rootCandidate(head []byte, form baseForm, diskSize int64) (extent, bool) {
 		}
 	}
 	if len(head) >= 1024 && string(head[512:520]) == "EFI PART" {
-		hdr := head[512:]
-		start := binary.LittleEndian.Uint64(hdr[72:80]) * 512
-		count := uint64(binary.LittleEndian.Uint32(hdr[80:84]))
-		size := uint64(binary.LittleEndian.Uint32(hdr[84:88]))
-		if size >= 128 && count <= 1024 {
-			for i := range count {
-				off := start + i*size
-				if off+48 > uint64(len(head)) {
-					break
-				}
-				e := head[off : off+48]
-				if bytes.Equal(e[:16], gptLinuxFS) || bytes.Equal(e[:16], gptRootX8664) {
-					first, last := binary.LittleEndian.Uint64(e[32:40]), binary.LittleEndian.Uint64(e[40:48])
-					if last >= first && last < 1<<40 {
-						consider(int64(first)*512, int64(last-first+1)*512)
-					}
+		for _, e := range gptEntries(head) {
+			if bytes.Equal(e[:16], gptLinuxFS) || bytes.Equal(e[:16], gptRootX8664) {
+				first, last := binary.LittleEndian.Uint64(e[32:40]), binary.LittleEndian.Uint64(e[40:48])
+				if last >= first && last < 1<<40 {
+					consider(int64(first)*512, int64(last-first+1)*512)
 				}
 			}
 		}

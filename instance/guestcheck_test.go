@@ -14,7 +14,7 @@ import (
 )
 
 // TestGuestCheck looks into small root filesystems, bare, in an MBR
-// partition and in a compressed qcow2, for cloud-init and its NoCloud
+// partition, in a GPT partition and in a compressed qcow2, for cloud-init and its NoCloud
 // datasource.
 func TestGuestCheck(t *testing.T) {
 	testenv.RequireTools(t, "mkfs.ext4", "debugfs", "sfdisk", "qemu-img")
@@ -55,6 +55,10 @@ func TestGuestCheck(t *testing.T) {
 			testenv.Cmd(t, "truncate", "-s", "24M", disk)
 			testenv.Cmd(t, "sh", "-c", "echo 'start=2048, type=83, bootable' | sfdisk -q --label dos "+disk)
 			testenv.Cmd(t, "mkfs.ext4", "-q", "-F", "-E", "offset=1048576", "-d", tree, disk, "16M")
+			gpt := filepath.Join(dir, "gpt.raw")
+			testenv.Cmd(t, "truncate", "-s", "24M", gpt)
+			testenv.Cmd(t, "sh", "-c", "printf 'label: gpt\\nstart=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649\\nstart=4096, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\\n' | sfdisk -q "+gpt)
+			testenv.Cmd(t, "mkfs.ext4", "-q", "-F", "-E", "offset=2097152", "-d", tree, gpt, "16M")
 			qcow := filepath.Join(dir, "disk.qcow2")
 			testenv.Cmd(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", disk, qcow)
 			for _, c := range []struct {
@@ -63,6 +67,7 @@ func TestGuestCheck(t *testing.T) {
 			}{
 				{storage.Image{Path: bare, Format: storage.FormatRaw}, formExt4},
 				{storage.Image{Path: disk, Format: storage.FormatRaw}, formDisk},
+				{storage.Image{Path: gpt, Format: storage.FormatRaw}, formDisk},
 				{storage.Image{Path: qcow, Format: storage.FormatQCOW2}, formDisk},
 			} {
 				checked, err := guestCheck(context.Background(), []storage.Image{c.img}, c.form, dir)
