@@ -80,6 +80,9 @@ type Options struct {
 	// Backups makes, serves and restores instances' backups
 	// (/control/machine/{ref}/backup, /restore); nil answers 404.
 	Backups Backups
+	// Layers makes layers of running instances
+	// (/control/machine/{ref}/layer); nil answers 404.
+	Layers Layers
 	// Storage measures and reclaims the node's disk space
 	// (/control/storage); nil answers 404.
 	Storage Storage
@@ -156,6 +159,7 @@ func New(opts Options) *Server {
 		s.mux.HandleFunc("OPTIONS "+path, cors(h))
 	}
 	s.routeBackups()
+	s.routeLayers()
 	s.mux.HandleFunc("GET /control/storage", s.handleStorage)
 	s.mux.HandleFunc("POST /control/storage/reclaim", s.handleStorageReclaim)
 	if opts.Instances != nil {

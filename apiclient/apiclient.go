@@ -408,3 +408,30 @@ func answerError(status int, data []byte) error {
 	}
 	return &Error{Status: status, Message: msg}
 }
+
+// Layer is a layer the node made of a running instance's root disk and
+// stored: its ref, the parent it names (aleph://<item hash>), its sha256
+// and size, and how the copy was held still (frozen or crash).
+type Layer struct {
+	Ref         message.ItemHash `json:"ref"`
+	Parent      string           `json:"parent"`
+	SHA256      string           `json:"sha256"`
+	Size        int64            `json:"size"`
+	Consistency string           `json:"consistency"`
+}
+
+// MakeLayer asks the node for a layer of running instance ref.
+func (c *Client) MakeLayer(ctx context.Context, ref message.ItemHash) (Layer, error) {
+	if _, err := message.ParseItemHash(string(ref)); err != nil {
+		return Layer{}, fmt.Errorf("layer: %w", err)
+	}
+	data, err := c.do(ctx, http.MethodPost, "/control/machine/"+string(ref)+"/layer", nil)
+	if err != nil {
+		return Layer{}, err
+	}
+	var l Layer
+	if err := json.Unmarshal(data, &l); err != nil {
+		return Layer{}, fmt.Errorf("the node's answer: %w", err)
+	}
+	return l, nil
+}

@@ -431,28 +431,9 @@ func (m *Manager) trim(ref message.ItemHash) {
 // guest's filesystems frozen by its agent, or else the VM paused, only for
 // the copies; the guest is always thawed or resumed, whatever fails.
 func (m *Manager) copyDisks(ctx context.Context, ref message.ItemHash, a *archive, scratch string, vm VM, skipFreeze bool) (Consistency, error) {
-	log := m.opts.Log.With("ref", ref)
-	var consistency Consistency
-	var settle func()
-	if !skipFreeze && vm.GuestAgent != "" {
-		settle = m.freeze(ctx, vm.GuestAgent, log)
-		if settle != nil {
-			consistency = Frozen
-		}
-	}
-	if settle == nil {
-		if vm.Pauser == nil {
-			return "", errors.New("the VM can be neither frozen nor paused")
-		}
-		if err := vm.Pauser.Pause(ctx); err != nil {
-			return "", fmt.Errorf("pause the VM: %w", err)
-		}
-		consistency = Crash
-		settle = func() {
-			if err := vm.Pauser.Resume(context.WithoutCancel(ctx)); err != nil {
-				log.Error("resume the VM after its backup", "err", err)
-			}
-		}
+	consistency, settle, err := Quiesce(ctx, vm, skipFreeze, m.opts.Log.With("ref", ref))
+	if err != nil {
+		return "", err
 	}
 	defer settle()
 	for _, d := range vm.Disks {
@@ -463,11 +444,33 @@ func (m *Manager) copyDisks(ctx context.Context, ref message.ItemHash, a *archiv
 	return consistency, nil
 }
 
+// Quiesce holds vm's disks at one point in time for a copy: the guest's
+// filesystems frozen by its agent (unless skipFreeze), or else the VM
+// paused. settle thaws or resumes it; call it whatever the copy did.
+func Quiesce(ctx context.Context, vm VM, skipFreeze bool, log *slog.Logger) (Consistency, func(), error) {
+	if !skipFreeze && vm.GuestAgent != "" {
+		if thaw := freeze(ctx, vm.GuestAgent, log); thaw != nil {
+			return Frozen, thaw, nil
+		}
+	}
+	if vm.Pauser == nil {
+		return "", nil, errors.New("the VM can be neither frozen nor paused")
+	}
+	if err := vm.Pauser.Pause(ctx); err != nil {
+		return "", nil, fmt.Errorf("pause the VM: %w", err)
+	}
+	return Crash, func() {
+		if err := vm.Pauser.Resume(context.WithoutCancel(ctx)); err != nil {
+			log.Error("resume the VM after a copy of its disks", "err", err)
+		}
+	}, nil
+}
+
 // freeze freezes the guest's filesystems through its agent and returns
 // what thaws them, or nil when the agent does not answer or refuses.
 // A freeze that failed or timed out may still have frozen some
 // filesystems: they are thawed before nil is returned.
-func (m *Manager) freeze(ctx context.Context, socket string, log *slog.Logger) (thaw func()) {
+func freeze(ctx context.Context, socket string, log *slog.Logger) (thaw func()) {
 	ga, err := qemu.DialGuestAgent(ctx, socket, agentAnswerTimeout)
 	if err != nil {
 		log.Info("no guest agent: the backup is crash-consistent", "err", err)

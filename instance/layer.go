@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/alephvm/alephvm/backup"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/message"
@@ -35,6 +36,10 @@ type LayerSource struct {
 // unless the message asks for the latest amend, which may have changed
 // since.
 func FindLayerSource(ctx context.Context, records *execution.Records, st execution.Store, volumesDir string, ref message.ItemHash) (LayerSource, error) {
+	return findLayerSource(ctx, records, st, volumesDir, ref, false)
+}
+
+func findLayerSource(ctx context.Context, records *execution.Records, st execution.Store, volumesDir string, ref message.ItemHash, running bool) (LayerSource, error) {
 	rec, err := records.Get(ctx, ref)
 	if err != nil {
 		return LayerSource{}, fmt.Errorf("instance %s: not hosted by this node: %w", ref, err)
@@ -45,7 +50,7 @@ func FindLayerSource(ctx context.Context, records *execution.Records, st executi
 	if rec.HypervisorName() != hypervisor.QEMU {
 		return LayerSource{}, fmt.Errorf("instance %s runs under %s: only a QEMU instance's root disk is a qcow2 layer", ref, rec.HypervisorName())
 	}
-	if rec.State != execution.StateStopped {
+	if !running && rec.State != execution.StateStopped {
 		return LayerSource{}, fmt.Errorf("instance %s: %w", ref, ErrRunning)
 	}
 	src := LayerSource{Disks: filepath.Join(volumesDir, string(ref))}
@@ -80,30 +85,52 @@ func FindLayerSource(ctx context.Context, records *execution.Records, st executi
 // format. The node refuses to open a root disk QEMU still holds.
 func MakeLayer(ctx context.Context, src LayerSource, dst string) error {
 	root := filepath.Join(src.Disks, rootDiskFile)
-	info, err := storage.Inspect(ctx, storage.Image{Path: root, Format: storage.FormatQCOW2})
+	info, err := layerRoot(ctx, src)
 	if err != nil {
-		return fmt.Errorf("layer of %s: %w", root, err)
-	}
-	switch base := filepath.Join(src.Disks, "base"); {
-	case info.BackingFile == "":
-		return fmt.Errorf("layer of %s: the root disk was restored from a backup and holds the whole disk: store it as an image (alephvm store add)", root)
-	case info.BackingFile != base || info.DataFile || info.Encrypted:
-		return fmt.Errorf("layer of %s: the root disk is not a layer over %s", root, base)
+		return err
 	}
 	// qemu-img takes the lock QEMU holds on a disk it writes; -U is not
 	// given, so an instance started meanwhile is found here.
 	if err := qemuImg(ctx, "info", "-f", storage.FormatQCOW2, root); err != nil {
 		return fmt.Errorf("layer of %s: its root disk is in use (%w): %w", root, err, ErrRunning)
 	}
+	return finishLayer(ctx, src, info, dst, func(tmp string) error {
+		_, err := storage.CloneFile(root, tmp)
+		return err
+	})
+}
+
+// layerRoot reads the root disk a layer is made of: a qcow2 layer over
+// the instance's base, as the node made it.
+func layerRoot(ctx context.Context, src LayerSource) (storage.ImageInfo, error) {
+	root := filepath.Join(src.Disks, rootDiskFile)
+	info, err := storage.Inspect(ctx, storage.Image{Path: root, Format: storage.FormatQCOW2})
+	if err != nil {
+		return info, fmt.Errorf("layer of %s: %w", root, err)
+	}
+	switch base := filepath.Join(src.Disks, "base"); {
+	case info.BackingFile == "":
+		return info, fmt.Errorf("layer of %s: the root disk was restored from a backup and holds the whole disk: store it as an image (alephvm store add)", root)
+	case info.BackingFile != base || info.DataFile || info.Encrypted:
+		return info, fmt.Errorf("layer of %s: the root disk is not a layer over %s", root, base)
+	}
+	return info, nil
+}
+
+// finishLayer has copy write the root disk to a temporary file beside
+// dst, mends it and names its parent by item hash, then moves it to dst.
+func finishLayer(ctx context.Context, src LayerSource, info storage.ImageInfo, dst string, copy func(tmp string) error) error {
+	root := info.Path
 	tmp := dst + ".tmp"
 	_ = os.Remove(tmp)
 	defer os.Remove(tmp)
-	if _, err := storage.CloneFile(root, tmp); err != nil {
+	if err := copy(tmp); err != nil {
 		return fmt.Errorf("layer of %s: %w", root, err)
 	}
 	steps := [][]string{
-		// A disk left by a VM that was killed has lazy refcounts to mend;
-		// its backing is not opened (it may be a layer: aleph://).
+		// A disk left by a VM that was killed, or copied while its VM
+		// ran, has refcounts to mend; its backing is not opened (it may
+		// be a layer: aleph://).
 		{"check", "-q", "-r", "all", "--image-opts", "driver=qcow2,file.driver=file,file.filename=" + strings.ReplaceAll(tmp, ",", ",,") + ",backing="},
 		{"rebase", "-u", "-f", storage.FormatQCOW2, "-b", storage.LayerBacking(src.Parent), "-F", info.BackingFormat, tmp},
 	}
@@ -116,6 +143,40 @@ func MakeLayer(ctx context.Context, src LayerSource, dst string) error {
 		return fmt.Errorf("layer of %s: %w", root, err)
 	}
 	return nil
+}
+
+// MakeRunningLayer is MakeLayer for a running QEMU instance of this
+// manager: its root disk is copied (reflinked where the filesystem can)
+// while the guest's filesystems are frozen by its agent, else while the
+// VM is paused, as for a backup, and the answer says which.
+func (m *Manager) MakeRunningLayer(ctx context.Context, ref message.ItemHash, dst string) (LayerSource, backup.Consistency, error) {
+	src, err := findLayerSource(ctx, m.opts.Records, m.opts.Store, m.opts.VolumesDir, ref, true)
+	if err != nil {
+		return LayerSource{}, "", err
+	}
+	info, err := layerRoot(ctx, src)
+	if err != nil {
+		return LayerSource{}, "", err
+	}
+	vm, err := m.BackupVM(ctx, ref, false)
+	if errors.Is(err, backup.ErrNotRunning) {
+		return LayerSource{}, "", &backup.Error{Status: 400, Msg: "VM must be running for the node to make its layer; a stopped instance's is made by alephvm image layer on the node's machine"}
+	}
+	if err != nil {
+		return LayerSource{}, "", err
+	}
+	var consistency backup.Consistency
+	err = finishLayer(ctx, src, info, dst, func(tmp string) error {
+		c, settle, err := backup.Quiesce(ctx, vm, false, m.opts.Log.With("ref", ref))
+		if err != nil {
+			return err
+		}
+		defer settle()
+		consistency = c
+		_, err = storage.CloneFile(info.Path, tmp)
+		return err
+	})
+	return src, consistency, err
 }
 
 func qemuImg(ctx context.Context, args ...string) error {

@@ -114,6 +114,7 @@ func TestBackupRestoreEndToEnd(t *testing.T) {
 		t.Errorf("meta: %+v", meta)
 	}
 	ssh("kill $(cat /root/churn.pid)")
+	runningLayer(t, env, dir, ref, base.Ext4, mark, strings.TrimSpace(agent) == "active")
 
 	// The download, with the presigned URL's query alone.
 	u, err := url.Parse(meta.DownloadURL)
@@ -260,4 +261,49 @@ func ext4Filesystem(t *testing.T, raw string) string {
 	}
 	t.Fatalf("no ext4 filesystem on the backup's disk (partitions %v)", parts)
 	return ""
+}
+
+// runningLayer makes a layer of running instance ref (alephvm image layer,
+// through the node) and reads the synced file back through it over the
+// base image.
+func runningLayer(t *testing.T, env []string, dir, ref, baseFile, mark string, agent bool) {
+	t.Helper()
+	start := time.Now()
+	code, out, errOut := runCLI(t, env, "image", "layer", ref)
+	if code != 0 {
+		t.Fatalf("image layer of the running instance: %s %s", out, errOut)
+	}
+	got := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if f := strings.Fields(line); len(f) == 2 {
+			got[f[0]] = f[1]
+		}
+	}
+	t.Logf("layer of the running instance in %s: %v", time.Since(start).Round(time.Second), got)
+	baseRef, err := os.ReadFile(filepath.Join(dir, "state", "volumes", ref, "base.ref"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got["parent"] != "aleph://"+strings.TrimSpace(string(baseRef)) || got["ref"] == "" {
+		t.Fatalf("layer: %q, want parent aleph://%s", out, baseRef)
+	}
+	if agent && got["consistency"] != "frozen" {
+		t.Errorf("the guest runs its agent but the layer is %q", got["consistency"])
+	}
+	work := t.TempDir()
+	layer := filepath.Join(work, "layer.qcow2")
+	if code, out, errOut := runCLI(t, env, "store", "get", got["ref"], "-o", layer); code != 0 {
+		t.Fatalf("store get: %s %s", out, errOut)
+	}
+	if st, _ := os.Stat(layer); st == nil || st.Size() > 512<<20 {
+		t.Errorf("the layer is %v: not only the instance's writes", st)
+	}
+	chain := fmt.Sprintf(`json:{"driver":"qcow2","file":{"driver":"file","filename":%q},"backing":{"driver":"raw","file":{"driver":"file","filename":%q}}}`, layer, baseFile)
+	raw := filepath.Join(work, "root.raw")
+	if out, err := exec.Command("qemu-img", "convert", "-O", "raw", chain, raw).CombinedOutput(); err != nil {
+		t.Fatalf("read the layer over its base: %v\n%s", err, out)
+	}
+	if got, err := exec.Command("debugfs", "-R", "cat /root/synced", raw).Output(); err != nil || strings.TrimSpace(string(got)) != mark {
+		t.Fatalf("the synced file through the layer: %q %v", got, err)
+	}
 }

@@ -141,8 +141,8 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 		Programs: programsAPI{n.programs, persistentFile(cfg), log}, Instances: instancesAPI{n.instances, allocatedFile(cfg), log}, Auth: authn,
 		OwnerAuth: auth.NewOwner(auth.OwnerOptions{Domain: cfg.DomainName, DB: n.db}), Machines: machinesAPI{n}, Grants: n.aggregates,
 		Operators: cfg.OperatorAddresses, ProgramVolumes: n.launcher, Storage: storageAPI{cfg: cfg, records: n.records},
-		Backups: n.backups,
-		Logs:    logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
+		Backups: n.backups, Layers: layersAPI{n.instances, n.store, filepath.Join(cfg.ExecutionRoot, "volumes"), log},
+		Logs: logsAPI{n}, Domain: cfg.DomainName, MaxBodyBytes: int64(cfg.MaxRequestBody),
 		Limits: api.Limits{
 			ReadHeaderTimeout: cfg.HTTPHeaderTimeout.Duration(), ReadTimeout: cfg.HTTPReadTimeout.Duration(), WriteTimeout: cfg.HTTPWriteTimeout.Duration(),
 			IdleTimeout: cfg.HTTPIdleTimeout.Duration(), MaxConnections: cfg.HTTPMaxConnections,
