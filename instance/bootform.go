@@ -21,12 +21,13 @@ const bootHead = 1 << 20
 
 // bootForm reads the start of the disk the guest will see from chain, a
 // base image and the layers under it, top first (through qemu-img for a
-// qcow2), and says how it boots. A bare ext4 filesystem must be stored
-// raw, as the bottom of the chain: layers over it are qcow2.
-func bootForm(ctx context.Context, chain []storage.Image, scratch string) (baseForm, error) {
+// qcow2), and says how it boots; it returns what it read too. A bare ext4
+// filesystem must be stored raw, as the bottom of the chain: layers over
+// it are qcow2.
+func bootForm(ctx context.Context, chain []storage.Image, scratch string) (baseForm, []byte, error) {
 	head, err := readHead(ctx, chain, scratch)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	form, err := classifyBoot(head)
 	if bottom := chain[len(chain)-1]; err == nil && form == formExt4 && bottom.Format != storage.FormatRaw {
@@ -34,9 +35,9 @@ func bootForm(ctx context.Context, chain []storage.Image, scratch string) (baseF
 	}
 	if err != nil {
 		// What the image is, not a failure of the node's.
-		return "", &execution.Error{Status: 400, Msg: err.Error(), Err: err}
+		return "", nil, &execution.Error{Status: 400, Msg: err.Error(), Err: err}
 	}
-	return form, nil
+	return form, head, nil
 }
 
 func readHead(ctx context.Context, chain []storage.Image, scratch string) ([]byte, error) {

@@ -78,14 +78,14 @@ func TestBootFormOfQCOW2(t *testing.T) {
 	if out, err := exec.Command("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, qcow).CombinedOutput(); err != nil {
 		t.Fatal(err, string(out))
 	}
-	form, err := bootForm(context.Background(), []storage.Image{{Path: qcow, Format: storage.FormatQCOW2}}, dir)
+	form, _, err := bootForm(context.Background(), []storage.Image{{Path: qcow, Format: storage.FormatQCOW2}}, dir)
 	if err != nil || form != formDisk {
 		t.Errorf("%q %v", form, err)
 	}
 	os.WriteFile(raw, disk(false, "ext4"), 0o644)
 	os.Remove(qcow)
 	exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow).Run()
-	_, err = bootForm(context.Background(), []storage.Image{{Path: qcow, Format: storage.FormatQCOW2}}, dir)
+	_, _, err = bootForm(context.Background(), []storage.Image{{Path: qcow, Format: storage.FormatQCOW2}}, dir)
 	var e *execution.Error
 	if !errors.As(err, &e) || e.Status != 400 || !strings.Contains(err.Error(), "store the filesystem raw") {
 		t.Errorf("a qcow2 of a bare filesystem: %v", err)
@@ -116,7 +116,7 @@ func TestBootFormOfLayers(t *testing.T) {
 	lower := layer("lower.qcow2", "raw")
 	upper := layer("upper.qcow2", "qcow2")
 	chain := []storage.Image{{Path: upper, Format: "qcow2"}, {Path: lower, Format: "qcow2"}, {Path: raw, Format: "raw"}}
-	if form, err := bootForm(context.Background(), chain, dir); err != nil || form != formExt4 {
+	if form, _, err := bootForm(context.Background(), chain, dir); err != nil || form != formExt4 {
 		t.Errorf("ext4 under two layers: %q %v", form, err)
 	}
 	// The upper layer writes zeros over the filesystem's head.
@@ -124,7 +124,7 @@ func TestBootFormOfLayers(t *testing.T) {
 	if out, err := exec.Command("qemu-io", "-c", "write -z 0 1M", "json:"+strings.Replace(alone, `"read-only":true`, `"read-only":false`, 1)).CombinedOutput(); err != nil {
 		t.Fatal(err, string(out))
 	}
-	if _, err := bootForm(context.Background(), chain, dir); err == nil || !strings.Contains(err.Error(), "unknown format") {
+	if _, _, err := bootForm(context.Background(), chain, dir); err == nil || !strings.Contains(err.Error(), "unknown format") {
 		t.Errorf("zeros written over the filesystem by the upper layer: %v", err)
 	}
 }

@@ -84,6 +84,8 @@ type ext4Reader struct {
 
 const debugfsTimeout = 30 * time.Second
 
+// run runs one debugfs request; an error when debugfs failed or found no
+// ext4 filesystem, else its output and what it said of the request.
 func (r ext4Reader) run(ctx context.Context, request string) (stdout, stderr []byte, err error) {
 	ctx, cancel := context.WithTimeout(ctx, debugfsTimeout)
 	defer cancel()
@@ -94,8 +96,13 @@ func (r ext4Reader) run(ctx context.Context, request string) (stdout, stderr []b
 	}
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &limited{&out, 1 << 20}, &limited{&errOut, 64 << 10}
-	err = cmd.Run()
-	return out.Bytes(), errOut.Bytes(), err
+	if err := cmd.Run(); err != nil {
+		return nil, nil, fmt.Errorf("debugfs %s: %v: %s", request, err, bytes.TrimSpace(errOut.Bytes()))
+	}
+	if bytes.Contains(errOut.Bytes(), []byte("Bad magic number")) || bytes.Contains(errOut.Bytes(), []byte("while trying to open")) {
+		return nil, nil, fmt.Errorf("not an ext4 filesystem: %s", bytes.TrimSpace(errOut.Bytes()))
+	}
+	return out.Bytes(), errOut.Bytes(), nil
 }
 
 // limited keeps the first n bytes written to it and drops the rest.
@@ -118,13 +125,10 @@ var errNoFile = errors.New("no such file")
 func (r ext4Reader) cat(ctx context.Context, path string) ([]byte, error) {
 	out, errOut, err := r.run(ctx, "cat "+path)
 	if err != nil {
-		return nil, fmt.Errorf("debugfs cat %s: %v: %s", path, err, bytes.TrimSpace(errOut))
+		return nil, err
 	}
 	if bytes.Contains(errOut, []byte("not found")) {
 		return nil, errNoFile
-	}
-	if bytes.Contains(errOut, []byte("Bad magic number")) || bytes.Contains(errOut, []byte("while trying to open")) {
-		return nil, fmt.Errorf("not an ext4 filesystem: %s", bytes.TrimSpace(errOut))
 	}
 	return out, nil
 }
@@ -133,10 +137,7 @@ func (r ext4Reader) cat(ctx context.Context, path string) ([]byte, error) {
 func (r ext4Reader) exists(ctx context.Context, path string) (bool, error) {
 	_, errOut, err := r.run(ctx, "stat "+path)
 	if err != nil {
-		return false, fmt.Errorf("debugfs stat %s: %v", path, err)
-	}
-	if bytes.Contains(errOut, []byte("while trying to open")) || bytes.Contains(errOut, []byte("Bad magic number")) {
-		return false, fmt.Errorf("not an ext4 filesystem: %s", bytes.TrimSpace(errOut))
+		return false, err
 	}
 	return !bytes.Contains(errOut, []byte("not found")), nil
 }
@@ -145,7 +146,7 @@ func (r ext4Reader) exists(ctx context.Context, path string) (bool, error) {
 func (r ext4Reader) names(ctx context.Context, path string) ([]string, error) {
 	out, _, err := r.run(ctx, "ls -p "+path)
 	if err != nil {
-		return nil, fmt.Errorf("debugfs ls %s: %v", path, err)
+		return nil, err
 	}
 	var names []string
 	for _, line := range strings.Split(string(out), "\n") {
@@ -161,21 +162,14 @@ func (r ext4Reader) names(ctx context.Context, path string) ([]string, error) {
 
 // guestCheck says whether the root filesystem of an image has what the
 // node's seed needs: cloud-init, not disabled, with NoCloud among its
-// datasources. It returns a 400 naming what is missing, nil when the
-// image has it, and nil too when the root filesystem cannot be read here
-// (not ext4: XFS, btrfs; no Linux partition), which is then logged.
-func guestCheck(ctx context.Context, chain []storage.Image, form baseForm, scratch string) (checked bool, err error) {
-	img := chain[0]
-	info, err := storage.Inspect(ctx, img)
-	if err != nil {
-		return false, err
-	}
-	size := info.VirtualSize
-	head, err := readHead(ctx, chain, scratch)
-	if err != nil {
-		return false, err
-	}
-	root, ok := rootCandidate(head, form, size)
+// datasources. chain is the image and the layers under it, top first,
+// and head the start of the disk they make (bootForm's). It returns a
+// 400 naming what is missing, nil when the image has it, and nil too
+// when the root filesystem cannot be read here (not ext4: XFS, btrfs; no
+// Linux partition), which is then logged.
+func guestCheck(ctx context.Context, chain []storage.ImageInfo, head []byte, form baseForm, scratch string) (checked bool, err error) {
+	img := chain[0].Image
+	root, ok := rootCandidate(head, form, chain[0].VirtualSize)
 	if !ok {
 		return false, nil
 	}
@@ -184,7 +178,7 @@ func guestCheck(ctx context.Context, chain []storage.Image, form baseForm, scrat
 		// debugfs reads raw bytes: the partition is copied out, sparse.
 		path = filepath.Join(scratch, "root-partition.tmp")
 		defer os.Remove(path)
-		if err := extractRange(ctx, chain, root, path); err != nil {
+		if err := extractRange(ctx, storage.Images(chain), root, path); err != nil {
 			return false, fmt.Errorf("read the root partition of the base image: %w", err)
 		}
 		offset = 0

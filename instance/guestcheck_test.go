@@ -70,7 +70,16 @@ func TestGuestCheck(t *testing.T) {
 				{storage.Image{Path: gpt, Format: storage.FormatRaw}, formDisk},
 				{storage.Image{Path: qcow, Format: storage.FormatQCOW2}, formDisk},
 			} {
-				checked, err := guestCheck(context.Background(), []storage.Image{c.img}, c.form, dir)
+				ctx := context.Background()
+				info, err := storage.Inspect(ctx, c.img)
+				if err != nil {
+					t.Fatal(err)
+				}
+				head, err := readHead(ctx, []storage.Image{c.img}, dir)
+				if err != nil {
+					t.Fatal(err)
+				}
+				checked, err := guestCheck(ctx, []storage.ImageInfo{info}, head, c.form, dir)
 				if checked != tt.checked {
 					t.Errorf("%s: checked %v, want %v", filepath.Base(c.img.Path), checked, tt.checked)
 				}

@@ -896,14 +896,14 @@ func (m *Manager) base(ctx context.Context, parent string, parentRef message.Ite
 		return nil, "", err
 	}
 	images := storage.Images(chain)
-	form, err := bootForm(ctx, images, s.disks)
+	form, head, err := bootForm(ctx, images, s.disks)
 	if err != nil {
 		return nil, "", err
 	}
 	// The base does not change under an instance: it is looked into once.
 	marker := filepath.Join(s.disks, "base.checked")
 	if _, err := os.Stat(marker); errors.Is(err, os.ErrNotExist) {
-		checked, err := guestCheck(ctx, images, form, s.disks)
+		checked, err := guestCheck(ctx, chain, head, form, s.disks)
 		if err != nil {
 			return nil, "", err
 		}
