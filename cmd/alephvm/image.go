@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/alephvm/alephvm/api"
+	"github.com/alephvm/alephvm/apiclient"
 	"github.com/alephvm/alephvm/execution"
 	"github.com/alephvm/alephvm/instance"
 	"github.com/alephvm/alephvm/message"
@@ -81,9 +83,8 @@ else while the VM is paused, and a last line says which:
 					return err
 				}
 				a.log.Info("layer stored", "instance", ref, "ref", added.Ref, "parent", src.Parent)
-				_, err = fmt.Fprintf(cmd.OutOrStdout(), "ref          %s\nparent       %s\nsha256       %s\nsize         %d\n",
-					added.Ref, storage.LayerBacking(src.Parent), added.SHA256, added.Size)
-				return err
+				return printLayer(cmd.OutOrStdout(), apiclient.Layer{Ref: added.Ref, Parent: storage.LayerBacking(src.Parent),
+					SHA256: added.SHA256, Size: added.Size})
 			})
 		},
 	}
@@ -135,7 +136,15 @@ func (a *app) runningLayer(cmd *cobra.Command, ref message.ItemHash) error {
 	if err != nil {
 		return fmt.Errorf("instance %s runs: the node makes its layer: %w", ref, err)
 	}
-	_, err = fmt.Fprintf(cmd.OutOrStdout(), "ref          %s\nparent       %s\nsha256       %s\nsize         %d\nconsistency  %s\n",
-		l.Ref, l.Parent, l.SHA256, l.Size, l.Consistency)
+	return printLayer(cmd.OutOrStdout(), l)
+}
+
+// printLayer writes what `alephvm image layer` says of a layer it stored;
+// the consistency line only for a running instance's.
+func printLayer(w io.Writer, l apiclient.Layer) error {
+	_, err := fmt.Fprintf(w, "ref          %s\nparent       %s\nsha256       %s\nsize         %d\n", l.Ref, l.Parent, l.SHA256, l.Size)
+	if err == nil && l.Consistency != "" {
+		_, err = fmt.Fprintf(w, "consistency  %s\n", l.Consistency)
+	}
 	return err
 }
