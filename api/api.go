@@ -228,11 +228,7 @@ func (s *Server) handleProgram(w http.ResponseWriter, r *http.Request) {
 // handleHost serves the index on the node's own name, and a program on a
 // name whose first label is the base32 of its hash.
 func (s *Server) handleHost(w http.ResponseWriter, r *http.Request) {
-	host := r.Host
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
-	if host == s.opts.Domain || net.ParseIP(host) != nil {
+	if s.nodeHost(r.Host) {
 		// The node's own pages are served on its own names only: on a
 		// program's name, every path is the program's.
 		switch {
@@ -248,14 +244,37 @@ func (s *Server) handleHost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.observeProgram(w, r, func(w http.ResponseWriter) {
-		label, _, _ := strings.Cut(host, ".")
-		ref, ok := refFromLabel(label)
+		ref, ok := s.programOfHost(r.Host)
 		if !ok {
 			writeError(w, http.StatusNotFound, "Invalid message reference")
 			return
 		}
 		s.serveProgram(w, r, ref, r.URL.EscapedPath())
 	})
+}
+
+// hostName is a Host header's name, without its port.
+func hostName(host string) string {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		return h
+	}
+	return host
+}
+
+// nodeHost tells the node's own names: its domain and its addresses.
+func (s *Server) nodeHost(host string) bool {
+	host = hostName(host)
+	return host == s.opts.Domain || net.ParseIP(host) != nil
+}
+
+// programOfHost is the program served on a host name: one whose first
+// label is the base32 of its hash; false for the node's own names.
+func (s *Server) programOfHost(host string) (message.ItemHash, bool) {
+	if s.nodeHost(host) {
+		return "", false
+	}
+	label, _, _ := strings.Cut(hostName(host), ".")
+	return refFromLabel(label)
 }
 
 var b32 = base32.StdEncoding.WithPadding(base32.NoPadding)

@@ -80,7 +80,11 @@ func newTestAPI(t testing.TB, l *launcher) *httptest.Server {
 	}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	p := pool.New(pool.Options{Launcher: l, Capacity: pool.Capacity{MemoryMiB: 1024, VCPUs: 4}, ReuseTimeout: time.Hour, Log: log})
-	srv := httptest.NewServer(New(Options{Programs: p, Auth: tokenAuth{}, Domain: "node.example", MaxBodyBytes: 200 << 20, Version: "test", Log: log}))
+	s := New(Options{Programs: p, Auth: tokenAuth{}, Domain: "node.example", MaxBodyBytes: 200 << 20, Version: "test", Log: log})
+	srv := httptest.NewUnstartedServer(nil)
+	srv.Config = s.HTTPServer()
+	srv.Listener = s.Listener(srv.Listener)
+	srv.Start()
 	t.Cleanup(func() { srv.Close(); p.Shutdown(context.Background()) })
 	return srv
 }

@@ -178,17 +178,11 @@ func (f *forward) run(prog pool.Program, deadline time.Time) error {
 
 // failure is the error to answer for err, the watchdog's reason first.
 func (f *forward) failure(err error) error {
-	switch f.x.reason.Load() {
-	case abortedTimeout:
-		return errProgramTimeout
-	case abortedClientLeft:
+	if f.x.reason.Load() == notAborted && f.r.Context().Err() != nil {
 		return errClientLeft
 	}
-	if f.r.Context().Err() != nil {
-		return errClientLeft
-	}
-	if d := f.x.deadline.Load(); d != 0 && time.Now().UnixNano() >= d {
-		return errProgramTimeout
+	if why := f.x.failure(nil); why != nil {
+		return why
 	}
 	var tooLarge *http.MaxBytesError
 	if errors.As(f.bodyErr, &tooLarge) {
@@ -580,13 +574,22 @@ func upgradeType(h http.Header) string {
 // isEventStream tells an answer of type text/event-stream, without
 // parsing its parameters.
 func isEventStream(h http.Header) bool {
+	return isEventStreamType(h.Get("Content-Type"))
+}
+
+// isEventStreamType tells whether a Content-Type is text/event-stream.
+func isEventStreamType[T string | []byte](ct T) bool {
 	const es = "text/event-stream"
-	ct := strings.TrimLeft(h.Get("Content-Type"), " \t")
-	if len(ct) < len(es) || !strings.EqualFold(ct[:len(es)], es) {
+	i := 0
+	for i < len(ct) && (ct[i] == ' ' || ct[i] == '\t') {
+		i++
+	}
+	if len(ct)-i < len(es) || !strings.EqualFold(string(ct[i:i+len(es)]), es) {
 		return false
 	}
-	rest := strings.TrimLeft(ct[len(es):], " \t")
-	return rest == "" || rest[0] == ';'
+	for i += len(es); i < len(ct) && (ct[i] == ' ' || ct[i] == '\t'); i++ {
+	}
+	return i == len(ct) || ct[i] == ';'
 }
 
 // idempotent tells a request that may be sent twice (RFC 9110 section

@@ -49,16 +49,6 @@ func (s *Server) HTTPServer() *http.Server {
 	}
 }
 
-// Listener bounds ln to the connections the API serves at once and gives
-// HTTPServer its connections as clientConns.
-func (s *Server) Listener(ln net.Listener) net.Listener {
-	l := &clientListener{Listener: ln, done: make(chan struct{})}
-	if n := s.opts.Limits.MaxConnections; n > 0 {
-		l.slots = make(chan struct{}, n)
-	}
-	return l
-}
-
 // clientListener accepts at most cap(slots) connections at once (no limit
 // without slots): more wait to be accepted until one closes.
 type clientListener struct {
@@ -103,9 +93,11 @@ const notSentLowat = 128 << 10
 
 // clientConn is a client's connection. While it carries a streamed
 // answer, a write that passes its deadline is given another timeout as
-// long as the client took some bytes meanwhile (TCP's acknowledged bytes):
-// a client reading slowly but steadily, with more in the sockets' buffers
-// than it reads within the timeout, is not cut; one that stops reading is.
+// long as the client took some bytes since the last look (TCP's
+// acknowledged bytes, read only when a write times out, not before each
+// write): a client reading slowly but steadily, with more in the sockets'
+// buffers than it reads within the timeout, is not cut; one that stops
+// reading is, within two timeouts.
 type clientConn struct {
 	net.Conn
 	tcp       *net.TCPConn // nil when not TCP
@@ -113,6 +105,10 @@ type clientConn struct {
 	freeOnce  sync.Once
 	streaming atomic.Bool
 	timeout   atomic.Int64 // of the stream's writes
+	// acked is what the client had acknowledged at the last timed-out
+	// write, lookedAt whether there was one; used by Write only.
+	acked    uint64
+	lookedAt bool
 }
 
 func newClientConn(c net.Conn, free func()) *clientConn {
@@ -136,17 +132,16 @@ func (c *clientConn) stream(on bool, timeout time.Duration) {
 }
 
 func (c *clientConn) Write(p []byte) (int, error) {
-	if !c.streaming.Load() || c.tcp == nil {
-		return c.Conn.Write(p)
-	}
-	acked, ok := c.bytesAcked()
 	n, err := c.Conn.Write(p)
-	for ok && err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-		now, _ := c.bytesAcked()
-		if now == acked {
+	if err == nil || !c.streaming.Load() || c.tcp == nil {
+		return n, err
+	}
+	for errors.Is(err, os.ErrDeadlineExceeded) {
+		now, ok := c.bytesAcked()
+		if !ok || (c.lookedAt && now == c.acked) {
 			break
 		}
-		acked = now
+		c.acked, c.lookedAt = now, true
 		_ = c.Conn.SetWriteDeadline(time.Now().Add(time.Duration(c.timeout.Load())))
 		var m int
 		m, err = c.Conn.Write(p[n:])
@@ -171,6 +166,13 @@ func (c *clientConn) bytesAcked() (uint64, bool) {
 	return info.Bytes_acked, true
 }
 
+// gone tells whether the client closed its side (or reset it), without
+// waiting: a request it pipelined after this one keeps it here.
+func (c *clientConn) gone() bool {
+	_, closed := probe(c.Conn)
+	return closed
+}
+
 func (c *clientConn) Close() error {
 	err := c.Conn.Close()
 	c.freeOnce.Do(c.free)
@@ -182,8 +184,11 @@ type clientConnKey struct{}
 // withClientConn keeps a request's connection in its context, for
 // streaming.
 func withClientConn(ctx context.Context, c net.Conn) context.Context {
-	if cc, ok := c.(*clientConn); ok {
+	switch cc := c.(type) {
+	case *clientConn:
 		return context.WithValue(ctx, clientConnKey{}, cc)
+	case *handedConn:
+		return context.WithValue(ctx, clientConnKey{}, cc.clientConn)
 	}
 	return ctx
 }

@@ -214,20 +214,30 @@ func (c *upstreamConn) alive() bool {
 	if c.br.Buffered() > 0 {
 		return false // an answer nobody asked for
 	}
-	sc, ok := c.conn.(syscall.Conn)
+	quiet, _ := probe(c.conn)
+	return quiet
+}
+
+// probe looks at a connection without waiting: quiet when it is open
+// with nothing to read, closed when its peer closed or reset it.
+func probe(c net.Conn) (quiet, closed bool) {
+	sc, ok := c.(syscall.Conn)
 	if !ok {
-		return true
+		return true, false
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return false
+		return false, true
 	}
-	open := false
-	err = raw.Read(func(fd uintptr) bool {
+	// Control, not Read: a read deadline passed must not stop the look.
+	err = raw.Control(func(fd uintptr) {
 		var b [1]byte
-		_, _, rerr := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		open = errors.Is(rerr, syscall.EAGAIN)
-		return true
+		n, _, rerr := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		quiet = errors.Is(rerr, syscall.EAGAIN)
+		closed = !quiet && (rerr != nil || n == 0)
 	})
-	return err == nil && open
+	if err != nil {
+		return false, true
+	}
+	return quiet, closed
 }

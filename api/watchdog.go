@@ -35,6 +35,26 @@ type exchange struct {
 	up     atomic.Pointer[upstreamConn]
 	reason atomic.Int32
 	slot   int
+	// client is the client's connection on the fast path, which has no
+	// context: from probeAfter on, it is probed every probeEvery.
+	client *clientConn
+	since  int64 // Unix nanoseconds
+	probed int64
+}
+
+// When the watchdog looks whether the client of a fast-path exchange left.
+const (
+	probeAfter = int64(time.Second)
+	probeEvery = int64(250 * time.Millisecond)
+)
+
+// clientGone probes the client of a fast-path exchange, not too often.
+func (x *exchange) clientGone(now int64) bool {
+	if now-x.since < probeAfter || now-x.probed < probeEvery {
+		return false
+	}
+	x.probed = now
+	return x.client.gone()
 }
 
 // aLongTimeAgo, set as a connection's deadline, fails its pending and
@@ -58,11 +78,26 @@ func (x *exchange) setConn(up *upstreamConn) {
 	}
 }
 
+// failure is the error of an exchange that failed with err: the
+// watchdog's reason, or the passed deadline, first.
+func (x *exchange) failure(err error) error {
+	switch x.reason.Load() {
+	case abortedTimeout:
+		return errProgramTimeout
+	case abortedClientLeft:
+		return errClientLeft
+	}
+	if d := x.deadline.Load(); d != 0 && time.Now().UnixNano() >= d {
+		return errProgramTimeout
+	}
+	return err
+}
+
 func (x *exchange) check(now int64) {
 	if x.reason.Load() != notAborted {
 		return
 	}
-	if x.ctx.Err() != nil {
+	if x.ctx != nil && x.ctx.Err() != nil || x.client != nil && x.clientGone(now) {
 		x.abort(abortedClientLeft)
 		return
 	}

@@ -162,7 +162,8 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	diag.Checker.Node = "http://" + ln.Addr().String()
 	srv := handler.HTTPServer()
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(handler.Listener(ln)) }()
+	front := handler.Listener(ln)
+	go func() { served <- srv.Serve(front) }()
 	log.Info("node serving", "addr", ln.Addr().String(), "version", buildVersion())
 	// Under systemd (Type=notify) the start ends here: the instances are
 	// taken back and the API answers.
@@ -198,6 +199,9 @@ func serve(ctx context.Context, a *app, fakeInstance bool, started func(ctx cont
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
 		log.Warn("requests still in flight at shutdown", "err", err)
+	}
+	if err := front.Wait(shutdownCtx); err != nil {
+		log.Warn("program requests still in flight at shutdown", "err", err)
 	}
 	if err := n.programs.Shutdown(shutdownCtx); err != nil {
 		log.Error("stop programs", "err", err)

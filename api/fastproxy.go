@@ -1,0 +1,454 @@
+package api
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/alephvm/alephvm/message"
+	"github.com/alephvm/alephvm/pool"
+)
+
+// forward serves a request of the fast path: it leases the program
+// (booting it if needed), forwards the request and writes the answer.
+// False means the client's connection must end.
+func (f *Front) forward(fc *fastConn, ref message.ItemHash, suffix, body []byte) bool {
+	start := time.Now()
+	code := 0
+	if obs := f.s.opts.Observer; obs != nil {
+		defer func() { obs.ProgramRequest(code, time.Since(start)) }()
+	}
+	lease, err := f.s.opts.Programs.Acquire(context.Background(), ref)
+	if err != nil {
+		b := &bufferedAnswer{h: http.Header{}}
+		f.s.writeStartError(b, ref, err)
+		code = b.code
+		return f.writeBuffered(fc, b, fc.isHead())
+	}
+	defer lease.Release()
+	var keep bool
+	keep, code = f.s.proxy.fast(f, fc, lease, suffix, body, start)
+	return keep
+}
+
+func (fc *fastConn) isHead() bool { return string(fc.req.method) == http.MethodHead }
+
+// fast forwards fc's request to the leased program and writes its answer:
+// the status answered (499 when the client left first) and whether the
+// client's connection may serve another request.
+func (p *proxy) fast(f *Front, fc *fastConn, lease *pool.Lease, suffix, body []byte, start time.Time) (keep bool, code int) {
+	plan := lease.Plan()
+	x := p.xs.Get().(*exchange)
+	x.ctx, x.client, x.since, x.probed = nil, fc.c, start.UnixNano(), 0
+	x.reason.Store(notAborted)
+	x.up.Store(nil)
+	var deadline time.Time
+	if plan.Timeout > 0 {
+		deadline = start.Add(plan.Timeout)
+		x.deadline.Store(deadline.UnixNano())
+	} else {
+		x.deadline.Store(0)
+	}
+	p.watchdog.watch(x)
+	up, resp, err := p.fastExchange(fc, x, lease.Program(), deadline, suffix, body)
+	x.deadline.Store(0)
+	if err == nil {
+		if why := x.failure(nil); why != nil {
+			err = why
+			up.conn.Close()
+			up = nil
+		}
+	}
+	if err != nil {
+		p.watchdog.unwatch(x)
+		p.putExchange(x)
+		if errors.Is(err, errClientLeft) {
+			return false, 499
+		}
+		b := &bufferedAnswer{h: http.Header{}}
+		p.writeError(b, nil, plan, err)
+		return f.writeBuffered(fc, b, fc.isHead()), b.code
+	}
+	var reusable bool
+	code = fc.ans.code
+	if resp != nil {
+		code = resp.StatusCode
+		keep, reusable = p.writeResponse(f, fc, plan, up, resp)
+	} else {
+		keep, reusable = p.writeAnswer(f, fc, plan, up)
+	}
+	p.watchdog.unwatch(x)
+	if x.reason.Load() != notAborted {
+		reusable = false
+	}
+	p.putExchange(x)
+	// The body is closed once read whole, or after its connection: closing
+	// it would read the rest, which may never end.
+	if reusable && up.br.Buffered() == 0 {
+		if resp != nil {
+			resp.Body.Close()
+		}
+		p.conns.put(up)
+	} else {
+		up.conn.Close()
+		if resp != nil {
+			resp.Body.Close()
+		}
+	}
+	return keep, code
+}
+
+func (p *proxy) putExchange(x *exchange) {
+	x.ctx, x.client = nil, nil
+	x.up.Store(nil)
+	p.xs.Put(x)
+}
+
+// fastExchange writes the request on a connection to prog and reads the
+// answer's head: in fc.ans when it is of the fast subset (resp nil), else
+// as an *http.Response.
+func (p *proxy) fastExchange(fc *fastConn, x *exchange, prog pool.Program, deadline time.Time, suffix, body []byte) (*upstreamConn, *http.Response, error) {
+	r := &fc.req
+	for attempt := 0; ; attempt++ {
+		up, reused, err := p.conns.get(context.Background(), prog, deadline)
+		if err != nil {
+			return nil, nil, x.failure(err)
+		}
+		x.setConn(up)
+		writeFastRequest(up.bw, r, up.prefix, suffix, fc.ip, body)
+		err = up.bw.Flush()
+		wrote := err == nil
+		var resp *http.Response
+		if err == nil {
+			resp, err = readAnswer(up.br, &fc.ans, r.method)
+		}
+		if err == nil {
+			return up, resp, nil
+		}
+		up.conn.Close()
+		if attempt == 0 && reused && len(body) == 0 && !up.received && x.reason.Load() == notAborted &&
+			(!wrote || fastIdempotent(r)) {
+			continue // the program had closed the idle connection
+		}
+		return nil, nil, x.failure(err)
+	}
+}
+
+// readAnswer reads an answer's head from br: parsed in place into a when
+// it is of the fast subset (its head is left in br, for writeAnswer),
+// else by http.ReadResponse.
+func readAnswer(br *bufio.Reader, a *fastAnswer, method []byte) (*http.Response, error) {
+	for n := 0; ; {
+		buf, err := br.Peek(n + 1)
+		if err != nil {
+			if len(buf) == 0 || !errors.Is(err, bufio.ErrBufferFull) {
+				return nil, fmt.Errorf("read the answer's headers: %w", err)
+			}
+			break // a head bigger than the buffer
+		}
+		buf, _ = br.Peek(br.Buffered())
+		if i := bytes.Index(buf, crlfcrlf); i >= 0 {
+			if parseAnswerHead(buf[:i+4], a) {
+				return nil, nil
+			}
+			break
+		}
+		n = len(buf)
+	}
+	resp, err := readResponse(br, &http.Request{Method: string(method)})
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		resp.Body.Close()
+		return nil, fmt.Errorf("program switched to protocol %q when none was asked", upgradeType(resp.Header))
+	}
+	return resp, nil
+}
+
+// writeFastRequest writes r for the program, as writeRequestHead does
+// for a request read by net/http, then its body.
+func writeFastRequest(bw *bufio.Writer, r *fastRequest, prefix string, suffix []byte, ip string, body []byte) {
+	bw.Write(r.method)
+	bw.WriteByte(' ')
+	bw.WriteString(prefix)
+	if len(suffix) == 0 {
+		bw.WriteByte('/')
+	} else {
+		bw.Write(suffix)
+	}
+	if r.hasQuery {
+		bw.WriteByte('?')
+		bw.Write(r.query)
+	}
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	bw.Write(r.host)
+	bw.WriteString("\r\n")
+	for _, h := range r.headers {
+		if hopByHopName(h.name) || namedIn(h.name, r.connTokens) || notForwarded(h.name) {
+			continue
+		}
+		writeSpan(bw, h)
+	}
+	if r.teTrailers {
+		bw.WriteString("Te: trailers\r\n")
+	}
+	bw.WriteString("X-Forwarded-For: ")
+	if r.hasXFF {
+		for _, h := range r.headers {
+			if equalFold(h.name, "x-forwarded-for") {
+				bw.Write(h.value)
+				bw.WriteString(", ")
+			}
+		}
+	}
+	bw.WriteString(ip)
+	bw.WriteString("\r\nX-Forwarded-Host: ")
+	bw.Write(r.host)
+	bw.WriteString("\r\nX-Forwarded-Proto: http\r\n")
+	switch m := string(r.method); {
+	case r.contentLength > 0, m == http.MethodPost || m == http.MethodPut || m == http.MethodPatch:
+		bw.Write(strconv.AppendInt(append(bw.AvailableBuffer(), "Content-Length: "...), r.contentLength, 10))
+		bw.WriteString("\r\n")
+	}
+	bw.WriteString("\r\n")
+	bw.Write(body)
+}
+
+// notForwarded tells the request headers the node sets itself (or, for
+// Expect, answers itself).
+func notForwarded(name []byte) bool {
+	switch len(name) {
+	case 4:
+		return equalFold(name, "host")
+	case 6:
+		return equalFold(name, "expect")
+	case 9:
+		return equalFold(name, "forwarded")
+	case 14:
+		return equalFold(name, "content-length")
+	case 15:
+		return equalFold(name, "x-forwarded-for")
+	case 16:
+		return equalFold(name, "x-forwarded-host")
+	case 17:
+		return equalFold(name, "x-forwarded-proto")
+	}
+	return false
+}
+
+func writeSpan(bw *bufio.Writer, h headerSpan) {
+	bw.Write(h.name)
+	bw.WriteString(": ")
+	bw.Write(h.value)
+	bw.WriteString("\r\n")
+}
+
+// fastIdempotent is idempotent for a request of the fast path.
+func fastIdempotent(r *fastRequest) bool {
+	switch string(r.method) {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return true
+	}
+	for _, h := range r.headers {
+		if equalFold(h.name, "idempotency-key") || equalFold(h.name, "x-idempotency-key") {
+			return true
+		}
+	}
+	return false
+}
+
+// bodiless tells an answer that has no body whatever its headers say.
+func bodiless(method []byte, code int) bool {
+	return string(method) == http.MethodHead || code == http.StatusNoContent || code == http.StatusNotModified
+}
+
+// writeAnswerStart writes the status line and the node's own headers.
+func (f *Front) writeAnswerStart(fc *fastConn, plan *pool.Plan, code int) {
+	bw := fc.bw
+	bw.Write(appendStatusLine(bw.AvailableBuffer(), code))
+	bw.Write(f.server)
+	bw.WriteString("Aleph-Program-Itemhash: ")
+	bw.WriteString(string(plan.Ref))
+	bw.WriteString("\r\n")
+	if plan.CodeRef != "" {
+		bw.WriteString("Aleph-Program-Code-Ref: ")
+		bw.WriteString(string(plan.CodeRef))
+		bw.WriteString("\r\n")
+	}
+	if fc.req.close {
+		bw.WriteString("Connection: close\r\n")
+	}
+}
+
+// writeAnswer sends an answer of the fast subset, its head still in
+// up.br: whether the client's connection may go on, and whether up may
+// serve another request.
+func (p *proxy) writeAnswer(f *Front, fc *fastConn, plan *pool.Plan, up *upstreamConn) (keep, reusable bool) {
+	a := &fc.ans
+	bw := fc.bw
+	f.armWrite(fc)
+	f.writeAnswerStart(fc, plan, a.code)
+	noBody := bodiless(fc.req.method, a.code)
+	for _, h := range a.headers {
+		if hopByHopName(h.name) || namedIn(h.name, a.connTokens) ||
+			(noBody && string(fc.req.method) != http.MethodHead && equalFold(h.name, "content-length")) {
+			continue
+		}
+		writeSpan(bw, h)
+	}
+	if !a.hasDate {
+		bw.Write(f.dates.line(time.Now()))
+	}
+	bw.WriteString("\r\n")
+	// The head read in place is written: it may go.
+	head, _ := up.br.Peek(up.br.Buffered())
+	_, _ = up.br.Discard(bytes.Index(head, crlfcrlf) + 4)
+	if noBody || a.contentLength == 0 {
+		return bw.Flush() == nil, !a.close
+	}
+	if a.eventStream {
+		err := p.copyFlushed(fc, io.LimitReader(up.br, a.contentLength), nil)
+		return err == nil, false
+	}
+	buf := p.getBuffer()
+	defer p.bufs.Put(buf)
+	for left := a.contentLength; left > 0; {
+		n, rerr := up.br.Read((*buf)[:min(int64(len(*buf)), left)])
+		if n > 0 {
+			fc.rearm()
+			if _, err := bw.Write((*buf)[:n]); err != nil {
+				return false, false // the client left
+			}
+			left -= int64(n)
+		}
+		if rerr != nil && left > 0 {
+			p.log.Warn("program's answer cut", "ref", plan.Ref, "err", rerr)
+			return false, false
+		}
+	}
+	fc.rearm()
+	return bw.Flush() == nil, !a.close
+}
+
+// writeResponse sends an answer read by http.ReadResponse: of unknown
+// length (chunked to the client, trailers included), or with a head the
+// fast path does not read itself.
+func (p *proxy) writeResponse(f *Front, fc *fastConn, plan *pool.Plan, up *upstreamConn, resp *http.Response) (keep, reusable bool) {
+	bw := fc.bw
+	f.armWrite(fc)
+	f.writeAnswerStart(fc, plan, resp.StatusCode)
+	connection := resp.Header["Connection"]
+	for k, vv := range resp.Header {
+		if hopByHop(k) || hasToken(connection, k) || k == "Content-Length" {
+			continue
+		}
+		for _, v := range vv {
+			writeHeaderLine(bw, k, v)
+		}
+	}
+	if _, ok := resp.Header["Date"]; !ok {
+		bw.Write(f.dates.line(time.Now()))
+	}
+	noBody := bodiless(fc.req.method, resp.StatusCode)
+	chunked := !noBody && resp.ContentLength < 0
+	switch {
+	case chunked:
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+		if len(resp.Trailer) > 0 {
+			keys := make([]string, 0, len(resp.Trailer))
+			for k := range resp.Trailer {
+				keys = append(keys, k)
+			}
+			writeHeaderLine(bw, "Trailer", strings.Join(keys, ", "))
+		}
+	case resp.ContentLength >= 0 && (!noBody || string(fc.req.method) == http.MethodHead):
+		bw.Write(strconv.AppendInt(append(bw.AvailableBuffer(), "Content-Length: "...), resp.ContentLength, 10))
+		bw.WriteString("\r\n")
+	}
+	bw.WriteString("\r\n")
+	if noBody {
+		return bw.Flush() == nil, !resp.Close
+	}
+	var err error
+	if chunked || isEventStream(resp.Header) {
+		var cw io.WriteCloser
+		if chunked {
+			cw = httputil.NewChunkedWriter(bw)
+		}
+		err = p.copyFlushed(fc, resp.Body, cw)
+		if err == nil && cw != nil {
+			cw.Close()
+			for k, vv := range resp.Trailer {
+				for _, v := range vv {
+					writeHeaderLine(bw, k, v)
+				}
+			}
+			bw.WriteString("\r\n")
+			err = bw.Flush()
+		}
+	} else {
+		buf := p.getBuffer()
+		for err == nil {
+			n, rerr := resp.Body.Read(*buf)
+			if n > 0 {
+				fc.rearm()
+				if _, werr := bw.Write((*buf)[:n]); werr != nil {
+					err = errClientLeft
+					break
+				}
+			}
+			if rerr == io.EOF {
+				fc.rearm()
+				err = bw.Flush()
+				break
+			}
+			err = rerr
+		}
+		p.bufs.Put(buf)
+	}
+	if err != nil {
+		if !errors.Is(err, errClientLeft) {
+			p.log.Warn("program's answer cut", "ref", plan.Ref, "err", err)
+		}
+		return false, false
+	}
+	return true, !resp.Close
+}
+
+// copyFlushed copies src to the client (through cw when it is not nil),
+// flushing each piece as it comes: streams are not held back.
+func (p *proxy) copyFlushed(fc *fastConn, src io.Reader, cw io.Writer) error {
+	var dst io.Writer = fc.bw
+	if cw != nil {
+		dst = cw
+	}
+	buf := p.getBuffer()
+	defer p.bufs.Put(buf)
+	for {
+		n, rerr := src.Read(*buf)
+		if n > 0 {
+			fc.rearm()
+			if _, err := dst.Write((*buf)[:n]); err != nil {
+				return errClientLeft
+			}
+			if err := fc.bw.Flush(); err != nil {
+				return errClientLeft
+			}
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return fmt.Errorf("read the answer: %w", rerr)
+		}
+	}
+}
