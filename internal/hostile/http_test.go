@@ -220,6 +220,13 @@ func serverRows() []row {
 			return r.raw(t, []byte(data), slow)
 		})
 	}
+	// Program routes are served by the fast path (api.Front), which hands
+	// any head outside its strict subset to net/http.
+	programRow := func(input string, data string) row {
+		return apiRow("HTTP server", input, "`api.Front`, which hands it to `api.Server.HTTPServer`", func(t *testing.T, r *rig) answer {
+			return r.raw(t, []byte(data), 0)
+		})
+	}
 	return []row{
 		rawRow("2 MiB of headers", "GET /about/executions/list HTTP/1.1\r\nHost: "+domain+"\r\nX-Pad: "+strings.Repeat("a", 2<<20)+"\r\n\r\n", 0),
 		rawRow("headers sent one byte every 50 ms (the header timeout is 0.3 s here)", "GET / HTTP/1.1\r\nHost: "+domain+"\r\nX-Slow: "+strings.Repeat("a", 100)+"\r\n\r\n", 50*time.Millisecond),
@@ -228,7 +235,15 @@ func serverRows() []row {
 		rawRow("both `Content-Length` and `Transfer-Encoding: chunked`", "POST /control/allocations HTTP/1.1\r\nHost: "+domain+"\r\nX-Auth-Signature: "+operatorToken+
 			"\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0),
 		rawRow("two different `Content-Length` headers", "POST /control/allocations HTTP/1.1\r\nHost: "+domain+"\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 0),
-		get("HTTP server", "`DELETE` on a control route", "DELETE", "/control/machine/"+string(ownedRef)+"/stop", tokenHeader()),
+		rawRow("a program request with both `Content-Length` and `Transfer-Encoding: chunked`", "POST /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+
+			"\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0),
+		programRow("a program request with two different `Content-Length` headers", "POST /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"),
+		programRow("a program request with a folded header line", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nX-A: b\r\n c\r\n\r\n"),
+		programRow("a program request with a space before a header's colon", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nX-A : b\r\n\r\n"),
+		programRow("a program request with two `Host` headers", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nHost: other.example\r\n\r\n"),
+		programRow("a program request with a NUL in a header", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nX-A: b\x00c\r\n\r\n"),
+		programRow("a program request with 64 KiB of headers", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nX-Pad: "+strings.Repeat("a", 64<<10)+"\r\n\r\n"),
+				get("HTTP server", "`DELETE` on a control route", "DELETE", "/control/machine/"+string(ownedRef)+"/stop", tokenHeader()),
 		get("HTTP server", "a route the node does not serve (`/control/machine/{ref}/backup`)", "POST", "/control/machine/"+string(ownedRef)+"/backup", tokenHeader()),
 	}
 }
