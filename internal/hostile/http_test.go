@@ -243,7 +243,7 @@ func serverRows() []row {
 		programRow("a program request with two `Host` headers", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nHost: other.example\r\n\r\n"),
 		programRow("a program request with a NUL in a header", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nX-A: b\x00c\r\n\r\n"),
 		programRow("a program request with 64 KiB of headers", "GET /vm/"+string(ownedRef)+"/ HTTP/1.1\r\nHost: "+domain+"\r\nX-Pad: "+strings.Repeat("a", 64<<10)+"\r\n\r\n"),
-				get("HTTP server", "`DELETE` on a control route", "DELETE", "/control/machine/"+string(ownedRef)+"/stop", tokenHeader()),
+		get("HTTP server", "`DELETE` on a control route", "DELETE", "/control/machine/"+string(ownedRef)+"/stop", tokenHeader()),
 		get("HTTP server", "a route the node does not serve (`/control/machine/{ref}/backup`)", "POST", "/control/machine/"+string(ownedRef)+"/backup", tokenHeader()),
 	}
 }
