@@ -40,6 +40,11 @@ type Front struct {
 	conns   map[*fastConn]struct{}
 	serving sync.WaitGroup
 
+	// handed counts the connections given to net/http; noFast (tests)
+	// gives them all.
+	handed atomic.Int64
+	noFast bool
+
 	server []byte // the Server header line
 	dates  dateCache
 	conns0 sync.Pool // *fastConn, with its buffers
@@ -225,7 +230,7 @@ func (f *Front) serveFast(fc *fastConn) (handed bool) {
 			}
 			return false
 		}
-		if head == nil || !parseRequestHead(head, &fc.req) {
+		if head == nil || f.noFast || !parseRequestHead(head, &fc.req) {
 			return f.handOff(fc)
 		}
 		ref, suffix, ok := f.route(fc)
@@ -324,6 +329,7 @@ func (f *Front) handOffBy(fc *fastConn, deadline time.Time) bool {
 	_ = fc.c.SetWriteDeadline(time.Time{})
 	_ = fc.c.SetReadDeadline(deadline)
 	fc.c.stream(false, 0)
+	f.handed.Add(1)
 	select {
 	case f.handoff <- hc:
 		return true
