@@ -142,8 +142,10 @@ type fastConn struct {
 	bw   *bufio.Writer
 	idle atomic.Bool
 	ip   string
-	// writeTimeout is the limit of each write of the answer being sent.
+	// writeTimeout is the limit of each write of the answer being sent,
+	// armedAt when its deadline was last set.
 	writeTimeout time.Duration
+	armedAt      time.Time
 	req          fastRequest
 	ans          fastAnswer
 	// The program of the last request, for the next one on the same
@@ -209,26 +211,31 @@ func (f *Front) serveFast(fc *fastConn) (handed bool) {
 		if f.closing.Load() {
 			return false
 		}
-		if !first {
+		if !first && fc.br.Buffered() == 0 {
 			setDeadline(fc.c.SetReadDeadline, idleTimeout)
 			if _, err := fc.br.Peek(1); err != nil {
 				return false
 			}
 		}
 		fc.idle.Store(false)
-		var headDeadline time.Time
-		if headerTimeout > 0 {
-			headDeadline = time.Now().Add(headerTimeout)
-		}
-		_ = fc.c.SetReadDeadline(headDeadline)
-		head, err := fc.readHead()
-		if err != nil {
-			if fc.br.Buffered() > 0 {
-				// A part of a head, then the end or the deadline: net/http
-				// answers it as it does, within the same deadline.
-				return f.handOffBy(fc, headDeadline)
+		// A head read whole with its first bytes (most are) needs no
+		// deadline of its own.
+		head := fc.bufferedHead()
+		if head == nil {
+			var headDeadline time.Time
+			if headerTimeout > 0 {
+				headDeadline = time.Now().Add(headerTimeout)
 			}
-			return false
+			_ = fc.c.SetReadDeadline(headDeadline)
+			var err error
+			if head, err = fc.readHead(); err != nil {
+				if fc.br.Buffered() > 0 {
+					// A part of a head, then the end or the deadline: net/http
+					// answers it as it does, within the same deadline.
+					return f.handOffBy(fc, headDeadline)
+				}
+				return false
+			}
 		}
 		if head == nil || f.noFast || !parseRequestHead(head, &fc.req) {
 			return f.handOff(fc)
@@ -262,14 +269,23 @@ func (f *Front) serveFast(fc *fastConn) (handed bool) {
 	}
 }
 
+// bufferedHead returns the request's head if it is all in the buffer.
+func (fc *fastConn) bufferedHead() []byte {
+	buf, _ := fc.br.Peek(fc.br.Buffered())
+	if i := bytes.Index(buf, crlfcrlf); i >= 0 {
+		return buf[:i+4]
+	}
+	return nil
+}
+
 // readHead returns the request's head, read in place; nil when it does
 // not fit the buffer.
 func (fc *fastConn) readHead() ([]byte, error) {
 	for {
-		buf, _ := fc.br.Peek(fc.br.Buffered())
-		if i := bytes.Index(buf, crlfcrlf); i >= 0 {
-			return buf[:i+4], nil
+		if head := fc.bufferedHead(); head != nil {
+			return head, nil
 		}
+		buf, _ := fc.br.Peek(fc.br.Buffered())
 		if len(buf) == fc.br.Size() {
 			return nil, nil
 		}
@@ -448,13 +464,23 @@ func (f *Front) writeBuffered(fc *fastConn, b *bufferedAnswer, head bool) bool {
 func (f *Front) armWrite(fc *fastConn) {
 	fc.writeTimeout = f.s.opts.Limits.WriteTimeout
 	fc.c.stream(true, fc.writeTimeout)
-	setDeadline(fc.c.SetWriteDeadline, fc.writeTimeout)
+	fc.armedAt = time.Now()
+	if fc.writeTimeout > 0 {
+		_ = fc.c.SetWriteDeadline(fc.armedAt.Add(fc.writeTimeout))
+	} else {
+		_ = fc.c.SetWriteDeadline(time.Time{})
+	}
 }
 
 // rearm gives the next write of an answer the write timeout, as
-// deadlineWriter does on net/http.
+// deadlineWriter does on net/http; a deadline set less than a quarter of
+// the timeout ago is kept, to save the call.
 func (fc *fastConn) rearm() {
-	if fc.writeTimeout > 0 {
-		_ = fc.c.SetWriteDeadline(time.Now().Add(fc.writeTimeout))
+	if fc.writeTimeout <= 0 {
+		return
+	}
+	if now := time.Now(); now.Sub(fc.armedAt) > fc.writeTimeout/4 {
+		fc.armedAt = now
+		_ = fc.c.SetWriteDeadline(now.Add(fc.writeTimeout))
 	}
 }
