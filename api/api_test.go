@@ -46,6 +46,7 @@ func (e notFound) HTTPStatus() int { return http.StatusNotFound }
 
 type launcher struct {
 	handler http.Handler
+	remote  *url.URL // a program already running, instead of handler
 	memory  int
 	timeout time.Duration
 	missing bool
@@ -62,6 +63,9 @@ func (l *launcher) Plan(_ context.Context, r message.ItemHash) (*pool.Plan, erro
 }
 
 func (l *launcher) Boot(_ context.Context, _ *pool.Plan) (pool.Program, error) {
+	if l.remote != nil {
+		return &remoteProgram{u: l.remote, done: make(chan struct{})}, nil
+	}
 	v := &vm{srv: httptest.NewServer(l.handler), done: make(chan struct{})}
 	l.mu.Lock()
 	l.boots++

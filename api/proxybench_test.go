@@ -1,17 +1,22 @@
 package api
 
 import (
+	"context"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/alephvm/alephvm/internal/proxybench"
+	"github.com/alephvm/alephvm/pool"
 )
 
 // BenchmarkProxyVsNginx measures, in one run, the rate of small requests
@@ -35,8 +40,11 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 	duration := time.Duration(envInt("ALEPHVM_PROXYBENCH_SECONDS", 2)) * time.Second
 	load := proxybench.Load(b)
 
-	program := smallProgram()
-	l := &launcher{handler: program}
+	// The program runs in a process of its own, so that the node's CPU
+	// time is its own.
+	direct := startProgramProcess(b) + "/"
+	u, _ := url.Parse(direct)
+	l := &launcher{remote: u}
 	srv := newTestAPI(b, l)
 	node := srv.URL + "/vm/" + string(ref) + "/"
 	if resp, err := http.Get(node); err != nil { // boots the stand-in program
@@ -44,13 +52,10 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 	} else {
 		resp.Body.Close()
 	}
-	l.mu.Lock()
-	direct := l.last.srv.URL + "/"
-	l.mu.Unlock()
-	viaNginx := proxybench.StartNginx(b, nginx, strings.TrimSuffix(strings.TrimPrefix(direct, "http://"), "/"), "/vm/"+string(ref)+"/")
+	viaNginx, nginxPID := proxybench.StartNginx(b, nginx, strings.TrimSuffix(strings.TrimPrefix(direct, "http://"), "/"), "/vm/"+string(ref)+"/")
 	http.DefaultClient.CloseIdleConnections()
 
-	targets := []proxybench.Target{{Name: "node", URL: node}, {Name: "nginx", URL: viaNginx}, {Name: "direct", URL: direct}}
+	targets := []proxybench.Target{{Name: "node", URL: node, Proc: os.Getpid()}, {Name: "nginx", URL: viaNginx, Proc: nginxPID, Children: true}, {Name: "direct", URL: direct}}
 	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
 		// One target alone, to profile it (-cpuprofile).
 		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })
@@ -75,3 +80,48 @@ func envInt(name string, def int) int {
 	}
 	return def
 }
+
+// programAddrEnv tells the test binary to be the benchmark's program.
+const programAddrEnv = "ALEPHVM_PROXYBENCH_PROGRAM"
+
+// startProgramProcess runs smallProgram in a process of its own (this
+// test binary, see TestMain) and returns its URL.
+func startProgramProcess(b *testing.B) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), programAddrEnv+"="+addr)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		resp, err := http.Get("http://" + addr + "/")
+		if err == nil {
+			resp.Body.Close()
+			return "http://" + addr
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("the program does not answer: %v", err)
+		}
+	}
+}
+
+// remoteProgram is a program already running at an address.
+type remoteProgram struct {
+	u    *url.URL
+	done chan struct{}
+	once sync.Once
+}
+
+func (p *remoteProgram) Target() *url.URL      { return p.u }
+func (p *remoteProgram) Done() <-chan struct{} { return p.done }
+func (p *remoteProgram) Networking() pool.Networking {
+	return pool.Networking{IPv4Network: "127.0.0.0/8", IPv4: "127.0.0.1", HostIPv4: "127.0.0.1"}
+}
+func (p *remoteProgram) Stop(context.Context) error { p.once.Do(func() { close(p.done) }); return nil }

@@ -198,9 +198,10 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 	}
 	vm := listVMs(b, port)[ref].Networking.IPv4
 	prefix := "/vm/" + ref + "/"
+	viaNginx, nginxPID := proxybench.StartNginx(b, nginx, vm+":8080", prefix)
 	targets := []proxybench.Target{
-		{Name: "node", URL: programURL(port, ref, "/")},
-		{Name: "nginx", URL: proxybench.StartNginx(b, nginx, vm+":8080", prefix)},
+		{Name: "node", URL: programURL(port, ref, "/"), Proc: node.cmd.Process.Pid},
+		{Name: "nginx", URL: viaNginx, Proc: nginxPID, Children: true},
 		{Name: "direct", URL: "http://" + vm + ":8080/"},
 	}
 	rounds := 3

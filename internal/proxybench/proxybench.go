@@ -25,8 +25,14 @@ import (
 	"time"
 )
 
-// Target is one way to the program.
-type Target struct{ Name, URL string }
+// Target is one way to the program. Proc, when set, is the process that
+// proxies (with its children if Children: nginx's workers): the CPU time
+// it spends per request is reported too.
+type Target struct {
+	Name, URL string
+	Proc      int
+	Children  bool
+}
 
 // Compare loads each target in turn, rounds times, at 32 and at 200
 // connections: interleaved (one, two, three, one, ...) so that other work
@@ -34,21 +40,32 @@ type Target struct{ Name, URL string }
 // medians, and the first target's rate over each of the others.
 func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc) {
 	for _, conns := range []int{32, 200} {
-		rates := map[string][]float64{}
+		rates, cpus := map[string][]float64{}, map[string][]float64{}
 		for round := range rounds {
 			for _, tg := range targets {
+				cpu0 := CPUTime(tg.Proc, tg.Children)
+				start := time.Now()
 				rate, err := load(tg.URL, conns, d)
 				if err != nil {
 					b.Fatalf("%s at %d connections: %v", tg.Name, conns, err)
 				}
 				rates[tg.Name] = append(rates[tg.Name], rate)
-				b.Logf("c%d round %d %s: %.0f req/s (load %s)", conns, round+1, tg.Name, rate, LoadAverage())
+				perReq := ""
+				if tg.Proc != 0 && rate > 0 {
+					us := float64((CPUTime(tg.Proc, tg.Children) - cpu0).Microseconds()) / (rate * time.Since(start).Seconds())
+					cpus[tg.Name] = append(cpus[tg.Name], us)
+					perReq = fmt.Sprintf(", %.1f µs of CPU per request", us)
+				}
+				b.Logf("c%d round %d %s: %.0f req/s%s (load %s)", conns, round+1, tg.Name, rate, perReq, LoadAverage())
 			}
 		}
 		c := "c" + strconv.Itoa(conns)
 		first := Median(rates[targets[0].Name])
 		for _, tg := range targets {
 			b.ReportMetric(Median(rates[tg.Name]), "req/s-"+tg.Name+"-"+c)
+			if len(cpus[tg.Name]) > 0 {
+				b.ReportMetric(Median(cpus[tg.Name]), "cpu-us/req-"+tg.Name+"-"+c)
+			}
 		}
 		for _, tg := range targets[1:] {
 			b.ReportMetric(first/Median(rates[tg.Name]), targets[0].Name+"/"+tg.Name+"-"+c)
@@ -68,8 +85,9 @@ func Load(b testing.TB) LoadFunc {
 
 // StartNginx runs nginx on loopback, from a config of its own in a
 // temporary directory, passing prefix to upstream over kept-alive
-// connections, and returns the URL of prefix through it.
-func StartNginx(b testing.TB, nginx, upstream, prefix string) string {
+// connections, and returns the URL of prefix through it and the pid of
+// its master process.
+func StartNginx(b testing.TB, nginx, upstream, prefix string) (string, int) {
 	b.Helper()
 	dir := b.TempDir()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -107,7 +125,7 @@ func StartNginx(b testing.TB, nginx, upstream, prefix string) string {
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return url
+				return url, cmd.Process.Pid
 			}
 			err = fmt.Errorf("status %d", resp.StatusCode)
 		}
@@ -265,3 +283,48 @@ func LoadAverage() string {
 	}
 	return strings.Fields(string(b))[0]
 }
+
+// CPUTime is the user and system CPU time of process pid, and of its
+// children, live or waited for, if children; 0 for pid 0 or a process
+// that is gone.
+func CPUTime(pid int, children bool) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	// Fields after the command's closing parenthesis: state is the 3rd
+	// field, utime the 14th, stime the 15th, cutime and cstime the next.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	fields := []int{11, 12}
+	if children {
+		fields = append(fields, 13, 14)
+	}
+	var ticks int64
+	for _, k := range fields {
+		if k < len(f) {
+			n, _ := strconv.ParseInt(f[k], 10, 64)
+			ticks += n
+		}
+	}
+	total := time.Duration(ticks) * time.Second / clockTicks
+	if !children {
+		return total
+	}
+	kids, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(pid) + "/children")
+	for _, c := range strings.Fields(string(kids)) {
+		if n, err := strconv.Atoi(c); err == nil {
+			total += CPUTime(n, true)
+		}
+	}
+	return total
+}
+
+// clockTicks is USER_HZ, which Linux fixes at 100 for /proc.
+const clockTicks = 100
