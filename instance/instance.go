@@ -766,33 +766,67 @@ func (m *Manager) Erase(ctx context.Context, ref message.ItemHash) (err error) {
 // Restore finds the instances the records say are running, as after a
 // node restart: a VM still running is taken back as it is (its tap and
 // forwards kept); one that died meanwhile, or whose host rebooted, is
-// started again.
+// started again. It is Adopt, then Restart.
 func (m *Manager) Restore(ctx context.Context) error {
-	return m.opts.Records.EachLive(ctx, execution.KindInstance, func(rec execution.Record) error {
-		return m.restore(ctx, rec)
-	})
+	gone, err := m.Adopt(ctx)
+	return errors.Join(err, m.Restart(ctx, gone))
 }
 
-func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
+// Adopt takes back the instances the records say are running whose VM
+// still runs, as they are (their tap and forwards kept), and returns the
+// records of those whose VM is gone, for Restart. A node starting writes
+// its firewall in between (network.Manager.DeferWrites): once, with every
+// VM taken back, and before any VM starts.
+func (m *Manager) Adopt(ctx context.Context) ([]execution.Record, error) {
+	var gone []execution.Record
+	err := m.opts.Records.EachLive(ctx, execution.KindInstance, func(rec execution.Record) error {
+		running, err := m.adopt(ctx, rec)
+		if err == nil && !running {
+			gone = append(gone, rec)
+		}
+		return err
+	})
+	return gone, err
+}
+
+// Restart starts again the instances of recs, whose VMs Adopt found gone.
+func (m *Manager) Restart(ctx context.Context, recs []execution.Record) error {
+	var errs []error
+	for _, rec := range recs {
+		if err := m.restart(ctx, rec); err != nil {
+			errs = append(errs, fmt.Errorf("%s %s: %w", execution.KindInstance, rec.Ref, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Manager) restart(ctx context.Context, rec execution.Record) error {
+	defer m.lock(rec.Ref)()
+	return m.start(ctx, rec.Ref, rec.NetIndex)
+}
+
+// adopt takes back rec's instance if its VM runs, and reports whether it
+// does.
+func (m *Manager) adopt(ctx context.Context, rec execution.Record) (running bool, _ error) {
 	defer m.lock(rec.Ref)()
 	log := m.opts.Log.With("ref", rec.Ref)
 	hv, err := m.opts.Hypervisors.Get(rec.HypervisorName())
 	if err != nil {
-		return err
+		return false, err
 	}
 	vm, err := hv.Attach(ctx, rec.VMDir)
 	if err != nil {
 		log.Warn("instance not running any more, starting it again", "err", err)
-		return m.start(ctx, rec.Ref, rec.NetIndex)
+		return false, nil
 	}
 	msg, _, err := m.opts.Store.Message(ctx, rec.Ref)
 	if err != nil {
-		return execution.StoreError("Message", rec.Ref, err)
+		return true, execution.StoreError("Message", rec.Ref, err)
 	}
 	c := msg.Content.(*message.InstanceContent)
 	parent, err := m.opts.Store.Fetch(ctx, c.Rootfs.Parent.Ref, c.Rootfs.Parent.UseLatest)
 	if err != nil {
-		return execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
+		return true, execution.StoreError("Base image", c.Rootfs.Parent.Ref, err)
 	}
 	made := &release.List{}
 	if m.opts.Admission != nil {
@@ -805,7 +839,7 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 	made.AddFunc("base image", parent.Release)
 	if _, err := m.opts.Networks.Attach(network.AttachRequest{Owner: string(rec.Ref), Kind: network.KindInstance, Index: rec.NetIndex, Internet: c.Environment.Internet, Ports: forwardsAsRequests(rec.Forwards)}); err != nil {
 		_ = made.Release(ctx)
-		return fmt.Errorf("network: %w", err)
+		return true, fmt.Errorf("network: %w", err)
 	}
 	log.Info("instance found running", "hypervisor", hv.Name(), "pid", vm.Pid(), "tap", rec.Tap)
 	go settleInterruptedBackup(vm, log)
@@ -824,7 +858,7 @@ func (m *Manager) restore(ctx context.Context, rec execution.Record) error {
 		return m.opts.Records.SetState(ctx, rec.Ref, execution.StateStopped)
 	})
 	m.track(&instanceVM{ref: rec.Ref, vm: vm, made: made, done: make(chan struct{})})
-	return nil
+	return true, nil
 }
 
 // Shutdown lets instances run on without the node: it only drops the

@@ -19,13 +19,20 @@ import (
 // the desired state of every VM and rewrites the firewall from it.
 type Manager struct {
 	pool     *Pool
-	fw       *Firewall
+	fw       rulesWriter
 	ports    PortRange
 	log      *slog.Logger
 	mu       sync.Mutex
 	vms      map[string]*vmNet // by owner
 	hostPort map[string]string // "tcp/24000" -> owner
 	ipv6     IPv6Config
+	deferred bool // DeferWrites: the firewall is written by Apply only
+}
+
+// rulesWriter replaces the firewall's rules with those of vms
+// (Firewall.Apply).
+type rulesWriter interface {
+	Apply(vms []VMRules) error
 }
 
 type vmNet struct {
@@ -287,10 +294,28 @@ func (m *Manager) RemoveOrphanTaps() error {
 	return errors.Join(errs...)
 }
 
-// Apply rewrites the firewall from the attached VMs, as at node start.
+// DeferWrites makes Attach, Detach and SetForwards keep the desired state
+// without writing the firewall, until Apply writes it whole. A node
+// starting calls it before it takes back the VMs an earlier node left
+// running: the table that node left, which holds all of them, is then
+// replaced once, by a table that holds all of them too. Written after each
+// attach, the first table would hold only the first VM taken back, and the
+// others would lose their forwards (new connections refused) and their
+// traffic (dropped by the guard) until their own turn came.
+// The rules are still checked at each change, so that a VM whose rules
+// cannot be written fails to attach, as it would otherwise.
+func (m *Manager) DeferWrites() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.deferred = true
+}
+
+// Apply rewrites the firewall from the attached VMs, as at node start,
+// and ends DeferWrites.
 func (m *Manager) Apply() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.deferred = false
 	return m.applyLocked()
 }
 
@@ -300,6 +325,9 @@ func (m *Manager) applyLocked() error {
 		rules = append(rules, VMRules{Tap: v.alloc.Tap, MAC: v.alloc.MAC(), Guest: v.alloc.Guest, Guest6: v.v6.Guest, Internet: v.internet, Forwards: v.forwards})
 	}
 	slices.SortFunc(rules, func(a, b VMRules) int { return a.Guest.Compare(b.Guest) })
+	if m.deferred {
+		return validateAll(rules)
+	}
 	return m.fw.Apply(rules)
 }
 

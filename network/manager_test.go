@@ -1,6 +1,7 @@
 package network
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -140,4 +141,84 @@ func TestSetForwards(t *testing.T) {
 		t.Error("forwards set for a VM without network")
 	}
 	_ = b
+}
+
+// recordedWrites records each table the manager writes, as the owners
+// of the forwards it holds.
+type recordedWrites struct{ tables [][]string }
+
+func (r *recordedWrites) Apply(vms []VMRules) error {
+	var table []string
+	for _, vm := range vms {
+		for _, f := range vm.Forwards {
+			table = append(table, fmt.Sprintf("%s/%d->%s:%d", f.Proto, f.HostPort, vm.Guest, f.GuestPort))
+		}
+	}
+	r.tables = append(r.tables, table)
+	return nil
+}
+
+// TestRestartWritesEveryVMTakenBackAtOnce: a node that starts takes back
+// the VMs an earlier node left running, whose table holds all of them.
+// Written after each VM taken back, the first table would hold the first
+// VM only: the second's forwards would be gone (new connections refused)
+// until its own turn. With DeferWrites, the first table written holds both.
+func TestRestartWritesEveryVMTakenBackAtOnce(t *testing.T) {
+	testenv.RequireIsolatedRoot(t)
+	prefix := netip.MustParsePrefix("172.16.0.0/12")
+	ports := PortRange{First: 26000, Last: 26009}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	owners := []string{"vm-a", "vm-b"}
+	pool, _ := NewPool(prefix, 24, 4)
+	earlier := NewManager(pool, nil, ports, log)
+	earlier.fw = &recordedWrites{}
+	var running []Attachment
+	for _, owner := range owners {
+		a, err := earlier.Attach(AttachRequest{Owner: owner, Index: -1, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { DeleteTap(a.Tap) })
+		running = append(running, a)
+	}
+	a := "tcp/26000->172.16.4.2:22"
+	b := "tcp/26001->172.16.5.2:22"
+
+	for _, tc := range []struct {
+		name        string
+		deferWrites bool
+		want        [][]string // the tables written, in turn
+	}{
+		{"written at each attach", false, [][]string{{a}, {a, b}, {a, b}}},
+		{"deferred until Apply", true, [][]string{{a, b}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pool, _ := NewPool(prefix, 24, 4)
+			m := NewManager(pool, nil, ports, log)
+			writes := &recordedWrites{}
+			m.fw = writes
+			if tc.deferWrites {
+				m.DeferWrites()
+			}
+			for i, run := range running {
+				req := AttachRequest{Owner: owners[i], Index: run.Index, Ports: []PortRequest{{Proto: "tcp", GuestPort: 22, HostPort: run.Forwards[0].HostPort}}}
+				if _, err := m.Attach(req); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := m.Apply(); err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(writes.tables) != fmt.Sprint(tc.want) {
+				t.Errorf("tables written %v, want %v", writes.tables, tc.want)
+			}
+			// Past Apply, a change is written at once.
+			if _, err := m.SetForwards("vm-b", nil); err != nil {
+				t.Fatal(err)
+			}
+			if last := writes.tables[len(writes.tables)-1]; fmt.Sprint(last) != fmt.Sprint([]string{a}) {
+				t.Errorf("after Apply, dropping vm-b's forwards wrote %v", last)
+			}
+		})
+	}
 }

@@ -129,8 +129,25 @@ func TestDebianPackage(t *testing.T) {
 		debNext, err = buildDebErr(versionNext, debs)
 		built <- err
 	}()
-	var held net.Conn
+	// The guest is up once cloud-init has finished: its config stage
+	// restarts sshd (set-passwords writes PasswordAuthentication), and a
+	// connection made during that restart is refused while one made
+	// before survives it (ssh.service has KillMode=process). Held from
+	// the first banner, the connection let the checks after the upgrade
+	// race that restart.
+	consolePath := filepath.Join(c.root, "var/lib/alephvm/vms", "i-"+ref[:16], "console.log")
 	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		console, _ := os.ReadFile(consolePath)
+		if cloudInitFinished(string(console)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("cloud-init did not finish in the instance:\n%s", tail(string(console), 30))
+		}
+		time.Sleep(2 * time.Second)
+	}
+	var held net.Conn
 	for held == nil {
 		conn, banner, err := c.sshBanner(net.JoinHostPort(ip, "22"))
 		if err == nil {
@@ -139,7 +156,7 @@ func TestDebianPackage(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			console, _ := os.ReadFile(filepath.Join(c.root, "var/lib/alephvm/vms", "i-"+ref[:16], "console.log"))
+			console, _ := os.ReadFile(consolePath)
 			t.Fatalf("the instance's sshd does not answer: %v\n%s", err, tail(string(console), 30))
 		}
 		time.Sleep(2 * time.Second)
@@ -367,4 +384,15 @@ func copyFile(t *testing.T, from, to string) {
 		t.Fatal(err)
 	}
 	writeFile(t, to, string(data))
+}
+
+// cloudInitFinished reports whether a guest's console shows cloud-init's
+// final message ("Cloud-init v. 22.4.2 finished at ...").
+func cloudInitFinished(console string) bool {
+	for line := range strings.Lines(console) {
+		if strings.Contains(line, "Cloud-init v. ") && strings.Contains(line, " finished at ") {
+			return true
+		}
+	}
+	return false
 }

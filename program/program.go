@@ -732,7 +732,9 @@ func (v *programVM) connect(ctx context.Context) error {
 	client, err := guest.NewClient(helloCtx, conn)
 	if err != nil {
 		conn.Close()
-		return fmt.Errorf("control channel: %w (console: %s)", err, v.vm.ConsoleLog())
+		// The guest's last words say why it never answered (its init
+		// failed, its kernel panicked), or that it was cut short.
+		return fmt.Errorf("control channel: %w (console: %s, ending %s)", err, v.vm.ConsoleLog(), consoleTail(v.vm.ConsoleLog(), 2048))
 	}
 	v.useClient(client)
 	return nil

@@ -345,7 +345,13 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	if err := launcher.StopOrphans(ctx, hvs, kept); err != nil {
 		log.Error("stop programs left by an earlier run", "err", err)
 	}
-	if err := n.instances.Restore(ctx); err != nil {
+	// The table the earlier node left holds the VMs still running: it is
+	// replaced once every one of them is taken back, in one write that
+	// holds them all (ADR 0004), then the instances that died meanwhile
+	// start again, each written as it attaches.
+	networks.DeferWrites()
+	gone, err := n.instances.Adopt(ctx)
+	if err != nil {
 		log.Error("find instances again", "err", err)
 	}
 	adoptPersistent(ctx, n, launcher, hvs, kept)
@@ -354,6 +360,9 @@ func buildNode(ctx context.Context, cfg config.Config, log *slog.Logger) (*node,
 	}
 	if err := networks.Apply(); err != nil {
 		return fail(err)
+	}
+	if err := n.instances.Restart(ctx, gone); err != nil {
+		log.Error("start instances again", "err", err)
 	}
 	sweep, stopSweep := context.WithCancel(ctx) // ends before the database closes
 	go st.Sweep(sweep, store.SweepInterval)

@@ -29,3 +29,22 @@ func TestQEMULogSurvivesTruncation(t *testing.T) {
 		t.Errorf("after truncation the log holds %q", data)
 	}
 }
+
+func TestLogTail(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, QEMULog)
+	os.WriteFile(path, []byte("qemu-system-x86_64: terminating on signal 15 from pid 42 (kill)\n"), 0o600)
+	for _, tc := range []struct {
+		name, path string
+		n          int64
+		want       string
+	}{
+		{"whole", path, 1024, "qemu-system-x86_64: terminating on signal 15 from pid 42 (kill)"},
+		{"its end", path, 10, "42 (kill)"},
+		{"no log", filepath.Join(dir, "missing"), 1024, ""},
+	} {
+		if got := logTail(tc.path, tc.n); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

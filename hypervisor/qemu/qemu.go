@@ -360,6 +360,12 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 	go func() {
 		waitErr = cmd.Wait()
 		close(exited)
+		// How QEMU ended (an exit status, or the signal that killed it) and
+		// its last words: what tells a guest that powered off or a QEMU
+		// that crashed from one killed from outside, when it was not
+		// stopped on purpose.
+		d.log.Info("qemu exited", "vm", spec.Name, "pid", cmd.Process.Pid, "status", cmd.ProcessState.String(),
+			"stderr", logTail(logPath, 1024))
 	}()
 	qmp, err := waitForQMP(ctx, filepath.Join(spec.Dir, QMPSocket), exited)
 	if err != nil {
@@ -392,6 +398,22 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (*VM, error) {
 	vm := newVM(spec.Dir, cmd.Process.Pid, qmp, exited, d.consoleMax, d.log)
 	d.log.Info("vm started", "vm", spec.Name, "pid", vm.pid, "accel", d.accel, "uid", id.uid, "took", time.Since(started).Round(time.Millisecond))
 	return vm, nil
+}
+
+// logTail returns the last n bytes at most of QEMU's log, trimmed.
+func logTail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	b := make([]byte, min(st.Size(), n))
+	k, _ := f.ReadAt(b, st.Size()-int64(len(b)))
+	return strings.TrimSpace(string(b[:k]))
 }
 
 // openQEMULog opens a new QEMU's log (its stderr) for it, empty. The

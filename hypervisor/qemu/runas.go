@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Who QEMU runs as (Options.RunAs).
@@ -59,7 +61,7 @@ func newRunAsPolicy(runAs string, firstUID int) (*runAsPolicy, error) {
 		if firstUID < 1 || firstUID > 1<<32-2-UIDs {
 			return nil, fmt.Errorf("qemu: the first uid of VMs must be between 1 and %d, got %d", 1<<32-2-UIDs, firstUID)
 		}
-		p.uids = &uidRange{first: firstUID, count: UIDs, proc: "/proc", starting: map[int]bool{}}
+		p.uids = &uidRange{first: firstUID, count: UIDs, proc: "/proc", locks: uidLockDir, starting: map[int]*os.File{}}
 	default:
 		id, err := lookupRunAs(runAs)
 		if err != nil {
@@ -132,17 +134,28 @@ func Describe(runAs string, firstUID int) (string, error) {
 	return p.String(), nil
 }
 
+// uidLockDir holds a lock file per uid of the range, locked by the node
+// process that starts a QEMU as that uid until the QEMU runs as it: the
+// one place every node process of the host agrees on.
+const uidLockDir = "/run/alephvm/qemu-uids"
+
 // uidRange hands out the uids of a range that no process uses: a uid is
 // free when no process has it (QEMU opens every file before it drops to
 // its uid, so the uid owns nothing on disk) and no start under way took
 // it. Processes are found in /proc, so the QEMUs of an earlier node
 // process are seen too.
+//
+// A start under way is seen in another node process of the host (a
+// second node, or the tests' nodes side by side) through its lock file in
+// locks: until QEMU has dropped to its uid, /proc does not show the uid
+// taken, and two processes scanning it then chose the same uid.
 type uidRange struct {
 	first, count int
 	proc         string
+	locks        string
 
 	mu       sync.Mutex
-	starting map[int]bool
+	starting map[int]*os.File // the locked file of each uid taken, until released
 }
 
 func (r *uidRange) take() (int, error) {
@@ -153,10 +166,28 @@ func (r *uidRange) take() (int, error) {
 		return 0, fmt.Errorf("qemu: find the uids in use: %w", err)
 	}
 	for uid := r.first; uid < r.first+r.count; uid++ {
-		if !used[uid] && !r.starting[uid] {
-			r.starting[uid] = true
-			return uid, nil
+		if used[uid] || r.starting[uid] != nil {
+			continue
 		}
+		lock, err := r.lock(uid)
+		if errors.Is(err, errUIDLocked) {
+			continue // another process starts a QEMU as uid
+		}
+		if err != nil {
+			return 0, err
+		}
+		// A process that held the lock until its QEMU dropped to uid let
+		// it go before this one took it: /proc shows that QEMU now.
+		if used, err = r.inUse(); err != nil {
+			lock.Close()
+			return 0, fmt.Errorf("qemu: find the uids in use: %w", err)
+		}
+		if used[uid] {
+			lock.Close()
+			continue
+		}
+		r.starting[uid] = lock
+		return uid, nil
 	}
 	return 0, fmt.Errorf("qemu: all %d uids from %d are in use", r.count, r.first)
 }
@@ -164,7 +195,32 @@ func (r *uidRange) take() (int, error) {
 func (r *uidRange) release(uid int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if lock := r.starting[uid]; lock != nil {
+		lock.Close() // unlocks it
+	}
 	delete(r.starting, uid)
+}
+
+var errUIDLocked = errors.New("uid locked by another process")
+
+// lock locks uid's file in r.locks, or returns errUIDLocked. The files
+// stay: removing one could let two processes lock two files of one name.
+func (r *uidRange) lock(uid int) (*os.File, error) {
+	if err := os.MkdirAll(r.locks, 0o700); err != nil {
+		return nil, fmt.Errorf("qemu: uid locks: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(r.locks, strconv.Itoa(uid)), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: uid lock: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, errUIDLocked
+		}
+		return nil, fmt.Errorf("qemu: lock uid %d: %w", uid, err)
+	}
+	return f, nil
 }
 
 // inUse returns the uids and gids of the range that a process has.

@@ -30,7 +30,7 @@ func TestUIDRange(t *testing.T) {
 	// Two QEMUs of an earlier node run as the range's first uids, and a
 	// process elsewhere has a gid in it.
 	proc := fakeProc(t, map[int][2]int{10: {0, 0}, 11: {500, 500}, 12: {2000, 2000}, 13: {2001, 2001}, 14: {7, 2002}})
-	r := &uidRange{first: 2000, count: 5, proc: proc, starting: map[int]bool{}}
+	r := &uidRange{first: 2000, count: 5, proc: proc, locks: t.TempDir(), starting: map[int]*os.File{}}
 	a, err := r.take()
 	if err != nil || a != 2003 {
 		t.Fatalf("first take: %d %v, want 2003", a, err)
@@ -49,7 +49,7 @@ func TestUIDRange(t *testing.T) {
 }
 
 func TestUIDRangeConcurrentTakesDiffer(t *testing.T) {
-	r := &uidRange{first: 3000, count: 100, proc: fakeProc(t, nil), starting: map[int]bool{}}
+	r := &uidRange{first: 3000, count: 100, proc: fakeProc(t, nil), locks: t.TempDir(), starting: map[int]*os.File{}}
 	var mu sync.Mutex
 	seen := map[int]bool{}
 	var wg sync.WaitGroup
@@ -69,11 +69,43 @@ func TestUIDRangeConcurrentTakesDiffer(t *testing.T) {
 	wg.Wait()
 }
 
+// TestUIDRangeAcrossProcesses: two node processes of one host (two
+// ranges, as in two processes, with one /proc and one lock directory)
+// never hand out one uid, although neither sees the other's QEMU in /proc
+// before it has dropped to its uid.
+func TestUIDRangeAcrossProcesses(t *testing.T) {
+	proc, locks := fakeProc(t, nil), t.TempDir()
+	node1 := &uidRange{first: 2000, count: 5, proc: proc, locks: locks, starting: map[int]*os.File{}}
+	node2 := &uidRange{first: 2000, count: 5, proc: proc, locks: locks, starting: map[int]*os.File{}}
+	a, err := node1.take()
+	if err != nil || a != 2000 {
+		t.Fatalf("node 1: %d %v, want 2000", a, err)
+	}
+	b, err := node2.take()
+	if err != nil || b != 2001 {
+		t.Fatalf("node 2 while node 1 starts a QEMU as %d: %d %v, want 2001", a, b, err)
+	}
+	// Node 1's QEMU now runs as 2000; node 2's failed to start.
+	if err := os.MkdirAll(filepath.Join(proc, "20"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	status := "Uid:\t2000\t2000\t2000\t2000\nGid:\t2000\t2000\t2000\t2000\n"
+	if err := os.WriteFile(filepath.Join(proc, "20", "status"), []byte(status), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	node1.release(a)
+	node2.release(b)
+	if c, err := node2.take(); err != nil || c != 2001 {
+		t.Errorf("node 2 after node 1's QEMU dropped to %d: %d %v, want 2001", a, c, err)
+	}
+}
+
 func TestRunAsPolicy(t *testing.T) {
 	perVM, err := newRunAsPolicy(RunAsPerVM, 0)
-	if err != nil || perVM.uids.first != DefaultFirstUID {
+	if err != nil || perVM.uids.first != DefaultFirstUID || perVM.uids.locks != uidLockDir {
 		t.Fatalf("per VM: %+v %v", perVM, err)
 	}
+	perVM.uids.locks = t.TempDir()
 	id, release, err := perVM.take()
 	if err != nil || id.uid < DefaultFirstUID || id.uid >= DefaultFirstUID+UIDs || id.runAs != fmt.Sprintf("%d:%d", id.uid, id.uid) {
 		t.Errorf("per VM identity %+v %v", id, err)
