@@ -165,8 +165,8 @@ func (f *Front) newConn(c *clientConn) *fastConn {
 		fc = &fastConn{br: bufio.NewReaderSize(nil, fastBufferSize), bw: bufio.NewWriterSize(nil, 4<<10)}
 	}
 	fc.c = c
-	fc.br.Reset(c)
-	fc.bw.Reset(c)
+	fc.br.Reset(fastClientIO{c})
+	fc.bw.Reset(fastClientIO{c})
 	fc.ip = c.RemoteAddr().String()
 	if ip, _, err := net.SplitHostPort(fc.ip); err == nil {
 		fc.ip = ip

@@ -109,12 +109,16 @@ type clientConn struct {
 	// write, lookedAt whether there was one; used by Write only.
 	acked    uint64
 	lookedAt bool
+	// raw makes the fast path's reads and writes (fastClientIO); nil when
+	// not TCP.
+	raw *rawIO
 }
 
 func newClientConn(c net.Conn, free func()) *clientConn {
 	cc := &clientConn{Conn: c, free: free}
 	if tc, ok := c.(*net.TCPConn); ok {
 		cc.tcp = tc
+		cc.raw = newRawIO(tc)
 		if raw, err := tc.SyscallConn(); err == nil {
 			_ = raw.Control(func(fd uintptr) {
 				_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
@@ -131,8 +135,11 @@ func (c *clientConn) stream(on bool, timeout time.Duration) {
 	c.streaming.Store(on)
 }
 
-func (c *clientConn) Write(p []byte) (int, error) {
-	n, err := c.Conn.Write(p)
+func (c *clientConn) Write(p []byte) (int, error) { return c.writeWith(c.Conn.Write, p) }
+
+// writeWith writes p with write, the conn's own or the fast path's.
+func (c *clientConn) writeWith(write func([]byte) (int, error), p []byte) (int, error) {
+	n, err := write(p)
 	if err == nil || !c.streaming.Load() || c.tcp == nil {
 		return n, err
 	}
@@ -144,7 +151,7 @@ func (c *clientConn) Write(p []byte) (int, error) {
 		c.acked, c.lookedAt = now, true
 		_ = c.Conn.SetWriteDeadline(time.Now().Add(time.Duration(c.timeout.Load())))
 		var m int
-		m, err = c.Conn.Write(p[n:])
+		m, err = write(p[n:])
 		n += m
 	}
 	return n, err
@@ -164,6 +171,25 @@ func (c *clientConn) bytesAcked() (uint64, bool) {
 		return 0, false
 	}
 	return info.Bytes_acked, true
+}
+
+// fastClientIO is a client's connection as the fast path reads and
+// writes it: with raw system calls (rawIO), the write timeout kept as
+// clientConn.Write keeps it.
+type fastClientIO struct{ c *clientConn }
+
+func (f fastClientIO) Read(p []byte) (int, error) {
+	if f.c.raw == nil {
+		return f.c.Read(p)
+	}
+	return f.c.raw.Read(p)
+}
+
+func (f fastClientIO) Write(p []byte) (int, error) {
+	if f.c.raw == nil {
+		return f.c.Write(p)
+	}
+	return f.c.writeWith(f.c.raw.Write, p)
 }
 
 // gone tells whether the client closed its side (or reset it), without

@@ -60,11 +60,19 @@ type upstreamConn struct {
 	// written: a request that failed before its answer's first byte may be
 	// retried.
 	received bool
+	// raw makes the reads and writes of br and bw; nil when not TCP.
+	raw *rawIO
 }
 
 // Read reads from the connection, noting that something came.
 func (c *upstreamConn) Read(p []byte) (int, error) {
-	n, err := c.conn.Read(p)
+	var n int
+	var err error
+	if c.raw != nil {
+		n, err = c.raw.Read(p)
+	} else {
+		n, err = c.conn.Read(p)
+	}
 	if n > 0 {
 		c.received = true
 	}
@@ -123,9 +131,13 @@ func (u *upstreams) dial(ctx context.Context, prog pool.Program, deadline time.T
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", target.Host, err)
 	}
-	c := &upstreamConn{conn: conn, prog: prog, prefix: strings.TrimSuffix(target.EscapedPath(), "/")}
+	c := &upstreamConn{conn: conn, prog: prog, prefix: strings.TrimSuffix(target.EscapedPath(), "/"), raw: newRawIO(conn)}
 	c.br = bufio.NewReaderSize(c, 4<<10)
-	c.bw = bufio.NewWriterSize(conn, 4<<10)
+	if c.raw != nil {
+		c.bw = bufio.NewWriterSize(c.raw, 4<<10)
+	} else {
+		c.bw = bufio.NewWriterSize(conn, 4<<10)
+	}
 	return c, nil
 }
 

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -204,10 +205,19 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 		{Name: "nginx", URL: viaNginx, Proc: nginxPID, Children: true},
 		{Name: "direct", URL: "http://" + vm + ":8080/"},
 	}
+	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
+		// One target alone, to profile it.
+		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })
+	}
 	rounds := 3
 	if n, err := strconv.Atoi(os.Getenv("ALEPHVM_PROXYBENCH_ROUNDS")); err == nil && n > 0 {
 		rounds = n
 	}
+	// What the node spends with no request (its own timers and pollers)
+	// is part of its CPU per request below: said here to weigh it.
+	idle0, start := proxybench.CPUTime(node.cmd.Process.Pid, false), time.Now()
+	time.Sleep(3 * time.Second)
+	b.Logf("node idle: %.1f ms of CPU per second", float64((proxybench.CPUTime(node.cmd.Process.Pid, false)-idle0).Microseconds())/1e3/time.Since(start).Seconds())
 	for b.Loop() {
 		proxybench.Compare(b, targets, rounds, 5*time.Second, proxybench.Load(b))
 	}
