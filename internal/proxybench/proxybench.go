@@ -35,12 +35,19 @@ type Target struct {
 }
 
 // Compare loads each target in turn, rounds times, at 32 and at 200
-// connections: interleaved (one, two, three, one, ...) so that other work
+// connections, after a second of warm-up each: interleaved (one, two, three, one, ...) so that other work
 // on the machine weighs on all alike. It logs every round and reports the
 // medians, and the first target's rate over each of the others.
 func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc) {
 	for _, conns := range []int{32, 200} {
 		rates, cpus := map[string][]float64{}, map[string][]float64{}
+		// A second of each first, not counted: connections opened, pools
+		// filled, so that no round pays for them.
+		for _, tg := range targets {
+			if _, err := load(tg.URL, conns, time.Second); err != nil {
+				b.Fatalf("%s at %d connections: %v", tg.Name, conns, err)
+			}
+		}
 		for round := range rounds {
 			for _, tg := range targets {
 				cpu0 := CPUTime(tg.Proc, tg.Children)
