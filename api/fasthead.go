@@ -86,18 +86,7 @@ func parseRequestHead(head []byte, r *fastRequest) bool {
 		r.path = target
 	}
 	hosts, lengths := 0, 0
-	for {
-		line, rest, ok = cutLine(rest)
-		if !ok {
-			return false
-		}
-		if len(line) == 0 {
-			break
-		}
-		name, value, ok := splitHeader(line)
-		if !ok || len(r.headers) == maxFastHeaders {
-			return false
-		}
+	ok = eachHeader(rest, func(name, value []byte) bool {
 		switch {
 		case equalFold(name, "host"):
 			hosts++
@@ -115,19 +104,7 @@ func parseRequestHead(head []byte, r *fastRequest) bool {
 		case equalFold(name, "transfer-encoding"), equalFold(name, "expect"), equalFold(name, "upgrade"):
 			return false
 		case equalFold(name, "connection"):
-			ok := eachToken(value, func(t []byte) bool {
-				switch {
-				case equalFold(t, "close"):
-					r.close = true
-				case equalFold(t, "keep-alive"):
-				case equalFold(t, "upgrade"), len(r.connTokens) == maxConnectionTokens:
-					return false
-				default:
-					r.connTokens = append(r.connTokens, t)
-				}
-				return true
-			})
-			if !ok {
+			if !parseConnection(value, &r.close, &r.connTokens) {
 				return false
 			}
 		case equalFold(name, "te"):
@@ -141,8 +118,46 @@ func parseRequestHead(head []byte, r *fastRequest) bool {
 			r.hasXFF = true
 		}
 		r.headers = append(r.headers, headerSpan{name, value})
+		return true
+	})
+	return ok && hosts == 1 && lengths <= 1
+}
+
+// eachHeader calls fn with each header of a head's lines after the first,
+// up to the empty line that must end it; false when a line is not of the
+// subset, there are more than maxFastHeaders, or fn refuses one.
+func eachHeader(rest []byte, fn func(name, value []byte) bool) bool {
+	for n := 0; ; n++ {
+		line, next, ok := cutLine(rest)
+		if !ok {
+			return false
+		}
+		if len(line) == 0 {
+			return len(next) == 0
+		}
+		name, value, ok := splitHeader(line)
+		if !ok || n == maxFastHeaders || !fn(name, value) {
+			return false
+		}
+		rest = next
 	}
-	return hosts == 1 && lengths <= 1 && len(rest) == 0
+}
+
+// parseConnection reads a Connection header: close, and the headers it
+// names (hop-by-hop too); false for an upgrade or too many names.
+func parseConnection(value []byte, close *bool, tokens *[][]byte) bool {
+	return eachToken(value, func(t []byte) bool {
+		switch {
+		case equalFold(t, "close"):
+			*close = true
+		case equalFold(t, "keep-alive"):
+		case equalFold(t, "upgrade"), len(*tokens) == maxConnectionTokens:
+			return false
+		default:
+			*tokens = append(*tokens, t)
+		}
+		return true
+	})
 }
 
 // fastMethod tells the methods the fast path forwards; CONNECT and those
@@ -198,18 +213,7 @@ func parseAnswerHead(head []byte, a *fastAnswer) bool {
 	}
 	a.code = code
 	lengths := 0
-	for {
-		line, rest, ok = cutLine(rest)
-		if !ok {
-			return false
-		}
-		if len(line) == 0 {
-			break
-		}
-		name, value, ok := splitHeader(line)
-		if !ok || len(a.headers) == maxFastHeaders {
-			return false
-		}
+	ok = eachHeader(rest, func(name, value []byte) bool {
 		switch {
 		case equalFold(name, "content-length"):
 			lengths++
@@ -221,29 +225,18 @@ func parseAnswerHead(head []byte, a *fastAnswer) bool {
 		case equalFold(name, "transfer-encoding"), equalFold(name, "trailer"), equalFold(name, "upgrade"):
 			return false
 		case equalFold(name, "connection"):
-			ok := eachToken(value, func(t []byte) bool {
-				switch {
-				case equalFold(t, "close"):
-					a.close = true
-				case equalFold(t, "keep-alive"):
-				case equalFold(t, "upgrade"), len(a.connTokens) == maxConnectionTokens:
-					return false
-				default:
-					a.connTokens = append(a.connTokens, t)
-				}
-				return true
-			})
-			if !ok {
+			if !parseConnection(value, &a.close, &a.connTokens) {
 				return false
 			}
 		case equalFold(name, "content-type"):
-			a.eventStream = isEventStreamType(string(value))
+			a.eventStream = isEventStreamType(value)
 		case equalFold(name, "date"):
 			a.hasDate = true
 		}
 		a.headers = append(a.headers, headerSpan{name, value})
-	}
-	if lengths > 1 || len(rest) != 0 {
+		return true
+	})
+	if !ok || lengths > 1 {
 		return false
 	}
 	if lengths == 0 && code != http.StatusNoContent && code != http.StatusNotModified {
@@ -410,22 +403,18 @@ func equalFold(b []byte, lower string) bool {
 }
 
 // hopByHopName is hopByHop for a name in any case.
-func hopByHopName(name []byte) bool {
-	switch len(name) {
-	case 2:
-		return equalFold(name, "te")
-	case 7:
-		return equalFold(name, "trailer") || equalFold(name, "upgrade")
-	case 10:
-		return equalFold(name, "connection") || equalFold(name, "keep-alive")
-	case 16:
-		return equalFold(name, "proxy-connection")
-	case 17:
-		return equalFold(name, "transfer-encoding")
-	case 18:
-		return equalFold(name, "proxy-authenticate")
-	case 19:
-		return equalFold(name, "proxy-authorization")
+func hopByHopName(name []byte) bool { return foldIn(name, hopByHopNames) }
+
+var hopByHopNames = []string{"connection", "proxy-connection", "keep-alive", "proxy-authenticate",
+	"proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"}
+
+// foldIn tells whether name is one of names (in lower case), ignoring
+// ASCII case.
+func foldIn(name []byte, names []string) bool {
+	for _, n := range names {
+		if equalFold(name, n) {
+			return true
+		}
 	}
 	return false
 }

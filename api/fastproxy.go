@@ -225,25 +225,10 @@ func writeFastRequest(bw *bufio.Writer, r *fastRequest, prefix string, suffix []
 
 // notForwarded tells the request headers the node sets itself (or, for
 // Expect, answers itself).
-func notForwarded(name []byte) bool {
-	switch len(name) {
-	case 4:
-		return equalFold(name, "host")
-	case 6:
-		return equalFold(name, "expect")
-	case 9:
-		return equalFold(name, "forwarded")
-	case 14:
-		return equalFold(name, "content-length")
-	case 15:
-		return equalFold(name, "x-forwarded-for")
-	case 16:
-		return equalFold(name, "x-forwarded-host")
-	case 17:
-		return equalFold(name, "x-forwarded-proto")
-	}
-	return false
-}
+func notForwarded(name []byte) bool { return foldIn(name, notForwardedNames) }
+
+var notForwardedNames = []string{"host", "expect", "forwarded", "content-length",
+	"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"}
 
 func writeSpan(bw *bufio.Writer, h headerSpan) {
 	bw.Write(h.name)

@@ -19,9 +19,22 @@ import (
 // thread and to keep waking up every 20 µs, and each of those thread
 // switches cost more than the proxying itself (docs/load.md). A socket
 // call that cannot block needs none of that.
+//
+// A rawIO has one reader and one writer at a time (bufio's); the state of
+// each call is kept in it, so that no closure is made per call.
 type rawIO struct {
 	conn net.Conn
 	rc   syscall.RawConn
+
+	rbuf   []byte
+	rn     uintptr
+	rerrno syscall.Errno
+	readFn func(uintptr) bool
+
+	wbuf    []byte
+	wn      int
+	werrno  syscall.Errno
+	writeFn func(uintptr) bool
 }
 
 // newRawIO returns the raw reads and writes of c, or nil when c has no
@@ -35,54 +48,63 @@ func newRawIO(c net.Conn) *rawIO {
 	if err != nil {
 		return nil
 	}
-	return &rawIO{conn: c, rc: rc}
+	r := &rawIO{conn: c, rc: rc}
+	r.readFn, r.writeFn = r.read, r.write
+	return r
+}
+
+func (r *rawIO) read(fd uintptr) bool {
+	r.rn, _, r.rerrno = syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&r.rbuf[0])), uintptr(len(r.rbuf)))
+	return r.rerrno != syscall.EAGAIN
 }
 
 func (r *rawIO) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	var n uintptr
-	var errno syscall.Errno
-	err := r.rc.Read(func(fd uintptr) bool {
-		n, _, errno = syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-		return errno != syscall.EAGAIN
-	})
-	switch {
-	case err != nil:
-		return 0, r.opError("read", err)
-	case errno == syscall.EINTR:
-		return r.Read(p)
-	case errno != 0:
-		return 0, r.opError("read", os.NewSyscallError("read", errno))
-	case n == 0:
-		return 0, io.EOF
+	for {
+		r.rbuf = p
+		err := r.rc.Read(r.readFn)
+		r.rbuf = nil
+		switch {
+		case err != nil:
+			return 0, r.opError("read", err)
+		case r.rerrno == syscall.EINTR:
+			continue
+		case r.rerrno != 0:
+			return 0, r.opError("read", os.NewSyscallError("read", r.rerrno))
+		case r.rn == 0:
+			return 0, io.EOF
+		}
+		return int(r.rn), nil
 	}
-	return int(n), nil
+}
+
+func (r *rawIO) write(fd uintptr) bool {
+	for r.wn < len(r.wbuf) {
+		n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&r.wbuf[r.wn])), uintptr(len(r.wbuf)-r.wn))
+		switch e {
+		case 0:
+			r.wn += int(n)
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return false
+		default:
+			r.werrno = e
+			return true
+		}
+	}
+	return true
 }
 
 func (r *rawIO) Write(p []byte) (int, error) {
-	var written int
-	var errno syscall.Errno
-	err := r.rc.Write(func(fd uintptr) bool {
-		for written < len(p) {
-			n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[written])), uintptr(len(p)-written))
-			switch e {
-			case 0:
-				written += int(n)
-			case syscall.EINTR:
-			case syscall.EAGAIN:
-				return false
-			default:
-				errno = e
-				return true
-			}
-		}
-		return true
-	})
-	if err == nil && errno != 0 {
-		err = os.NewSyscallError("write", errno)
+	r.wbuf, r.wn, r.werrno = p, 0, 0
+	err := r.rc.Write(r.writeFn)
+	written := r.wn
+	if err == nil && r.werrno != 0 {
+		err = os.NewSyscallError("write", r.werrno)
 	}
+	r.wbuf = nil
 	if err != nil {
 		return written, r.opError("write", err)
 	}
