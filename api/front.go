@@ -43,7 +43,7 @@ type Front struct {
 	// handed counts the connections given to net/http; noFast (tests)
 	// gives them all.
 	handed atomic.Int64
-	noFast bool
+	noFast atomic.Bool
 
 	server []byte // the Server header line
 	dates  dateCache
@@ -237,7 +237,7 @@ func (f *Front) serveFast(fc *fastConn) (handed bool) {
 				return false
 			}
 		}
-		if head == nil || f.noFast || !parseRequestHead(head, &fc.req) {
+		if head == nil || f.noFast.Load() || !parseRequestHead(head, &fc.req) {
 			return f.handOff(fc)
 		}
 		ref, suffix, ok := f.route(fc)

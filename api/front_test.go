@@ -224,7 +224,7 @@ func TestFastPathAsNetHTTP(t *testing.T) {
 			var answers [2]string
 			for i, noFast := range []bool{false, true} {
 				srv := newTestAPI(t, &launcher{handler: mux})
-				frontOf(srv).noFast = noFast
+				frontOf(srv).noFast.Store(noFast)
 				resp := rawExchange(t, srv, req, 1)[0]
 				answers[i] = describe(t, resp, srv)
 				if handed := frontOf(srv).handed.Load(); (handed == 1) != noFast {
