@@ -11,12 +11,26 @@ import (
 // program sent no answer's headers within its resources.seconds, and those
 // whose client left. One goroutine looks at them all a few times a second,
 // while there are any, instead of a timer and a context per request.
+//
+// The exchanges are spread over shards, each with its lock: every request
+// adds and removes one, and a single lock, also held while the goroutine
+// looks at all of them, was the proxy's most contended.
 type watchdog struct {
 	tick time.Duration
 
+	shards  [watchShards]watchShard
+	next    atomic.Uint32
+	active  atomic.Int64 // exchanges watched
+	mu      sync.Mutex   // running's
+	running bool
+}
+
+const watchShards = 16
+
+type watchShard struct {
 	mu      sync.Mutex
 	watched []*exchange
-	running bool
+	_       [32]byte // a cache line each
 }
 
 // Why an exchange was ended by the watchdog.
@@ -34,6 +48,7 @@ type exchange struct {
 	// up is the connection to the program the request is on, if any.
 	up     atomic.Pointer[upstreamConn]
 	reason atomic.Int32
+	shard  int
 	slot   int
 	// client is the client's connection on the fast path, which has no
 	// context: from probeAfter on, it is probed every probeEvery.
@@ -108,41 +123,58 @@ func (x *exchange) check(now int64) {
 
 // watch starts watching x.
 func (d *watchdog) watch(x *exchange) {
-	d.mu.Lock()
-	x.slot = len(d.watched)
-	d.watched = append(d.watched, x)
-	if !d.running {
-		d.running = true
-		go d.run()
+	x.shard = int(d.next.Add(1) % watchShards)
+	sh := &d.shards[x.shard]
+	sh.mu.Lock()
+	x.slot = len(sh.watched)
+	sh.watched = append(sh.watched, x)
+	sh.mu.Unlock()
+	if d.active.Add(1) == 1 {
+		d.mu.Lock()
+		if !d.running {
+			d.running = true
+			go d.run()
+		}
+		d.mu.Unlock()
 	}
-	d.mu.Unlock()
 }
 
 // unwatch stops watching x: once it returns, x is aborted no more.
 func (d *watchdog) unwatch(x *exchange) {
-	d.mu.Lock()
-	last := len(d.watched) - 1
-	moved := d.watched[last]
-	d.watched[x.slot], moved.slot = moved, x.slot
-	d.watched[last] = nil
-	d.watched = d.watched[:last]
-	d.mu.Unlock()
+	sh := &d.shards[x.shard]
+	sh.mu.Lock()
+	last := len(sh.watched) - 1
+	moved := sh.watched[last]
+	sh.watched[x.slot], moved.slot = moved, x.slot
+	sh.watched[last] = nil
+	sh.watched = sh.watched[:last]
+	sh.mu.Unlock()
+	d.active.Add(-1)
 }
 
 func (d *watchdog) run() {
 	t := time.NewTicker(d.tick)
 	defer t.Stop()
 	for now := range t.C {
-		d.mu.Lock()
-		if len(d.watched) == 0 {
-			d.running = false
+		if d.active.Load() == 0 {
+			// Ends unless an exchange came meanwhile; one that comes after
+			// finds running false and starts another run.
+			d.mu.Lock()
+			if d.active.Load() == 0 {
+				d.running = false
+				d.mu.Unlock()
+				return
+			}
 			d.mu.Unlock()
-			return
 		}
 		n := now.UnixNano()
-		for _, x := range d.watched {
-			x.check(n)
+		for i := range d.shards {
+			sh := &d.shards[i]
+			sh.mu.Lock()
+			for _, x := range sh.watched {
+				x.check(n)
+			}
+			sh.mu.Unlock()
 		}
-		d.mu.Unlock()
 	}
 }
