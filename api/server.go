@@ -100,7 +100,6 @@ const notSentLowat = 128 << 10
 // reading is, within two timeouts.
 type clientConn struct {
 	net.Conn
-	tcp       *net.TCPConn // nil when not TCP
 	free      func()
 	freeOnce  sync.Once
 	streaming atomic.Bool
@@ -109,21 +108,20 @@ type clientConn struct {
 	// write, lookedAt whether there was one; used by Write only.
 	acked    uint64
 	lookedAt bool
-	// raw makes the fast path's reads and writes (fastClientIO); nil when
-	// not TCP.
+	// raw is the socket of a TCP connection (nil else): the fast path's
+	// reads and writes (fastClientIO), its options and TCP_INFO.
 	raw *rawIO
 }
 
 func newClientConn(c net.Conn, free func()) *clientConn {
 	cc := &clientConn{Conn: c, free: free}
 	if tc, ok := c.(*net.TCPConn); ok {
-		cc.tcp = tc
 		cc.raw = newRawIO(tc)
-		if raw, err := tc.SyscallConn(); err == nil {
-			_ = raw.Control(func(fd uintptr) {
-				_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
-			})
-		}
+	}
+	if cc.raw != nil {
+		_ = cc.raw.rc.Control(func(fd uintptr) {
+			_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
+		})
 	}
 	return cc
 }
@@ -140,7 +138,7 @@ func (c *clientConn) Write(p []byte) (int, error) { return c.writeWith(c.Conn.Wr
 // writeWith writes p with write, the conn's own or the fast path's.
 func (c *clientConn) writeWith(write func([]byte) (int, error), p []byte) (int, error) {
 	n, err := write(p)
-	if err == nil || !c.streaming.Load() || c.tcp == nil {
+	if err == nil || !c.streaming.Load() || c.raw == nil {
 		return n, err
 	}
 	for errors.Is(err, os.ErrDeadlineExceeded) {
@@ -159,12 +157,9 @@ func (c *clientConn) writeWith(write func([]byte) (int, error), p []byte) (int, 
 
 // bytesAcked is how many bytes the client has acknowledged.
 func (c *clientConn) bytesAcked() (uint64, bool) {
-	raw, err := c.tcp.SyscallConn()
-	if err != nil {
-		return 0, false
-	}
 	var info *unix.TCPInfo
-	ctlErr := raw.Control(func(fd uintptr) {
+	var err error
+	ctlErr := c.raw.rc.Control(func(fd uintptr) {
 		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
 	})
 	if ctlErr != nil || err != nil {
