@@ -172,6 +172,7 @@ func fastMethod(m []byte) bool {
 
 // fastAnswer is an answer head of the fast subset.
 type fastAnswer struct {
+	headLen       int // of the head, left in the connection's buffer
 	code          int
 	contentLength int64 // -1 when the answer has none
 	close         bool

@@ -157,6 +157,7 @@ func readAnswer(br *bufio.Reader, a *fastAnswer, method []byte) (*http.Response,
 		buf, _ = br.Peek(br.Buffered())
 		if i := bytes.Index(buf, crlfcrlf); i >= 0 {
 			if parseAnswerHead(buf[:i+4], a) {
+				a.headLen = i + 4
 				return nil, nil
 			}
 			break
@@ -295,33 +296,23 @@ func (p *proxy) writeAnswer(f *Front, fc *fastConn, plan *pool.Plan, up *upstrea
 	}
 	bw.WriteString("\r\n")
 	// The head read in place is written: it may go.
-	head, _ := up.br.Peek(up.br.Buffered())
-	_, _ = up.br.Discard(bytes.Index(head, crlfcrlf) + 4)
+	_, _ = up.br.Discard(a.headLen)
 	if noBody || a.contentLength == 0 {
 		return bw.Flush() == nil, !a.close
 	}
-	if a.eventStream {
-		err := p.copyFlushed(fc, io.LimitReader(up.br, a.contentLength), nil)
-		return err == nil, false
+	fc.body = io.LimitedReader{R: up.br, N: a.contentLength}
+	n, err := p.copyBody(fc, &fc.body, nil, a.eventStream)
+	fc.body.R = nil
+	if err == nil && n < a.contentLength {
+		err = fmt.Errorf("read the answer: %w", io.ErrUnexpectedEOF)
 	}
-	buf := p.getBuffer()
-	defer p.bufs.Put(buf)
-	for left := a.contentLength; left > 0; {
-		n, rerr := up.br.Read((*buf)[:min(int64(len(*buf)), left)])
-		if n > 0 {
-			fc.rearm()
-			if _, err := bw.Write((*buf)[:n]); err != nil {
-				return false, false // the client left
-			}
-			left -= int64(n)
+	if err != nil {
+		if !errors.Is(err, errClientLeft) {
+			p.log.Warn("program's answer cut", "ref", plan.Ref, "err", err)
 		}
-		if rerr != nil && left > 0 {
-			p.log.Warn("program's answer cut", "ref", plan.Ref, "err", rerr)
-			return false, false
-		}
+		return false, false
 	}
-	fc.rearm()
-	return bw.Flush() == nil, !a.close
+	return true, !a.close && !a.eventStream
 }
 
 // writeResponse sends an answer read by http.ReadResponse: of unknown
@@ -363,42 +354,22 @@ func (p *proxy) writeResponse(f *Front, fc *fastConn, plan *pool.Plan, up *upstr
 	if noBody {
 		return bw.Flush() == nil, !resp.Close
 	}
-	var err error
-	if chunked || isEventStream(resp.Header) {
-		var cw io.WriteCloser
-		if chunked {
-			cw = httputil.NewChunkedWriter(bw)
-		}
-		err = p.copyFlushed(fc, resp.Body, cw)
-		if err == nil && cw != nil {
-			cw.Close()
-			for k, vv := range resp.Trailer {
-				for _, v := range vv {
-					writeHeaderLine(bw, k, v)
-				}
+	var cw io.WriteCloser
+	if chunked {
+		cw = httputil.NewChunkedWriter(bw)
+	}
+	_, err := p.copyBody(fc, resp.Body, cw, chunked || isEventStream(resp.Header))
+	if err == nil && cw != nil {
+		cw.Close()
+		for k, vv := range resp.Trailer {
+			for _, v := range vv {
+				writeHeaderLine(bw, k, v)
 			}
-			bw.WriteString("\r\n")
-			err = bw.Flush()
 		}
-	} else {
-		buf := p.getBuffer()
-		for err == nil {
-			n, rerr := resp.Body.Read(*buf)
-			if n > 0 {
-				fc.rearm()
-				if _, werr := bw.Write((*buf)[:n]); werr != nil {
-					err = errClientLeft
-					break
-				}
-			}
-			if rerr == io.EOF {
-				fc.rearm()
-				err = bw.Flush()
-				break
-			}
-			err = rerr
+		bw.WriteString("\r\n")
+		if bw.Flush() != nil {
+			err = errClientLeft
 		}
-		p.bufs.Put(buf)
 	}
 	if err != nil {
 		if !errors.Is(err, errClientLeft) {
@@ -409,31 +380,42 @@ func (p *proxy) writeResponse(f *Front, fc *fastConn, plan *pool.Plan, up *upstr
 	return true, !resp.Close
 }
 
-// copyFlushed copies src to the client (through cw when it is not nil),
-// flushing each piece as it comes: streams are not held back.
-func (p *proxy) copyFlushed(fc *fastConn, src io.Reader, cw io.Writer) error {
+// copyBody sends src to the client (through cw when it is not nil),
+// each piece within the write timeout and, when flush, flushed as it
+// comes: streams are not held back. It returns the bytes read from src,
+// and errClientLeft when the client's side failed, else src's error (nil
+// at its end).
+func (p *proxy) copyBody(fc *fastConn, src io.Reader, cw io.Writer, flush bool) (int64, error) {
 	var dst io.Writer = fc.bw
 	if cw != nil {
 		dst = cw
 	}
 	buf := p.getBuffer()
 	defer p.bufs.Put(buf)
+	var total int64
 	for {
 		n, rerr := src.Read(*buf)
 		if n > 0 {
+			total += int64(n)
 			fc.rearm()
 			if _, err := dst.Write((*buf)[:n]); err != nil {
-				return errClientLeft
+				return total, errClientLeft
 			}
-			if err := fc.bw.Flush(); err != nil {
-				return errClientLeft
+			if flush && fc.bw.Flush() != nil {
+				return total, errClientLeft
 			}
 		}
 		if rerr == io.EOF {
-			return nil
+			if !flush {
+				fc.rearm()
+				if fc.bw.Flush() != nil {
+					return total, errClientLeft
+				}
+			}
+			return total, nil
 		}
 		if rerr != nil {
-			return fmt.Errorf("read the answer: %w", rerr)
+			return total, fmt.Errorf("read the answer: %w", rerr)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -148,6 +149,7 @@ type fastConn struct {
 	armedAt      time.Time
 	req          fastRequest
 	ans          fastAnswer
+	body         io.LimitedReader // of the answer being sent, reused
 	// The program of the last request, for the next one on the same
 	// route not to decode its name again.
 	lastRoute  []byte
