@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/textproto"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -343,5 +345,37 @@ func TestFrontCloseFinishesRequests(t *testing.T) {
 	}
 	if !closedByServer(busy, 2*time.Second) {
 		t.Error("the busy connection stays open after its answer")
+	}
+}
+
+// TestFastPathShortAnswerEndsConnection: an answer cut before its
+// Content-Length (an event stream here, flushed as it comes) ends the
+// client's connection, which must not carry another answer out of step.
+func TestFastPathShortAnswerEndsConnection(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100\r\n\r\ndata: 1\n\n")
+		brw.Flush()
+	})
+	srv := newTestAPI(t, &launcher{handler: mux})
+	conn := rawConn(t, srv)
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "GET /vm/%s/ HTTP/1.1\r\nHost: node.example\r\n\r\n", ref)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err == nil || errors.Is(err, os.ErrDeadlineExceeded) || string(body) != "data: 1\n\n" {
+		t.Errorf("a cut answer read as %q, %v: want its 9 bytes, then the connection closed", body, err)
+	}
+	if got := frontOf(srv).handed.Load(); got != 0 {
+		t.Errorf("served by net/http (%d), not the fast path", got)
 	}
 }
