@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench-proxy.sh: the node's proxy against nginx (keepalive upstream) and
 # against the program itself, in one run: wrk -t2 at 32 and 200
-# connections, 3 interleaved rounds of 5 s each, medians and ratios.
+# connections, 5 interleaved rounds of 5 s each, medians and ratios
+# (ROUNDS, SECONDS_PER_ROUND and ALEPHVM_PROXYBENCH_CONNS="32,200" size it).
 # It runs BenchmarkProxyVsNginx (api/proxybench_test.go: an in-process
 # program) or, with --vm, BenchmarkProgramProxyVsNginx (cmd/alephvm:
 # examples/go-hello in a VM under QEMU; as root). It installs nothing: it
@@ -23,7 +24,7 @@ if [ "${1:-}" = --vm ]; then
 	bench='BenchmarkProgramProxyVsNginx$' pkg=./cmd/alephvm
 fi
 echo "load average before: $(cat /proc/loadavg)"
-ALEPHVM_PROXYBENCH_ROUNDS="${ROUNDS:-3}" ALEPHVM_PROXYBENCH_SECONDS="${SECONDS_PER_ROUND:-5}" \
+ALEPHVM_PROXYBENCH_ROUNDS="${ROUNDS:-5}" ALEPHVM_PROXYBENCH_SECONDS="${SECONDS_PER_ROUND:-5}" \
 	go test -run NONE -bench "$bench" -benchtime 1x -timeout 30m -v "$pkg" |
 	awk '/round|Benchmark|^ok|FAIL/ { print } /Benchmark(Program)?ProxyVsNginx-/ {
 		for (i = 3; i < NF; i += 2) printf "  %-22s %s\n", $(i+1), $i }'

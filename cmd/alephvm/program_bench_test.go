@@ -209,9 +209,12 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 		// One target alone, to profile it.
 		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })
 	}
-	rounds := 3
+	rounds, seconds := 3, 5
 	if n, err := strconv.Atoi(os.Getenv("ALEPHVM_PROXYBENCH_ROUNDS")); err == nil && n > 0 {
 		rounds = n
+	}
+	if n, err := strconv.Atoi(os.Getenv("ALEPHVM_PROXYBENCH_SECONDS")); err == nil && n > 0 {
+		seconds = n
 	}
 	// What the node spends with no request (its own timers and pollers)
 	// is part of its CPU per request below: said here to weigh it.
@@ -219,6 +222,30 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 	time.Sleep(3 * time.Second)
 	b.Logf("node idle: %.1f ms of CPU per second", float64((proxybench.CPUTime(node.cmd.Process.Pid, false)-idle0).Microseconds())/1e3/time.Since(start).Seconds())
 	for b.Loop() {
-		proxybench.Compare(b, targets, rounds, 5*time.Second, proxybench.Load(b))
+		proxybench.CompareCounting(b, targets, rounds, time.Duration(seconds)*time.Second, proxybench.Load(b), tapPackets)
 	}
+}
+
+// tapPackets is the packets the VMs' taps (one VM here, in the test's
+// namespace) sent and received, from /proc/net/dev (/sys/class/net shows
+// the namespace sysfs was mounted in).
+func tapPackets() uint64 {
+	dev, _ := os.ReadFile("/proc/self/net/dev")
+	prefix := strings.TrimRight(network.TapName(0), "0")
+	var n uint64
+	for _, line := range strings.Split(string(dev), "\n") {
+		name, counters, ok := strings.Cut(line, ":")
+		if !ok || !strings.HasPrefix(strings.TrimSpace(name), prefix) {
+			continue
+		}
+		// Received bytes, packets, ... then transmitted bytes, packets.
+		f := strings.Fields(counters)
+		if len(f) < 10 {
+			continue
+		}
+		rx, _ := strconv.ParseUint(f[1], 10, 64)
+		tx, _ := strconv.ParseUint(f[9], 10, 64)
+		n += rx + tx
+	}
+	return n
 }

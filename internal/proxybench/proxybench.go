@@ -35,12 +35,22 @@ type Target struct {
 }
 
 // Compare loads each target in turn, rounds times, at 32 and at 200
-// connections, after a second of warm-up each: interleaved (one, two, three, one, ...) so that other work
-// on the machine weighs on all alike. It logs every round and reports the
-// medians, and the first target's rate over each of the others.
+// connections (see Connections), after a second of warm-up each:
+// interleaved (one, two, three, then three, two, one, ...) so that other
+// work on the machine weighs on all alike. It logs every round and reports
+// the medians, and the first target's rate over each of the others: the
+// ratio of the medians, and the median of the ratios round by round
+// ("-paired").
 func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc) {
-	for _, conns := range []int{32, 200} {
-		rates, cpus := map[string][]float64{}, map[string][]float64{}
+	CompareCounting(b, targets, rounds, d, load, nil)
+}
+
+// CompareCounting is Compare that also reports, when packets is not nil,
+// how many packets packets counts per request: the guest's traffic, which
+// each proxy shapes its own way.
+func CompareCounting(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc, packets func() uint64) {
+	for _, conns := range Connections() {
+		rates, cpus, pkts := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
 		// A second of each first, not counted: connections opened, pools
 		// filled, so that no round pays for them.
 		for _, tg := range targets {
@@ -49,8 +59,18 @@ func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load L
 			}
 		}
 		for round := range rounds {
-			for _, tg := range targets {
+			// Every other round in reverse order, so that no target is
+			// always the one that runs after another has loaded the guest.
+			order := slices.Clone(targets)
+			if round%2 == 1 {
+				slices.Reverse(order)
+			}
+			for _, tg := range order {
 				cpu0 := CPUTime(tg.Proc, tg.Children)
+				var pkts0 uint64
+				if packets != nil {
+					pkts0 = packets()
+				}
 				start := time.Now()
 				rate, err := load(tg.URL, conns, d)
 				if err != nil {
@@ -63,6 +83,11 @@ func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load L
 					cpus[tg.Name] = append(cpus[tg.Name], us)
 					perReq = fmt.Sprintf(", %.1f µs of CPU per request", us)
 				}
+				if packets != nil && rate > 0 {
+					pp := float64(packets()-pkts0) / (rate * time.Since(start).Seconds())
+					pkts[tg.Name] = append(pkts[tg.Name], pp)
+					perReq += fmt.Sprintf(", %.2f packets per request", pp)
+				}
 				b.Logf("c%d round %d %s: %.0f req/s%s (load %s)", conns, round+1, tg.Name, rate, perReq, LoadAverage())
 			}
 		}
@@ -73,11 +98,41 @@ func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load L
 			if len(cpus[tg.Name]) > 0 {
 				b.ReportMetric(Median(cpus[tg.Name]), "cpu-us/req-"+tg.Name+"-"+c)
 			}
+			if len(pkts[tg.Name]) > 0 {
+				b.ReportMetric(Median(pkts[tg.Name]), "packets/req-"+tg.Name+"-"+c)
+			}
 		}
 		for _, tg := range targets[1:] {
 			b.ReportMetric(first/Median(rates[tg.Name]), targets[0].Name+"/"+tg.Name+"-"+c)
+			// The same ratio taken round by round (the two loads ran
+			// seconds apart) and then its median: a guest that slows down
+			// or speeds up during the run weighs on it less.
+			var paired []float64
+			for i, r := range rates[tg.Name] {
+				if r > 0 {
+					paired = append(paired, rates[targets[0].Name][i]/r)
+				}
+			}
+			if len(paired) > 0 {
+				b.ReportMetric(Median(paired), targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
+			}
 		}
 	}
+}
+
+// Connections is the numbers of client connections to compare at: 32 and
+// 200, or those listed in ALEPHVM_PROXYBENCH_CONNS ("8,32,200").
+func Connections() []int {
+	var conns []int
+	for _, f := range strings.Split(os.Getenv("ALEPHVM_PROXYBENCH_CONNS"), ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 {
+			conns = append(conns, n)
+		}
+	}
+	if len(conns) == 0 {
+		return []int{32, 200}
+	}
+	return conns
 }
 
 // Load is wrk when it is installed, else the in-process client (which
