@@ -69,7 +69,10 @@ func New(o Options, log *slog.Logger) (*Driver, error) {
 	if o.ConsoleMaxSize != 0 && o.ConsoleMaxSize < console.MinMaxSize {
 		return nil, fmt.Errorf("firecracker: console cap %d bytes is below the minimum of %d", o.ConsoleMaxSize, console.MinMaxSize)
 	}
-	d := &Driver{useJailer: o.UseJailer, cgroupVersion: CgroupVersion(), consoleMax: o.ConsoleMaxSize, log: log}
+	// uids is set unjailed too: the jails of VMs started jailed by an
+	// earlier node are removed with their records.
+	d := &Driver{useJailer: o.UseJailer, uids: jailUIDs{first: o.FirstUID, records: jailUIDDir, proc: "/proc"},
+		cgroupVersion: CgroupVersion(), consoleMax: o.ConsoleMaxSize, log: log}
 	var err error
 	if d.firecracker, err = findBinary(o.Firecracker, "firecracker"); err != nil {
 		return nil, err
@@ -81,7 +84,6 @@ func New(o Options, log *slog.Logger) (*Driver, error) {
 		if o.FirstUID <= 0 {
 			return nil, fmt.Errorf("firecracker: jail uids must start above 0, got %d", o.FirstUID)
 		}
-		d.uids = jailUIDs{first: o.FirstUID, records: jailUIDDir, proc: "/proc"}
 		if d.base, err = filepath.Abs(o.JailerBase); err != nil {
 			return nil, err
 		}
