@@ -57,11 +57,11 @@ type Driver struct {
 	jailer        string
 	useJailer     bool
 	base          string
-	firstUID      int
+	uids          jailUIDs
 	cgroupVersion int
 	consoleMax    int64
 	log           *slog.Logger
-	mu            sync.Mutex // held from choosing a jail's uid to making the jail
+	mu            sync.Mutex // held from choosing a jail's uid to making the jail, with uids' host-wide lock
 }
 
 // New returns a driver once its binaries are found.
@@ -69,7 +69,10 @@ func New(o Options, log *slog.Logger) (*Driver, error) {
 	if o.ConsoleMaxSize != 0 && o.ConsoleMaxSize < console.MinMaxSize {
 		return nil, fmt.Errorf("firecracker: console cap %d bytes is below the minimum of %d", o.ConsoleMaxSize, console.MinMaxSize)
 	}
-	d := &Driver{useJailer: o.UseJailer, firstUID: o.FirstUID, cgroupVersion: CgroupVersion(), consoleMax: o.ConsoleMaxSize, log: log}
+	// uids is set unjailed too: the jails of VMs started jailed by an
+	// earlier node are removed with their records.
+	d := &Driver{useJailer: o.UseJailer, uids: jailUIDs{first: o.FirstUID, records: jailUIDDir, proc: "/proc"},
+		cgroupVersion: CgroupVersion(), consoleMax: o.ConsoleMaxSize, log: log}
 	var err error
 	if d.firecracker, err = findBinary(o.Firecracker, "firecracker"); err != nil {
 		return nil, err
@@ -182,7 +185,7 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 		if err := d.makeJail(st.Jail); err != nil {
 			return nil, fmt.Errorf("vm %s: %w", spec.Name, err)
 		}
-		made.Add("jail", func(context.Context) error { return st.Jail.Remove() })
+		made.Add("jail", func(context.Context) error { return removeJail(st.Jail, d.uids) })
 		bin, args = d.jailer, JailerArgs(st.Jail, d.firecracker, d.base, d.cgroupVersion, spec.VCPUs, spec.MemoryMiB)
 	} else {
 		args = []string{"--id", spec.Name, "--config-file", st.ConfigArg, "--api-sock", st.APISocket}
@@ -248,7 +251,7 @@ func (d *Driver) Start(ctx context.Context, spec hypervisor.Spec) (_ *VM, err er
 		_ = cmd.Process.Kill()
 		return nil, fail(err)
 	}
-	vm := newVM(spec.Dir, st, proc, pipe, d.log)
+	vm := newVM(spec.Dir, st, proc, pipe, d.uids, d.log)
 	made = &release.List{}
 	made.Add("vm", func(context.Context) error {
 		_ = vm.signal(syscall.SIGKILL)
@@ -321,16 +324,42 @@ func jailedFirecracker(st vmState) (int, *os.File, error) {
 	return pid, proc, nil
 }
 
-// makeJail gives j a free uid (and the same gid) and makes it.
-func (d *Driver) makeJail(j *Jail) error {
+// makeJail gives j a free uid (and the same gid), records it host-wide and
+// makes the jail, all under d.mu and the records' host-wide lock: a uid is
+// chosen from what the jails and records on disk say (jailUIDs), and
+// another node process choosing at the same time would otherwise see
+// neither this jail nor its record yet, and choose the same uid.
+func (d *Driver) makeJail(j *Jail) (err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	uid, err := freeUID(filepath.Dir(j.Dir), d.firstUID)
+	unlock, err := d.uids.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	uid, err := d.uids.free(filepath.Dir(j.Dir))
 	if err != nil {
 		return err
 	}
 	j.UID, j.GID = uid, uid
-	return j.Create()
+	if err := d.uids.record(uid, j.Root()); err != nil {
+		return err
+	}
+	if err := j.Create(); err != nil {
+		if derr := d.uids.drop(uid); derr != nil {
+			return fmt.Errorf("%w; and: %v", err, derr)
+		}
+		return err
+	}
+	return nil
+}
+
+// removeJail removes j, then its uid's record (see jailUIDs).
+func removeJail(j *Jail, uids jailUIDs) error {
+	if err := j.Remove(); err != nil {
+		return err
+	}
+	return uids.forget(j.UID)
 }
 
 // writeRuntimeFiles writes the config file and makes Firecracker's log
@@ -426,7 +455,7 @@ func (d *Driver) Attach(ctx context.Context, dir string) (*VM, error) {
 		err = ErrVMGone
 	}
 	if err != nil {
-		if cerr := cleanUp(dir, st); cerr != nil {
+		if cerr := cleanUp(dir, st, d.uids); cerr != nil {
 			return nil, fmt.Errorf("attach to vm in %s: %w; and: %v", dir, ErrVMGone, cerr)
 		}
 		return nil, fmt.Errorf("attach to vm in %s: %w (process %d)", dir, ErrVMGone, st.PID)
@@ -435,7 +464,7 @@ func (d *Driver) Attach(ctx context.Context, dir string) (*VM, error) {
 	if err != nil {
 		d.log.Warn("vm console: output not kept (a VM started by an older node writes its console.log itself)", "dir", dir, "err", err)
 	}
-	vm := newVM(dir, st, proc, pipe, d.log)
+	vm := newVM(dir, st, proc, pipe, d.uids, d.log)
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	if _, err := vm.api.Describe(ctx); err != nil {
@@ -445,11 +474,11 @@ func (d *Driver) Attach(ctx context.Context, dir string) (*VM, error) {
 	return vm, nil
 }
 
-// cleanUp removes what a VM leaves once its process is gone: its jail,
-// sockets and state file.
-func cleanUp(dir string, st vmState) error {
+// cleanUp removes what a VM leaves once its process is gone: its jail
+// (and its uid's record in uids), sockets and state file.
+func cleanUp(dir string, st vmState, uids jailUIDs) error {
 	if st.Jail != nil {
-		if err := st.Jail.Remove(); err != nil {
+		if err := removeJail(st.Jail, uids); err != nil {
 			return err
 		}
 	}

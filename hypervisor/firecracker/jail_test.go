@@ -247,24 +247,6 @@ func TestJailRefusesUnreadableFile(t *testing.T) {
 	}
 }
 
-func TestFreeUID(t *testing.T) {
-	dir := t.TempDir()
-	if uid, err := freeUID(filepath.Join(dir, "none"), 5000); err != nil || uid != 5000 {
-		t.Fatalf("no jails: %d, %v", uid, err)
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to give jail roots their owners")
-	}
-	for i, owner := range []int{5000, 5001, 5003} {
-		root := filepath.Join(dir, fmt.Sprint("vm", i), "root")
-		os.MkdirAll(root, 0o700)
-		os.Chown(root, owner, owner)
-	}
-	if uid, err := freeUID(dir, 5000); err != nil || uid != 5002 {
-		t.Errorf("got %d, %v; want 5002", uid, err)
-	}
-}
-
 // SocketPaths says where Start makes a VM's sockets.
 func TestSocketPaths(t *testing.T) {
 	spec := hypervisor.Spec{Name: "inst-0123456789ab", Dir: "/run/vms/i-x", Boot: hypervisor.Boot{Kernel: "/k"}}

@@ -1,10 +1,7 @@
 package firecracker
 
 import (
-	"errors"
-	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -116,28 +113,4 @@ func CgroupControllers() (version int, controllers []string, err error) {
 		controllers = append(controllers, m.controllers...)
 	}
 	return version, controllers, err
-}
-
-// freeUID returns the first of JailUIDs uids from first that no jail under
-// dir (<base>/<exec name>) owns: a jail's root is owned by its uid from
-// the moment it is made until it is removed, so the jails on disk are the
-// whole record, across node restarts too.
-func freeUID(dir string, first int) (int, error) {
-	used := map[int]bool{}
-	entries, err := os.ReadDir(dir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return 0, fmt.Errorf("list jails: %w", err)
-	}
-	for _, e := range entries {
-		var st unix.Stat_t
-		if unix.Stat(filepath.Join(dir, e.Name(), "root"), &st) == nil {
-			used[int(st.Uid)] = true
-		}
-	}
-	for uid := first; uid < first+JailUIDs; uid++ {
-		if !used[uid] {
-			return uid, nil
-		}
-	}
-	return 0, fmt.Errorf("all %d jail uids from %d are in use", JailUIDs, first)
 }

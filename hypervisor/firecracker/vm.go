@@ -24,6 +24,7 @@ type VM struct {
 	proc    *os.File // a pidfd of the Firecracker process
 	api     *Client
 	console *consolePipe  // nil for a VM started by an older node
+	uids    jailUIDs      // where its jail's uid is recorded
 	done    chan struct{} // closed once Firecracker has exited and its jail is removed
 	closing chan struct{} // closed by Close: stop watching, Firecracker runs on
 	close   sync.Once
@@ -42,8 +43,8 @@ func openProcess(pid int) (*os.File, error) {
 	return os.NewFile(uintptr(fd), fmt.Sprintf("pidfd:%d", pid)), nil
 }
 
-func newVM(dir string, st vmState, proc *os.File, console *consolePipe, log *slog.Logger) *VM {
-	vm := &VM{dir: dir, st: st, proc: proc, api: NewClient(st.APISocket), console: console,
+func newVM(dir string, st vmState, proc *os.File, console *consolePipe, uids jailUIDs, log *slog.Logger) *VM {
+	vm := &VM{dir: dir, st: st, proc: proc, api: NewClient(st.APISocket), console: console, uids: uids,
 		done: make(chan struct{}), closing: make(chan struct{}), log: log}
 	go vm.watch()
 	return vm
@@ -62,7 +63,7 @@ func (vm *VM) watch() {
 		return
 	}
 	vm.api.Close()
-	if err := cleanUp(vm.dir, vm.st); err != nil {
+	if err := cleanUp(vm.dir, vm.st, vm.uids); err != nil {
 		vm.log.Error("clean up after vm", "vm", vm.st.ID, "err", err)
 	}
 	close(vm.done)

@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/alephvm/alephvm/hypervisor"
 )
 
 // Who QEMU runs as (Options.RunAs).
@@ -225,53 +226,7 @@ func (r *uidRange) lock(uid int) (*os.File, error) {
 
 // inUse returns the uids and gids of the range that a process has.
 func (r *uidRange) inUse() (map[int]bool, error) {
-	entries, err := os.ReadDir(r.proc)
-	if err != nil {
-		return nil, err
-	}
-	used := map[int]bool{}
-	for _, e := range entries {
-		if _, err := strconv.Atoi(e.Name()); err != nil {
-			continue
-		}
-		ids, err := processIDs(filepath.Join(r.proc, e.Name(), "status"))
-		if err != nil {
-			continue // gone since
-		}
-		for _, id := range ids {
-			if id >= r.first && id < r.first+r.count {
-				used[id] = true
-			}
-		}
-	}
-	return used, nil
-}
-
-// processIDs reads the uids and gids (real, effective, saved, fs) of a
-// /proc/PID/status file.
-func processIDs(status string) ([]int, error) {
-	f, err := os.Open(status)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var ids []int
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), "Uid:")
-		if !ok {
-			rest, ok = strings.CutPrefix(sc.Text(), "Gid:")
-		}
-		if !ok {
-			continue
-		}
-		for _, field := range strings.Fields(rest) {
-			if id, err := strconv.Atoi(field); err == nil {
-				ids = append(ids, id)
-			}
-		}
-	}
-	return ids, sc.Err()
+	return hypervisor.UIDsInUse(r.proc, r.first, r.count)
 }
 
 // waitDropped waits until QEMU has dropped to id with its sandbox on

@@ -65,7 +65,7 @@ func TestLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ids, _ := processIDs(fmt.Sprintf("/proc/%d/status", vm.Pid()))
+	ids, _ := hypervisor.ProcessIDs(fmt.Sprintf("/proc/%d/status", vm.Pid()))
 	for _, id := range ids {
 		if id < DefaultFirstUID || id >= DefaultFirstUID+UIDs {
 			t.Errorf("qemu runs with uid or gid %d, outside its range (root is 0):\n%s", id, status)
