@@ -21,11 +21,12 @@ import (
 
 // BenchmarkProxyVsNginx measures, in one run, the rate of small requests
 // through the node's proxy, through nginx with a keepalive upstream (the
-// proxy an operator would otherwise put in front) and straight to the
-// program, all three to the same in-process program, at 32 and at 200
-// concurrent connections. The rounds are interleaved (node, nginx, direct,
-// node, ...) so that other work on the machine weighs on all three alike;
-// the medians are reported, with node/nginx and node/direct.
+// proxy an operator would otherwise put in front), through a bare Go proxy
+// of the fast path's design (proxybench.StartBare: what the node adds shows
+// against it) and straight to the program, which runs in a process of its
+// own, at 32 and at 200 concurrent connections. The rounds are interleaved
+// so that other work on the machine weighs on all alike; the medians are
+// reported, with the node's rate over each other's.
 //
 // Load comes from wrk (-t2) when it is installed, else from an in-process
 // HTTP/1.1 client. Run it with -benchtime 1x; ALEPHVM_PROXYBENCH_ROUNDS
@@ -55,7 +56,9 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 	viaNginx, nginxPID := proxybench.StartNginx(b, nginx, strings.TrimSuffix(strings.TrimPrefix(direct, "http://"), "/"), "/vm/"+string(ref)+"/")
 	http.DefaultClient.CloseIdleConnections()
 
-	targets := []proxybench.Target{{Name: "node", URL: node, Proc: os.Getpid()}, {Name: "nginx", URL: viaNginx, Proc: nginxPID, Children: true}, {Name: "direct", URL: direct}}
+	bare := "http://" + proxybench.StartBare(b, u.Host) + "/"
+	targets := []proxybench.Target{{Name: "node", URL: node, Proc: os.Getpid()}, {Name: "nginx", URL: viaNginx, Proc: nginxPID, Children: true},
+		{Name: "bare", URL: bare, Proc: os.Getpid()}, {Name: "direct", URL: direct}}
 	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
 		// One target alone, to profile it (-cpuprofile).
 		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })

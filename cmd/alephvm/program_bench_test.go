@@ -173,8 +173,10 @@ func bareBoot(b testing.TB, m assets.Manifest, codeDir, dir string) time.Duratio
 // real VM: examples/go-hello booted by the node under QEMU, then wrk -t2
 // at 32 and at 200 connections through the node, through nginx with a
 // keepalive upstream to the same VM (what an operator would otherwise put
-// in front), and straight to the VM, interleaved; it reports the medians
-// and node/nginx, node/direct. It skips without nginx.
+// in front), through a bare Go proxy of the fast path's design
+// (proxybench.StartBare) and straight to the VM, interleaved; it reports
+// the medians and the node's rate over each other's. It skips without
+// nginx.
 //
 //	go test -run NONE -bench ProgramProxyVsNginx -benchtime 1x ./cmd/alephvm
 func BenchmarkProgramProxyVsNginx(b *testing.B) {
@@ -203,6 +205,9 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 	targets := []proxybench.Target{
 		{Name: "node", URL: programURL(port, ref, "/"), Proc: node.cmd.Process.Pid},
 		{Name: "nginx", URL: viaNginx, Proc: nginxPID, Children: true},
+		// The least a Go proxy of the fast path's design does, in this
+		// (otherwise idle) process: what the node adds shows against it.
+		{Name: "bare", URL: "http://" + proxybench.StartBare(b, vm+":8080") + "/", Proc: os.Getpid()},
 		{Name: "direct", URL: "http://" + vm + ":8080/"},
 	}
 	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
