@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -37,8 +36,8 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 	if err != nil {
 		b.Skip("nginx is not installed (apt-get install nginx-light): the comparison needs it")
 	}
-	rounds := envInt("ALEPHVM_PROXYBENCH_ROUNDS", 3)
-	duration := time.Duration(envInt("ALEPHVM_PROXYBENCH_SECONDS", 2)) * time.Second
+	rounds := proxybench.EnvInt("ALEPHVM_PROXYBENCH_ROUNDS", 3)
+	duration := time.Duration(proxybench.EnvInt("ALEPHVM_PROXYBENCH_SECONDS", 2)) * time.Second
 	load := proxybench.Load(b)
 
 	// The program runs in a process of its own, so that the node's CPU
@@ -64,7 +63,7 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })
 	}
 	for b.Loop() {
-		proxybench.Compare(b, targets, rounds, duration, load)
+		proxybench.Compare(b, targets, rounds, duration, load, nil)
 	}
 }
 
@@ -75,13 +74,6 @@ func smallProgram() http.Handler {
 		w.Header().Set("Content-Type", "text/plain")
 		io.WriteString(w, "hello from a small program\n")
 	})
-}
-
-func envInt(name string, def int) int {
-	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
-		return n
-	}
-	return def
 }
 
 // programAddrEnv tells the test binary to be the benchmark's program.

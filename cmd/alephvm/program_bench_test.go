@@ -214,20 +214,15 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 		// One target alone, to profile it.
 		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })
 	}
-	rounds, seconds := 3, 5
-	if n, err := strconv.Atoi(os.Getenv("ALEPHVM_PROXYBENCH_ROUNDS")); err == nil && n > 0 {
-		rounds = n
-	}
-	if n, err := strconv.Atoi(os.Getenv("ALEPHVM_PROXYBENCH_SECONDS")); err == nil && n > 0 {
-		seconds = n
-	}
+	rounds := proxybench.EnvInt("ALEPHVM_PROXYBENCH_ROUNDS", 3)
+	seconds := proxybench.EnvInt("ALEPHVM_PROXYBENCH_SECONDS", 5)
 	// What the node spends with no request (its own timers and pollers)
 	// is part of its CPU per request below: said here to weigh it.
 	idle0, start := proxybench.CPUTime(node.cmd.Process.Pid, false), time.Now()
 	time.Sleep(3 * time.Second)
 	b.Logf("node idle: %.1f ms of CPU per second", float64((proxybench.CPUTime(node.cmd.Process.Pid, false)-idle0).Microseconds())/1e3/time.Since(start).Seconds())
 	for b.Loop() {
-		proxybench.CompareCounting(b, targets, rounds, time.Duration(seconds)*time.Second, proxybench.Load(b), tapPackets)
+		proxybench.Compare(b, targets, rounds, time.Duration(seconds)*time.Second, proxybench.Load(b), tapPackets)
 	}
 }
 

@@ -40,15 +40,10 @@ type Target struct {
 // work on the machine weighs on all alike. It logs every round and reports
 // the medians, and the first target's rate over each of the others: the
 // ratio of the medians, and the median of the ratios round by round
-// ("-paired").
-func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc) {
-	CompareCounting(b, targets, rounds, d, load, nil)
-}
-
-// CompareCounting is Compare that also reports, when packets is not nil,
-// how many packets packets counts per request: the guest's traffic, which
-// each proxy shapes its own way.
-func CompareCounting(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc, packets func() uint64) {
+// ("-paired"). When packets is not nil, it also reports how many packets
+// packets counts per request: the guest's traffic, which each proxy
+// shapes its own way.
+func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load LoadFunc, packets func() uint64) {
 	for _, conns := range Connections() {
 		rates, cpus, pkts := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
 		// A second of each first, not counted: connections opened, pools
@@ -77,14 +72,15 @@ func CompareCounting(b *testing.B, targets []Target, rounds int, d time.Duration
 					b.Fatalf("%s at %d connections: %v", tg.Name, conns, err)
 				}
 				rates[tg.Name] = append(rates[tg.Name], rate)
+				requests := rate * time.Since(start).Seconds()
 				perReq := ""
 				if tg.Proc != 0 && rate > 0 {
-					us := float64((CPUTime(tg.Proc, tg.Children) - cpu0).Microseconds()) / (rate * time.Since(start).Seconds())
+					us := float64((CPUTime(tg.Proc, tg.Children) - cpu0).Microseconds()) / requests
 					cpus[tg.Name] = append(cpus[tg.Name], us)
 					perReq = fmt.Sprintf(", %.1f µs of CPU per request", us)
 				}
 				if packets != nil && rate > 0 {
-					pp := float64(packets()-pkts0) / (rate * time.Since(start).Seconds())
+					pp := float64(packets()-pkts0) / requests
 					pkts[tg.Name] = append(pkts[tg.Name], pp)
 					perReq += fmt.Sprintf(", %.2f packets per request", pp)
 				}
@@ -118,6 +114,15 @@ func CompareCounting(b *testing.B, targets []Target, rounds int, d time.Duration
 			}
 		}
 	}
+}
+
+// EnvInt is the positive integer in the environment variable name, or
+// def: how the benchmarks are sized (ALEPHVM_PROXYBENCH_ROUNDS, ...).
+func EnvInt(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
+		return n
+	}
+	return def
 }
 
 // Connections is the numbers of client connections to compare at: 32 and
