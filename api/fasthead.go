@@ -279,7 +279,7 @@ func splitHeader(line []byte) (name, value []byte, ok bool) {
 			return nil, nil, false
 		}
 	}
-	return name, bytes.Trim(value, " \t"), true
+	return name, trimOWS(value), true
 }
 
 func isTokenChar(c byte) bool {
@@ -378,7 +378,7 @@ func eachToken(v []byte, fn func([]byte) bool) bool {
 		} else {
 			t, v = v, nil
 		}
-		if t = bytes.Trim(t, " \t"); len(t) > 0 && !fn(t) {
+		if t = trimOWS(t); len(t) > 0 && !fn(t) {
 			return false
 		}
 	}
@@ -442,4 +442,16 @@ func appendStatusLine(b []byte, code int) []byte {
 		b = strconv.AppendInt(b, int64(code), 10)
 	}
 	return append(b, "\r\n"...)
+}
+
+// trimOWS trims the spaces and tabs around a header's value (bytes.Trim
+// builds its set of bytes on every call).
+func trimOWS(b []byte) []byte {
+	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t') {
+		b = b[1:]
+	}
+	for len(b) > 0 && (b[len(b)-1] == ' ' || b[len(b)-1] == '\t') {
+		b = b[:len(b)-1]
+	}
+	return b
 }

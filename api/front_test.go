@@ -379,3 +379,11 @@ func TestFastPathShortAnswerEndsConnection(t *testing.T) {
 		t.Errorf("served by net/http (%d), not the fast path", got)
 	}
 }
+
+func TestTrimOWS(t *testing.T) {
+	for in, want := range map[string]string{"": "", " \t": "", "a": "a", " a b\t": "a b", "\t\ta": "a", "a  ": "a", "\va\v": "\va\v"} {
+		if got := string(trimOWS([]byte(in))); got != want {
+			t.Errorf("trimOWS(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

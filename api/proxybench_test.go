@@ -60,7 +60,7 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 		{Name: "bare", URL: bare, Proc: os.Getpid()}, {Name: "direct", URL: direct}}
 	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
 		// One target alone, to profile it (-cpuprofile).
-		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })
+		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return !slices.Contains(strings.Split(only, ","), t.Name) })
 	}
 	for b.Loop() {
 		proxybench.Compare(b, targets, rounds, duration, load, nil)

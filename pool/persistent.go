@@ -163,6 +163,7 @@ func (p *Pool) Adopt(plan *Plan, prog Program) {
 	ready := make(chan struct{})
 	close(ready)
 	e := &execution{plan: plan, state: running, ready: ready, prog: prog, since: time.Now(), release: release, gone: make(chan struct{})}
+	e.open.Store(true)
 	p.execs[plan.Ref] = e
 	go p.watch(e)
 	if _, ok := p.keepers[plan.Ref]; !ok {
@@ -182,6 +183,7 @@ func (p *Pool) detachKeptLocked() {
 		}
 		delete(p.execs, ref)
 		e.state = stopping
+		p.unpublishLocked(e)
 		d.Detach()
 		e.release()
 		close(e.gone)

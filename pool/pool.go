@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/singleflight"
@@ -116,6 +117,21 @@ type Pool struct {
 	stopping sync.WaitGroup // stops in progress
 	// keepers run the persistent programs, by ref (persistent.go).
 	keepers map[message.ItemHash]context.CancelFunc
+
+	// hot holds, by ref, the running programs that Acquire may lease
+	// without the pool's lock (*hotLease): a request to a warm program
+	// takes no lock at all, where the lock, taken three times by every
+	// request, was the proxy's most contended one.
+	hot sync.Map
+	// epoch is what execution.idleSince counts from (monotonic).
+	epoch time.Time
+}
+
+// hotLease is a running program that Acquire may lease without the lock,
+// until the plan it runs must be checked again.
+type hotLease struct {
+	e     *execution
+	until time.Time
 }
 
 type cachedPlan struct {
@@ -133,17 +149,27 @@ const (
 
 // execution is one program VM's life in the pool.
 type execution struct {
-	plan     *Plan
-	state    state
+	plan  *Plan
+	state state
+	// open is state == running, for Acquire's lock-free path: it is
+	// cleared (under the lock) before a stop looks at inflight, and that
+	// path counts itself in inflight before it looks at open, so either
+	// the stop waits for its request or the request leases another VM.
+	open     atomic.Bool
 	ready    chan struct{} // closed when the boot ends, well or not
 	err      error         // why the boot failed
 	prog     Program
-	inflight int
-	timer    *time.Timer
-	since    time.Time
-	release  func()        // frees its admission
-	after    chan struct{} // the end of the ref's previous VM, which the boot waits for
-	gone     chan struct{} // closed once its VM is stopped and released
+	inflight atomic.Int64
+	// idleSince is when inflight last fell to 0, in nanoseconds since the
+	// pool's epoch; armed tells that the reuse timer (under the lock) is
+	// set: a request that ends then leaves the timer to look at idleSince.
+	idleSince atomic.Int64
+	armed     atomic.Bool
+	timer     *time.Timer
+	since     time.Time
+	release   func()        // frees its admission
+	after     chan struct{} // the end of the ref's previous VM, which the boot waits for
+	gone      chan struct{} // closed once its VM is stopped and released
 }
 
 // New returns an empty pool.
@@ -160,16 +186,16 @@ func New(opts Options) *Pool {
 	if opts.Admission == nil {
 		opts.Admission = vms.NewAdmission(opts.Capacity)
 	}
-	return &Pool{opts: opts, log: opts.Log, execs: map[message.ItemHash]*execution{},
+	return &Pool{opts: opts, log: opts.Log, execs: map[message.ItemHash]*execution{}, epoch: time.Now(),
 		leaving: map[message.ItemHash]*execution{}, plans: map[message.ItemHash]cachedPlan{}, keepers: map[message.ItemHash]context.CancelFunc{}}
 }
 
 // Lease is the use of a running program by one request. Release it when
 // the request ends.
 type Lease struct {
-	pool *Pool
-	exec *execution
-	once sync.Once
+	pool     *Pool
+	exec     *execution
+	released atomic.Bool
 }
 
 // Plan returns the plan the program was booted with.
@@ -180,7 +206,9 @@ func (l *Lease) Program() Program { return l.exec.prog }
 
 // Release ends the lease; the last one to end starts the reuse timer.
 func (l *Lease) Release() {
-	l.once.Do(func() { l.pool.release(l.exec) })
+	if l.released.CompareAndSwap(false, true) {
+		l.pool.release(l.exec)
+	}
 }
 
 // plan returns the program's plan, from the cache while it is fresh.
@@ -238,6 +266,9 @@ const planWait = time.Second
 // Acquire returns a lease on the running program ref, booting it first if
 // needed. Concurrent callers share one boot.
 func (p *Pool) Acquire(ctx context.Context, ref message.ItemHash) (*Lease, error) {
+	if l := p.acquireHot(ref); l != nil {
+		return l, nil
+	}
 	plan, err := p.plan(ctx, ref)
 	if err != nil {
 		return nil, err
@@ -268,11 +299,7 @@ func (p *Pool) Acquire(ctx context.Context, ref message.ItemHash) (*Lease, error
 		p.execs[ref] = e
 		go p.boot(e)
 	}
-	e.inflight++
-	if e.timer != nil {
-		e.timer.Stop()
-		e.timer = nil
-	}
+	e.inflight.Add(1)
 	p.mu.Unlock()
 
 	select {
@@ -285,8 +312,56 @@ func (p *Pool) Acquire(ctx context.Context, ref message.ItemHash) (*Lease, error
 		p.release(e)
 		return nil, e.err
 	}
+	p.publish(e, plan)
 	return &Lease{pool: p, exec: e}, nil
 }
+
+// acquireHot leases the running program ref without the pool's lock, when
+// it is in hot and its plan is fresh; nil when the lock's way must be
+// taken.
+func (p *Pool) acquireHot(ref message.ItemHash) *Lease {
+	v, ok := p.hot.Load(ref)
+	if !ok {
+		return nil
+	}
+	h := v.(*hotLease)
+	if !time.Now().Before(h.until) {
+		return nil
+	}
+	h.e.inflight.Add(1)
+	if !h.e.open.Load() {
+		p.release(h.e) // it is stopping: the lock's way finds or boots another
+		return nil
+	}
+	return &Lease{pool: p, exec: h.e}
+}
+
+// publish puts e, leased by Acquire with the fresh plan, in hot (or moves
+// its end) when e runs that plan's revision.
+func (p *Pool) publish(e *execution, plan *Plan) {
+	ref := e.plan.Ref
+	if v, ok := p.hot.Load(ref); ok && v.(*hotLease).e == e && time.Until(v.(*hotLease).until) > p.opts.PlanTTL/2 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	c, ok := p.plans[ref]
+	if !ok || c.plan != plan || plan.Revision != e.plan.Revision || !e.open.Load() || p.execs[ref] != e {
+		return
+	}
+	p.hot.Store(ref, &hotLease{e: e, until: c.fetched.Add(p.opts.PlanTTL)})
+}
+
+// unpublishLocked takes e out of hot: it stops.
+func (p *Pool) unpublishLocked(e *execution) {
+	e.open.Store(false)
+	if v, ok := p.hot.Load(e.plan.Ref); ok && v.(*hotLease).e == e {
+		p.hot.Delete(e.plan.Ref)
+	}
+}
+
+// sinceEpoch is now, for idleSince.
+func (p *Pool) sinceEpoch() int64 { return int64(time.Since(p.epoch)) }
 
 // bootAfter boots e's VM once the ref's previous VM, if any, is gone.
 func (p *Pool) bootAfter(ctx context.Context, e *execution) (Program, error) {
@@ -321,8 +396,10 @@ func (p *Pool) boot(e *execution) {
 	}
 	p.log.Info("program booted", "ref", e.plan.Ref, "took", time.Since(started).Round(time.Millisecond))
 	e.prog, e.state, e.since = prog, running, time.Now()
+	e.open.Store(true)
 	close(e.ready)
-	if e.inflight == 0 {
+	if e.inflight.Load() == 0 {
+		e.idleSince.Store(p.sinceEpoch())
 		p.armLocked(e)
 	}
 	go p.watch(e)
@@ -341,10 +418,16 @@ func (p *Pool) watch(e *execution) {
 }
 
 func (p *Pool) release(e *execution) {
+	if e.inflight.Add(-1) > 0 {
+		return
+	}
+	e.idleSince.Store(p.sinceEpoch())
+	if e.armed.Load() {
+		return // the timer looks at idleSince when it fires
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	e.inflight--
-	if e.inflight == 0 && e.state == running {
+	if e.inflight.Load() == 0 && e.state == running && !e.armed.Load() {
 		p.armLocked(e)
 	}
 }
@@ -360,12 +443,30 @@ func (p *Pool) armLocked(e *execution) {
 		p.stopLocked(e, "reuse timeout is 0")
 		return
 	}
-	e.timer = time.AfterFunc(p.opts.ReuseTimeout, func() {
+	p.armAfterLocked(e, p.opts.ReuseTimeout)
+}
+
+// armAfterLocked sets e's reuse timer to fire after d. When it fires, a
+// program idle for the reuse timeout is stopped; one idle for less is
+// looked at again when it would be; one serving a request is left to
+// that request's release, which arms the timer again.
+func (p *Pool) armAfterLocked(e *execution, d time.Duration) {
+	e.armed.Store(true)
+	e.timer = time.AfterFunc(d, func() {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		if e.inflight == 0 && e.state == running && p.execs[e.plan.Ref] == e {
-			p.stopLocked(e, "idle")
+		// armed is cleared before inflight is read: a release that finds
+		// it set has already lowered inflight, which is read here.
+		e.armed.Store(false)
+		if e.state != running || p.execs[e.plan.Ref] != e || e.inflight.Load() != 0 {
+			return
 		}
+		idle := time.Duration(p.sinceEpoch() - e.idleSince.Load())
+		if idle >= p.opts.ReuseTimeout {
+			p.stopLocked(e, "idle")
+			return
+		}
+		p.armAfterLocked(e, p.opts.ReuseTimeout-idle)
 	})
 }
 
@@ -376,6 +477,7 @@ func (p *Pool) stopLocked(e *execution, why string) {
 		return
 	}
 	e.state = stopping
+	p.unpublishLocked(e)
 	if e.timer != nil {
 		e.timer.Stop()
 	}
@@ -410,10 +512,7 @@ func (p *Pool) stopLocked(e *execution, why string) {
 // waitIdle waits until e serves no request, or its VM is gone.
 func (p *Pool) waitIdle(e *execution) {
 	for {
-		p.mu.Lock()
-		idle := e.inflight == 0
-		p.mu.Unlock()
-		if idle {
+		if e.inflight.Load() == 0 {
 			return
 		}
 		select {
@@ -521,7 +620,7 @@ func (p *Pool) List() []ExecutionInfo {
 	out := make([]ExecutionInfo, 0, len(p.execs))
 	for ref, e := range p.execs {
 		info := ExecutionInfo{Ref: ref, Running: e.state == running, Since: e.since,
-			VCPUs: e.plan.VCPUs, MemoryMiB: e.plan.MemoryMiB, Inflight: e.inflight, Plan: e.plan, Program: e.prog}
+			VCPUs: e.plan.VCPUs, MemoryMiB: e.plan.MemoryMiB, Inflight: int(e.inflight.Load()), Plan: e.plan, Program: e.prog}
 		if e.prog != nil {
 			info.Networking = e.prog.Networking()
 		}

@@ -392,3 +392,142 @@ func TestWarmProgramsDoNotWaitForTheCoreNode(t *testing.T) {
 		t.Error("a program never planned ran with the core node down")
 	}
 }
+
+// newHotPool is newPool with plans trusted for planTTL: requests lease the
+// running program without the pool's lock (acquireHot) while it lasts.
+func newHotPool(l *fakeLauncher, reuse, planTTL time.Duration) *Pool {
+	return New(Options{Launcher: l, Capacity: Capacity{MemoryMiB: 1024, VCPUs: 8}, ReuseTimeout: reuse,
+		PlanTTL: planTTL, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+}
+
+func TestHotLeasesKeepTheProgramWarm(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newHotPool(l, 60*time.Millisecond, time.Hour)
+	// Requests every 10 ms for 5 reuse timeouts: the program runs on,
+	// though no request is in flight when its timer fires.
+	var idle time.Time
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		lease, err := p.Acquire(context.Background(), ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, hot := p.hot.Load(ref); !hot {
+			t.Fatal("a warm program is not leased without the lock")
+		}
+		if list := p.List(); len(list) != 1 || list[0].Inflight != 1 {
+			t.Fatalf("list %+v", list)
+		}
+		lease.Release()
+		idle = time.Now()
+		lease.Release() // a second release changes nothing
+	}
+	if l.boots.Load() != 1 || l.last().stopped.Load() {
+		t.Fatalf("boots %d, stopped %v: stopped while in use", l.boots.Load(), l.last().stopped.Load())
+	}
+	// Then idle: stopped after the reuse timeout, and out of hot.
+	eventually(t, "idle stop", func() bool { return l.last().stopped.Load() && len(p.List()) == 0 })
+	if d := time.Since(idle); d < 60*time.Millisecond {
+		t.Errorf("stopped %v after its last request, before the reuse timeout", d)
+	}
+	if _, hot := p.hot.Load(ref); hot {
+		t.Error("a stopped program is still leased without the lock")
+	}
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil || l.boots.Load() != 2 {
+		t.Fatalf("err %v, boots %d", err, l.boots.Load())
+	}
+	lease.Release()
+}
+
+func TestHotLeasesNoticeChangedItems(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newHotPool(l, time.Hour, 50*time.Millisecond)
+	lease, _ := p.Acquire(context.Background(), ref)
+	lease.Release()
+	l.mu.Lock()
+	l.revision = "r2"
+	l.mu.Unlock()
+	eventually(t, "the new revision", func() bool {
+		lease, err := p.Acquire(context.Background(), ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lease.Release()
+		return lease.Plan().Revision == "r2"
+	})
+	if l.boots.Load() != 2 {
+		t.Errorf("%d boots, want 2", l.boots.Load())
+	}
+}
+
+// A program stopped while requests lease it without the lock: no request
+// holds a lease on a VM that has been stopped, and none fails.
+func TestHotLeasesRaceStops(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newHotPool(l, time.Hour, time.Hour)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var leases atomic.Int64
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				lease, err := p.Acquire(context.Background(), ref)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if lease.Program().(*fakeProgram).stopped.Load() {
+					t.Error("leased a stopped VM")
+				}
+				leases.Add(1)
+				time.Sleep(time.Duration(leases.Load()%3) * 50 * time.Microsecond)
+				if lease.Program().(*fakeProgram).stopped.Load() {
+					t.Error("VM stopped under a lease")
+				}
+				lease.Release()
+			}
+		}()
+	}
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(2 * time.Millisecond) {
+		p.Stop(ref)
+	}
+	cancel()
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	if l.boots.Load() < 5 || leases.Load() < 100 {
+		t.Errorf("%d boots, %d leases: the race was not run", l.boots.Load(), leases.Load())
+	}
+	if err := p.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A request that found the program in hot just before a stop took it out
+// must not lease it: the stop may have found it idle already.
+func TestHotLeaseOfAStoppingVM(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newHotPool(l, time.Hour, time.Hour)
+	lease, _ := p.Acquire(context.Background(), ref)
+	lease.Release()
+	found, ok := p.hot.Load(ref)
+	if !ok {
+		t.Fatal("a warm program is not leased without the lock")
+	}
+	p.Stop(ref)
+	p.hot.Store(ref, found) // what the request read before the stop
+	if lease := p.acquireHot(ref); lease != nil {
+		t.Fatal("leased a stopping VM")
+	}
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.Release()
+	if l.boots.Load() != 2 || lease.Program() == found.(*hotLease).e.prog {
+		t.Errorf("boots %d: not a new VM", l.boots.Load())
+	}
+}

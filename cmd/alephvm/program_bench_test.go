@@ -211,8 +211,8 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 		{Name: "direct", URL: "http://" + vm + ":8080/"},
 	}
 	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
-		// One target alone, to profile it.
-		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return t.Name != only })
+		// Some targets alone (a comma-separated list), to profile them.
+		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return !slices.Contains(strings.Split(only, ","), t.Name) })
 	}
 	rounds := proxybench.EnvInt("ALEPHVM_PROXYBENCH_ROUNDS", 3)
 	seconds := proxybench.EnvInt("ALEPHVM_PROXYBENCH_SECONDS", 5)

@@ -112,6 +112,15 @@ func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load L
 			if len(paired) > 0 {
 				b.ReportMetric(Median(paired), targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
 			}
+			var cpuPaired []float64
+			for i, u := range cpus[tg.Name] {
+				if i < len(cpus[targets[0].Name]) && u > 0 {
+					cpuPaired = append(cpuPaired, cpus[targets[0].Name][i]/u)
+				}
+			}
+			if len(cpuPaired) > 0 {
+				b.ReportMetric(Median(cpuPaired), "cpu-"+targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
+			}
 		}
 	}
 }
