@@ -346,7 +346,7 @@ func (p *Pool) publish(e *execution, plan *Plan) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	c, ok := p.plans[ref]
-	if !ok || c.plan != plan || plan.Revision != e.plan.Revision || !e.open.Load() || p.execs[ref] != e {
+	if p.draining || !ok || c.plan != plan || plan.Revision != e.plan.Revision || !e.open.Load() || p.execs[ref] != e {
 		return
 	}
 	p.hot.Store(ref, &hotLease{e: e, until: c.fetched.Add(p.opts.PlanTTL)})
