@@ -228,20 +228,26 @@ func (g *guestTap) write(t testing.TB, frame []byte) {
 // linkLocal is the guest's EUI-64 link-local address.
 func (g *guestTap) linkLocal() netip.Addr { return eui64(g.vm.MAC) }
 
+// hostLinkLocal is the host's link-local address on the tap, which the
+// kernel adds on its own a moment after the tap's carrier comes up (when
+// the test opened it): it is waited for.
 func (g *guestTap) hostLinkLocal(t *testing.T) netip.Addr {
 	t.Helper()
 	iface, err := net.InterfaceByName(g.vm.Tap)
 	if err != nil {
 		t.Fatal(err)
 	}
-	addrs, _ := iface.Addrs()
-	for _, a := range addrs {
-		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().IsLinkLocalUnicast() {
-			return p.Addr().WithZone("")
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		addrs, _ := iface.Addrs()
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().IsLinkLocalUnicast() {
+				return p.Addr().WithZone("")
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tap %s has no link-local address after 5 s", g.vm.Tap)
 		}
 	}
-	t.Fatalf("tap %s has no link-local address", g.vm.Tap)
-	return netip.Addr{}
 }
 
 func eui64(mac net.HardwareAddr) netip.Addr {
