@@ -8,7 +8,6 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -58,10 +57,7 @@ func BenchmarkProxyVsNginx(b *testing.B) {
 	bare := "http://" + proxybench.StartBare(b, u.Host) + "/"
 	targets := []proxybench.Target{{Name: "node", URL: node, Proc: os.Getpid()}, {Name: "nginx", URL: viaNginx, Proc: nginxPID, Children: true},
 		{Name: "bare", URL: bare, Proc: os.Getpid()}, {Name: "direct", URL: direct}}
-	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
-		// One target alone, to profile it (-cpuprofile).
-		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return !slices.Contains(strings.Split(only, ","), t.Name) })
-	}
+	targets = proxybench.Selected(targets)
 	for b.Loop() {
 		proxybench.Compare(b, targets, rounds, duration, load, nil)
 	}

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -210,10 +209,7 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 		{Name: "bare", URL: "http://" + proxybench.StartBare(b, vm+":8080") + "/", Proc: os.Getpid()},
 		{Name: "direct", URL: "http://" + vm + ":8080/"},
 	}
-	if only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY"); only != "" {
-		// Some targets alone (a comma-separated list), to profile them.
-		targets = slices.DeleteFunc(targets, func(t proxybench.Target) bool { return !slices.Contains(strings.Split(only, ","), t.Name) })
-	}
+	targets = proxybench.Selected(targets)
 	rounds := proxybench.EnvInt("ALEPHVM_PROXYBENCH_ROUNDS", 3)
 	seconds := proxybench.EnvInt("ALEPHVM_PROXYBENCH_SECONDS", 5)
 	// What the node spends with no request (its own timers and pollers)

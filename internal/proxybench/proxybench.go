@@ -103,26 +103,37 @@ func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load L
 			// The same ratio taken round by round (the two loads ran
 			// seconds apart) and then its median: a guest that slows down
 			// or speeds up during the run weighs on it less.
-			var paired []float64
-			for i, r := range rates[tg.Name] {
-				if r > 0 {
-					paired = append(paired, rates[targets[0].Name][i]/r)
-				}
-			}
-			if len(paired) > 0 {
+			if paired := roundRatios(rates[targets[0].Name], rates[tg.Name]); len(paired) > 0 {
 				b.ReportMetric(Median(paired), targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
 			}
-			var cpuPaired []float64
-			for i, u := range cpus[tg.Name] {
-				if i < len(cpus[targets[0].Name]) && u > 0 {
-					cpuPaired = append(cpuPaired, cpus[targets[0].Name][i]/u)
-				}
-			}
-			if len(cpuPaired) > 0 {
-				b.ReportMetric(Median(cpuPaired), "cpu-"+targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
+			if paired := roundRatios(cpus[targets[0].Name], cpus[tg.Name]); len(paired) > 0 {
+				b.ReportMetric(Median(paired), "cpu-"+targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
 			}
 		}
 	}
+}
+
+// roundRatios is first[i]/other[i] for each round where both were
+// measured.
+func roundRatios(first, other []float64) []float64 {
+	var out []float64
+	for i, v := range other {
+		if i < len(first) && v > 0 {
+			out = append(out, first[i]/v)
+		}
+	}
+	return out
+}
+
+// Selected is targets, or only those named in ALEPHVM_PROXYBENCH_ONLY (a
+// comma-separated list), to profile them.
+func Selected(targets []Target) []Target {
+	only := os.Getenv("ALEPHVM_PROXYBENCH_ONLY")
+	if only == "" {
+		return targets
+	}
+	names := strings.Split(only, ",")
+	return slices.DeleteFunc(targets, func(t Target) bool { return !slices.Contains(names, t.Name) })
 }
 
 // EnvInt is the positive integer in the environment variable name, or
