@@ -162,8 +162,8 @@ func (p *Pool) Adopt(plan *Plan, prog Program) {
 	release := p.opts.Admission.Hold(Capacity{MemoryMiB: plan.MemoryMiB, VCPUs: plan.VCPUs})
 	ready := make(chan struct{})
 	close(ready)
-	e := &execution{plan: plan, state: running, ready: ready, prog: prog, since: time.Now(), release: release, gone: make(chan struct{})}
-	e.open.Store(true)
+	e := &execution{plan: plan, ready: ready, prog: prog, since: time.Now(), release: release, gone: make(chan struct{})}
+	p.setStateLocked(e, running)
 	p.execs[plan.Ref] = e
 	go p.watch(e)
 	if _, ok := p.keepers[plan.Ref]; !ok {
@@ -182,8 +182,7 @@ func (p *Pool) detachKeptLocked() {
 			continue
 		}
 		delete(p.execs, ref)
-		e.state = stopping
-		p.unpublishLocked(e)
+		p.setStateLocked(e, stopping)
 		d.Detach()
 		e.release()
 		close(e.gone)

@@ -151,10 +151,11 @@ const (
 type execution struct {
 	plan  *Plan
 	state state
-	// open is state == running, for Acquire's lock-free path: it is
-	// cleared (under the lock) before a stop looks at inflight, and that
-	// path counts itself in inflight before it looks at open, so either
-	// the stop waits for its request or the request leases another VM.
+	// open is state == running (both set by setStateLocked), for
+	// Acquire's lock-free path: it is cleared (under the lock) before a
+	// stop looks at inflight, and that path counts itself in inflight
+	// before it looks at open, so either the stop waits for its request
+	// or the request leases another VM.
 	open     atomic.Bool
 	ready    chan struct{} // closed when the boot ends, well or not
 	err      error         // why the boot failed
@@ -352,11 +353,15 @@ func (p *Pool) publish(e *execution, plan *Plan) {
 	p.hot.Store(ref, &hotLease{e: e, until: c.fetched.Add(p.opts.PlanTTL)})
 }
 
-// unpublishLocked takes e out of hot: it stops.
-func (p *Pool) unpublishLocked(e *execution) {
-	e.open.Store(false)
-	if v, ok := p.hot.Load(e.plan.Ref); ok && v.(*hotLease).e == e {
-		p.hot.Delete(e.plan.Ref)
+// setStateLocked moves e to s, keeping open in step; a VM that stops
+// leaves hot.
+func (p *Pool) setStateLocked(e *execution, s state) {
+	e.state = s
+	e.open.Store(s == running)
+	if s != running {
+		if v, ok := p.hot.Load(e.plan.Ref); ok && v.(*hotLease).e == e {
+			p.hot.Delete(e.plan.Ref)
+		}
 	}
 }
 
@@ -395,8 +400,8 @@ func (p *Pool) boot(e *execution) {
 		return
 	}
 	p.log.Info("program booted", "ref", e.plan.Ref, "took", time.Since(started).Round(time.Millisecond))
-	e.prog, e.state, e.since = prog, running, time.Now()
-	e.open.Store(true)
+	e.prog, e.since = prog, time.Now()
+	p.setStateLocked(e, running)
 	close(e.ready)
 	if e.inflight.Load() == 0 {
 		e.idleSince.Store(p.sinceEpoch())
@@ -476,8 +481,7 @@ func (p *Pool) stopLocked(e *execution, why string) {
 	if e.state == stopping {
 		return
 	}
-	e.state = stopping
-	p.unpublishLocked(e)
+	p.setStateLocked(e, stopping)
 	if e.timer != nil {
 		e.timer.Stop()
 	}
