@@ -105,6 +105,7 @@ func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load L
 			// or speeds up during the run weighs on it less.
 			if paired := roundRatios(rates[targets[0].Name], rates[tg.Name]); len(paired) > 0 {
 				b.ReportMetric(Median(paired), targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
+				b.ReportMetric(wonShare(paired), targets[0].Name+"/"+tg.Name+"-"+c+"-rounds-won")
 			}
 			if paired := roundRatios(cpus[targets[0].Name], cpus[tg.Name]); len(paired) > 0 {
 				b.ReportMetric(Median(paired), "cpu-"+targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
@@ -123,6 +124,18 @@ func roundRatios(first, other []float64) []float64 {
 		}
 	}
 	return out
+}
+
+// wonShare is the share of ratios at 1 or more: of the rounds, those
+// where the first target served at least as much as the other.
+func wonShare(ratios []float64) float64 {
+	won := 0
+	for _, r := range ratios {
+		if r >= 1 {
+			won++
+		}
+	}
+	return float64(won) / float64(len(ratios))
 }
 
 // Selected is targets, or only those named in ALEPHVM_PROXYBENCH_ONLY (a

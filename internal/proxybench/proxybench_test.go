@@ -32,3 +32,18 @@ func TestSelected(t *testing.T) {
 		}
 	}
 }
+
+func TestWonShare(t *testing.T) {
+	for _, c := range []struct {
+		ratios []float64
+		want   float64
+	}{
+		{[]float64{1}, 1},
+		{[]float64{0.99, 1, 1.2, 0.5}, 0.5},
+		{[]float64{0.9, 0.8}, 0},
+	} {
+		if got := wonShare(c.ratios); got != c.want {
+			t.Errorf("wonShare(%v) = %v, want %v", c.ratios, got, c.want)
+		}
+	}
+}
