@@ -57,7 +57,11 @@ system_info:
 
 // customize prepares the tree: a generic image that each instance makes
 // its own at first boot (machine id, SSH host keys), with no timer that
-// would reach for package mirrors, root found by its label.
+// would reach for package mirrors, root found by its label. Password
+// logins are off in the file, and the form, that cloud-init's ssh_pwauth
+// writes (the user-data sets it): finding it already so, cloud-init does
+// not restart sshd at first boot, which refused the owner's connections
+// made in that moment.
 // Each is a mmdebstrap customize hook: a shell command run on the host
 // with the root directory as $1.
 var customize = []string{
@@ -67,6 +71,7 @@ var customize = []string{
 	`chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer`,
 	`rm -f "$1"/etc/ssh/ssh_host_*_key* && : > "$1/etc/machine-id" && rm -f "$1/var/lib/dbus/machine-id"`,
 	`echo localhost > "$1/etc/hostname"`,
+	`install -d -m 0755 "$1/etc/ssh/sshd_config.d" && install -m 0600 /dev/null "$1/etc/ssh/sshd_config.d/50-cloud-init.conf" && echo 'PasswordAuthentication no' > "$1/etc/ssh/sshd_config.d/50-cloud-init.conf"`,
 	`passwd --root "$1" --lock root`,
 	`rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*`,
 	assets.AptPartialDirsHook,

@@ -86,6 +86,11 @@ func TestInstanceEndToEnd(t *testing.T) {
 			rec, _ := r.records.Get(ctx, ref)
 			testenv.WaitSSH(t, key, rec.IPv4, 6*time.Minute)
 			t.Logf("%s: allocation to SSH and cloud-init done: %s", form.name, time.Since(start).Round(time.Second))
+			// cloud-init found password logins already off: sshd was
+			// not restarted under the owner's first connections.
+			if out, err := testenv.SSH(key, rec.IPv4, "journalctl -b -o cat -u ssh.service | grep -c '^Stopping'; true"); err != nil || out != "0" {
+				t.Errorf("sshd stopped during the first boot (%q, %v)", out, err)
+			}
 			out, err := testenv.SSH(key, rec.IPv4, "lsblk -bdno SIZE /dev/vda; df -B1 --output=size / | tail -1; echo kept > /root/data; sync")
 			if err != nil {
 				t.Fatalf("%v: %s", err, out)

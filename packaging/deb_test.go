@@ -129,12 +129,12 @@ func TestDebianPackage(t *testing.T) {
 		debNext, err = buildDebErr(versionNext, debs)
 		built <- err
 	}()
-	// The guest is up once cloud-init has finished: its config stage
-	// restarts sshd (set-passwords writes PasswordAuthentication), and a
-	// connection made during that restart is refused while one made
-	// before survives it (ssh.service has KillMode=process). Held from
-	// the first banner, the connection let the checks after the upgrade
-	// race that restart.
+	// The guest is up once cloud-init has finished. Its config stage
+	// restarted sshd (set-passwords wrote PasswordAuthentication) until
+	// the base image came with that line already written; a connection
+	// made during the restart was refused, and the checks after the
+	// upgrade raced it. Waiting for cloud-init keeps this test off any
+	// image's first-boot changes.
 	consolePath := filepath.Join(c.root, "var/lib/alephvm/vms", "i-"+ref[:16], "console.log")
 	deadline := time.Now().Add(10 * time.Minute)
 	for {
