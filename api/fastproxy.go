@@ -123,12 +123,15 @@ func (p *proxy) fastExchange(fc *fastConn, x *exchange, prog pool.Program, deadl
 			return nil, nil, x.failure(err)
 		}
 		x.setConn(up)
-		writeFastRequest(up.bw, r, up.prefix, suffix, fc.ip, body)
-		err = up.bw.Flush()
-		wrote := err == nil
+		up.req = appendFastRequest(up.req[:0], r, up.prefix, suffix, fc.ip, body)
+		err = up.send()
 		var resp *http.Response
 		if err == nil {
 			resp, err = readAnswer(up.br, &fc.ans, r.method)
+		}
+		wrote := up.sent
+		if up.sendErr != nil {
+			err = up.sendErr
 		}
 		if err == nil {
 			return up, resp, nil
@@ -175,53 +178,52 @@ func readAnswer(br *bufio.Reader, a *fastAnswer, method []byte) (*http.Response,
 	return resp, nil
 }
 
-// writeFastRequest writes r for the program, as writeRequestHead does
-// for a request read by net/http, then its body.
-func writeFastRequest(bw *bufio.Writer, r *fastRequest, prefix string, suffix []byte, ip string, body []byte) {
-	bw.Write(r.method)
-	bw.WriteByte(' ')
-	bw.WriteString(prefix)
+// appendFastRequest appends r for the program to b, as writeRequestHead
+// writes a request read by net/http, then its body.
+func appendFastRequest(b []byte, r *fastRequest, prefix string, suffix []byte, ip string, body []byte) []byte {
+	b = append(b, r.method...)
+	b = append(b, ' ')
+	b = append(b, prefix...)
 	if len(suffix) == 0 {
-		bw.WriteByte('/')
+		b = append(b, '/')
 	} else {
-		bw.Write(suffix)
+		b = append(b, suffix...)
 	}
 	if r.hasQuery {
-		bw.WriteByte('?')
-		bw.Write(r.query)
+		b = append(b, '?')
+		b = append(b, r.query...)
 	}
-	bw.WriteString(" HTTP/1.1\r\nHost: ")
-	bw.Write(r.host)
-	bw.WriteString("\r\n")
+	b = append(b, " HTTP/1.1\r\nHost: "...)
+	b = append(b, r.host...)
+	b = append(b, "\r\n"...)
 	for _, h := range r.headers {
 		if hopByHopName(h.name) || namedIn(h.name, r.connTokens) || notForwarded(h.name) {
 			continue
 		}
-		writeSpan(bw, h)
+		b = append(append(append(append(b, h.name...), ": "...), h.value...), "\r\n"...)
 	}
 	if r.teTrailers {
-		bw.WriteString("Te: trailers\r\n")
+		b = append(b, "Te: trailers\r\n"...)
 	}
-	bw.WriteString("X-Forwarded-For: ")
+	b = append(b, "X-Forwarded-For: "...)
 	if r.hasXFF {
 		for _, h := range r.headers {
 			if equalFold(h.name, "x-forwarded-for") {
-				bw.Write(h.value)
-				bw.WriteString(", ")
+				b = append(append(b, h.value...), ", "...)
 			}
 		}
 	}
-	bw.WriteString(ip)
-	bw.WriteString("\r\nX-Forwarded-Host: ")
-	bw.Write(r.host)
-	bw.WriteString("\r\nX-Forwarded-Proto: http\r\n")
+	b = append(b, ip...)
+	b = append(b, "\r\nX-Forwarded-Host: "...)
+	b = append(b, r.host...)
+	b = append(b, "\r\nX-Forwarded-Proto: http\r\n"...)
 	switch m := string(r.method); {
 	case r.contentLength > 0, m == http.MethodPost || m == http.MethodPut || m == http.MethodPatch:
-		bw.Write(strconv.AppendInt(append(bw.AvailableBuffer(), "Content-Length: "...), r.contentLength, 10))
-		bw.WriteString("\r\n")
+		b = strconv.AppendInt(append(b, "Content-Length: "...), r.contentLength, 10)
+		b = append(b, "\r\n"...)
 	}
-	bw.WriteString("\r\n")
-	bw.Write(body)
+	b = append(b, "\r\n"...)
+	return append(b, body...)
 }
 
 // notForwarded tells the request headers the node sets itself (or, for

@@ -20,8 +20,9 @@ import (
 // switches cost more than the proxying itself (docs/load.md). A socket
 // call that cannot block needs none of that.
 //
-// A rawIO has one reader and one writer at a time (bufio's); the state of
-// each call is kept in it, so that no closure is made per call.
+// A rawIO has one reader and one writer at a time (bufio's), and
+// writeThenRead is both; the state of each call is kept in it, so that no
+// closure is made per call.
 type rawIO struct {
 	conn net.Conn
 	rc   syscall.RawConn
@@ -35,6 +36,8 @@ type rawIO struct {
 	wn      int
 	werrno  syscall.Errno
 	writeFn func(uintptr) bool
+
+	writeReadFn func(uintptr) bool
 }
 
 // newRawIO returns the raw reads and writes of c, or nil when c has no
@@ -49,7 +52,7 @@ func newRawIO(c net.Conn) *rawIO {
 		return nil
 	}
 	r := &rawIO{conn: c, rc: rc}
-	r.readFn, r.writeFn = r.read, r.write
+	r.readFn, r.writeFn, r.writeReadFn = r.read, r.write, r.writeRead
 	return r
 }
 
@@ -109,6 +112,58 @@ func (r *rawIO) Write(p []byte) (int, error) {
 		return written, r.opError("write", err)
 	}
 	return written, nil
+}
+
+// writeRead is writeThenRead's step: it writes what is left of wbuf,
+// then asks to wait (false) for what the write calls for; once woken, it
+// reads.
+func (r *rawIO) writeRead(fd uintptr) bool {
+	if r.wn < len(r.wbuf) {
+		// Done when the socket is full (writeThenRead waits to write the
+		// rest) or the write failed; else wait for the answer.
+		return !r.write(fd) || r.werrno != 0
+	}
+	return r.read(fd)
+}
+
+// writeThenRead writes w, then reads into p the first bytes that come:
+// a request, then its answer. The poller's readiness is reset before the
+// write, so the answer, which can only come after it, is waited for
+// without a read first (Go's reads try the socket before they wait; here
+// that read could only find nothing). It returns the bytes read, the
+// write's error, and the read's.
+func (r *rawIO) writeThenRead(w, p []byte) (int, error, error) {
+	if len(p) == 0 {
+		return 0, nil, nil
+	}
+	r.wbuf, r.wn, r.werrno = w, 0, 0
+	r.rbuf, r.rn, r.rerrno = p, 0, 0
+	err := r.rc.Read(r.writeReadFn)
+	r.rbuf = nil
+	rest, werrno := r.wbuf[r.wn:], r.werrno
+	r.wbuf = nil
+	switch {
+	case err != nil && len(rest) > 0:
+		return 0, r.opError("write", err), nil
+	case werrno != 0:
+		return 0, r.opError("write", os.NewSyscallError("write", werrno)), nil
+	case len(rest) > 0: // the socket was full: the rest waits for room
+		if _, err := r.Write(rest); err != nil {
+			return 0, err, nil
+		}
+		n, err := r.Read(p)
+		return n, nil, err
+	case err != nil:
+		return 0, nil, r.opError("read", err)
+	case r.rerrno == syscall.EINTR:
+		n, err := r.Read(p)
+		return n, nil, err
+	case r.rerrno != 0:
+		return 0, nil, r.opError("read", os.NewSyscallError("read", r.rerrno))
+	case r.rn == 0:
+		return 0, nil, io.EOF
+	}
+	return int(r.rn), nil, nil
 }
 
 // opError wraps err as net.Conn's own reads and writes do.

@@ -62,15 +62,51 @@ type upstreamConn struct {
 	received bool
 	// raw makes the reads and writes of br and bw; nil when not TCP.
 	raw *rawIO
+
+	// req is the fast path's request, kept for the next one's bytes.
+	// send leaves it to the answer's first read when raw is set (pending),
+	// which writes it, then waits for the answer without a read that could
+	// only find nothing; sent and sendErr tell how that write went.
+	req     []byte
+	pending bool
+	sent    bool
+	sendErr error
 }
 
-// Read reads from the connection, noting that something came.
+// send writes req, or leaves it to the answer's first read.
+func (c *upstreamConn) send() error {
+	c.sent, c.sendErr = false, nil
+	if c.raw != nil && c.br.Buffered() == 0 {
+		c.pending = true
+		return nil
+	}
+	var err error
+	if c.raw != nil {
+		_, err = c.raw.Write(c.req)
+	} else {
+		_, err = c.conn.Write(c.req)
+	}
+	c.sent = err == nil
+	return err
+}
+
+// Read reads from the connection, noting that something came; a pending
+// request is written first.
 func (c *upstreamConn) Read(p []byte) (int, error) {
 	var n int
 	var err error
-	if c.raw != nil {
+	switch {
+	case c.pending:
+		c.pending = false
+		var werr error
+		n, werr, err = c.raw.writeThenRead(c.req, p)
+		c.sent, c.sendErr = werr == nil, werr
+		if werr != nil {
+			err = werr
+		}
+	case c.raw != nil:
 		n, err = c.raw.Read(p)
-	} else {
+	default:
 		n, err = c.conn.Read(p)
 	}
 	if n > 0 {
@@ -157,6 +193,9 @@ func (u *upstreams) put(c *upstreamConn) {
 	default:
 	}
 	c.idleSince = time.Now()
+	if cap(c.req) > 4<<10 {
+		c.req = nil // a large upload's: not kept by every idle connection
+	}
 	u.mu.Lock()
 	list := u.idle[c.prog]
 	if u.total >= u.maxTotal || len(list) >= u.maxPerProgram {
