@@ -134,7 +134,8 @@ func (r *rawIO) writeRead(fd uintptr) bool {
 // write's error, and the read's.
 func (r *rawIO) writeThenRead(w, p []byte) (int, error, error) {
 	if len(p) == 0 {
-		return 0, nil, nil
+		_, err := r.Write(w)
+		return 0, err, nil
 	}
 	r.wbuf, r.wn, r.werrno = w, 0, 0
 	r.rbuf, r.rn, r.rerrno = p, 0, 0
