@@ -129,8 +129,10 @@ func (p *proxy) fastExchange(fc *fastConn, x *exchange, prog pool.Program, deadl
 		if err == nil {
 			resp, err = readAnswer(up.br, &fc.ans, r.method)
 		}
-		wrote := up.sent
-		if up.sendErr != nil {
+		// The answer's read is done, or the request failed to go: either
+		// way sendErr tells whether the request went.
+		wrote := up.sendErr == nil
+		if !wrote {
 			err = up.sendErr
 		}
 		if err == nil {

@@ -66,16 +66,16 @@ type upstreamConn struct {
 	// req is the fast path's request, kept for the next one's bytes.
 	// send leaves it to the answer's first read when raw is set (pending),
 	// which writes it, then waits for the answer without a read that could
-	// only find nothing; sent and sendErr tell how that write went.
+	// only find nothing; sendErr is that write's error, once the answer's
+	// read is done.
 	req     []byte
 	pending bool
-	sent    bool
 	sendErr error
 }
 
 // send writes req, or leaves it to the answer's first read.
 func (c *upstreamConn) send() error {
-	c.sent, c.sendErr = false, nil
+	c.sendErr = nil
 	if c.raw != nil && c.br.Buffered() == 0 {
 		c.pending = true
 		return nil
@@ -86,7 +86,7 @@ func (c *upstreamConn) send() error {
 	} else {
 		_, err = c.conn.Write(c.req)
 	}
-	c.sent = err == nil
+	c.sendErr = err
 	return err
 }
 
@@ -98,11 +98,9 @@ func (c *upstreamConn) Read(p []byte) (int, error) {
 	switch {
 	case c.pending:
 		c.pending = false
-		var werr error
-		n, werr, err = c.raw.writeThenRead(c.req, p)
-		c.sent, c.sendErr = werr == nil, werr
-		if werr != nil {
-			err = werr
+		n, c.sendErr, err = c.raw.writeThenRead(c.req, p)
+		if c.sendErr != nil {
+			err = c.sendErr
 		}
 	case c.raw != nil:
 		n, err = c.raw.Read(p)
