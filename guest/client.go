@@ -148,14 +148,14 @@ func (c *Client) Close() error {
 	return c.closeErr
 }
 
-// Status asks the guest for the workload's status.
+// Status asks the guest for the workload's status; if an event brought a
+// later one meanwhile, it returns that.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	r, err := c.call(ctx, request{Op: opStatus}, nil)
 	if err != nil {
 		return Status{}, fmt.Errorf("guest status: %w", err)
 	}
-	c.setStatus(*r.Status)
-	return *r.Status, nil
+	return c.setStatus(*r.Status), nil
 }
 
 // WaitFor waits until the workload's status, as last reported by the
@@ -375,12 +375,18 @@ func (c *Client) connErr() error {
 	return c.err
 }
 
-func (c *Client) setStatus(s Status) {
+// setStatus keeps s unless the client holds a later status (Seq), and
+// returns the status it holds.
+func (c *Client) setStatus(s Status) Status {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if s.Seq < c.status.Seq {
+		return c.status
+	}
 	c.status = s
 	close(c.changed)
 	c.changed = make(chan struct{})
+	return s
 }
 
 // sleep waits d, or until Close; it reports whether the client is still

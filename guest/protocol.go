@@ -78,6 +78,12 @@ type Status struct {
 	OOMKilled bool   `json:"oom_killed,omitempty"` // the kernel's OOM killer killed a workload process
 	Error     string `json:"error,omitempty"`
 	Boot      Boot   `json:"boot"`
+	// Seq numbers the statuses an init reports: each one it computes has
+	// a higher Seq than those before. A host can receive two out of order
+	// (an answer to Status computed just before an event, written just
+	// after it), and keeps the later. Zero from an init that does not
+	// number them.
+	Seq uint64 `json:"seq,omitempty"`
 }
 
 // Boot records when each step of the boot ended, as time since the kernel

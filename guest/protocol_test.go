@@ -324,3 +324,46 @@ func TestClientRejectsHugeLines(t *testing.T) {
 		t.Errorf("got %v", err)
 	}
 }
+
+// staleAgent answers Status with the status it had before an event it
+// emits meanwhile: the guest's answer computed just before the workload
+// got ready, and written just after the event that says so.
+type staleAgent struct {
+	*fakeAgent
+	ready func() // emits the event and waits until the host has it
+}
+
+func (a *staleAgent) Status() Status {
+	st := a.fakeAgent.Status()
+	if a.ready != nil {
+		a.ready()
+		a.ready = nil
+	}
+	return st
+}
+
+func TestStaleStatusAnswerIsNotKept(t *testing.T) {
+	agent := &staleAgent{fakeAgent: newFakeAgent()}
+	agent.status = Status{State: StateRunning, PID: 42, Seq: 1}
+	c := newTestClient(t, agent)
+	isReady := func(s Status) bool { return s.State == StateReady }
+	agent.ready = func() {
+		agent.emit(Event{Type: EventReady, Status: Status{State: StateReady, PID: 42, Seq: 2}})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := c.WaitFor(ctx, isReady); err != nil {
+			t.Errorf("the ready event: %v", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil || st.State != StateReady {
+		t.Errorf("Status() = %+v, %v; want the later status, ready", st, err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if st, err := c.WaitFor(ctx, isReady); err != nil {
+		t.Errorf("after a stale answer to Status, WaitFor(ready): %+v, %v", st, err)
+	}
+}

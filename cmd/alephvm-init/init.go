@@ -27,21 +27,22 @@ type Init struct {
 	env    []string
 	api    *guest.APIBridge
 
-	mu       sync.Mutex
-	state    guest.State
-	pid      int
-	exitCode *int
-	signal   int
-	oom      bool
-	errMsg   string
-	boot     guest.Boot
-	subs     map[chan guest.Event]struct{}
-	rooted   bool // the root is switched: exec and sysinfo may run
-	mounted  []string
-	oomSeen  uint64
-	exited   chan struct{} // closed when the workload has exited
-	haltOnce sync.Once
-	haltErr  error
+	mu        sync.Mutex
+	state     guest.State
+	pid       int
+	exitCode  *int
+	signal    int
+	oom       bool
+	errMsg    string
+	boot      guest.Boot
+	statusSeq uint64
+	subs      map[chan guest.Event]struct{}
+	rooted    bool // the root is switched: exec and sysinfo may run
+	mounted   []string
+	oomSeen   uint64
+	exited    chan struct{} // closed when the workload has exited
+	haltOnce  sync.Once
+	haltErr   error
 	// A template's: closed by Resume; and whether the control channel is
 	// already served.
 	resumed       chan struct{}
@@ -127,8 +128,11 @@ func (in *Init) Status() guest.Status {
 	return in.statusLocked()
 }
 
+// statusLocked numbers each status it makes (Seq), so that the host keeps
+// the later of two it receives out of order.
 func (in *Init) statusLocked() guest.Status {
-	return guest.Status{State: in.state, PID: in.pid, ExitCode: in.exitCode, Signal: in.signal, OOMKilled: in.oom, Error: in.errMsg, Boot: in.boot}
+	in.statusSeq++
+	return guest.Status{State: in.state, PID: in.pid, ExitCode: in.exitCode, Signal: in.signal, OOMKilled: in.oom, Error: in.errMsg, Boot: in.boot, Seq: in.statusSeq}
 }
 
 // Subscribe implements guest.Agent.

@@ -486,3 +486,19 @@ func TestCappedBuffer(t *testing.T) {
 		t.Errorf("%q %v", b.Bytes(), b.truncated)
 	}
 }
+
+// TestStatusesAreNumbered checks that every status the init reports, by
+// answer or by event, is numbered after those before it.
+func TestStatusesAreNumbered(t *testing.T) {
+	in := newInit()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	hello, events := in.Subscribe(ctx)
+	answer := in.Status()
+	in.failed(errors.New("no program"))
+	ev := <-events
+	later := in.Status()
+	if !(hello.Seq < answer.Seq && answer.Seq < ev.Status.Seq && ev.Status.Seq < later.Seq) {
+		t.Errorf("statuses numbered %d, %d, %d (event), %d: want increasing", hello.Seq, answer.Seq, ev.Status.Seq, later.Seq)
+	}
+}
