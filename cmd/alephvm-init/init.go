@@ -152,12 +152,25 @@ func (in *Init) Subscribe(ctx context.Context) (guest.Status, <-chan guest.Event
 	return st, ch
 }
 
-// emitLocked sends an event with the current status to every subscriber;
-// a subscriber too slow to take it misses it, but sees the state in its
-// next Status.
+// emitLocked sends an event with the current status to every subscriber.
+// A subscriber too slow to take it (a host that reads no more, after a
+// storm of OOM events) loses its oldest event, not this one: the host
+// waits on events (guest.Client.WaitFor), and the last one holds the state
+// it waits for, such as the workload's exit.
 func (in *Init) emitLocked(t guest.EventType) {
 	ev := guest.Event{Type: t, Status: in.statusLocked()}
 	for ch := range in.subs {
+		select {
+		case ch <- ev:
+			continue
+		default:
+		}
+		// emitLocked is the only sender, under in.mu: once one event is
+		// taken out, this one fits.
+		select {
+		case <-ch:
+		default:
+		}
 		select {
 		case ch <- ev:
 		default:

@@ -502,3 +502,26 @@ func TestStatusesAreNumbered(t *testing.T) {
 		t.Errorf("statuses numbered %d, %d, %d (event), %d: want increasing", hello.Seq, answer.Seq, ev.Status.Seq, later.Seq)
 	}
 }
+
+// TestFullSubscriberGetsTheLastEvent checks that a subscriber that does
+// not read loses its oldest events, not the exit that ends them.
+func TestFullSubscriberGetsTheLastEvent(t *testing.T) {
+	in := newInit()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	_, events := in.Subscribe(ctx)
+	in.mu.Lock()
+	for range 40 {
+		in.emitLocked(guest.EventOOM)
+	}
+	in.state = guest.StateExited
+	in.emitLocked(guest.EventExited)
+	in.mu.Unlock()
+	var last guest.Event
+	for n := len(events); n > 0; n-- {
+		last = <-events
+	}
+	if last.Type != guest.EventExited || last.Status.State != guest.StateExited {
+		t.Errorf("the last event kept is %s (%s), want the exit", last.Type, last.Status.State)
+	}
+}
