@@ -35,6 +35,7 @@ type Client struct {
 	calls   map[uint64]*call
 	status  Status
 	changed chan struct{} // closed and replaced when status changes
+	refresh time.Duration // statusRefresh, but in tests
 	err     error
 	done    chan struct{}
 
@@ -87,6 +88,7 @@ func newClient(ctx context.Context, conn io.ReadWriteCloser, limit *throttle) (*
 		closing: make(chan struct{}),
 		events:  make(chan Event, eventBuffer),
 		limit:   limit,
+		refresh: statusRefresh,
 	}
 	if limit.sleep == nil {
 		limit.sleep = c.sleep
@@ -158,9 +160,17 @@ func (c *Client) Status(ctx context.Context) (Status, error) {
 	return c.setStatus(*r.Status), nil
 }
 
+// statusRefresh is how often WaitFor asks the guest for its status while
+// no event comes: a status the guest reported but the host missed (an
+// init from before statuses were numbered, whose stale answer hid an
+// event) costs that long, not the whole wait.
+const statusRefresh = 3 * time.Second
+
 // WaitFor waits until the workload's status, as last reported by the
 // guest (hello, events, Status), satisfies done.
 func (c *Client) WaitFor(ctx context.Context, done func(Status) bool) (Status, error) {
+	refresh := time.NewTimer(c.refresh)
+	defer refresh.Stop()
 	for {
 		c.mu.Lock()
 		st, changed, err := c.status, c.changed, c.err
@@ -173,6 +183,11 @@ func (c *Client) WaitFor(ctx context.Context, done func(Status) bool) (Status, e
 		}
 		select {
 		case <-changed:
+		case <-refresh.C:
+			askCtx, cancel := context.WithTimeout(ctx, c.refresh)
+			_, _ = c.Status(askCtx) // kept by setStatus; a failure shows in c.err
+			cancel()
+			refresh.Reset(c.refresh)
 		case <-ctx.Done():
 			return st, ctx.Err()
 		}

@@ -367,3 +367,19 @@ func TestStaleStatusAnswerIsNotKept(t *testing.T) {
 		t.Errorf("after a stale answer to Status, WaitFor(ready): %+v, %v", st, err)
 	}
 }
+
+// TestWaitForAsksAgain checks that a state the host missed the event of
+// (here, never sent) is seen by WaitFor's own asking.
+func TestWaitForAsksAgain(t *testing.T) {
+	agent := newFakeAgent()
+	c := newTestClient(t, agent)
+	c.refresh = 10 * time.Millisecond
+	agent.mu.Lock()
+	agent.status = Status{State: StateReady, PID: 42}
+	agent.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if st, err := c.WaitFor(ctx, Settled); err != nil || st.State != StateReady {
+		t.Errorf("WaitFor with no event: %+v, %v", st, err)
+	}
+}
