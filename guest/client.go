@@ -53,10 +53,10 @@ type call struct {
 	api   chan APICall // the workload's guest API calls (ServeAPI)
 }
 
-// Bounds of what the client keeps for a slow reader: events beyond
-// eventBuffer are dropped (Status and WaitFor still see the state), and
-// so are log lines past logQueueLines or logQueueBytes (a gap in
-// LogLine.Seq shows it).
+// Bounds of what the client keeps for a slow reader: past eventBuffer
+// events, the oldest are dropped (Status and WaitFor still see the
+// state); log lines past logQueueLines or logQueueBytes are dropped too
+// (a gap in LogLine.Seq shows it).
 const (
 	eventBuffer   = 64
 	logQueueLines = 4096
@@ -117,8 +117,8 @@ func (c *Client) Hello() Hello { return c.hello }
 
 // Events returns the guest's asynchronous events: ready, exited, oom and
 // failed. The state the guest had reached when the session started is
-// reported by Hello, not as events. Events past a buffer of 64 that no one
-// reads are dropped (WaitFor still sees the latest status).
+// reported by Hello, not as events. Past a buffer of 64 events that no
+// one reads, the oldest are dropped (WaitFor still sees the latest status).
 //
 // The channel is closed exactly once, when the connection ends, after
 // Done is closed: a reader must stop when it receives nothing (ok false),
@@ -440,10 +440,7 @@ func (c *Client) read() {
 		if r.ID == 0 {
 			if r.Event != nil {
 				c.setStatus(r.Event.Status)
-				select {
-				case c.events <- *r.Event:
-				default:
-				}
+				c.queueEvent(*r.Event)
 			}
 			continue
 		}
@@ -479,6 +476,25 @@ func (c *Client) read() {
 	c.conn.Close()
 	close(c.done)
 	close(c.events)
+}
+
+// queueEvent queues ev for Events; when the queue is full its oldest
+// event is dropped, so that the last one queued holds the latest state
+// (an exit after a storm of OOM events). read is the only sender.
+func (c *Client) queueEvent(ev Event) {
+	select {
+	case c.events <- ev:
+		return
+	default:
+	}
+	select {
+	case <-c.events:
+	default:
+	}
+	select {
+	case c.events <- ev:
+	default:
+	}
 }
 
 // bound cuts the texts of a reply from the guest to the protocol's

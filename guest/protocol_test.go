@@ -383,3 +383,28 @@ func TestWaitForAsksAgain(t *testing.T) {
 		t.Errorf("WaitFor with no event: %+v, %v", st, err)
 	}
 }
+
+// TestUnreadEventsKeepTheLast checks that events nobody reads lose their
+// oldest, not the exit that came last.
+func TestUnreadEventsKeepTheLast(t *testing.T) {
+	agent := newFakeAgent()
+	c := newTestClient(t, agent)
+	for range 3 * eventBuffer {
+		agent.emit(Event{Type: EventOOM, Status: Status{State: StateRunning, PID: 42, OOMKilled: true}})
+	}
+	code := 137
+	agent.emit(Event{Type: EventExited, Status: Status{State: StateExited, ExitCode: &code, OOMKilled: true}})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := c.WaitFor(ctx, Settled); err != nil {
+		t.Fatal(err)
+	}
+	var last Event
+	n := len(c.Events())
+	for range n {
+		last = <-c.Events()
+	}
+	if n != eventBuffer || last.Type != EventExited {
+		t.Errorf("%d events kept, the last %s; want %d, the exit last", n, last.Type, eventBuffer)
+	}
+}
