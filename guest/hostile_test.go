@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"path/filepath"
 	"runtime"
@@ -328,6 +329,38 @@ func TestHostileEventFlood(t *testing.T) {
 		t.Errorf("status %+v", st)
 	}
 	checkHeap(t, before, 16)
+}
+
+// A guest that numbers its statuses wrongly (the largest seq first) can
+// only hide its own later states from WaitFor, which it could do by never
+// sending them; its events still reach Events, which the program's
+// watcher reads to stop a VM whose workload ended, and WaitFor ends with
+// its context.
+func TestHostileStatusSeq(t *testing.T) {
+	host, vm := net.Pipe()
+	defer vm.Close()
+	hostileGuest(vm, func(w io.Writer) {
+		fmt.Fprintf(w, `{"event":{"type":"oom","status":{"state":"running","seq":%d}}}`+"\n", uint64(math.MaxUint64))
+		io.WriteString(w, `{"event":{"type":"exited","status":{"state":"exited","exit_code":9,"seq":1}}}`+"\n")
+	}, nil)
+	c := hostileClient(t, host, unthrottled())
+	var got []EventType
+	for len(got) < 2 {
+		select {
+		case ev := <-c.Events():
+			got = append(got, ev.Type)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("events %v, want oom then exited", got)
+		}
+	}
+	if got[1] != EventExited {
+		t.Errorf("events %v, want oom then exited", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if st, err := c.WaitFor(ctx, Settled); !errors.Is(err, context.DeadlineExceeded) || st.State != StateRunning {
+		t.Errorf("WaitFor: %+v, %v; want the status of the largest seq, running, until the deadline", st, err)
+	}
 }
 
 // Texts past their bounds are cut, results past theirs refused, and the
