@@ -440,7 +440,7 @@ func (c *Client) read() {
 		if r.ID == 0 {
 			if r.Event != nil {
 				c.setStatus(r.Event.Status)
-				c.queueEvent(*r.Event)
+				QueueEvent(c.events, *r.Event) // read is its only sender
 			}
 			continue
 		}
@@ -476,25 +476,6 @@ func (c *Client) read() {
 	c.conn.Close()
 	close(c.done)
 	close(c.events)
-}
-
-// queueEvent queues ev for Events; when the queue is full its oldest
-// event is dropped, so that the last one queued holds the latest state
-// (an exit after a storm of OOM events). read is the only sender.
-func (c *Client) queueEvent(ev Event) {
-	select {
-	case c.events <- ev:
-		return
-	default:
-	}
-	select {
-	case <-c.events:
-	default:
-	}
-	select {
-	case c.events <- ev:
-	default:
-	}
 }
 
 // bound cuts the texts of a reply from the guest to the protocol's

@@ -126,6 +126,26 @@ type Event struct {
 	Status Status    `json:"status"`
 }
 
+// QueueEvent queues ev on ch; when ch is full its oldest event is
+// dropped, so that the last event queued holds the latest state (an exit
+// after a storm of OOM events). The caller must be ch's only sender:
+// once one event is taken out, ev fits.
+func QueueEvent(ch chan Event, ev Event) {
+	select {
+	case ch <- ev:
+		return
+	default:
+	}
+	select {
+	case <-ch:
+	default:
+	}
+	select {
+	case ch <- ev:
+	default:
+	}
+}
+
 // Stream names where a log line was written.
 type Stream string
 

@@ -160,21 +160,7 @@ func (in *Init) Subscribe(ctx context.Context) (guest.Status, <-chan guest.Event
 func (in *Init) emitLocked(t guest.EventType) {
 	ev := guest.Event{Type: t, Status: in.statusLocked()}
 	for ch := range in.subs {
-		select {
-		case ch <- ev:
-			continue
-		default:
-		}
-		// emitLocked is the only sender, under in.mu: once one event is
-		// taken out, this one fits.
-		select {
-		case <-ch:
-		default:
-		}
-		select {
-		case ch <- ev:
-		default:
-		}
+		guest.QueueEvent(ch, ev) // emitLocked, under in.mu, is its only sender
 	}
 }
 
