@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/alephvm/alephvm/message"
@@ -310,7 +311,10 @@ func (s *Server) serveProgram(w http.ResponseWriter, r *http.Request, ref messag
 		}
 		limitBody(w, r, s.opts.MaxBodyBytes)
 	}
-	lease, err := s.opts.Programs.Acquire(r.Context(), ref)
+	lease, err := s.acquire(r.Context(), clientConnOf(r), ref)
+	if errors.Is(err, errClientLeft) {
+		return
+	}
 	if err != nil {
 		s.writeStartError(w, ref, err)
 		return
@@ -320,6 +324,60 @@ func (s *Server) serveProgram(w http.ResponseWriter, r *http.Request, ref messag
 		suffix = "/" + suffix
 	}
 	s.proxy.serve(w, r, lease, suffix)
+}
+
+// hotPrograms lease a warm program with no wait.
+type hotPrograms interface {
+	AcquireHot(ref message.ItemHash) *pool.Lease
+}
+
+// How often a client waiting for its program to boot is looked at.
+const bootProbeEvery = 250 * time.Millisecond
+
+// acquire leases the program ref for a request of client c (nil when not
+// known). While the program boots, c is looked at now and then: a client
+// that left ends the wait (errClientLeft), so that its request never
+// reaches the program (a POST given up on must not run later).
+func (s *Server) acquire(ctx context.Context, c *clientConn, ref message.ItemHash) (*pool.Lease, error) {
+	if h, ok := s.opts.Programs.(hotPrograms); ok {
+		if l := h.AcquireHot(ref); l != nil {
+			return l, nil
+		}
+	}
+	if c == nil {
+		return s.opts.Programs.Acquire(ctx, ref)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var left atomic.Bool
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(bootProbeEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				if c.gone() {
+					left.Store(true)
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	lease, err := s.opts.Programs.Acquire(ctx, ref)
+	close(stop)
+	<-done
+	if left.Load() {
+		if lease != nil {
+			lease.Release()
+		}
+		return nil, errClientLeft
+	}
+	return lease, err
 }
 
 func (s *Server) writeStartError(w http.ResponseWriter, ref message.ItemHash, err error) {

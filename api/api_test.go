@@ -49,6 +49,7 @@ type launcher struct {
 	remote  *url.URL // a program already running, instead of handler
 	memory  int
 	timeout time.Duration
+	boot    time.Duration // how long a boot takes
 	missing bool
 	boots   int
 	last    *vm
@@ -63,6 +64,7 @@ func (l *launcher) Plan(_ context.Context, r message.ItemHash) (*pool.Plan, erro
 }
 
 func (l *launcher) Boot(_ context.Context, _ *pool.Plan) (pool.Program, error) {
+	time.Sleep(l.boot)
 	if l.remote != nil {
 		return &remoteProgram{u: l.remote, done: make(chan struct{})}, nil
 	}

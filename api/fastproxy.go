@@ -26,7 +26,11 @@ func (f *Front) forward(fc *fastConn, ref message.ItemHash, suffix, body []byte)
 	if obs := f.s.opts.Observer; obs != nil {
 		defer func() { obs.ProgramRequest(code, time.Since(start)) }()
 	}
-	lease, err := f.s.opts.Programs.Acquire(context.Background(), ref)
+	lease, err := f.s.acquire(context.Background(), fc.c, ref)
+	if errors.Is(err, errClientLeft) {
+		code = 499
+		return false
+	}
 	if err != nil {
 		b := &bufferedAnswer{h: http.Header{}}
 		f.s.writeStartError(b, ref, err)
@@ -35,7 +39,9 @@ func (f *Front) forward(fc *fastConn, ref message.ItemHash, suffix, body []byte)
 	}
 	defer lease.Release()
 	var keep bool
-	keep, code = f.s.proxy.fast(f, fc, lease, suffix, body, start)
+	// The program's time (resources.seconds) starts once it runs, as on
+	// net/http's path: a boot, a queue behind other boots, is not its.
+	keep, code = f.s.proxy.fast(f, fc, lease, suffix, body, time.Now())
 	return keep
 }
 

@@ -16,6 +16,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,8 +27,13 @@ import (
 // its server and the API itself (to reach its proxy).
 func newProxyAPI(t *testing.T, h http.Handler, timeout time.Duration, maxBody int64) (*httptest.Server, *Server) {
 	t.Helper()
+	return newProxyAPIWith(t, &launcher{handler: h, memory: 128, timeout: timeout}, maxBody)
+}
+
+// newProxyAPIWith is newProxyAPI with the launcher l.
+func newProxyAPIWith(t *testing.T, l *launcher, maxBody int64) (*httptest.Server, *Server) {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	l := &launcher{handler: h, memory: 128, timeout: timeout}
 	p := pool.New(pool.Options{Launcher: l, Capacity: pool.Capacity{MemoryMiB: 1024, VCPUs: 4}, ReuseTimeout: time.Hour, Log: log})
 	s := New(Options{Programs: p, Auth: tokenAuth{}, Domain: "node.example", MaxBodyBytes: maxBody, Version: "test", Log: log})
 	srv := httptest.NewServer(s)
@@ -287,6 +293,50 @@ func TestProgramTimeout(t *testing.T) {
 		if n := s.proxy.conns.idleCount(prog); n != 1 {
 			t.Errorf("%d idle connections, want the one of the answered requests", n)
 		}
+	}
+}
+
+// resources.seconds bounds the program's answer, not its boot: ten VMs
+// booting together on a busy node take longer than it, and their first
+// requests were answered 504 on the fast path, which counted from the
+// request's arrival (the load suite's full run found it).
+func TestBootIsNotTheProgramsTime(t *testing.T) {
+	booting := func() *launcher {
+		return &launcher{handler: echoHandler(), memory: 128, timeout: 300 * time.Millisecond, boot: time.Second}
+	}
+	slow, _ := newProxyAPIWith(t, booting(), 0)
+	for name, srv := range map[string]*httptest.Server{"fast path": newTestAPI(t, booting()), "net/http": slow} {
+		resp, body := get(t, srv.URL+"/vm/"+string(ref)+"/", "")
+		if resp.StatusCode != 200 {
+			t.Errorf("%s: a program that booted for 1 s, then answered at once: %d %s", name, resp.StatusCode, body)
+		}
+	}
+}
+
+// A client that leaves while its program boots takes its request with
+// it: the program, once booted, never sees it (net/http's path cancels
+// the wait with the request's context; the fast path watches the socket).
+func TestClientLeavesDuringBoot(t *testing.T) {
+	for _, path := range []string{"fast path", "net/http"} {
+		t.Run(path, func(t *testing.T) {
+			var seen atomic.Int32
+			h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { seen.Add(1) })
+			l := &launcher{handler: h, memory: 128, timeout: 5 * time.Second, boot: 1500 * time.Millisecond}
+			// A chunked body is not for the fast path: net/http serves it.
+			req := "POST /vm/" + string(ref) + "/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+			if path == "net/http" {
+				req = "POST /vm/" + string(ref) + "/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+			}
+			conn := rawConn(t, newTestAPI(t, l))
+			io.WriteString(conn, req)
+			time.Sleep(200 * time.Millisecond)
+			conn.Close()
+			// The boot ends; a request then would reach the program at once.
+			time.Sleep(2500 * time.Millisecond)
+			if n := seen.Load(); n != 0 {
+				t.Errorf("the program got %d requests of a client that had left", n)
+			}
+		})
 	}
 }
 

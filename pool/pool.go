@@ -317,6 +317,10 @@ func (p *Pool) Acquire(ctx context.Context, ref message.ItemHash) (*Lease, error
 	return &Lease{pool: p, exec: e}, nil
 }
 
+// AcquireHot leases ref if it runs warm (see Acquire), with no lock and
+// no wait; nil when it does not.
+func (p *Pool) AcquireHot(ref message.ItemHash) *Lease { return p.acquireHot(ref) }
+
 // acquireHot leases the running program ref without the pool's lock, when
 // it is in hot and its plan is fresh; nil when the lock's way must be
 // taken.
