@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -106,6 +107,14 @@ func Compare(b *testing.B, targets []Target, rounds int, d time.Duration, load L
 			if paired := roundRatios(rates[targets[0].Name], rates[tg.Name]); len(paired) > 0 {
 				b.ReportMetric(Median(paired), targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
 				b.ReportMetric(wonShare(paired), targets[0].Name+"/"+tg.Name+"-"+c+"-rounds-won")
+				// Where the median ratio lies, with no assumption on how the
+				// rounds spread: a range that holds 1 is a tie at this host's
+				// precision.
+				lo, hi, coverage := MedianInterval(paired)
+				b.ReportMetric(lo, targets[0].Name+"/"+tg.Name+"-"+c+"-paired-lo")
+				b.ReportMetric(hi, targets[0].Name+"/"+tg.Name+"-"+c+"-paired-hi")
+				b.Logf("c%d %s/%s round by round: median %.2f, %.1f %% interval %.2f–%.2f over %d rounds",
+					conns, targets[0].Name, tg.Name, Median(paired), 100*coverage, lo, hi, len(paired))
 			}
 			if paired := roundRatios(cpus[targets[0].Name], cpus[tg.Name]); len(paired) > 0 {
 				b.ReportMetric(Median(paired), "cpu-"+targets[0].Name+"/"+tg.Name+"-"+c+"-paired")
@@ -372,6 +381,34 @@ func Median(xs []float64) float64 {
 		return 0
 	}
 	return s[len(s)/2]
+}
+
+// MedianInterval is a confidence interval for the median of xs from
+// their order statistics (the sign test's): the narrowest [x(k), x(n-k+1)]
+// that holds the median with 95 % confidence, or [min, max] when there are
+// too few figures for that, and the confidence of the interval returned.
+func MedianInterval(xs []float64) (lo, hi, coverage float64) {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	n := len(s)
+	if n == 0 {
+		return 0, 0, 0
+	}
+	// below[k] is P(B <= k) for B ~ Binomial(n, 1/2).
+	below := make([]float64, n+1)
+	p, sum := math.Pow(0.5, float64(n)), 0.0
+	for k := 0; k <= n; k++ {
+		sum += p
+		below[k] = sum
+		p = p * float64(n-k) / float64(k+1)
+	}
+	// [x(k), x(n-k+1)] (1-based) misses the median with probability
+	// 2·P(B <= k-1).
+	k := 1
+	for k+1 <= n-k && 1-2*below[k] >= 0.95 {
+		k++
+	}
+	return s[k-1], s[n-k], 1 - 2*below[k-1]
 }
 
 // LoadAverage is the machine's 1-minute load average, noted with each

@@ -1,6 +1,7 @@
 package proxybench
 
 import (
+	"math"
 	"slices"
 	"testing"
 )
@@ -44,6 +45,32 @@ func TestWonShare(t *testing.T) {
 	} {
 		if got := wonShare(c.ratios); got != c.want {
 			t.Errorf("wonShare(%v) = %v, want %v", c.ratios, got, c.want)
+		}
+	}
+}
+
+func TestMedianInterval(t *testing.T) {
+	seq := func(n int) []float64 {
+		xs := make([]float64, n)
+		for i := range xs {
+			xs[i] = float64(n - i) // unsorted on purpose
+		}
+		return xs
+	}
+	for _, c := range []struct {
+		xs               []float64
+		lo, hi, coverage float64
+	}{
+		{nil, 0, 0, 0},
+		{[]float64{1.1}, 1.1, 1.1, 0},
+		{seq(5), 1, 5, 1 - 2.0/32},              // too few for 95 %: the whole range, 93.75 %
+		{seq(6), 1, 6, 1 - 2.0/64},              // 96.9 %
+		{seq(20), 6, 15, 1 - 2*21700.0/1048576}, // P(B(20) <= 5) = 21700/2^20
+		{seq(9), 2, 8, 1 - 2*10.0/512},          // P(B(9) <= 1) = 10/512
+	} {
+		lo, hi, coverage := MedianInterval(c.xs)
+		if lo != c.lo || hi != c.hi || math.Abs(coverage-c.coverage) > 1e-12 {
+			t.Errorf("MedianInterval(%v) = %v, %v, %v; want %v, %v, %v", c.xs, lo, hi, coverage, c.lo, c.hi, c.coverage)
 		}
 	}
 }
