@@ -24,8 +24,16 @@ if [ "${1:-}" = --vm ]; then
 	bench='BenchmarkProgramProxyVsNginx$' pkg=./cmd/alephvm
 fi
 echo "load average before: $(cat /proc/loadavg)"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+set +e
 ALEPHVM_PROXYBENCH_ROUNDS="${ROUNDS:-5}" ALEPHVM_PROXYBENCH_SECONDS="${SECONDS_PER_ROUND:-5}" \
-	go test -run NONE -bench "$bench" -benchtime 1x -timeout 30m -v "$pkg" |
+	go test -run NONE -bench "$bench" -benchtime 1x -timeout 30m -v "$pkg" 2>&1 | tee "$out" |
 	awk '/round|Benchmark|^ok|FAIL/ { print } /Benchmark(Program)?ProxyVsNginx-/ {
 		for (i = 3; i < NF; i += 2) printf "  %-22s %s\n", $(i+1), $i }'
+status=${PIPESTATUS[0]}
+set -e
 echo "load average after: $(cat /proc/loadavg)"
+# A failed run says why: its whole output (wrk's errors, the node's log).
+[ "$status" -eq 0 ] || { echo "== the benchmark failed; its whole output:"; cat "$out"; }
+exit "$status"

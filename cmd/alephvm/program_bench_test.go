@@ -188,9 +188,14 @@ func BenchmarkProgramProxyVsNginx(b *testing.B) {
 		}
 	}
 	dir, port, env := nodeEnv(b, "lo", "10.0.0.53")
-	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=600", "ALEPH_VM_LOG_LEVEL=warn")
+	// info: the VM's boots and stops, nothing per request.
+	env = append(env, "ALEPH_VM_ASSETS_DIR="+assetsDir, "ALEPH_VM_REUSE_TIMEOUT=600", "ALEPH_VM_LOG_LEVEL=info")
 	node := startNode(b, env, port)
 	defer func() {
+		if b.Failed() {
+			// Whether the VM went away, and why, or stalled.
+			b.Logf("the node's log:\n%s", node.logs.String())
+		}
 		node.cmd.Process.Signal(syscall.SIGTERM) // stops its program VMs
 		node.cmd.Wait()
 	}()
