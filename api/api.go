@@ -313,6 +313,9 @@ func (s *Server) serveProgram(w http.ResponseWriter, r *http.Request, ref messag
 	}
 	lease, err := s.acquire(r.Context(), clientConnOf(r), ref)
 	if errors.Is(err, errClientLeft) {
+		// For the metrics (no one reads it): the request's context is
+		// not done, a body not read yet, so nothing else says so.
+		w.WriteHeader(499)
 		return
 	}
 	if err != nil {
