@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/alephvm/alephvm/message"
@@ -350,31 +349,28 @@ func (s *Server) acquire(ctx context.Context, c *clientConn, ref message.ItemHas
 	if c == nil {
 		return s.opts.Programs.Acquire(ctx, ref)
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var left atomic.Bool
-	stop, done := make(chan struct{}), make(chan struct{})
+	ctx, cancel := context.WithCancelCause(ctx)
+	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		t := time.NewTicker(bootProbeEvery)
 		defer t.Stop()
 		for {
 			select {
-			case <-stop:
+			case <-ctx.Done():
 				return
 			case <-t.C:
 				if c.gone() {
-					left.Store(true)
-					cancel()
+					cancel(errClientLeft)
 					return
 				}
 			}
 		}
 	}()
 	lease, err := s.opts.Programs.Acquire(ctx, ref)
-	close(stop)
+	cancel(nil) // the first cause stays: errClientLeft if the client left first
 	<-done
-	if left.Load() {
+	if errors.Is(context.Cause(ctx), errClientLeft) {
 		if lease != nil {
 			lease.Release()
 		}

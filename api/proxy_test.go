@@ -314,8 +314,9 @@ func TestBootIsNotTheProgramsTime(t *testing.T) {
 }
 
 // A client that leaves while its program boots takes its request with
-// it: the program, once booted, never sees it (net/http's path cancels
-// the wait with the request's context; the fast path watches the socket).
+// it: the program, once booted, never sees it. On both paths the wait
+// watches the client's socket: net/http cancels a request's context on
+// the client's close only once its body is read.
 func TestClientLeavesDuringBoot(t *testing.T) {
 	for _, path := range []string{"fast path", "net/http"} {
 		t.Run(path, func(t *testing.T) {
