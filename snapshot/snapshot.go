@@ -36,6 +36,10 @@ type Inputs struct {
 	// Hypervisor identifies the hypervisor's build (its binary's sha256):
 	// a saved state loads only into the QEMU that wrote it.
 	Hypervisor string `json:"hypervisor"`
+	// Machine is the hypervisor backend's revision of the machine it
+	// builds (qemu.MachineRevision): the same binary loads a state only
+	// into the machine that saved it.
+	Machine int `json:"machine,omitempty"`
 	// Kernel, Initrd and Runtime are the files' sha256; Runtime is the
 	// program's runtime (see docs/snapshots.md for why it is a key though
 	// a template holds none of its bytes).

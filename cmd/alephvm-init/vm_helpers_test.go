@@ -22,6 +22,7 @@ import (
 
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
 )
@@ -163,7 +164,7 @@ func (l *lockedBuffer) String() string {
 // tap, and power-off ending QEMU.
 func qemuArgs(spec vmSpec, configDrive, controlSocket string) []string {
 	args := []string{
-		"-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "1", "-m", fmt.Sprint(spec.memMiB),
+		"-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", qemu.SMP(1, "tcg"), "-m", fmt.Sprint(spec.memMiB),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "stdio",
 		"-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", strings.TrimSpace(guest.KernelCmdline + " " + os.Getenv("ALEPHVM_TEST_KERNEL_ARGS")),

@@ -405,7 +405,7 @@ func buildHypervisors(ctx context.Context, cfg config.Config, log *slog.Logger) 
 // from, when PROGRAM_SNAPSHOTS is on and programs run under QEMU; it
 // returns nil, and logs why, when they do not.
 func programTemplates(ctx context.Context, cfg config.Config, programHV string, driver *qemu.Driver, kernel execution.Kernel, log *slog.Logger) (*snapshot.Manager, snapshot.Inputs) {
-	var in snapshot.Inputs
+	in := snapshot.Inputs{Machine: qemu.MachineRevision}
 	switch {
 	case !cfg.ProgramSnapshots:
 		log.Info("program snapshots are off (PROGRAM_SNAPSHOTS): programs boot")
@@ -432,10 +432,11 @@ func programTemplates(ctx context.Context, cfg config.Config, programHV string, 
 		log.Warn("program snapshots off: programs boot", "err", err)
 		return nil, in
 	}
-	// Templates of another kernel, initramfs or QEMU cannot be used again.
+	// Templates of another kernel, initramfs, QEMU or machine cannot be
+	// used again.
 	current := in
 	if n := m.Sweep(func(t snapshot.Inputs) bool {
-		return t.Hypervisor == current.Hypervisor && t.Kernel == current.Kernel && t.Initrd == current.Initrd
+		return t.Hypervisor == current.Hypervisor && t.Machine == current.Machine && t.Kernel == current.Kernel && t.Initrd == current.Initrd
 	}); n > 0 {
 		log.Info("old program templates removed", "count", n)
 	}

@@ -126,3 +126,23 @@ func TestArgsRefusesBadSpecs(t *testing.T) {
 		t.Error("unknown accelerator accepted")
 	}
 }
+
+// Under TCG a guest of one vCPU gets room for a second, for QEMU before
+// 8.1 to keep its memory barriers (see SMP); KVM and larger guests are
+// given what they asked for.
+func TestSMP(t *testing.T) {
+	for _, tc := range []struct {
+		vcpus int
+		accel string
+		want  string
+	}{
+		{1, "tcg", "1,maxcpus=2"},
+		{2, "tcg", "2"},
+		{1, "kvm", "1"},
+		{4, "kvm", "4"},
+	} {
+		if got := SMP(tc.vcpus, tc.accel); got != tc.want {
+			t.Errorf("SMP(%d, %s) = %q, want %q", tc.vcpus, tc.accel, got, tc.want)
+		}
+	}
+}
