@@ -129,6 +129,9 @@ type Server struct {
 func New(opts Options) *Server {
 	s := &Server{opts: opts, mux: http.NewServeMux(), log: opts.Log, proxy: newProxy(opts.Log),
 		followers: newFollowers(opts.MaxLogFollowers, opts.MaxLogFollowersPerVM), expiries: &expiries{timers: map[message.ItemHash]*time.Timer{}}, page: newStatusPage()}
+	if u, ok := opts.Programs.(unresponsivePrograms); ok {
+		s.proxy.conns.unresponsive = u.Unresponsive
+	}
 	s.mux.HandleFunc("/vm/{ref}", s.handleProgram)
 	s.mux.HandleFunc("/vm/{ref}/{path...}", s.handleProgram)
 	s.mux.HandleFunc("GET /about/executions/list", s.handleExecutionsList)
@@ -331,6 +334,11 @@ func (s *Server) serveProgram(w http.ResponseWriter, r *http.Request, ref messag
 // hotPrograms lease a warm program with no wait.
 type hotPrograms interface {
 	AcquireHot(ref message.ItemHash) *pool.Lease
+}
+
+// unresponsivePrograms stop a program whose VM no longer answers.
+type unresponsivePrograms interface {
+	Unresponsive(prog pool.Program, why string) bool
 }
 
 // How often a client waiting for its program to boot is looked at.

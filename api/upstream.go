@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/alephvm/alephvm/network"
 	"github.com/alephvm/alephvm/pool"
 )
 
@@ -28,10 +29,19 @@ type upstreams struct {
 	dialTimeout time.Duration
 	dialer      net.Dialer
 
+	// A connection to a VM that timed out has the VM looked at (see
+	// suspect): guestPackets counts what its tap got from its guest, and
+	// unresponsive is told of a VM that sent nothing while it was called
+	// once more for probeTimeout. Either nil: no look.
+	guestPackets func(tap string) (uint64, error)
+	unresponsive func(prog pool.Program, why string) bool
+	probeTimeout time.Duration
+
 	mu       sync.Mutex
 	idle     map[pool.Program][]*upstreamConn // most recently used last
 	total    int
 	sweeping bool
+	probing  map[pool.Program]bool
 }
 
 // defaultProbeAfter is the idle time past which a connection is checked before
@@ -43,7 +53,8 @@ const defaultProbeAfter = time.Second
 
 func newUpstreams() *upstreams {
 	return &upstreams{maxPerProgram: 1024, maxTotal: 4096, idleTimeout: 90 * time.Second, probeAfter: defaultProbeAfter, dialTimeout: 5 * time.Second,
-		dialer: net.Dialer{KeepAlive: 30 * time.Second}, idle: map[pool.Program][]*upstreamConn{}}
+		dialer: net.Dialer{KeepAlive: 30 * time.Second}, idle: map[pool.Program][]*upstreamConn{},
+		guestPackets: network.GuestPackets, probeTimeout: 3 * time.Second, probing: map[pool.Program]bool{}}
 }
 
 // upstreamConn is a kept-alive connection to one program.
@@ -163,6 +174,9 @@ func (u *upstreams) dial(ctx context.Context, prog pool.Program, deadline time.T
 		break
 	}
 	if err != nil {
+		if timedOut(err) {
+			u.suspect(prog)
+		}
 		return nil, fmt.Errorf("connect to %s: %w", target.Host, err)
 	}
 	c := &upstreamConn{conn: conn, prog: prog, prefix: strings.TrimSuffix(target.EscapedPath(), "/"), raw: newRawIO(conn)}
@@ -173,6 +187,69 @@ func (u *upstreams) dial(ctx context.Context, prog pool.Program, deadline time.T
 		c.bw = bufio.NewWriterSize(conn, 4<<10)
 	}
 	return c, nil
+}
+
+// suspect looks, away from the request, at the VM of prog, to which a
+// connection timed out: if it sends nothing while it is called once more,
+// it is unresponsive, and the pool stops it for the next request to boot
+// another. A VM on the host's own link that takes no connection for
+// seconds is busy or dead, and only a dead one is silent: a busy guest
+// still answers the call (or refuses it), or at least goes on answering
+// its other connections. (A guest's network was seen to stop for good
+// under load, QEMU's lost virtqueue notification; see qemu.SMP.) Without
+// this, every request to it would wait in vain until the program went
+// idle, which its callers would never let it be.
+func (u *upstreams) suspect(prog pool.Program) {
+	tap := prog.Networking().Tap
+	if u.guestPackets == nil || u.unresponsive == nil || tap == "" {
+		return
+	}
+	u.mu.Lock()
+	if u.probing[prog] {
+		u.mu.Unlock()
+		return
+	}
+	u.probing[prog] = true
+	u.mu.Unlock()
+	go func() {
+		defer func() {
+			u.mu.Lock()
+			delete(u.probing, prog)
+			u.mu.Unlock()
+		}()
+		if u.silent(prog, tap) {
+			u.unresponsive(prog, fmt.Sprintf("a connection to it timed out, then its tap %s got nothing from it while it was called again for %s", tap, u.probeTimeout))
+		}
+	}()
+}
+
+// silent says whether prog's guest sent nothing on its tap while a
+// connection to it was tried for probeTimeout, and timed out.
+func (u *upstreams) silent(prog pool.Program, tap string) bool {
+	before, err := u.guestPackets(tap)
+	if err != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), u.probeTimeout)
+	defer cancel()
+	conn, err := u.dialer.DialContext(ctx, "tcp", prog.Target().Host)
+	if err == nil {
+		conn.Close()
+		return false
+	}
+	select {
+	case <-prog.Done():
+		return false
+	default:
+	}
+	after, errAfter := u.guestPackets(tap)
+	return timedOut(err) && errAfter == nil && after == before
+}
+
+// timedOut says whether err is a timeout.
+func timedOut(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // transientDialError says whether a failed connection to a VM is worth

@@ -87,8 +87,14 @@ func TestTap(t *testing.T) {
 	if iface.Flags&net.FlagUp == 0 || len(addrs) != 1 || addrs[0].String() != "172.16.9.1/24" {
 		t.Errorf("tap %+v addrs %v", iface, addrs)
 	}
+	if n, err := GuestPackets("avmtest"); n != 0 || err != nil {
+		t.Errorf("packets from a guest that is not there: %d %v", n, err)
+	}
 	if err := DeleteTap("avmtest"); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := GuestPackets("avmtest"); err == nil {
+		t.Error("packets counted on a tap that is gone")
 	}
 	if err := DeleteTap("avmtest"); err != nil {
 		t.Errorf("second delete: %v", err)

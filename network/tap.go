@@ -179,3 +179,17 @@ func proxyNDP(uplink string, addr netip.Addr, add bool) error {
 	}
 	return nil
 }
+
+// GuestPackets returns the packets the tap named name has received: those
+// its VM's guest sent.
+func GuestPackets(name string) (uint64, error) {
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return 0, fmt.Errorf("find tap %s: %w", name, err)
+	}
+	st := link.Attrs().Statistics
+	if st == nil {
+		return 0, fmt.Errorf("tap %s has no statistics", name)
+	}
+	return st.RxPackets, nil
+}

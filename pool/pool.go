@@ -161,6 +161,9 @@ type execution struct {
 	err      error         // why the boot failed
 	prog     Program
 	inflight atomic.Int64
+	// unresponsive is set when its VM is stopped for not answering: the
+	// stop does not wait for its requests.
+	unresponsive atomic.Bool
 	// idleSince is when inflight last fell to 0, in nanoseconds since the
 	// pool's epoch; armed tells that the reuse timer (under the lock) is
 	// set: a request that ends then leaves the timer to look at idleSince.
@@ -517,10 +520,11 @@ func (p *Pool) stopLocked(e *execution, why string) {
 	}()
 }
 
-// waitIdle waits until e serves no request, or its VM is gone.
+// waitIdle waits until e serves no request, or its VM is gone, or it is
+// unresponsive (its requests cannot end well).
 func (p *Pool) waitIdle(e *execution) {
 	for {
-		if e.inflight.Load() == 0 {
+		if e.inflight.Load() == 0 || e.unresponsive.Load() {
 			return
 		}
 		select {
@@ -529,6 +533,25 @@ func (p *Pool) waitIdle(e *execution) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// Unresponsive stops the running program whose VM is prog, at once,
+// without waiting for its requests: its network has stopped answering
+// (the proxy found it silent; see api's upstreams), so they cannot end
+// well, and the next request boots it again. It reports whether prog was
+// running.
+func (p *Pool) Unresponsive(prog Program, why string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, e := range p.execs {
+		if e.prog == prog && e.state == running {
+			p.log.Warn("program VM unresponsive: stopping it", "ref", e.plan.Ref, "why", why)
+			e.unresponsive.Store(true)
+			p.stopLocked(e, "unresponsive")
+			return true
+		}
+	}
+	return false
 }
 
 // Stop stops the program ref. It reports whether it was running.

@@ -561,3 +561,34 @@ func TestHotLeasesEndWhenDraining(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A VM found unresponsive is stopped at once, under a request that cannot
+// end well, and the next request boots another.
+func TestUnresponsiveVMStopsAtOnce(t *testing.T) {
+	l := &fakeLauncher{revision: "r1", memory: 128}
+	p := newPool(l, time.Hour)
+	lease, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := l.last()
+	if p.Unresponsive(&fakeProgram{}, "not ours") {
+		t.Error("a program the pool does not run was stopped")
+	}
+	if !p.Unresponsive(dead, "silent") {
+		t.Fatal("the running program was not stopped")
+	}
+	eventually(t, "the VM stopped under its request", dead.stopped.Load)
+	next, err := p.Acquire(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.boots.Load() != 2 || l.last() == dead {
+		t.Errorf("%d boots: the next request did not boot another VM", l.boots.Load())
+	}
+	if p.Unresponsive(dead, "again") {
+		t.Error("a stopped VM was stopped again")
+	}
+	lease.Release()
+	next.Release()
+}
