@@ -190,16 +190,18 @@ func Args(spec hypervisor.Spec, accel, runAs string) ([]string, error) {
 // SMP returns -smp's value for vcpus under accel.
 //
 // Under TCG a guest of one vCPU is given room for a second one
-// (maxcpus=2), never plugged in. Before QEMU 8.1 (commit c914d46d, "tcg:
-// Do not elide memory barriers for !CF_PARALLEL in system mode"), TCG
-// drops the guest's memory barriers and makes its locked instructions
-// plain when the machine can have only one vCPU. QEMU's device threads
-// still read the guest's memory while the vCPU runs, so a virtqueue's
-// notification can be lost: a program VM under sustained load had its
-// virtio-net transmit queue stall for good ("NETDEV WATCHDOG: transmit
-// queue 0 timed out" on its console; Debian 12's QEMU 7.2, twice in about
-// five 9-minute proxy benchmarks), and nothing reached it again. A second
-// possible vCPU makes TCG keep them. KVM runs the guest's barriers itself.
+// (maxcpus=2), never plugged in. When the machine can have only one vCPU,
+// TCG translates the guest as if nothing else read its memory: it makes
+// locked instructions plain (Linux's smp_mb on x86-64, the barrier of
+// virtio's rings, is a locked add) and, before QEMU 8.1 (commit c914d46d),
+// drops barrier instructions too. But QEMU's device threads read the
+// guest's memory while the vCPU runs, so a virtqueue's notification can
+// be lost: a program VM under sustained load had its virtio-net transmit
+// queue stall for good ("NETDEV WATCHDOG: transmit queue 0 timed out" on
+// its console; Debian 12's QEMU 7.2, in 2 of 5 nine-minute proxy
+// benchmarks), and nothing reached it again. With room for a second vCPU,
+// TCG makes locked instructions atomic host instructions, which are full
+// barriers. KVM runs the guest's instructions on the CPU itself.
 func SMP(vcpus int, accel string) string {
 	if accel == "tcg" && vcpus == 1 {
 		return "1,maxcpus=2"
