@@ -22,6 +22,7 @@ import (
 
 	"github.com/alephvm/alephvm/assets"
 	"github.com/alephvm/alephvm/guest"
+	"github.com/alephvm/alephvm/hypervisor"
 	"github.com/alephvm/alephvm/hypervisor/qemu"
 	"github.com/alephvm/alephvm/internal/testassets"
 	"github.com/alephvm/alephvm/internal/testenv"
@@ -167,7 +168,7 @@ func qemuArgs(spec vmSpec, configDrive, controlSocket string) []string {
 		"-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", qemu.SMP(1, "tcg"), "-m", fmt.Sprint(spec.memMiB),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-serial", "stdio",
-		"-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", strings.TrimSpace(guest.KernelCmdline + " " + os.Getenv("ALEPHVM_TEST_KERNEL_ARGS")),
+		"-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", qemu.KernelCmdline(hypervisor.Spec{VCPUs: 1, Boot: hypervisor.Boot{Cmdline: strings.TrimSpace(guest.KernelCmdline + " " + os.Getenv("ALEPHVM_TEST_KERNEL_ARGS"))}}, "tcg"),
 		"-drive", "file=" + configDrive + ",if=none,id=drive0,format=raw,readonly=on",
 		"-device", "virtio-blk-pci,drive=drive0",
 	}

@@ -146,3 +146,24 @@ func TestSMP(t *testing.T) {
 		}
 	}
 }
+
+// The kernel of such a guest is told it has one CPU; others are left as
+// they are.
+func TestKernelCmdline(t *testing.T) {
+	for _, tc := range []struct {
+		vcpus   int
+		accel   string
+		cmdline string
+		want    string
+	}{
+		{1, "tcg", "console=ttyS0", "console=ttyS0 nr_cpus=1"},
+		{2, "tcg", "console=ttyS0", "console=ttyS0"},
+		{1, "kvm", "console=ttyS0", "console=ttyS0"},
+		{1, "tcg", "", ""},
+	} {
+		spec := hypervisor.Spec{VCPUs: tc.vcpus, Boot: hypervisor.Boot{Cmdline: tc.cmdline}}
+		if got := KernelCmdline(spec, tc.accel); got != tc.want {
+			t.Errorf("KernelCmdline(%d vCPUs, %s, %q) = %q, want %q", tc.vcpus, tc.accel, tc.cmdline, got, tc.want)
+		}
+	}
+}
