@@ -127,9 +127,9 @@ func TestArgsRefusesBadSpecs(t *testing.T) {
 	}
 }
 
-// Under TCG a guest of one vCPU gets room for a second, for QEMU before
-// 8.1 to keep its memory barriers (see SMP); KVM and larger guests are
-// given what they asked for.
+// Under TCG a guest of one vCPU gets room for a second, for QEMU to make
+// its locked instructions, its barriers, atomic (see SMP); KVM and larger
+// guests are given what they asked for.
 func TestSMP(t *testing.T) {
 	for _, tc := range []struct {
 		vcpus int
